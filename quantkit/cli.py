@@ -1,0 +1,97 @@
+"""Command line: the only module that prints or exits. Heavy imports happen inside commands so
+that `quantkit --help` stays fast and never loads onnxruntime or torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from quantkit import __version__
+from quantkit.errors import AccuracyGateError, QuantkitError
+
+EXIT_CODES = """\b
+Exit codes:
+  0  success
+  1  internal error (a bug: rerun with --verbose and report it)
+  2  usage error (bad options, output exists without --force)
+  3  bad input (unreadable model, data that does not match the model)
+  4  unsupported model
+  5  gate failed (--max-accuracy-drop / --min-cosine); model and report are still written"""
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
+
+
+@click.group(epilog=EXIT_CODES)
+@click.version_option(__version__, prog_name="quantkit")
+def cli() -> None:
+    """Post-training int8 quantization of ONNX models, with an accuracy report."""
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration data: .npz keyed by input name, .npy (single input), or a directory of them.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Quantized model path [default: MODEL.int8.onnx].")
+@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Evaluation data (same formats; may hold 'labels'). Default: the calibration data.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the full report as JSON to this path.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (the table goes to stderr).")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
+@click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True, help="uint8 asymmetric or int8 symmetric activations.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Node names or op types (glob, comma-separated, repeatable) to keep float.")
+@click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
+@click.option("--batch-size", type=int, help="Batch size for calibration and evaluation [default: 8, or the model's fixed batch].")
+@click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Gate: exit 5 if top-1 accuracy drops more than this (needs labels).")
+@click.option("--min-cosine", type=float, help="Gate: exit 5 if any output's mean cosine to fp32 is below this.")
+@click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def quantize(model, calib, output, eval_, report, as_json, per_tensor, activations, exclude,
+             calib_samples, batch_size, max_accuracy_drop, min_cosine, force, quiet, verbose):
+    """Quantize MODEL (ONNX) to static int8 in QDQ form and report the accuracy kept."""
+    try:
+        from quantkit.config import DataConfig, Gates, QuantConfig, RunConfig
+
+        if output is None:
+            output = model.with_name(model.stem + ".int8.onnx")
+        cfg = RunConfig(
+            model=model, output=output, report=report, force=force,
+            quant=QuantConfig(per_channel=not per_tensor, activations=activations, exclude=_split(exclude)),
+            data=DataConfig(calib=calib, eval=eval_, calib_samples=calib_samples, batch_size=batch_size),
+            gates=Gates(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine),
+        )
+        from quantkit.api import quantize as run
+        from quantkit.report.render import render_text
+
+        def status(msg: str) -> None:
+            if not quiet:
+                click.echo(f"quantkit: {msg}", err=True)
+
+        result = run(cfg, status=status)
+        if as_json:
+            click.echo(json.dumps(result.report, indent=2))
+        if not quiet:
+            click.echo(render_text(result.report), err=as_json)
+        if result.gate_failures:
+            raise AccuracyGateError("; ".join(result.gate_failures))
+    except QuantkitError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+        raise
+    except Exception as e:
+        if verbose:
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", err=True)
+        sys.exit(1)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,71 @@
+"""What the user asked for, as frozen dataclasses validated up front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantkit.errors import ConfigError
+
+ACTIVATION_TYPES = ("uint8", "int8")
+METHODS = ("minmax",)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize: the scheme, independent of files."""
+
+    per_channel: bool = True
+    activations: str = "uint8"  # uint8 asymmetric or int8 symmetric
+    method: str = "minmax"
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATION_TYPES:
+            raise ConfigError(
+                f"--activations must be one of {', '.join(ACTIVATION_TYPES)}, got {self.activations!r}"
+            )
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where calibration and evaluation data come from and how they are batched."""
+
+    calib: Path | None = None
+    eval: Path | None = None
+    calib_samples: int | None = None
+    batch_size: int | None = None  # None: 8, or the model's fixed batch size
+
+    def __post_init__(self) -> None:
+        if self.calib_samples is not None and self.calib_samples < 1:
+            raise ConfigError(f"--calib-samples must be at least 1, got {self.calib_samples}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Gates:
+    """CI gates checked after the report is written."""
+
+    max_accuracy_drop: float | None = None  # in percentage points
+    min_cosine: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise ConfigError("--max-accuracy-drop must be >= 0 (percentage points)")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError("--min-cosine must be between -1 and 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: Path
+    output: Path
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    gates: Gates = field(default_factory=Gates)
+    report: Path | None = None
+    force: bool = False
+    latency_runs: int = 20

@@ -1,0 +1,30 @@
+"""Typed errors. Each carries the process exit code that cli.py turns it into.
+
+Exit codes (documented in README.md):
+  0  success
+  1  internal error (a bug in quantkit: rerun with --verbose and report the traceback)
+  2  usage error: bad or conflicting options, output exists without --force
+  3  bad input: unreadable model file, calibration/eval data that does not match the model
+  4  unsupported model: the model cannot be quantized by quantkit at all
+  5  gate failed: the quantized model fell short of --max-accuracy-drop / --min-cosine
+"""
+
+
+class QuantkitError(Exception):
+    exit_code = 1
+
+
+class ConfigError(QuantkitError):
+    exit_code = 2
+
+
+class InputError(QuantkitError):
+    exit_code = 3
+
+
+class UnsupportedModelError(QuantkitError):
+    exit_code = 4
+
+
+class AccuracyGateError(QuantkitError):
+    exit_code = 5

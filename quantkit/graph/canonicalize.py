@@ -1,0 +1,129 @@
+"""Bring graphs from any exporter to one form before planning:
+Constant nodes become initializers, BatchNormalization after Conv is folded into the Conv,
+dead nodes are removed."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    IdentityEliminationPass,
+    LiftConstantsToInitializersPass,
+    RemoveUnusedNodesPass,
+)
+
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+                 "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits", "QGemm"}
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy array behind an initializer, or None for anything computed at run time."""
+    if value is None or value.const_value is None:
+        return None
+    if value.is_graph_input():  # an initializer that is also an input can be overridden by the user
+        return None
+    return value.const_value.numpy()
+
+
+def lift_constants(model: ir.Model) -> int:
+    before = sum(1 for n in model.graph if n.op_type == "Constant")
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
+    return before - sum(1 for n in model.graph if n.op_type == "Constant")
+
+
+def fold_batchnorm(model: ir.Model) -> int:
+    """Conv -> BatchNormalization (inference form, Conv output used only by it) becomes one Conv:
+    W' = W * g / sqrt(var + eps) per output channel, b' = (b - mean) * g / sqrt(var + eps) + beta."""
+    graph = model.graph
+    folded = 0
+    for bn in list(graph):
+        if bn.op_type != "BatchNormalization" or bn.domain != "" or len(bn.outputs) != 1:
+            continue
+        conv = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+        if conv is None or conv.op_type != "Conv" or conv.domain != "":
+            continue
+        conv_out = conv.outputs[0]
+        if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
+            continue
+        w = const_array(conv.inputs[1])
+        params = [const_array(v) for v in bn.inputs[1:5]]
+        if w is None or any(p is None for p in params) or w.dtype != np.float32:
+            continue
+        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+        eps = bn.attributes.get_float("epsilon", 1e-5)
+        b = const_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None and b is None:
+            continue
+        factor = gamma / np.sqrt(var + eps)
+        new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        bias = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
+        new_b = ((bias - mean) * factor + beta).astype(np.float32)
+        w_val = _new_initializer(graph, f"{conv.inputs[1].name}_bnfolded", new_w)
+        b_val = _new_initializer(graph, f"{conv.name or conv_out.name}_bias_bnfolded", new_b)
+        conv.replace_input_with(1, w_val)
+        if len(conv.inputs) < 3:
+            conv.resize_inputs(3)
+        conv.replace_input_with(2, b_val)
+        bn_out = bn.outputs[0]
+        if bn_out.is_graph_output():
+            name = bn_out.name
+            bn_out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
+            bn_out.name = None
+            conv_out.name = name
+        else:
+            bn_out.replace_all_uses_with(conv_out)
+        graph.remove(bn, safe=True)
+        folded += 1
+    return folded
+
+
+def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    name = unique_name(graph, name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    taken = _names(graph)
+    name, i = base, 1
+    while name in taken:
+        name = f"{base}_{i}"
+        i += 1
+    taken.add(name)
+    return name
+
+
+def _names(graph: ir.Graph) -> set[str]:
+    # cached per graph; new names are added by unique_name itself
+    cache = graph.meta.get("quantkit_names")
+    if cache is None:
+        cache = set(graph.initializers)
+        cache.update(v.name for v in graph.inputs)
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            cache.update(o.name for o in node.outputs if o.name)
+        graph.meta["quantkit_names"] = cache
+    return cache
+
+
+def already_quantized(model: ir.Model) -> list[str]:
+    return sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS})
+
+
+def canonicalize(model: ir.Model) -> list[str]:
+    """Run the passes in place; return one note per change for the report."""
+    notes = []
+    lifted = lift_constants(model)
+    if lifted:
+        notes.append(f"lifted {lifted} Constant node(s) to initializers")
+    identities = sum(1 for n in model.graph if n.op_type == "Identity")
+    IdentityEliminationPass()(model)
+    removed = identities - sum(1 for n in model.graph if n.op_type == "Identity")
+    if removed:
+        notes.append(f"removed {removed} Identity node(s)")
+    folded = fold_batchnorm(model)
+    if folded:
+        notes.append(f"folded {folded} BatchNormalization node(s) into the preceding Conv")
+    RemoveUnusedNodesPass()(model)
+    return notes

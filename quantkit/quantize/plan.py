@@ -1,0 +1,145 @@
+"""Decide what to quantize: which nodes get int8 weights, which tensors need activation ranges,
+and, for every node left float, why. Decisions only; quantize/qdq.py edits the graph."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from quantkit.config import QuantConfig
+from quantkit.graph.canonicalize import const_array
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops between a quantized op and the tensor its output QDQ goes on. onnxruntime folds a Relu
+# into the following QuantizeLinear when the zero point is the type's minimum (uint8 zp 0).
+FUSED_ACTIVATIONS = ("Relu",)
+
+
+@dataclass
+class QuantizedOp:
+    node: ir.Node
+    weight_axis: int | None  # per-channel axis of the weight, None for per-tensor
+    bias: bool  # input 2 is a constant bias that can become int32
+    activation: ir.Value  # the float input fed through QDQ
+    output: ir.Value | None  # tensor that gets output QDQ (after any fused Relu), None if kept float
+
+
+@dataclass
+class Skipped:
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    ops: list[QuantizedOp] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def activation_tensors(self) -> list[ir.Value]:
+        """Each tensor needing a calibrated range, once, in graph order."""
+        seen: dict[int, ir.Value] = {}
+        for op in self.ops:
+            for v in (op.activation, op.output):
+                if v is not None:
+                    seen.setdefault(id(v), v)
+        return list(seen.values())
+
+
+def _is_float32(v: ir.Value | None) -> bool:
+    return v is not None and v.dtype == ir.DataType.FLOAT
+
+
+def _excluded(node: ir.Node, patterns: tuple[str, ...]) -> str | None:
+    for p in patterns:
+        if fnmatch.fnmatchcase(node.name or "", p) or fnmatch.fnmatchcase(node.op_type, p):
+            return p
+    return None
+
+
+def _weight_axis(node: ir.Node, weight_ndim: int, per_channel: bool) -> int | None:
+    if not per_channel:
+        return None
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        # weight is (C_in, C_out / group, k...): output channels are axis 1, but only per group
+        return 1 if node.attributes.get_int("group", 1) == 1 else None
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    return 1  # MatMul (K, N): one scale per output column
+
+
+def _output_tensor(node: ir.Node) -> ir.Value | None:
+    out = node.outputs[0]
+    while not out.is_graph_output():
+        users = out.uses()
+        if len(users) != 1:
+            break
+        consumer = next(iter(users)).node
+        if consumer.op_type not in FUSED_ACTIVATIONS or consumer.domain != "":
+            break
+        out = consumer.outputs[0]
+    # a graph output stays float: QDQ there only adds error to what the user reads
+    return None if out.is_graph_output() or not _is_float32(out) else out
+
+
+def _why_not(node: ir.Node, config: QuantConfig) -> str | None:
+    pattern = _excluded(node, config.exclude)
+    if pattern is not None:
+        return f"excluded by --exclude {pattern}"
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return "has no weight input"
+    w = const_array(node.inputs[1])
+    if w is None:
+        if const_array(node.inputs[0]) is not None:
+            return "constant is the first input; only constant second inputs (weights) are quantized"
+        return "both inputs are computed at run time (activation x activation)"
+    if w.dtype.name != "float32":
+        return f"weight is {w.dtype.name}, only float32 weights are quantized"
+    if not _is_float32(node.inputs[0]):
+        return "input is not float32" if node.inputs[0].dtype else "input type unknown after shape inference"
+    if node.op_type == "MatMul" and w.ndim != 2:
+        return f"MatMul weight has rank {w.ndim}; only 2-D weights are quantized"
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        return "Gemm with transA=1 has no integer kernel"
+    return None
+
+
+def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
+    plan = Plan()
+    for node in model.graph:
+        for attr in node.attributes.values():
+            if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value
+                for g in graphs:
+                    for inner in g.all_nodes():
+                        if inner.op_type in WEIGHTED_OPS:
+                            plan.skipped.append(Skipped(inner.name or "", inner.op_type,
+                                                        f"inside a {node.op_type} subgraph; kept float"))
+        if node.op_type not in WEIGHTED_OPS or node.domain != "":
+            continue
+        reason = _why_not(node, config)
+        if reason:
+            plan.skipped.append(Skipped(node.name or "", node.op_type, reason))
+            continue
+        w = const_array(node.inputs[1])
+        bias = False
+        if len(node.inputs) > 2 and const_array(node.inputs[2]) is not None:
+            b = const_array(node.inputs[2])
+            bias = b.ndim == 1 and b.dtype.name == "float32"
+            if node.op_type == "Gemm":
+                # int32 bias needs y = A.B + C exactly: alpha = beta = 1 and one entry per column
+                n_out = w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1]
+                bias = bias and b.shape[0] == n_out and node.attributes.get_float("alpha", 1.0) == 1.0 \
+                    and node.attributes.get_float("beta", 1.0) == 1.0
+        plan.ops.append(QuantizedOp(
+            node=node,
+            weight_axis=_weight_axis(node, w.ndim, config.per_channel),
+            bias=bias,
+            activation=node.inputs[0],
+            output=_output_tensor(node),
+        ))
+    return plan

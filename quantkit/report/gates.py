@@ -1,0 +1,25 @@
+"""CI gates: compare the report's figures with the thresholds the user set."""
+
+from __future__ import annotations
+
+from quantkit.config import Gates
+
+
+def check_gates(outputs: list[dict], gates: Gates) -> list[str]:
+    """One line per failed gate; empty when every gate passed."""
+    failures = []
+    if gates.max_accuracy_drop is not None and outputs:
+        first = outputs[0]
+        drop = first.get("accuracy_drop_points")
+        if drop is None:
+            failures.append(f"output '{first['name']}': no accuracy figure (labels or class scores missing)")
+        elif drop > gates.max_accuracy_drop:
+            failures.append(f"output '{first['name']}': accuracy dropped {drop:.2f} points "
+                            f"(> --max-accuracy-drop {gates.max_accuracy_drop:g})")
+    if gates.min_cosine is not None:
+        for out in outputs:
+            cos = out.get("cosine_mean")
+            if cos is not None and cos < gates.min_cosine:
+                failures.append(f"output '{out['name']}': mean cosine {cos:.5f} "
+                                f"(< --min-cosine {gates.min_cosine:g})")
+    return failures

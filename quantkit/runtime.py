@@ -1,0 +1,58 @@
+"""Running models in onnxruntime on the CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from quantkit.errors import UnsupportedModelError
+
+# protobuf cannot serialize a model of 2 GiB or more; stay well below with a margin.
+INLINE_LIMIT = 1_500_000_000
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save(model: ir.Model, path: Path) -> None:
+    """Save, moving weights to `<name>.data` beside the file when the model is too big to inline."""
+    path = Path(path)
+    if tensor_bytes(model) > INLINE_LIMIT:
+        ir.save(model, path, external_data=path.name + ".data")
+    else:
+        ir.save(model, path)
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: int | None = None):
+    """An InferenceSession for an in-memory model (serialized, or saved to workdir when large)
+    or for a file on disk."""
+    try:
+        if isinstance(model, (str, os.PathLike)):
+            source = str(model)
+        elif tensor_bytes(model) > INLINE_LIMIT:
+            path = Path(workdir) / f"{tag}.onnx"
+            save(model, path)
+            source = str(path)
+        else:
+            source = ir.serde.serialize_model(model).SerializeToString()
+        return ort.InferenceSession(
+            source, sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # onnxruntime raises several unrelated exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot load the {tag} model: {first}") from None
+
+
