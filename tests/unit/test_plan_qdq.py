@@ -1,0 +1,153 @@
+"""Structure and numerics of the QDQ rewrite on tiny inline graphs."""
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from models import conv_bn_relu_gemm, if_with_matmul, mlp_with_attention_matmul, run
+from quantkit.calibrate.observers import MinMaxObserver
+from quantkit.config import QuantConfig
+from quantkit.graph import shapes
+from quantkit.graph.canonicalize import canonicalize
+from quantkit.quantize.plan import make_plan
+from quantkit.quantize.qdq import rewrite
+
+
+def _quantize(proto, feed, config=QuantConfig()):
+    """Canonicalize, plan, take exact min/max ranges from an fp32 run, rewrite."""
+    model = ir.serde.deserialize_model(proto)
+    canonicalize(model)
+    shapes.infer(model)
+    plan = make_plan(model, config)
+    names = [v.name for v in plan.activation_tensors()]
+    ranges = {}
+    if names:
+        probe = ir.serde.serialize_model(model)
+        from onnx import helper
+
+        for n in names:
+            if n not in [o.name for o in probe.graph.output]:
+                probe.graph.output.append(helper.ValueInfoProto(name=n))
+        outs = dict(zip([o.name for o in probe.graph.output], run(probe, feed)))
+        for n in names:
+            obs = MinMaxObserver()
+            obs.update(outs[n])
+            ranges[n] = obs.range()
+    result = rewrite(model, plan, ranges, config)
+    return model, plan, result
+
+
+def _cos(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+
+def _ops(model):
+    return Counter(n.op_type for n in model.graph)
+
+
+def test_cnn_gets_qdq_around_every_weighted_op_and_stays_close():
+    rng = np.random.default_rng(0)
+    proto = conv_bn_relu_gemm(rng)
+    x = rng.normal(size=(16, 3, 8, 8)).astype(np.float32)
+    model, plan, result = _quantize(proto, {"x": x})
+    ops = _ops(model)
+    assert len(plan.ops) == 3 and not plan.skipped
+    # activations: x, relu1 out, relu2 out (Relu fused into the output QDQ), flatten out; logits stay float
+    assert ops["QuantizeLinear"] == 4
+    # 4 activation DQs + 3 weight DQs + 2 bias DQs (the depthwise conv has no bias)
+    assert ops["DequantizeLinear"] == 9
+    assert "logits" not in result.activations
+    q_proto = ir.serde.serialize_model(model)
+    inits = {t.name: t for t in q_proto.graph.initializer}
+    weights = [n.input[1] for n in q_proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    dq_inputs = {n.output[0]: n for n in q_proto.graph.node if n.op_type == "DequantizeLinear"}
+    for w in weights:
+        dq = dq_inputs[w]
+        assert inits[dq.input[0]].data_type == 3  # INT8
+        assert next(a.i for a in dq.attribute if a.name == "axis") in (0, 1)
+    assert not [t for t in q_proto.graph.initializer if t.data_type == 1 and t.name in ("w1", "wd", "wg")]
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(q_proto, {"x": x})
+    assert _cos(ref, got) > 0.999
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+def test_per_tensor_weights_have_scalar_scales():
+    rng = np.random.default_rng(0)
+    model, _, _ = _quantize(conv_bn_relu_gemm(rng), {"x": rng.normal(size=(4, 3, 8, 8)).astype(np.float32)},
+                            QuantConfig(per_channel=False))
+    for n in model.graph:
+        if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT8:
+            assert n.inputs[1].const_value.numpy().ndim == 0
+
+
+def test_int8_activations_are_symmetric():
+    rng = np.random.default_rng(0)
+    _, _, result = _quantize(conv_bn_relu_gemm(rng), {"x": rng.normal(size=(4, 3, 8, 8)).astype(np.float32)},
+                             QuantConfig(activations="int8"))
+    assert all(a.zero_point == 0 and a.qtype == "int8" for a in result.activations.values())
+
+
+def test_activation_x_activation_matmul_stays_float_with_reason():
+    rng = np.random.default_rng(0)
+    proto = mlp_with_attention_matmul(rng)
+    x = rng.normal(size=(3, 4, 16)).astype(np.float32)
+    model, plan, _ = _quantize(proto, {"x": x})
+    assert [op.node.name for op in plan.ops] == ["proj"]
+    assert [(s.node, s.reason) for s in plan.skipped] == [
+        ("scores", "both inputs are computed at run time (activation x activation)")]
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(ir.serde.serialize_model(model), {"x": x})
+    assert _cos(ref, got) > 0.999
+
+
+@pytest.mark.parametrize("pattern,left", [("Gemm", {"fc"}), ("conv*", {"conv1"}), ("dw*,fc", {"dwconv", "fc"})])
+def test_exclude_by_op_type_or_node_name_glob(pattern, left):
+    rng = np.random.default_rng(0)
+    config = QuantConfig(exclude=tuple(pattern.split(",")))
+    _, plan, _ = _quantize(conv_bn_relu_gemm(rng), {"x": rng.normal(size=(2, 3, 8, 8)).astype(np.float32)}, config)
+    assert {s.node for s in plan.skipped} == left
+    assert all(s.reason.startswith("excluded by --exclude") for s in plan.skipped)
+
+
+def test_matmul_inside_if_subgraph_stays_float_and_model_still_runs():
+    rng = np.random.default_rng(0)
+    proto = if_with_matmul(rng)
+    x = np.abs(rng.normal(size=(5, 8))).astype(np.float32)
+    model, plan, _ = _quantize(proto, {"x": x})
+    assert [op.node.name for op in plan.ops] == ["outer_mm"]
+    assert [(s.node, s.reason) for s in plan.skipped] == [("inner_mm", "inside a If subgraph; kept float")]
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(ir.serde.serialize_model(model), {"x": x})
+    assert _cos(ref, got) > 0.999
+
+
+def test_weight_also_read_by_a_float_node_keeps_its_float_copy():
+    rng = np.random.default_rng(0)
+    model, _, _ = _quantize(if_with_matmul(rng), {"x": np.abs(rng.normal(size=(5, 8))).astype(np.float32)})
+    assert "w_quantized" in model.graph.initializers
+    assert "w" in model.graph.initializers  # the If branch still reads it
+
+
+def test_shared_weight_is_quantized_once():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm1"),
+         helper.make_node("MatMul", ["h", "w"], ["y"], name="mm2")], "tied",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).normal(size=(4, 8)).astype(np.float32)
+    model, plan, _ = _quantize(proto, {"x": x})
+    assert len(plan.ops) == 2
+    assert [k for k in model.graph.initializers if k.endswith("_quantized")] == ["w_quantized"]
+    assert "w" not in model.graph.initializers
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(ir.serde.serialize_model(model), {"x": x})
+    assert _cos(ref, got) > 0.999
