@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 
 from quantkit.calibrate.data import InputSpec
 from quantkit.errors import InputError, UnsupportedModelError
+from quantkit.runtime import INLINE_LIMIT
 
 # Per-channel DequantizeLinear (the `axis` attribute) exists from opset 13.
 MIN_OPSET = 13
@@ -36,6 +37,10 @@ def load_onnx(path: Path) -> ir.Model:
     else:
         model = ir.serde.deserialize_model(proto)
         ir.external_data.set_base_dir(model.graph, str(path.parent))
+        if model_bytes(path) <= INLINE_LIMIT:
+            # small enough to hold: in memory, the model serializes for onnxruntime without files;
+            # larger ones stay memory-mapped and go through a saved copy (runtime.session)
+            ir.external_data.load_to_model(model)
     return model
 
 

@@ -1,0 +1,239 @@
+"""The CLI end to end on sample_models/ and on models written by the tests."""
+
+import json
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from models import conv_bn_relu_gemm
+from quantkit.cli import cli
+
+
+@pytest.fixture
+def clean_tmp(tmp_path, monkeypatch):
+    """Point the process temp dir at an empty folder so the test can see what is left behind."""
+    t = tmp_path / "systmp"
+    t.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(t))
+    return t
+
+
+def quantize(*args):
+    result = CliRunner().invoke(cli, ["quantize", *map(str, args)])
+    return result
+
+
+def _int8_share(path):
+    """Fraction of initializer bytes stored as int8."""
+    m = onnx.load(str(path))
+    sizes = {}
+    for t in m.graph.initializer:
+        a = onnx.numpy_helper.to_array(t)
+        sizes[a.dtype.name] = sizes.get(a.dtype.name, 0) + a.nbytes
+    return sizes.get("int8", 0) / sum(sizes.values())
+
+
+def test_digits_cnn_meets_the_accuracy_and_size_bar(samples, tmp_path, clean_tmp):
+    d = samples / "digits_cnn"
+    out, rep = tmp_path / "cnn.int8.onnx", tmp_path / "report.json"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
+                 "--report", rep, "--max-accuracy-drop", "0.5")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    (logits,) = report["outputs"]
+    assert logits["accuracy_drop_points"] <= 0.5
+    assert logits["accuracy_fp32"] > 95
+    assert logits["cosine_mean"] > 0.999
+    assert report["model"]["compression"] >= 3.0
+    assert report["gates"]["passed"] is True
+    assert len(report["nodes"]["quantized"]) == 6 and report["nodes"]["float"] == []
+    assert any("BatchNormalization" in n for n in report["notes"])
+    assert report["latency"]["fp32_ms"] > 0 and report["latency"]["quantized_ms"] > 0
+    assert _int8_share(out) > 0.9
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.load(d / "eval.npz")["x"][:4]
+    assert sess.run(None, {"x": x})[0].shape == (4, 10)
+    # the table is on the terminal, and nothing is left behind
+    assert "acc int8" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.int8.onnx", "report.json", "systmp"]
+    assert list(clean_tmp.iterdir()) == []
+
+
+def test_digits_transformer_keeps_its_outputs(samples, tmp_path):
+    d = samples / "digits_transformer"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz",
+                 "-o", tmp_path / "t.onnx", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    (logits,) = report["outputs"]
+    assert logits["cosine_mean"] > 0.999 and logits["top1_agreement"] > 0.98
+    assert abs(logits["accuracy_drop_points"]) <= 1.0
+    reasons = {s["reason"] for s in report["nodes"]["float"]}
+    assert reasons == {"both inputs are computed at run time (activation x activation)"}
+    assert len(report["nodes"]["quantized"]) >= 9
+
+
+def _bad_calib(tmp_path, kind):
+    x = np.load(tmp_path.parent / "x.npy") if False else np.zeros((16, 1, 8, 8), np.float32)
+    arrays = {"name": {"pixels": x}, "dtype": {"x": x.astype(np.int64)}, "rank": {"x": x[:, 0]}}[kind]
+    p = tmp_path / f"bad_{kind}.npz"
+    np.savez(p, **arrays)
+    return p
+
+
+@pytest.mark.parametrize("kind,words", [("name", "no array for input 'x'"), ("dtype", "is int64"),
+                                        ("rank", "rank 3")])
+def test_bad_calibration_data_exits_3_with_one_line_and_no_output(samples, tmp_path, clean_tmp, kind, words):
+    out = tmp_path / "o.onnx"
+    r = quantize(samples / "digits_cnn" / "model.onnx", "--calib", _bad_calib(tmp_path, kind), "-o", out)
+    assert r.exit_code == 3
+    assert r.stderr.startswith("error: ") and words in r.stderr and r.stderr.count("\n") == 1
+    assert "Traceback" not in r.output
+    assert not out.exists() and list(clean_tmp.iterdir()) == []
+
+
+def test_existing_output_needs_force(samples, tmp_path):
+    d = samples / "digits_cnn"
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"precious")
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "-o", out, "-q")
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert out.read_bytes() == b"precious"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "-o", out, "-q", "--force")
+    assert r.exit_code == 0
+    onnx.checker.check_model(str(out))
+
+
+def test_output_may_not_overwrite_the_input_even_with_force(samples, tmp_path):
+    d = samples / "digits_cnn"
+    model = tmp_path / "m.onnx"
+    model.write_bytes((d / "model.onnx").read_bytes())
+    r = quantize(model, "--calib", d / "calib.npz", "-o", model, "--force")
+    assert r.exit_code == 2 and "is one of the inputs" in r.stderr
+    assert model.read_bytes() == (d / "model.onnx").read_bytes()
+
+
+def test_failed_gate_exits_5_after_writing_model_and_report(samples, tmp_path):
+    d = samples / "digits_cnn"
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "-o", out, "--report", rep,
+                 "--min-cosine", "1.0")
+    assert r.exit_code == 5 and "mean cosine" in r.stderr
+    report = json.loads(rep.read_text())
+    assert report["gates"]["passed"] is False and report["gates"]["failures"]
+    assert out.exists()
+    assert report["evaluation"]["on_calibration_data"] is True
+    assert any("calibration data" in n for n in report["notes"])
+
+
+def test_accuracy_gate_without_labels_is_a_usage_error(samples, tmp_path):
+    d = samples / "digits_cnn"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "-o", tmp_path / "o.onnx", "--max-accuracy-drop", "1")
+    assert r.exit_code == 2 and "needs labels" in r.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_model_with_constant_node_weights_gets_int8_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_gemm(rng, weights_as_constants=True), str(model))
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(32, 3, 8, 8)).astype(np.float32))
+    r = quantize(model, "--calib", tmp_path / "c.npz", "-o", tmp_path / "q.onnx", "--min-cosine", "0.99",
+                 "--report", tmp_path / "r.json")
+    assert r.exit_code == 0, r.output
+    assert _int8_share(tmp_path / "q.onnx") > 0.8
+    assert any("Constant" in n for n in json.loads((tmp_path / "r.json").read_text())["notes"])
+
+
+def test_old_opset_model_is_converted(tmp_path):
+    rng = np.random.default_rng(0)
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_gemm(rng, opset=11), str(model))
+    np.save(tmp_path / "c.npy", rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    r = quantize(model, "--calib", tmp_path / "c.npy", "-o", tmp_path / "q.onnx", "--min-cosine", "0.99")
+    assert r.exit_code == 0, r.output
+
+
+def test_external_data_model_and_its_missing_data_file(tmp_path):
+    rng = np.random.default_rng(0)
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_gemm(rng), str(model), save_as_external_data=True, location="m.weights",
+              size_threshold=0)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    r = quantize(model, "--calib", tmp_path / "c.npz", "-o", tmp_path / "q.onnx", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"]["bytes_before"] > (tmp_path / "m.onnx").stat().st_size
+    (tmp_path / "m.weights").unlink()
+    r = quantize(model, "--calib", tmp_path / "c.npz", "-o", tmp_path / "q2.onnx")
+    assert r.exit_code == 3 and "m.weights" in r.stderr
+
+
+def test_fixed_batch_model_uses_its_batch_and_rejects_another(tmp_path):
+    rng = np.random.default_rng(0)
+    proto = conv_bn_relu_gemm(rng)
+    for v in (proto.graph.input[0], proto.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(5, 3, 8, 8)).astype(np.float32))
+    r = quantize(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "q.onnx", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["calibration"]["batch_size"] == 1
+    r = quantize(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "q2.onnx", "--batch-size", "4")
+    assert r.exit_code == 2 and "fixed batch size 1" in r.stderr
+
+
+@pytest.mark.parametrize("args,code", [
+    (["quantize", "{tmp}/garbage.onnx", "--calib", "{tmp}/c.npy"], 3),
+    (["quantize", "{tmp}/missing.onnx", "--calib", "{tmp}/c.npy"], 3),
+    (["quantize", "{samples}/digits_cnn/model.onnx"], 2),
+    (["quantize", "{samples}/digits_cnn/model.onnx", "--calib", "{tmp}/c.npy", "--activations", "int4"], 2),
+    (["quantize", "{samples}/digits_cnn/model.onnx", "--calib", "{tmp}/c.npy", "--batch-size", "0"], 2),
+])
+def test_exit_codes_for_bad_invocations(samples, tmp_path, args, code):
+    (tmp_path / "garbage.onnx").write_bytes(b"not an onnx file")
+    np.save(tmp_path / "c.npy", np.zeros((2, 1, 8, 8), np.float32))
+    args = [a.format(tmp=tmp_path, samples=samples) for a in args]
+    r = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "o.onnx")])
+    assert r.exit_code == code, r.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_help_is_fast_and_imports_neither_torch_nor_onnxruntime():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom quantkit.cli import cli\n"
+            "r = CliRunner().invoke(cli, ['quantize', '--help'])\nassert r.exit_code == 0\n"
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "quantkit", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "quantkit" in out.stdout
+
+
+def test_large_model_path_goes_through_files_and_writes_external_data(tmp_path, monkeypatch, clean_tmp):
+    """Models over the protobuf limit cannot be serialized in memory; exercise that path on a small
+    model by lowering the limit."""
+    from quantkit import runtime
+    from quantkit.load import onnx as load_onnx
+
+    monkeypatch.setattr(runtime, "INLINE_LIMIT", 1000)
+    monkeypatch.setattr(load_onnx, "INLINE_LIMIT", 1000)
+    rng = np.random.default_rng(0)
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_gemm(rng), str(model), save_as_external_data=True, location="m.weights",
+              size_threshold=0)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    r = quantize(model, "--calib", tmp_path / "c.npz", "-o", out, "--min-cosine", "0.99")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "q.onnx.data").exists()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.zeros((2, 3, 8, 8), np.float32)})[0].shape == (2, 10)
+    assert list(clean_tmp.iterdir()) == []
