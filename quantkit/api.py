@@ -127,6 +127,10 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
         if latency is not None:
             latency["batch_size"] = batch
             latency["threads"] = "onnxruntime default"
+            if latency["speedup"] is not None and latency["speedup"] < 1:
+                notes.append(f"the int8 model is {1 / latency['speedup']:.2f}x SLOWER than fp32 in onnxruntime "
+                             f"on this machine at batch {batch}: its layers are too small for integer "
+                             "kernels to pay for the quantize/dequantize steps")
 
         outputs = [c.result() for c in comparisons]
         report = {
