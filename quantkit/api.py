@@ -14,7 +14,9 @@ from pathlib import Path
 import onnxruntime as ort
 
 from quantkit import __version__, runtime
-from quantkit.calibrate.collect import collect
+from quantkit.calibrate import cache
+from quantkit.calibrate.collect import statistics
+from quantkit.calibrate.ranges import Levels, observer_kind, select_range
 from quantkit.calibrate.data import LABELS, DataSource, InputSpec
 from quantkit.config import RunConfig
 from quantkit.errors import ConfigError, UnsupportedModelError
@@ -29,6 +31,19 @@ from quantkit.report.gates import check_gates
 from quantkit.report.latency import compare_latency
 
 DEFAULT_BATCH = 8
+
+
+class Progress:
+    """Progress over a known number of samples; the CLI draws it, the API default is silent."""
+
+    def start(self, label: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 @dataclass
@@ -58,11 +73,14 @@ def _complete_batches(source: DataSource, batch: int, limit: int | None, fixed: 
 
 
 def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
-             on_batch: Callable[[int], None] | None = None) -> Result:
+             progress: Progress | None = None) -> Result:
+    progress = progress or Progress()
     t_start = time.perf_counter()
     check_destination(cfg.output, cfg.force, "output", [cfg.model, cfg.data.calib, cfg.data.eval])
     if cfg.report is not None:
         check_destination(cfg.report, cfg.force, "report", [cfg.model, cfg.output])
+    if cfg.data.stats_cache is not None and not Path(cfg.data.stats_cache).parent.is_dir():
+        raise ConfigError(f"--stats-cache directory {Path(cfg.data.stats_cache).parent} does not exist")
     if cfg.data.calib is None:
         raise ConfigError("--calib is required: static int8 needs calibration data to set activation ranges")
 
@@ -95,17 +113,30 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
 
         plan = make_plan(model, cfg.quant)
         values = plan.activation_tensors()
+        n_calib = min(calib.samples, cfg.data.calib_samples or calib.samples)
         status(f"calibrating {len(values)} activation tensor(s) with {cfg.quant.method} "
-               f"on {min(calib.samples, cfg.data.calib_samples or calib.samples)} sample(s), batch {batch}")
+               f"on {n_calib} sample(s), batch {batch}")
         t0 = time.perf_counter()
-        observers, calib_samples = collect(model, values,
-                                           _complete_batches(calib, batch, cfg.data.calib_samples, fixed),
-                                           cfg.quant.method, workdir, on_batch)
-        calib_seconds = time.perf_counter() - t0
-        if values and calib_samples == 0:
+        key = cache.fingerprint(cfg.model, calib.path, cfg.data.calib_samples, batch) \
+            if cfg.data.stats_cache else None
+
+        def batches():
+            progress.start("calibrating", n_calib)
+            yield from _complete_batches(calib, batch, cfg.data.calib_samples, fixed)
+            progress.finish()
+
+        observers, calib_samples, cache_notes = statistics(
+            model, values, batches, observer_kind(cfg.quant.method), workdir,
+            cfg.data.stats_cache, key, progress.advance)
+        notes += cache_notes
+        if values and not any(o.count for o in observers.values()):
             raise ConfigError("calibration saw no data: the calibration set is smaller than one batch "
                               f"of the model's fixed batch size {batch}")
-        ranges = {n: o.range() for n, o in observers.items()}
+        levels = Levels(steps=254, symmetric=True) if cfg.quant.activations == "int8" else Levels(255, False)
+        ranges, chosen = {}, {}
+        for name, obs in observers.items():
+            ranges[name], chosen[name] = select_range(obs, cfg.quant.method, levels, cfg.quant.percentile)
+        calib_seconds = time.perf_counter() - t0
 
         status(f"rewriting {len(plan.ops)} node(s) to int8")
         rw = rewrite(model, plan, ranges, cfg.quant)
@@ -140,7 +171,7 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
                       "bytes_before": model_bytes(cfg.model), "bytes_after": model_bytes(q_path)},
             "config": {**asdict(cfg.quant), "exclude": list(cfg.quant.exclude)},
             "calibration": {"source": str(calib.path), "samples": calib_samples, "batch_size": batch, "method": cfg.quant.method,
-                            "seconds": calib_seconds},
+                            "seconds": calib_seconds, "methods_chosen": _tally(chosen.values())},
             "evaluation": {"source": str(scored.path), "on_calibration_data": evald is None,
                            "samples": eval_samples},
             "outputs": outputs,
@@ -151,7 +182,9 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
                 "float": [asdict(s) for s in plan.skipped],
                 "float_bias": rw.float_bias,
             },
-            "activations": {k: asdict(v) for k, v in rw.activations.items()},
+            "activations": {k: {**asdict(v), "method": chosen[k], "observed": list(observers[k].range()),
+                                "nonfinite": observers[k].nonfinite}
+                            for k, v in rw.activations.items()},
             "notes": notes,
         }
         m = report["model"]
@@ -164,6 +197,13 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
         if cfg.report is not None:
             write_json(report, cfg.report)
     return Result(report, failures)
+
+
+def _tally(names) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in names:
+        out[n] = out.get(n, 0) + 1
+    return out
 
 
 def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, source: DataSource,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (the table goes to stderr).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
 @click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True, help="uint8 asymmetric or int8 symmetric activations.")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration statistics.")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile: keep this central percentage of values.")
+@click.option("--stats-cache", type=click.Path(path_type=Path), help="Save/reuse calibration histograms here; a rerun on the same model and data skips the forward passes.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Node names or op types (glob, comma-separated, repeatable) to keep float.")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, help="Batch size for calibration and evaluation [default: 8, or the model's fixed batch].")
@@ -50,8 +54,8 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
-def quantize(model, calib, output, eval_, report, as_json, per_tensor, activations, exclude,
-             calib_samples, batch_size, max_accuracy_drop, min_cosine, force, quiet, verbose):
+def quantize(model, calib, output, eval_, report, as_json, per_tensor, activations, method, percentile,
+             stats_cache, exclude, calib_samples, batch_size, max_accuracy_drop, min_cosine, force, quiet, verbose):
     """Quantize MODEL (ONNX) to static int8 in QDQ form and report the accuracy kept."""
     try:
         from quantkit.config import DataConfig, Gates, QuantConfig, RunConfig
@@ -60,8 +64,10 @@ def quantize(model, calib, output, eval_, report, as_json, per_tensor, activatio
             output = model.with_name(model.stem + ".int8.onnx")
         cfg = RunConfig(
             model=model, output=output, report=report, force=force,
-            quant=QuantConfig(per_channel=not per_tensor, activations=activations, exclude=_split(exclude)),
-            data=DataConfig(calib=calib, eval=eval_, calib_samples=calib_samples, batch_size=batch_size),
+            quant=QuantConfig(per_channel=not per_tensor, activations=activations, method=method,
+                              percentile=percentile, exclude=_split(exclude)),
+            data=DataConfig(calib=calib, eval=eval_, calib_samples=calib_samples, batch_size=batch_size,
+                            stats_cache=stats_cache),
             gates=Gates(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine),
         )
         from quantkit.api import quantize as run
@@ -71,7 +77,7 @@ def quantize(model, calib, output, eval_, report, as_json, per_tensor, activatio
             if not quiet:
                 click.echo(f"quantkit: {msg}", err=True)
 
-        result = run(cfg, status=status)
+        result = run(cfg, status=status, progress=None if quiet else TerminalProgress())
         if as_json:
             click.echo(json.dumps(result.report, indent=2))
         if not quiet:
@@ -91,6 +97,38 @@ def quantize(model, calib, output, eval_, report, as_json, per_tensor, activatio
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         click.echo(f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", err=True)
         sys.exit(1)
+
+
+class TerminalProgress:
+    """A bar on a terminal; on a pipe or CI log, a plain line every 10% (or 10 s)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.bar = None
+
+    def start(self, label: str, total: int) -> None:
+        self.label, self.total, self.done = label, max(total, 1), 0
+        self.last_pct, self.last_t = -10, time.monotonic()
+        if self.tty:
+            self.bar = click.progressbar(length=self.total, label=f"quantkit: {label}", file=self.stream,
+                                         show_pos=True)
+            self.bar.__enter__()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        pct = 100 * self.done // self.total
+        if pct >= self.last_pct + 10 or time.monotonic() - self.last_t > 10:
+            click.echo(f"quantkit: {self.label} {self.done}/{self.total} samples ({pct}%)", file=self.stream)
+            self.last_pct, self.last_t = pct, time.monotonic()
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from quantkit.errors import ConfigError
 
 ACTIVATION_TYPES = ("uint8", "int8")
-METHODS = ("minmax",)
+METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class QuantConfig:
     per_channel: bool = True
     activations: str = "uint8"  # uint8 asymmetric or int8 symmetric
     method: str = "minmax"
+    percentile: float = 99.99
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -27,6 +28,8 @@ class QuantConfig:
             )
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"--percentile must be in (50, 100], got {self.percentile}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class DataConfig:
     calib: Path | None = None
     eval: Path | None = None
     calib_samples: int | None = None
+    stats_cache: Path | None = None
     batch_size: int | None = None  # None: 8, or the model's fixed batch size
 
     def __post_init__(self) -> None:

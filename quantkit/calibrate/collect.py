@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit import runtime
+from quantkit.calibrate import cache
 from quantkit.calibrate.observers import Observer, make_observer
 
 
@@ -29,10 +30,10 @@ def exposed(model: ir.Model, values: list[ir.Value]):
 
 
 def collect(model: ir.Model, values: list[ir.Value], batches: Iterable[dict[str, np.ndarray]],
-            method: str, workdir: Path,
+            kind: str, workdir: Path,
             on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, Observer], int]:
     """Returns the observers by tensor name and the number of samples seen."""
-    observers = {v.name: make_observer(method) for v in values}
+    observers = {v.name: make_observer(kind) for v in values}
     if not values:
         return observers, 0
     samples = 0
@@ -49,3 +50,28 @@ def collect(model: ir.Model, values: list[ir.Value], batches: Iterable[dict[str,
         if on_batch is not None:
             on_batch(n)
     return observers, samples
+
+
+def statistics(model: ir.Model, values: list[ir.Value], batches: Callable[[], Iterable[dict]], kind: str,
+               workdir: Path, cache_path: Path | None = None, cache_key: dict | None = None,
+               on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, Observer], int, list[str]]:
+    """Observers for `values`, from the stats cache where it has them, else from one pass over
+    `batches()` for the missing ones (which are then added to the cache).
+    Returns observers, samples run through the model in this call, and notes for the report."""
+    notes: list[str] = []
+    cached: dict[str, Observer] = {}
+    if cache_path is not None:
+        kind = "histogram"  # any method can be applied to cached histograms later
+        cached, reason = cache.load(cache_path, cache_key)
+        if reason:
+            notes.append(reason)
+    missing = [v for v in values if v.name not in cached]
+    observers, samples = collect(model, missing, batches(), kind, workdir, on_batch) if missing else ({}, 0)
+    if cache_path is not None:
+        if values and not missing:
+            notes.append(f"activation statistics read from {cache_path}; no forward pass needed")
+        elif missing:
+            cache.save(cache_path, cache_key, {**cached, **observers})
+            notes.append(f"activation statistics for {len(missing)} tensor(s) saved to {cache_path}")
+    observers.update({v.name: cached[v.name] for v in values if v.name in cached})
+    return observers, samples, notes

@@ -29,3 +29,40 @@ def test_unseen_observer_reports_it():
 def test_registry_looks_up_by_name():
     assert isinstance(make_observer("minmax"), MinMaxObserver)
     assert OBSERVERS["minmax"].name == "minmax"
+
+
+# --- histograms -------------------------------------------------------------------------------
+
+from quantkit.calibrate.observers import HistogramObserver  # noqa: E402
+
+
+def test_histogram_merged_over_growing_batches_equals_one_histogram_of_everything():
+    rng = np.random.default_rng(0)
+    h = HistogramObserver(bins=512)
+    xs = []
+    for i in range(12):
+        x = rng.normal(i * 0.3, 1 + i, 5000).astype(np.float32)  # range grows both ways
+        h.update(x)
+        xs.append(x)
+    allx = np.concatenate(xs)
+    assert h.counts.sum() == allx.size
+    assert h.range() == (allx.min(), allx.max())
+    ref, _ = np.histogram(allx, bins=h.edges)
+    # identical but for values sitting exactly on a bin edge (float rounding of the edges)
+    assert np.abs(ref - h.counts).sum() <= 4
+
+
+def test_histogram_memory_does_not_depend_on_samples_or_shapes():
+    h = HistogramObserver(bins=256)
+    for n in (3, 1000, 17):
+        h.update(np.random.default_rng(n).normal(size=(n, 5, n % 7 + 1)))
+    assert h.counts.shape == (256,)
+
+
+def test_histogram_state_roundtrip():
+    h = HistogramObserver(bins=64)
+    h.update(np.array([-1.0, 0.5, 2.0, np.inf]))
+    g = HistogramObserver.from_state(h.state())
+    assert g.range() == h.range() and g.nonfinite == 1
+    np.testing.assert_array_equal(g.counts, h.counts)
+    np.testing.assert_allclose(g.edges, h.edges)
