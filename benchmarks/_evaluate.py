@@ -4,6 +4,7 @@ interleaved against fp32 in one process."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -22,20 +23,36 @@ def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def feeds(model: Path, data: Path, batch: int = 8, limit: int | None = None):
+    specs = input_specs(load_onnx(model))
+    names = {s.name for s in specs}
+    for b in DataSource(data, specs).batches(batch, limit):
+        yield {k: v for k, v in b.items() if k in names}, b.get(LABELS)
+
+
+def forward_seconds(model: Path, data: Path, batch: int = 8, limit: int | None = None) -> float:
+    """Plain fp32 inference over the data: the yardstick for calibration time."""
+    sess = session(model)
+    batches = [f for f, _ in feeds(model, data, batch, limit)]
+    sess.run(None, batches[0])  # warm-up, as a calibrator's session is warm after its first batch
+    t = time.perf_counter()
+    for f in batches:
+        sess.run(None, f)
+    return time.perf_counter() - t
+
+
 def score(fp32: Path, quantized: Path, data: Path, batch: int = 8, threads: int | None = None,
-          latency_batch: dict | None = None, runs: int = 30) -> dict:
-    """First output's figures (cosine, accuracy when labelled), size and latency ratio."""
-    specs = input_specs(load_onnx(fp32))
+          latency_feed: dict | None = None, runs: int = 30) -> dict:
+    """Per output name: cosine, SQNR, top-1 and accuracy (with labels); plus sizes and latency."""
     ref, q = session(fp32, threads), session(quantized, threads)
     names = [o.name for o in ref.get_outputs()]
-    feeds = {s.name for s in specs}
-    cmp = OutputComparison(names[0])
+    cmps = [OutputComparison(n) for n in names]
     first = None
-    for b in DataSource(data, specs).batches(batch):
-        feed = {k: v for k, v in b.items() if k in feeds}
+    for feed, labels in feeds(fp32, data, batch):
         first = first or feed
-        cmp.update(ref.run(names[:1], feed)[0], q.run(names[:1], feed)[0], b.get(LABELS))
-    lat = compare_latency(ref, q, latency_batch or first, runs=runs)
-    out = cmp.result()
-    out.update(bytes_fp32=model_bytes(fp32), bytes_quantized=model_bytes(quantized), **lat)
+        for i, (c, r, x) in enumerate(zip(cmps, ref.run(names, feed), q.run(names, feed))):
+            c.update(r, x, labels if i == 0 else None)
+    out = {c.name: c.result() for c in cmps}
+    out.update(bytes_fp32=model_bytes(fp32), bytes_quantized=model_bytes(quantized),
+               **compare_latency(ref, q, latency_feed or first, runs=runs))
     return out

@@ -23,11 +23,21 @@ class Measured:
     stderr: str
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> Measured:
+def run_measured(cmd: list[str], env: dict | None = None, memory_limit_gb: float | None = None) -> Measured:
+    """Run to completion; with memory_limit_gb the child gets that address-space limit, so a tool
+    that would exhaust the machine fails instead (and the failure is what gets reported)."""
+
+    def limit():
+        if memory_limit_gb:
+            import resource
+
+            n = int(memory_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (n, n))
+
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
-                                env={**os.environ, **(env or {})}, cwd=ROOT)
+                                env={**os.environ, **(env or {})}, cwd=ROOT, preexec_fn=limit)
         _, status, ru = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen

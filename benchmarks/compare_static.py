@@ -43,8 +43,9 @@ def main() -> None:
                     print(f"| {name} | {tool} | failed: {m.stderr.strip().splitlines()[-1][:80]} |")
                     continue
                 s = score(d / "model.onnx", outs[tool], d / "eval.npz", threads=args.threads)
-                print(f"| {name} | {tool} | {s['accuracy_fp32']:.2f} | {s['accuracy_quantized']:.2f} | "
-                      f"{s['cosine_mean']:.5f} | {s['bytes_fp32'] / s['bytes_quantized']:.2f}x | "
+                o = s["logits"]
+                print(f"| {name} | {tool} | {o['accuracy_fp32']:.2f} | {o['accuracy_quantized']:.2f} | "
+                      f"{o['cosine_mean']:.5f} | {s['bytes_fp32'] / s['bytes_quantized']:.2f}x | "
                       f"{s['speedup']:.2f}x | {m.seconds:.1f} | {m.peak_rss_mb:.0f} |")
 
 

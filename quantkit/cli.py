@@ -21,7 +21,8 @@ Exit codes:
   2  usage error (bad options, output exists without --force)
   3  bad input (unreadable model, data that does not match the model)
   4  unsupported model
-  5  gate failed (--max-accuracy-drop / --min-cosine); model and report are still written"""
+  5  gate failed (--max-accuracy-drop / --min-cosine / --require-speedup);
+     model and report are still written"""
 
 
 def _split(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -42,7 +43,7 @@ def cli() -> None:
 @click.option("--report", type=click.Path(path_type=Path), help="Write the full report as JSON to this path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (the table goes to stderr).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
-@click.option("--activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True, help="uint8 asymmetric or int8 symmetric activations.")
+@click.option("--activations", type=click.Choice(["uint8", "int8", "dynamic"]), default="uint8", show_default=True, help="uint8 asymmetric or int8 symmetric static activations, or dynamic (quantized at run time; no --calib needed).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration statistics.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile: keep this central percentage of values.")
 @click.option("--stats-cache", type=click.Path(path_type=Path), help="Save/reuse calibration histograms here; a rerun on the same model and data skips the forward passes.")
@@ -51,11 +52,15 @@ def cli() -> None:
 @click.option("--batch-size", type=int, help="Batch size for calibration and evaluation [default: 8, or the model's fixed batch].")
 @click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Gate: exit 5 if top-1 accuracy drops more than this (needs labels).")
 @click.option("--min-cosine", type=float, help="Gate: exit 5 if any output's mean cosine to fp32 is below this.")
+@click.option("--require-speedup", type=float, metavar="X", help="Gate: exit 5 if the int8 model is not at least X times faster than fp32.")
+@click.option("--threads", type=int, help="onnxruntime threads for timing (speed guard and report) [default: onnxruntime's].")
+@click.option("--no-speed-guard", is_flag=True, help="Write every placement without timing candidates first.")
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
 def quantize(model, calib, output, eval_, report, as_json, per_tensor, activations, method, percentile,
-             stats_cache, exclude, calib_samples, batch_size, max_accuracy_drop, min_cosine, force, quiet, verbose):
+             stats_cache, exclude, calib_samples, batch_size, max_accuracy_drop, min_cosine, require_speedup, threads, no_speed_guard,
+             force, quiet, verbose):
     """Quantize MODEL (ONNX) to static int8 in QDQ form and report the accuracy kept."""
     try:
         from quantkit.config import DataConfig, Gates, QuantConfig, RunConfig
@@ -63,12 +68,13 @@ def quantize(model, calib, output, eval_, report, as_json, per_tensor, activatio
         if output is None:
             output = model.with_name(model.stem + ".int8.onnx")
         cfg = RunConfig(
-            model=model, output=output, report=report, force=force,
+            model=model, output=output, report=report, force=force, threads=threads,
+            speed_guard=not no_speed_guard,
             quant=QuantConfig(per_channel=not per_tensor, activations=activations, method=method,
                               percentile=percentile, exclude=_split(exclude)),
             data=DataConfig(calib=calib, eval=eval_, calib_samples=calib_samples, batch_size=batch_size,
                             stats_cache=stats_cache),
-            gates=Gates(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine),
+            gates=Gates(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, require_speedup=require_speedup),
         )
         from quantkit.api import quantize as run
         from quantkit.report.render import render_text

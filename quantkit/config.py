@@ -7,7 +7,7 @@ from pathlib import Path
 
 from quantkit.errors import ConfigError
 
-ACTIVATION_TYPES = ("uint8", "int8")
+ACTIVATION_TYPES = ("uint8", "int8", "dynamic")
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 
 
@@ -16,10 +16,11 @@ class QuantConfig:
     """How to quantize: the scheme, independent of files."""
 
     per_channel: bool = True
-    activations: str = "uint8"  # uint8 asymmetric or int8 symmetric
+    activations: str = "uint8"  # uint8 asymmetric, int8 symmetric, or dynamic (quantized at run time)
     method: str = "minmax"
     percentile: float = 99.99
     exclude: tuple[str, ...] = ()
+    attention_matmuls: bool = True  # also quantize activation x activation MatMuls
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATION_TYPES:
@@ -55,12 +56,15 @@ class Gates:
 
     max_accuracy_drop: float | None = None  # in percentage points
     min_cosine: float | None = None
+    require_speedup: float | None = None  # fp32 latency / int8 latency must reach this
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise ConfigError("--max-accuracy-drop must be >= 0 (percentage points)")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
             raise ConfigError("--min-cosine must be between -1 and 1")
+        if self.require_speedup is not None and self.require_speedup <= 0:
+            raise ConfigError("--require-speedup must be > 0 (e.g. 1.0: not slower than fp32)")
 
 
 @dataclass(frozen=True)
@@ -73,3 +77,5 @@ class RunConfig:
     report: Path | None = None
     force: bool = False
     latency_runs: int = 20
+    threads: int | None = None  # onnxruntime intra-op threads for timing; None: its default
+    speed_guard: bool = True

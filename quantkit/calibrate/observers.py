@@ -33,6 +33,11 @@ def _finite(x: np.ndarray) -> tuple[np.ndarray, int]:
     return x[ok], int(x.size - ok.sum())
 
 
+# Magnitude from which values count as "mask-like": additive attention masks use -1e4, -1e9,
+# float32 min or -inf, far outside any activation a quantizer should spend levels on.
+EXTREME = 1e4
+
+
 class Observer:
     name = "base"
 
@@ -41,15 +46,35 @@ class Observer:
         self.hi = -np.inf
         self.nonfinite = 0
         self.count = 0
+        self.extreme = 0  # finite values with |x| >= EXTREME
+        self.bulk_absmax = 0.0  # max |x| over the other values
 
     def update(self, x: np.ndarray) -> None:
         x, bad = _finite(x)
         self.count += x.size + bad
         self.nonfinite += bad
         if x.size:
-            self.lo = min(self.lo, float(x.min()))
-            self.hi = max(self.hi, float(x.max()))
+            lo, hi = float(x.min()), float(x.max())
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+            if lo > -EXTREME and hi < EXTREME:  # the common case costs nothing more
+                self.bulk_absmax = max(self.bulk_absmax, -lo, hi)
+            else:
+                big = np.abs(x) >= EXTREME
+                self.extreme += int(big.sum())
+                rest = x[~big]
+                if rest.size:
+                    self.bulk_absmax = max(self.bulk_absmax, float(np.abs(rest).max()))
             self._update(x)
+
+    def mask_like(self) -> str | None:
+        """Why this tensor's range is unusable for quantization, or None. A few -inf or huge
+        values among ordinary ones are the signature of an additive attention mask."""
+        if self.nonfinite:
+            return f"{self.nonfinite} of {self.count} values are -inf/inf/nan (an attention mask?)"
+        if self.extreme and self.bulk_absmax * 100 < max(abs(self.lo), abs(self.hi)):
+            return (f"range [{self.lo:.3g}, {self.hi:.3g}] is dominated by {self.extreme} mask-like value(s) "
+                    f"of magnitude >= {EXTREME:g}; the other values lie within +-{self.bulk_absmax:.3g}")
+        return None
 
     def _update(self, x: np.ndarray) -> None:
         pass
@@ -119,15 +144,16 @@ class HistogramObserver(Observer):
 
     def state(self) -> dict:
         return {"counts": self.counts, "origin": self.origin, "width": self.width, "lo": self.lo,
-                "hi": self.hi, "nonfinite": self.nonfinite, "count": self.count}
+                "hi": self.hi, "nonfinite": self.nonfinite, "count": self.count, "extreme": self.extreme,
+                "bulk_absmax": self.bulk_absmax}
 
     @classmethod
     def from_state(cls, state: dict) -> HistogramObserver:
         obs = cls(bins=len(state["counts"]))
         obs.counts = np.asarray(state["counts"], dtype=np.int64)
-        for k in ("origin", "width", "lo", "hi"):
+        for k in ("origin", "width", "lo", "hi", "bulk_absmax"):
             setattr(obs, k, float(state[k]))
-        obs.nonfinite, obs.count = int(state["nonfinite"]), int(state["count"])
+        obs.nonfinite, obs.count, obs.extreme = int(state["nonfinite"]), int(state["count"]), int(state["extreme"])
         return obs
 
 

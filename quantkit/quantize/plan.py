@@ -15,15 +15,26 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops between a quantized op and the tensor its output QDQ goes on. onnxruntime folds a Relu
 # into the following QuantizeLinear when the zero point is the type's minimum (uint8 zp 0).
 FUSED_ACTIVATIONS = ("Relu",)
+ACT_X_ACT = "both inputs are computed at run time (activation x activation)"
 
 
 @dataclass
 class QuantizedOp:
     node: ir.Node
-    weight_axis: int | None  # per-channel axis of the weight, None for per-tensor
-    bias: bool  # input 2 is a constant bias that can become int32
-    activation: ir.Value  # the float input fed through QDQ
-    output: ir.Value | None  # tensor that gets output QDQ (after any fused Relu), None if kept float
+    inputs: list[ir.Value]  # float activation inputs fed through QDQ
+    weighted: bool  # input 1 is a constant weight stored as int8
+    weight_axis: int | None = None  # per-channel axis of the weight, None for per-tensor
+    bias: bool = False  # input 2 is a constant bias that can become int32
+    output: ir.Value | None = None  # tensor that gets output QDQ (after any fused Relu), None if kept float
+
+    @property
+    def kind(self) -> str:
+        """The group the speed guard keeps or drops as one."""
+        if not self.weighted:
+            return "MatMul (activation x activation)"
+        if self.node.op_type == "Conv" and self.node.attributes.get_int("group", 1) > 1:
+            return "Conv (grouped/depthwise)"
+        return self.node.op_type
 
 
 @dataclass
@@ -37,15 +48,39 @@ class Skipped:
 class Plan:
     ops: list[QuantizedOp] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    float_tensors: dict[str, str] = field(default_factory=dict)  # tensor -> why it stays float
 
     def activation_tensors(self) -> list[ir.Value]:
         """Each tensor needing a calibrated range, once, in graph order."""
         seen: dict[int, ir.Value] = {}
         for op in self.ops:
-            for v in (op.activation, op.output):
+            for v in (*op.inputs, op.output):
                 if v is not None:
                     seen.setdefault(id(v), v)
         return list(seen.values())
+
+    def keep_float(self, tensors: dict[str, str]) -> None:
+        """Tensors that must not be quantized (e.g. attention masks): ops reading them stay float,
+        output QDQ on them is dropped."""
+        self.float_tensors.update(tensors)
+        kept = []
+        for op in self.ops:
+            bad = [v.name for v in op.inputs if v.name in tensors]
+            if bad:
+                self.skipped.append(Skipped(op.node.name or "", op.node.op_type,
+                                            f"input '{bad[0]}' stays float: {tensors[bad[0]]}"))
+                continue
+            if op.output is not None and op.output.name in tensors:
+                op.output = None
+            kept.append(op)
+        self.ops = kept
+
+    def drop(self, kinds: set[str], reason: str) -> None:
+        """Leave every op of the given kinds float (the speed guard's decision)."""
+        for op in self.ops:
+            if op.kind in kinds:
+                self.skipped.append(Skipped(op.node.name or "", op.node.op_type, reason))
+        self.ops = [op for op in self.ops if op.kind not in kinds]
 
 
 def _is_float32(v: ir.Value | None) -> bool:
@@ -59,7 +94,7 @@ def _excluded(node: ir.Node, patterns: tuple[str, ...]) -> str | None:
     return None
 
 
-def _weight_axis(node: ir.Node, weight_ndim: int, per_channel: bool) -> int | None:
+def _weight_axis(node: ir.Node, per_channel: bool) -> int | None:
     if not per_channel:
         return None
     if node.op_type == "Conv":
@@ -96,7 +131,11 @@ def _why_not(node: ir.Node, config: QuantConfig) -> str | None:
     if w is None:
         if const_array(node.inputs[0]) is not None:
             return "constant is the first input; only constant second inputs (weights) are quantized"
-        return "both inputs are computed at run time (activation x activation)"
+        if node.op_type != "MatMul" or not config.attention_matmuls:
+            return ACT_X_ACT
+        if not (_is_float32(node.inputs[0]) and _is_float32(node.inputs[1])):
+            return ACT_X_ACT + " with non-float32 inputs"
+        return None
     if w.dtype.name != "float32":
         return f"weight is {w.dtype.name}, only float32 weights are quantized"
     if not _is_float32(node.inputs[0]):
@@ -108,17 +147,35 @@ def _why_not(node: ir.Node, config: QuantConfig) -> str | None:
     return None
 
 
+def _subgraph_skips(node: ir.Node) -> list[Skipped]:
+    out = []
+    for attr in node.attributes.values():
+        if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value
+            for g in graphs:
+                out += [Skipped(inner.name or "", inner.op_type, f"inside a {node.op_type} subgraph; kept float")
+                        for inner in g.all_nodes() if inner.op_type in WEIGHTED_OPS]
+    return out
+
+
+def _bias_ok(node: ir.Node, w) -> bool:
+    if len(node.inputs) < 3 or const_array(node.inputs[2]) is None:
+        return False
+    b = const_array(node.inputs[2])
+    if b.ndim != 1 or b.dtype.name != "float32":
+        return False
+    if node.op_type == "Gemm":
+        # int32 bias needs y = A.B + C exactly: alpha = beta = 1 and one entry per column
+        n_out = w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1]
+        return (b.shape[0] == n_out and node.attributes.get_float("alpha", 1.0) == 1.0
+                and node.attributes.get_float("beta", 1.0) == 1.0)
+    return True
+
+
 def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
     plan = Plan()
     for node in model.graph:
-        for attr in node.attributes.values():
-            if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value
-                for g in graphs:
-                    for inner in g.all_nodes():
-                        if inner.op_type in WEIGHTED_OPS:
-                            plan.skipped.append(Skipped(inner.name or "", inner.op_type,
-                                                        f"inside a {node.op_type} subgraph; kept float"))
+        plan.skipped += _subgraph_skips(node)
         if node.op_type not in WEIGHTED_OPS or node.domain != "":
             continue
         reason = _why_not(node, config)
@@ -126,20 +183,11 @@ def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
             plan.skipped.append(Skipped(node.name or "", node.op_type, reason))
             continue
         w = const_array(node.inputs[1])
-        bias = False
-        if len(node.inputs) > 2 and const_array(node.inputs[2]) is not None:
-            b = const_array(node.inputs[2])
-            bias = b.ndim == 1 and b.dtype.name == "float32"
-            if node.op_type == "Gemm":
-                # int32 bias needs y = A.B + C exactly: alpha = beta = 1 and one entry per column
-                n_out = w.shape[0] if node.attributes.get_int("transB", 0) else w.shape[1]
-                bias = bias and b.shape[0] == n_out and node.attributes.get_float("alpha", 1.0) == 1.0 \
-                    and node.attributes.get_float("beta", 1.0) == 1.0
-        plan.ops.append(QuantizedOp(
-            node=node,
-            weight_axis=_weight_axis(node, w.ndim, config.per_channel),
-            bias=bias,
-            activation=node.inputs[0],
-            output=_output_tensor(node),
-        ))
+        if w is None:  # activation x activation MatMul (attention)
+            plan.ops.append(QuantizedOp(node, [node.inputs[0], node.inputs[1]], weighted=False,
+                                        output=_output_tensor(node)))
+            continue
+        plan.ops.append(QuantizedOp(node, [node.inputs[0]], weighted=True,
+                                    weight_axis=_weight_axis(node, config.per_channel),
+                                    bias=_bias_ok(node, w), output=_output_tensor(node)))
     return plan

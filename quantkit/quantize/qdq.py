@@ -100,6 +100,9 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
     originals = set()
     for op in plan.ops:
         node = op.node
+        if not op.weighted:
+            result.quantized_nodes.append(node.name or "")
+            continue
         w_in = node.inputs[1]
         key = (w_in.name, op.weight_axis)
         if key not in weight_cache:
@@ -115,7 +118,7 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
 
         if op.bias:
             b_in = node.inputs[2]
-            x_scale = result.activations[op.activation.name].scale
+            x_scale = result.activations[op.inputs[0].name].scale
             qb = qp.quantize_bias(const_array(b_in), x_scale, w_scale)
             if qb is None:
                 result.float_bias.append(node.name or "")

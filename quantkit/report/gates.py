@@ -5,7 +5,7 @@ from __future__ import annotations
 from quantkit.config import Gates
 
 
-def check_gates(outputs: list[dict], gates: Gates) -> list[str]:
+def check_gates(outputs: list[dict], gates: Gates, latency: dict | None = None) -> list[str]:
     """One line per failed gate; empty when every gate passed."""
     failures = []
     if gates.max_accuracy_drop is not None and outputs:
@@ -22,4 +22,10 @@ def check_gates(outputs: list[dict], gates: Gates) -> list[str]:
             if cos is not None and cos < gates.min_cosine:
                 failures.append(f"output '{out['name']}': mean cosine {cos:.5f} "
                                 f"(< --min-cosine {gates.min_cosine:g})")
+    if gates.require_speedup is not None:
+        speedup = (latency or {}).get("speedup")
+        if speedup is None:
+            failures.append("no latency measured, so --require-speedup cannot be checked")
+        elif speedup < gates.require_speedup:
+            failures.append(f"speedup {speedup:.2f}x over fp32 (< --require-speedup {gates.require_speedup:g})")
     return failures

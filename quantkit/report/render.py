@@ -27,7 +27,13 @@ def render_text(report: dict) -> str:
     q, f = report["nodes"]["quantized"], report["nodes"]["float"]
     lines.append(f"  nodes     {len(q)} quantized to int8, {len(f)} weighted node(s) kept float")
     cal, ev = report["calibration"], report["evaluation"]
-    lines.append(f"  calib     {cal['samples']} sample(s), {cal['method']}, {cal['seconds']:.2f} s")
+    if cal:
+        lines.append(f"  calib     {cal['samples']} sample(s), {cal['method']}, {cal['seconds']:.2f} s")
+    else:
+        lines.append("  calib     none (dynamic activations)")
+    guard = report.get("speed_guard")
+    if guard and guard["dropped"]:
+        lines.append(f"  speed     left float because faster that way: {', '.join(guard['dropped'])}")
     where = "calibration data" if ev["on_calibration_data"] else ev["source"]
     lines.append(f"  eval      {ev['samples']} sample(s) from {where}")
     lines.append("")
@@ -48,6 +54,8 @@ def render_text(report: dict) -> str:
         lines.append("  kept float:")
         for s in f:
             lines.append(f"    {s['op_type']:<14} {s['node'] or '(unnamed)':<30} {s['reason']}")
+    for t in report.get("float_tensors", []):
+        lines.append(f"  float tensor {t['tensor']}: {t['reason']}")
     for n in report["notes"]:
         lines.append(f"  note: {n}")
     g = report["gates"]

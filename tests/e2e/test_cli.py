@@ -68,15 +68,16 @@ def test_digits_cnn_meets_the_accuracy_and_size_bar(samples, tmp_path, clean_tmp
 def test_digits_transformer_keeps_its_outputs(samples, tmp_path):
     d = samples / "digits_transformer"
     r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz",
-                 "-o", tmp_path / "t.onnx", "--json", "-q")
+                 "-o", tmp_path / "t.onnx", "--json", "-q", "--no-speed-guard")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     (logits,) = report["outputs"]
     assert logits["cosine_mean"] > 0.999 and logits["top1_agreement"] > 0.98
     assert abs(logits["accuracy_drop_points"]) <= 1.0
-    reasons = {s["reason"] for s in report["nodes"]["float"]}
-    assert reasons == {"both inputs are computed at run time (activation x activation)"}
-    assert len(report["nodes"]["quantized"]) >= 9
+    assert report["nodes"]["float"] == []
+    kinds = [q["kind"] for q in report["nodes"]["quantized"]]
+    # 2 layers x (qkv, out, ff1, ff2) + embed + head, and 2 x 2 attention MatMuls
+    assert kinds.count("MatMul (activation x activation)") == 4 and len(kinds) == 14
 
 
 def _bad_calib(tmp_path, kind):

@@ -91,11 +91,25 @@ def test_int8_activations_are_symmetric():
     assert all(a.zero_point == 0 and a.qtype == "int8" for a in result.activations.values())
 
 
-def test_activation_x_activation_matmul_stays_float_with_reason():
+def test_activation_x_activation_matmul_gets_qdq_on_both_inputs():
     rng = np.random.default_rng(0)
     proto = mlp_with_attention_matmul(rng)
     x = rng.normal(size=(3, 4, 16)).astype(np.float32)
-    model, plan, _ = _quantize(proto, {"x": x})
+    model, plan, result = _quantize(proto, {"x": x})
+    assert [(op.node.name, op.kind) for op in plan.ops] == [("proj", "MatMul"),
+                                                            ("scores", "MatMul (activation x activation)")]
+    scores = next(n for n in model.graph if n.name == "scores")
+    assert [i.producer().op_type for i in scores.inputs] == ["DequantizeLinear", "DequantizeLinear"]
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(ir.serde.serialize_model(model), {"x": x})
+    assert _cos(ref, got) > 0.999
+
+
+def test_activation_x_activation_matmul_can_be_left_float_with_reason():
+    rng = np.random.default_rng(0)
+    proto = mlp_with_attention_matmul(rng)
+    x = rng.normal(size=(3, 4, 16)).astype(np.float32)
+    model, plan, _ = _quantize(proto, {"x": x}, QuantConfig(attention_matmuls=False))
     assert [op.node.name for op in plan.ops] == ["proj"]
     assert [(s.node, s.reason) for s in plan.skipped] == [
         ("scores", "both inputs are computed at run time (activation x activation)")]

@@ -1,0 +1,87 @@
+"""Dynamic int8: weights stored int8 (symmetric, per output column), activations quantized at run
+time by onnxruntime's DynamicQuantizeMatMul kernel (com.microsoft). No calibration data needed.
+
+MatMul and Gemm with constant weights are rewritten; Conv stays float (onnxruntime's dynamic
+ConvInteger path is slower than float Conv on CPU), and so do activation x activation MatMuls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from quantkit.config import QuantConfig
+from quantkit.graph.canonicalize import const_array, unique_name
+from quantkit.quantize import qparams as qp
+from quantkit.quantize.plan import Plan, QuantizedOp, Skipped
+from quantkit.quantize.qdq import RewriteResult, _const
+
+MS_DOMAIN = "com.microsoft"
+
+
+def restrict_plan(plan: Plan) -> Plan:
+    """Keep the ops this scheme can rewrite; the others stay float, with the reason."""
+    kept = []
+    for op in plan.ops:
+        node = op.node
+        if not op.weighted:
+            reason = "dynamic int8 quantizes weights; activation x activation MatMul stays float"
+        elif node.op_type in ("Conv", "ConvTranspose"):
+            reason = "dynamic int8 has no fast convolution kernel in onnxruntime; use static int8 for conv nets"
+        elif node.op_type == "Gemm" and (node.attributes.get_float("alpha", 1.0) != 1.0 or (
+                len(node.inputs) > 2 and node.inputs[2] is not None and not op.bias)):
+            reason = "Gemm with alpha/beta != 1 or a non-vector C has no DynamicQuantizeMatMul form"
+        else:
+            kept.append(op)
+            continue
+        plan.skipped.append(Skipped(node.name or "", node.op_type, reason))
+    plan.ops = kept
+    return plan
+
+
+def _matmul_weight(op: QuantizedOp) -> np.ndarray:
+    w = const_array(op.node.inputs[1])
+    if op.node.op_type == "Gemm" and op.node.attributes.get_int("transB", 0):
+        w = w.T
+    return np.ascontiguousarray(w)
+
+
+def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
+    graph = model.graph
+    result = RewriteResult()
+    if MS_DOMAIN not in model.opset_imports:
+        model.opset_imports[MS_DOMAIN] = 1
+    cache: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
+    originals = set()
+    for op in plan.ops:
+        node = op.node
+        w_in = node.inputs[1]
+        key = f"{w_in.name}/{node.op_type}/{node.attributes.get_int('transB', 0)}"
+        if key not in cache:
+            w = _matmul_weight(op)  # (K, N)
+            axis = 1 if config.per_channel else None
+            lo, hi = qp.weight_ranges(w, axis)
+            scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
+            q = qp.quantize(w, scale, zp, qp.INT8, axis=axis)
+            cache[key] = (_const(graph, f"{w_in.name}_quantized", q), _const(graph, f"{w_in.name}_scale", scale),
+                          _const(graph, f"{w_in.name}_zero_point", zp))
+        wq, s, z = cache[key]
+        originals.add(w_in)
+        inputs = [node.inputs[0], wq, s, z]
+        if node.op_type == "Gemm" and op.bias:
+            inputs.append(node.inputs[2])
+        new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN,
+                      name=unique_name(graph, f"{node.name or 'matmul'}_dynamic_int8"))
+        out = node.outputs[0]
+        new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
+        graph.insert_before(node, new)
+        name = out.name
+        out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        new.outputs[0].name = name
+        op.node = new
+        result.quantized_nodes.append(name)
+    for v in originals:
+        if not v.uses() and not v.is_graph_output() and v.name in graph.initializers:
+            graph.initializers.pop(v.name)
+    return result
