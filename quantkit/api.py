@@ -287,7 +287,7 @@ def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, sour
     samples = 0
     for b in _complete_batches(source, batch, limit, fixed):
         feed = {k: v for k, v in b.items() if k in feeds}
-        ref = ref_sess.run(names, feed)
+        ref = runtime.run(ref_sess, names, feed, f"the evaluation data {source.path}")
         q = q_sess.run(names, feed)
         labels = b.get(LABELS)
         for i, (c, r, x) in enumerate(zip(comparisons, ref, q)):

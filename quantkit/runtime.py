@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime as ort
 
-from quantkit.errors import UnsupportedModelError
+from quantkit.errors import InputError, UnsupportedModelError
 
 # protobuf cannot serialize a model of 2 GiB or more; stay well below with a margin.
 INLINE_LIMIT = 1_500_000_000
@@ -55,3 +55,15 @@ def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: 
         raise UnsupportedModelError(f"onnxruntime cannot load the {tag} model: {first}") from None
 
 
+
+
+def run(sess, names: list[str] | None, feed: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    """sess.run, with onnxruntime's errors on user data (an index out of range, a shape the model
+    cannot take) turned into a one-line InputError naming what was being run."""
+    try:
+        return sess.run(names, feed)
+    except Exception as e:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"onnxruntime could not run the model on {what}: {first}") from None

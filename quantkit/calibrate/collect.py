@@ -42,7 +42,7 @@ def collect(model: ir.Model, values: list[ir.Value], batches: Iterable[dict[str,
         sess = runtime.session(model, workdir, tag="calibration")
     feeds = {i.name for i in sess.get_inputs()}
     for batch in batches:
-        outs = sess.run(names, {k: v for k, v in batch.items() if k in feeds})
+        outs = runtime.run(sess, names, {k: v for k, v in batch.items() if k in feeds}, "the calibration data")
         for name, out in zip(names, outs):
             observers[name].update(out)
         n = len(next(iter(batch.values())))

@@ -30,7 +30,8 @@ def fill_from_run(model: ir.Model, batch: dict[str, np.ndarray], workdir: Path) 
     with exposed(model, missing):
         sess = runtime.session(model, workdir, tag="shape-probe")
     feeds = {i.name for i in sess.get_inputs()}
-    outs = sess.run([v.name for v in missing], {k: v for k, v in batch.items() if k in feeds})
+    outs = runtime.run(sess, [v.name for v in missing], {k: v for k, v in batch.items() if k in feeds},
+                       "a calibration batch")
     for v, out in zip(missing, outs):
         out = np.asarray(out)
         v.type = ir.TensorType(ir.DataType.from_numpy(out.dtype))

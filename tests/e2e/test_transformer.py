@@ -1,0 +1,83 @@
+"""BERT-style encoders exported by both torch.onnx exporters: masks found and kept float,
+attention and projection MatMuls quantized, outputs kept; and dynamic int8."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import cli
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "sample_models"))
+from bert_style import build, export, tokenize  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoder_data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 17, size=(64, 8, 8))
+    ids, mask = tokenize(images, vocab=512)
+    # vary the real length so that masks differ between samples
+    for i in range(len(mask)):
+        cut = rng.integers(20, 51)
+        ids[i, cut:], mask[i, cut:] = 0, 0
+    d = tmp_path_factory.mktemp("encoder")
+    np.savez(d / "calib.npz", input_ids=ids[:48], attention_mask=mask[:48])
+    np.savez(d / "eval.npz", input_ids=ids[48:], attention_mask=mask[48:])
+    return d, ids, mask
+
+
+@pytest.fixture(scope="module", params=["dynamo", "torchscript"])
+def encoder(request, encoder_data):
+    d, ids, mask = encoder_data
+    torch.manual_seed(0)
+    model = build(layers=2, hidden=64, heads=4, ff=128, vocab=512).eval()
+    path = d / f"{request.param}.onnx"
+    export(model, ids[:2], mask[:2], path, exporter=request.param)
+    return path, d
+
+
+def quantize(*args):
+    return CliRunner().invoke(cli, ["quantize", *map(str, args)])
+
+
+def test_static_int8_finds_the_mask_keeps_it_float_and_keeps_the_outputs(encoder, tmp_path):
+    path, d = encoder
+    r = quantize(path, "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", tmp_path / "q.onnx",
+                 "--json", "-q", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    floats = report["float_tensors"]
+    assert floats and all("additive attention mask" in f["reason"] for f in floats)
+    assert not set(report["activations"]) & {f["tensor"] for f in floats}
+    kinds = [q["kind"] for q in report["nodes"]["quantized"]]
+    assert kinds.count("MatMul (activation x activation)") == 4  # 2 layers x (QK^T, PV)
+    assert len(kinds) - 4 >= 2 * 6  # q, k, v, o, ff1, ff2 per layer (+ pooler and classifier)
+    pooled = next(o for o in report["outputs"] if o["name"] == "pooled")
+    assert pooled["cosine_mean"] > 0.995
+
+
+def test_dynamic_int8_needs_no_calibration(encoder, tmp_path):
+    path, d = encoder
+    r = quantize(path, "--activations", "dynamic", "--eval", d / "eval.npz", "-o", tmp_path / "q.onnx",
+                 "--json", "-q", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["calibration"] is None
+    assert all(q["op_type"] == "DynamicQuantizeMatMul" for q in report["nodes"]["quantized"])
+    assert len(report["nodes"]["quantized"]) >= 12
+    pooled = next(o for o in report["outputs"] if o["name"] == "pooled")
+    assert pooled["cosine_mean"] > 0.995
+
+
+def test_token_ids_outside_the_vocabulary_are_bad_input_not_a_crash(encoder, tmp_path):
+    path, d = encoder
+    data = dict(np.load(d / "calib.npz"))
+    data["input_ids"] = data["input_ids"] + 10_000
+    np.savez(tmp_path / "bad.npz", **data)
+    r = quantize(path, "--calib", tmp_path / "bad.npz", "-o", tmp_path / "q.onnx")
+    assert r.exit_code == 3 and "could not run the model on" in r.stderr
+    assert not (tmp_path / "q.onnx").exists()
