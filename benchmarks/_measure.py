@@ -1,8 +1,13 @@
-"""Run a command as a child process and measure its wall time and peak RSS. The peak comes from
-the rusage that wait4 returns for that one child: exact, not a sampled approximation."""
+"""Run a command as a child process and measure its wall time and peak RSS.
+
+The peak comes from the rusage that wait4 returns for the child. A forked child inherits its
+parent's peak RSS, so the command is started by a small launcher process (this file run as a
+script), which forks it from a few MB instead of from the benchmark's own memory.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,26 +29,16 @@ class Measured:
 
 
 def run_measured(cmd: list[str], env: dict | None = None, memory_limit_gb: float | None = None) -> Measured:
-    """Run to completion; with memory_limit_gb the child gets that address-space limit, so a tool
-    that would exhaust the machine fails instead (and the failure is what gets reported)."""
-
-    def limit():
-        if memory_limit_gb:
-            import resource
-
-            n = int(memory_limit_gb * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (n, n))
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    """Run to completion; with memory_limit_gb the command gets that address-space limit, so a
+    tool that would exhaust the machine fails instead (and the failure is what gets reported)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err, usage = (Path(tmp) / n for n in ("out", "err", "usage.json"))
+        launcher = [sys.executable, __file__, str(usage), str(out), str(err), str(memory_limit_gb or 0), *map(str, cmd)]
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
-                                env={**os.environ, **(env or {})}, cwd=ROOT, preexec_fn=limit)
-        _, status, ru = os.wait4(proc.pid, 0)
+        subprocess.run(launcher, env={**os.environ, **(env or {})}, cwd=ROOT, check=True)
         seconds = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0)
-        err.seek(0)
-        return Measured(seconds, ru.ru_maxrss / 1024.0, proc.returncode, out.read(), err.read())
+        u = json.loads(usage.read_text())
+        return Measured(seconds, u["maxrss_kb"] / 1024.0, u["returncode"], out.read_text(), err.read_text())
 
 
 def python() -> str:
@@ -52,3 +47,23 @@ def python() -> str:
 
 def quantkit_cmd(*args) -> list[str]:
     return [python(), "-m", "quantkit", *map(str, args)]
+
+
+def _launch(usage: str, out: str, err: str, limit_gb: str, *cmd: str) -> None:
+    n = int(float(limit_gb) * 2**30)
+
+    def limit():
+        if n:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (n, n))
+
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(list(cmd), stdout=o, stderr=e, preexec_fn=limit)
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    Path(usage).write_text(json.dumps({"maxrss_kb": ru.ru_maxrss, "returncode": proc.returncode}))
+
+
+if __name__ == "__main__":
+    _launch(*sys.argv[1:])

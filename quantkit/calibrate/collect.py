@@ -5,6 +5,7 @@ kept between batches but the observers' state."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,14 +42,26 @@ def collect(model: ir.Model, values: list[ir.Value], batches: Iterable[dict[str,
     with exposed(model, values):
         sess = runtime.session(model, workdir, tag="calibration")
     feeds = {i.name for i in sess.get_inputs()}
-    for batch in batches:
-        outs = runtime.run(sess, names, {k: v for k, v in batch.items() if k in feeds}, "the calibration data")
+
+    def observe(outs):
         for name, out in zip(names, outs):
             observers[name].update(out)
-        n = len(next(iter(batch.values())))
-        samples += n
-        if on_batch is not None:
-            on_batch(n)
+
+    # Observers digest batch k on a worker thread while onnxruntime (which releases the GIL)
+    # computes batch k+1: at most two batches of outputs are alive at once.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in batches:
+            outs = runtime.run(sess, names, {k: v for k, v in batch.items() if k in feeds}, "the calibration data")
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(observe, outs)
+            n = len(next(iter(batch.values())))
+            samples += n
+            if on_batch is not None:
+                on_batch(n)
+        if pending is not None:
+            pending.result()
     return observers, samples
 
 

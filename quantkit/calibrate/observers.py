@@ -21,16 +21,22 @@ def register(name: str):
     return wrap
 
 
-def _finite(x: np.ndarray) -> tuple[np.ndarray, int]:
-    """The finite values of x (flattened) and how many were not finite. -inf/nan in attention
-    masks would otherwise make any range unusable."""
+def _finite(x: np.ndarray) -> tuple[np.ndarray, int, float, float]:
+    """The finite values of x (flattened), how many were not finite, and their min and max.
+    -inf/nan in attention masks would otherwise make any range unusable."""
     x = np.asarray(x).reshape(-1)
     if not np.issubdtype(x.dtype, np.floating):
-        return x.astype(np.float32), 0
+        x = x.astype(np.float32)
+    if x.size == 0:
+        return x, 0, np.inf, -np.inf
+    lo, hi = float(x.min()), float(x.max())
+    if np.isfinite(lo) and np.isfinite(hi):  # a nan or inf anywhere would show here
+        return x, 0, lo, hi
     ok = np.isfinite(x)
-    if ok.all():
-        return x, 0
-    return x[ok], int(x.size - ok.sum())
+    x = x[ok]
+    if x.size == 0:
+        return x, int(ok.size), np.inf, -np.inf
+    return x, int(ok.size - x.size), float(x.min()), float(x.max())
 
 
 # Magnitude from which values count as "mask-like": additive attention masks use -1e4, -1e9,
@@ -50,11 +56,11 @@ class Observer:
         self.bulk_absmax = 0.0  # max |x| over the other values
 
     def update(self, x: np.ndarray) -> None:
-        x, bad = _finite(x)
+        self.channels = x.shape[-1] if np.ndim(x) else 1
+        x, bad, lo, hi = _finite(x)
         self.count += x.size + bad
         self.nonfinite += bad
         if x.size:
-            lo, hi = float(x.min()), float(x.max())
             self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
             if lo > -EXTREME and hi < EXTREME:  # the common case costs nothing more
                 self.bulk_absmax = max(self.bulk_absmax, -lo, hi)
@@ -64,7 +70,7 @@ class Observer:
                 rest = x[~big]
                 if rest.size:
                     self.bulk_absmax = max(self.bulk_absmax, float(np.abs(rest).max()))
-            self._update(x)
+            self._update(x, lo, hi)
 
     def mask_like(self) -> str | None:
         """Why this tensor's range is unusable for quantization, or None. A few -inf or huge
@@ -76,7 +82,7 @@ class Observer:
                     f"of magnitude >= {EXTREME:g}; the other values lie within +-{self.bulk_absmax:.3g}")
         return None
 
-    def _update(self, x: np.ndarray) -> None:
+    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
         pass
 
     @property
@@ -102,9 +108,16 @@ class HistogramObserver(Observer):
     new bin: merging loses resolution but never mass or position.
     """
 
+    # Tensors above this many elements per batch are histogrammed from a strided sample; min and
+    # max stay exact. The stride is a prime that does not divide the channel count, so every
+    # channel (where outliers live in transformers) is sampled; counts are weighted by the stride.
+    SAMPLE_CAP = 1 << 16
+    PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
+
     def __init__(self, bins: int = 2048) -> None:
         super().__init__()
         self.bins = bins
+        self.batches = 0
         self.counts = np.zeros(bins, dtype=np.int64)
         self.origin = 0.0
         self.width = 0.0
@@ -113,8 +126,7 @@ class HistogramObserver(Observer):
     def edges(self) -> np.ndarray:
         return self.origin + self.width * np.arange(self.bins + 1)
 
-    def _update(self, x: np.ndarray) -> None:
-        lo, hi = float(x.min()), float(x.max())
+    def _update(self, x: np.ndarray, lo: float, hi: float) -> None:
         if self.width == 0.0:
             span = hi - lo
             if span <= 0:
@@ -122,9 +134,17 @@ class HistogramObserver(Observer):
             self.origin, self.width = lo, span / self.bins * (1 + 1e-6)
         else:
             self._grow(lo, hi)
-        idx = ((x - self.origin) * (1.0 / self.width)).astype(np.int64)
+        weight = 1
+        if x.size > self.SAMPLE_CAP:
+            need = -(-x.size // self.SAMPLE_CAP)
+            weight = next((p for p in self.PRIMES if p >= need and self.channels % p), need)
+            x = x[self.batches % weight :: weight]  # a different offset each batch
+        self.batches += 1
+        y = np.subtract(x, np.float32(self.origin), dtype=np.float32)
+        y *= np.float32(1.0 / self.width)
+        idx = y.astype(np.intp)
         np.clip(idx, 0, self.bins - 1, out=idx)  # the top edge itself goes in the last bin
-        self.counts += np.bincount(idx, minlength=self.bins)
+        self.counts += np.bincount(idx, minlength=self.bins) * weight
 
     def _grow(self, lo: float, hi: float) -> None:
         end = self.origin + self.width * self.bins

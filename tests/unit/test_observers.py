@@ -66,3 +66,15 @@ def test_histogram_state_roundtrip():
     assert g.range() == h.range() and g.nonfinite == 1
     np.testing.assert_array_equal(g.counts, h.counts)
     np.testing.assert_allclose(g.edges, h.edges)
+
+
+def test_large_tensors_are_sampled_across_every_channel_with_weighted_counts():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 384)).astype(np.float32)  # 768k elements: above the sample cap
+    x[:, 7] += 40.0  # one outlier channel, as transformers have
+    h = HistogramObserver()
+    h.update(x)
+    assert h.range() == (x.min(), x.max())  # exact, not sampled
+    assert abs(int(h.counts.sum()) - x.size) <= 10  # the sample is weighted back to the full count
+    outlier_mass = h.counts[h.edges[1:] > 30].sum() / h.counts.sum()
+    assert abs(outlier_mass - 1 / 384) < 0.2 / 384  # the outlier channel is sampled like the others
