@@ -148,7 +148,7 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
                 return plan
 
             def rewrite(m, plan):
-                return qdq.rewrite(m, plan, calibration["ranges"], cfg.quant)
+                return qdq.rewrite(m, plan, calibration["ranges"], cfg.quant, calibration["channel_means"])
 
         def build(drop: set[str]):
             m = model.clone()
@@ -221,8 +221,10 @@ def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, f
         yield from _complete_batches(calib, batch, cfg.data.calib_samples, fixed)
         progress.finish()
 
+    channel_axes = {op.inputs[0].name: 1 if op.node.op_type == "Conv" else -1
+                    for op in plan.ops if op.weighted} if cfg.quant.bias_correction else {}
     observers, samples, notes = statistics(model, values, batches, observer_kind(cfg.quant.method), workdir,
-                                           cfg.data.stats_cache, key, progress.advance)
+                                           cfg.data.stats_cache, key, progress.advance, channel_axes)
     if values and not any(o.count for o in observers.values()):
         raise ConfigError("calibration saw no data: the calibration set is smaller than one batch "
                           f"of the model's fixed batch size {batch}")
@@ -234,7 +236,9 @@ def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, f
     for name, obs in observers.items():
         if name not in masks:
             ranges[name], chosen[name] = select_range(obs, cfg.quant.method, levels, cfg.quant.percentile)
+    channel_means = {n: observers[n].channel_mean() for n in channel_axes if observers[n].channel_mean() is not None}
     return {"observers": observers, "samples": samples, "notes": notes, "masks": masks, "ranges": ranges,
+            "channel_means": channel_means,
             "chosen": chosen, "seconds": time.perf_counter() - t0, "source": str(calib.path), "batch": batch}
 
 
@@ -255,6 +259,7 @@ def _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes, e
                            "per_channel": op.weight_axis is not None} for op in plan.ops],
             "float": [asdict(s) for s in plan.skipped],
             "float_bias": rw.float_bias,
+            "bias_corrected": getattr(rw, "bias_corrected", []),
         },
         "float_tensors": [{"tensor": k, "reason": v} for k, v in plan.float_tensors.items()],
         "activations": {},

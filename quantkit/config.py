@@ -21,6 +21,7 @@ class QuantConfig:
     percentile: float = 99.99
     exclude: tuple[str, ...] = ()
     attention_matmuls: bool = True  # also quantize activation x activation MatMuls
+    bias_correction: bool = False  # shift biases by the mean error int8 weights introduce
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATION_TYPES:
@@ -29,6 +30,8 @@ class QuantConfig:
             )
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.bias_correction and self.activations == "dynamic":
+            raise ConfigError("--bias-correction needs calibration data; it does not apply to --activations dynamic")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"--percentile must be in (50, 100], got {self.percentile}")
 

@@ -16,7 +16,7 @@ import numpy as np
 from quantkit.calibrate.observers import HistogramObserver
 from quantkit.errors import InputError
 
-FORMAT = "quantkit-stats-2"
+FORMAT = "quantkit-stats-3"
 
 
 def fingerprint(model: Path, calib: Path, calib_samples: int | None, batch: int) -> dict:
@@ -48,7 +48,8 @@ def load(path: Path, key: dict) -> tuple[dict[str, HistogramObserver], str | Non
         raise InputError(f"{path} is not a quantkit stats cache; remove it or choose another --stats-cache path") from None
 
 
-_FIELDS = ("counts", "origin", "width", "lo", "hi", "nonfinite", "count", "extreme", "bulk_absmax")
+_FIELDS = ("counts", "origin", "width", "lo", "hi", "nonfinite", "count", "extreme", "bulk_absmax", "channel_sum",
+           "channel_n", "channel_axis")
 
 
 def save(path: Path, key: dict, observers: dict[str, HistogramObserver]) -> None:

@@ -31,10 +31,14 @@ def exposed(model: ir.Model, values: list[ir.Value]):
 
 
 def collect(model: ir.Model, values: list[ir.Value], batches: Iterable[dict[str, np.ndarray]],
-            kind: str, workdir: Path,
-            on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, Observer], int]:
-    """Returns the observers by tensor name and the number of samples seen."""
+            kind: str, workdir: Path, on_batch: Callable[[int], None] | None = None,
+            channel_axes: dict[str, int] | None = None) -> tuple[dict[str, Observer], int]:
+    """Returns the observers by tensor name and the number of samples seen. Tensors named in
+    channel_axes also get per-channel means along that axis."""
     observers = {v.name: make_observer(kind) for v in values}
+    for name, axis in (channel_axes or {}).items():
+        if name in observers:
+            observers[name].channel_axis = axis
     if not values:
         return observers, 0
     samples = 0
@@ -67,7 +71,8 @@ def collect(model: ir.Model, values: list[ir.Value], batches: Iterable[dict[str,
 
 def statistics(model: ir.Model, values: list[ir.Value], batches: Callable[[], Iterable[dict]], kind: str,
                workdir: Path, cache_path: Path | None = None, cache_key: dict | None = None,
-               on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, Observer], int, list[str]]:
+               on_batch: Callable[[int], None] | None = None,
+               channel_axes: dict[str, int] | None = None) -> tuple[dict[str, Observer], int, list[str]]:
     """Observers for `values`, from the stats cache where it has them, else from one pass over
     `batches()` for the missing ones (which are then added to the cache).
     Returns observers, samples run through the model in this call, and notes for the report."""
@@ -78,13 +83,16 @@ def statistics(model: ir.Model, values: list[ir.Value], batches: Callable[[], It
         cached, reason = cache.load(cache_path, cache_key)
         if reason:
             notes.append(reason)
-    missing = [v for v in values if v.name not in cached]
-    observers, samples = collect(model, missing, batches(), kind, workdir, on_batch) if missing else ({}, 0)
+    channel_axes = channel_axes or {}
+    missing = [v for v in values if v.name not in cached
+               or (v.name in channel_axes and cached[v.name].channel_mean() is None)]
+    observers, samples = collect(model, missing, batches(), kind, workdir, on_batch, channel_axes) \
+        if missing else ({}, 0)
     if cache_path is not None:
         if values and not missing:
             notes.append(f"activation statistics read from {cache_path}; no forward pass needed")
         elif missing:
             cache.save(cache_path, cache_key, {**cached, **observers})
             notes.append(f"activation statistics for {len(missing)} tensor(s) saved to {cache_path}")
-    observers.update({v.name: cached[v.name] for v in values if v.name in cached})
+    observers.update({v.name: cached[v.name] for v in values if v.name in cached and v.name not in observers})
     return observers, samples, notes

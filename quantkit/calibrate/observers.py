@@ -54,9 +54,24 @@ class Observer:
         self.count = 0
         self.extreme = 0  # finite values with |x| >= EXTREME
         self.bulk_absmax = 0.0  # max |x| over the other values
+        self.channel_axis: int | None = None  # set to also keep per-channel means (bias correction)
+        self.channel_sum: np.ndarray | None = None
+        self.channel_n = 0
+
+    def channel_mean(self) -> np.ndarray | None:
+        return None if self.channel_sum is None or not self.channel_n else self.channel_sum / self.channel_n
+
+    def _track_channels(self, x: np.ndarray) -> None:
+        axis = self.channel_axis % x.ndim
+        other = tuple(i for i in range(x.ndim) if i != axis)
+        s = np.sum(x, axis=other, dtype=np.float64)
+        self.channel_sum = s if self.channel_sum is None else self.channel_sum + s
+        self.channel_n += x.size // max(x.shape[axis], 1)
 
     def update(self, x: np.ndarray) -> None:
         self.channels = x.shape[-1] if np.ndim(x) else 1
+        if self.channel_axis is not None and np.ndim(x):
+            self._track_channels(np.asarray(x))
         x, bad, lo, hi = _finite(x)
         self.count += x.size + bad
         self.nonfinite += bad
@@ -165,7 +180,9 @@ class HistogramObserver(Observer):
     def state(self) -> dict:
         return {"counts": self.counts, "origin": self.origin, "width": self.width, "lo": self.lo,
                 "hi": self.hi, "nonfinite": self.nonfinite, "count": self.count, "extreme": self.extreme,
-                "bulk_absmax": self.bulk_absmax}
+                "bulk_absmax": self.bulk_absmax,
+                "channel_sum": np.zeros(0) if self.channel_sum is None else self.channel_sum,
+                "channel_n": self.channel_n, "channel_axis": -1 if self.channel_axis is None else self.channel_axis}
 
     @classmethod
     def from_state(cls, state: dict) -> HistogramObserver:
@@ -174,6 +191,9 @@ class HistogramObserver(Observer):
         for k in ("origin", "width", "lo", "hi", "bulk_absmax"):
             setattr(obs, k, float(state[k]))
         obs.nonfinite, obs.count, obs.extreme = int(state["nonfinite"]), int(state["count"]), int(state["extreme"])
+        if int(state.get("channel_n", 0)):
+            obs.channel_sum, obs.channel_n = np.asarray(state["channel_sum"]), int(state["channel_n"])
+            obs.channel_axis = int(state["channel_axis"])
         return obs
 
 

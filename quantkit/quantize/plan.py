@@ -16,6 +16,9 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # into the following QuantizeLinear when the zero point is the type's minimum (uint8 zp 0).
 FUSED_ACTIVATIONS = ("Relu",)
 ACT_X_ACT = "both inputs are computed at run time (activation x activation)"
+# Activations onnxruntime fuses into a float Conv but has no integer kernel for: after an int8
+# Conv they cost a DequantizeLinear, the activation and a QuantizeLinear over the whole tensor.
+NO_INT8_KERNEL = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Softplus", "Gelu", "Mish")
 
 
 @dataclass
@@ -32,6 +35,11 @@ class QuantizedOp:
         """The group the speed guard keeps or drops as one."""
         if not self.weighted:
             return "MatMul (activation x activation)"
+        if self.node.op_type == "Conv":
+            users = self.node.outputs[0].uses()
+            nxt = {u.node.op_type for u in users}
+            if nxt & set(NO_INT8_KERNEL):
+                return "Conv followed by an activation without an int8 kernel"
         if self.node.op_type == "Conv" and self.node.attributes.get_int("group", 1) > 1:
             return "Conv (grouped/depthwise)"
         return self.node.op_type

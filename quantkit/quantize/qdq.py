@@ -32,6 +32,7 @@ class RewriteResult:
     activations: dict[str, ActivationQParams] = field(default_factory=dict)
     quantized_nodes: list[str] = field(default_factory=list)
     float_bias: list[str] = field(default_factory=list)  # nodes whose bias stayed float (int32 overflow)
+    bias_corrected: list[str] = field(default_factory=list)
 
 
 def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
@@ -80,8 +81,71 @@ def _dequantized_const(graph: ir.Graph, base: str, q: np.ndarray, scale: np.ndar
     return dq.outputs[0]
 
 
+def weight_error_shift(node: ir.Node, w: np.ndarray, w_dq: np.ndarray, mean_in: np.ndarray) -> np.ndarray | None:
+    """The mean output error that quantizing the weight adds, per output channel, given the
+    per-channel mean of the input: E[(W_q - W) x] = (W_q - W) E[x] (padding ignored)."""
+    dw = (w_dq.astype(np.float64) - w.astype(np.float64))
+    if node.op_type == "Conv":
+        groups = node.attributes.get_int("group", 1)
+        cout, cin_g = dw.shape[0], dw.shape[1]
+        if mean_in.shape != (cin_g * groups,):
+            return None
+        per_in = dw.reshape(cout, cin_g, -1).sum(axis=2)  # (Cout, Cin/g)
+        means = mean_in.reshape(groups, cin_g)[np.arange(cout) // (cout // groups)]
+        return (per_in * means).sum(axis=1)
+    if node.op_type in ("Gemm", "MatMul"):
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+            dw = dw.T
+        if mean_in.shape != (dw.shape[0],):
+            return None
+        return mean_in @ dw
+    return None
+
+
+def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """For a MatMul, the Add right after it that adds a constant vector (torch's Linear bias)."""
+    users = node.outputs[0].uses()
+    if len(users) != 1 or node.outputs[0].is_graph_output():
+        return None
+    add = next(iter(users)).node
+    if add.op_type != "Add":
+        return None
+    other = 1 - next(iter(users)).idx
+    b = const_array(add.inputs[other])
+    return (add, other) if b is not None and b.ndim == 1 else None
+
+
+def _correct_bias(graph: ir.Graph, op, w: np.ndarray, w_dq: np.ndarray, mean_in: np.ndarray) -> bool:
+    """Shift the node's bias (creating one for Conv/Gemm if absent) by minus the mean error."""
+    node = op.node
+    shift = weight_error_shift(node, w, w_dq, mean_in)
+    if shift is None:
+        return False
+    if node.op_type == "MatMul":
+        found = _bias_add(node)
+        if found is None:
+            return False
+        add, idx = found
+        b = const_array(add.inputs[idx])
+        add.replace_input_with(idx, _const(graph, f"{add.inputs[idx].name}_biascorr", (b - shift).astype(np.float32)))
+        return True
+    has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
+    if has_bias and const_array(node.inputs[2]) is None:
+        return False
+    b = const_array(node.inputs[2]) if has_bias else np.zeros(shift.shape, np.float32)
+    if b.shape != shift.shape:
+        return False
+    if len(node.inputs) < 3:
+        node.resize_inputs(3)
+    base = node.inputs[2].name if has_bias else f"{node.name or node.outputs[0].name}_bias"
+    node.replace_input_with(2, _const(graph, f"{base}_biascorr", (b - shift).astype(np.float32)))
+    op.bias = node.op_type != "Gemm" or (node.attributes.get_float("alpha", 1.0) == 1.0
+                                         and node.attributes.get_float("beta", 1.0) == 1.0)
+    return True
+
+
 def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
-            config: QuantConfig) -> RewriteResult:
+            config: QuantConfig, channel_means: dict[str, np.ndarray] | None = None) -> RewriteResult:
     graph = model.graph
     result = RewriteResult()
     act_type = qp.QTYPES[config.activations]
@@ -105,16 +169,19 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
             continue
         w_in = node.inputs[1]
         key = (w_in.name, op.weight_axis)
+        w = const_array(w_in)
         if key not in weight_cache:
-            w = const_array(w_in)
             lo, hi = qp.weight_ranges(w, op.weight_axis)
             scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
             q = qp.quantize(w, scale, zp, qp.INT8, axis=op.weight_axis)
             dq = _dequantized_const(graph, w_in.name, q, scale, zp, op.weight_axis, node)
-            weight_cache[key] = (dq, scale)
-        dq, w_scale = weight_cache[key]
+            weight_cache[key] = (dq, scale, qp.dequantize(q, scale, zp, op.weight_axis))
+        dq, w_scale, w_dq = weight_cache[key]
         originals.add(w_in)
         node.replace_input_with(1, dq)
+        mean_in = (channel_means or {}).get(op.inputs[0].name)
+        if mean_in is not None and _correct_bias(graph, op, w, w_dq, mean_in):
+            result.bias_corrected.append(node.name or "")
 
         if op.bias:
             b_in = node.inputs[2]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from quantkit.report.latency import interleaved_ms
 
 MARGIN = 0.03  # timing noise on a quiet machine is ~1-2%: demand a clear win before dropping
-ORDER = ("MatMul (activation x activation)", "Conv (grouped/depthwise)", "ConvTranspose", "Gemm", "MatMul", "Conv")
+ORDER = ("Conv followed by an activation without an int8 kernel", "MatMul (activation x activation)", "Conv (grouped/depthwise)", "ConvTranspose", "Gemm", "MatMul", "Conv")
 
 
 @dataclass
