@@ -165,3 +165,60 @@ def test_shared_weight_is_quantized_once():
     (ref,) = run(proto, {"x": x})
     (got,) = run(ir.serde.serialize_model(model), {"x": x})
     assert _cos(ref, got) > 0.999
+
+
+def test_weight_error_shift_matches_the_measured_mean_output_error():
+    from quantkit.quantize import qparams as qp
+    from quantkit.quantize.qdq import weight_error_shift
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 2, 3, 3)).astype(np.float32)  # grouped conv: 3 groups of 2 input channels
+    lo, hi = qp.weight_ranges(w, 0)
+    scale, zp = qp.qparams(lo, hi, qp.INT8, True)
+    w_dq = qp.dequantize(qp.quantize(w, scale, zp, qp.INT8, axis=0), scale, zp, axis=0)
+    x = rng.normal(loc=2.0, size=(64, 6, 5, 5)).astype(np.float32)  # non-zero mean input
+    from onnx import TensorProto, helper, numpy_helper
+
+    def conv(weights):
+        g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], group=3)], "c",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weights, "w")])
+        return run(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), {"x": x})[0]
+
+    measured = (conv(w_dq) - conv(w)).mean(axis=(0, 2, 3))
+    node = ir.node("Conv", [], {"group": 3})
+    predicted = weight_error_shift(node, w, w_dq, x.mean(axis=(0, 2, 3)))
+    np.testing.assert_allclose(predicted, measured, rtol=0.05, atol=1e-4)
+
+
+def test_bias_correction_removes_the_mean_output_shift():
+    rng = np.random.default_rng(0)
+    proto = conv_bn_relu_gemm(rng)
+    x = (rng.normal(size=(64, 3, 8, 8)) + 1.5).astype(np.float32)
+    plain, _, _ = _quantize(proto, {"x": x}, QuantConfig(activations="int8"))
+    model = ir.serde.deserialize_model(proto)
+    canonicalize(model)
+    shapes.infer(model)
+    config = QuantConfig(activations="int8", bias_correction=True)
+    plan = make_plan(model, config)
+    means = {op.inputs[0].name: x.mean(axis=(0, 2, 3)) for op in plan.ops if op.inputs[0].name == "x"}
+    ranges = {}
+    probe = ir.serde.serialize_model(model)
+    from onnx import helper
+
+    names = [v.name for v in plan.activation_tensors()]
+    for n in names:
+        if n not in [o.name for o in probe.graph.output]:
+            probe.graph.output.append(helper.ValueInfoProto(name=n))
+    outs = dict(zip([o.name for o in probe.graph.output], run(probe, {"x": x})))
+    for n in names:
+        obs = MinMaxObserver()
+        obs.update(outs[n])
+        ranges[n] = obs.range()
+    result = rewrite(model, plan, ranges, config, channel_means=means)
+    assert result.bias_corrected == ["conv1"]
+    (ref,) = run(proto, {"x": x})
+    (without,) = run(ir.serde.serialize_model(plain), {"x": x})
+    (with_bc,) = run(ir.serde.serialize_model(model), {"x": x})
+    assert np.abs((with_bc - ref).mean(axis=0)).mean() < np.abs((without - ref).mean(axis=0)).mean()
