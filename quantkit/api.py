@@ -17,17 +17,17 @@ import onnxruntime as ort
 
 from quantkit import __version__, runtime
 from quantkit.calibrate import cache
-from quantkit.calibrate.collect import statistics
+from quantkit.calibrate.collect import collect, statistics
 from quantkit.calibrate.data import LABELS, DataSource, InputSpec
 from quantkit.calibrate.ranges import Levels, observer_kind, select_range
 from quantkit.config import RunConfig
 from quantkit.errors import ConfigError, UnsupportedModelError
 from quantkit.graph import shapes
-from quantkit.graph.canonicalize import already_quantized, canonicalize
+from quantkit.graph.canonicalize import already_quantized, canonicalize, const_array
 from quantkit.graph.masks import mask_tensors
 from quantkit.load.onnx import input_specs, load_onnx, model_bytes
 from quantkit.output import check_destination, write_json, write_model
-from quantkit.quantize import dynamic, qdq
+from quantkit.quantize import dynamic, qdq, smoothquant
 from quantkit.quantize.plan import make_plan
 from quantkit.quantize.speed import GuardReport, guard
 from quantkit.report.compare import OutputComparison
@@ -127,6 +127,7 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
             n = shapes.fill_from_run(model, feed, workdir)
             notes.append(f"shape inference left {n} tensor(s) untyped; typed them from one real run")
 
+        smoothing = _smooth(cfg, model, calib, batch, fixed, workdir, status) if cfg.quant.smoothquant else None
         masks = mask_tensors(model)  # found in the graph; calibration may add more from observed ranges
         calibration = None
         if cfg.quant.activations == "dynamic":
@@ -190,7 +191,7 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
                          f"machine at batch {batch}: {why}")
 
         outputs = [c.result() for c in comparisons]
-        report = _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes,
+        report = _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes, smoothing,
                          eval_info={"source": str(scored.path), "on_calibration_data": evald is None,
                                     "samples": eval_samples},
                          bytes_after=model_bytes(q_path))
@@ -202,6 +203,30 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
         if cfg.report is not None:
             write_json(report, cfg.report)
     return Result(report, failures)
+
+
+def _smooth(cfg: RunConfig, model: ir.Model, calib: DataSource | None, batch: int, fixed: bool, workdir: Path,
+            status) -> list[dict]:
+    """SmoothQuant: one pass collecting per-channel ranges and sampled rows of every LayerNorm
+    output that feeds MatMuls, then per group the alpha (or none) with the least output error."""
+    if calib is None:
+        raise ConfigError("--smoothquant needs --calib: the smoothing factors come from calibration activations")
+    groups = smoothquant.find_groups(model)
+    if not groups:
+        return []
+    status(f"smoothquant: collecting channel statistics for {len(groups)} LayerNorm output(s)")
+    observers, _ = collect(model, [g.source for g in groups],
+                           _complete_batches(calib, batch, cfg.data.calib_samples, fixed), "channel", workdir)
+    alpha = None if cfg.quant.smoothquant == "auto" else float(cfg.quant.smoothquant)
+    out = []
+    for g in groups:
+        weights = [const_array(mm.inputs[1]) for mm in g.consumers]
+        s, a, err = smoothquant.choose_scales(observers[g.source.name], weights, alpha)
+        entry = {"layernorm": g.norm.name, "matmuls": [mm.name for mm in g.consumers], "alpha": a,
+                 "relative_error": err}
+        entry["applied"] = smoothquant.apply(model, g, s) if s is not None else "no alpha beat no smoothing"
+        out.append(entry)
+    return out
 
 
 def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, fixed: bool, workdir: Path,
@@ -242,7 +267,8 @@ def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, f
             "chosen": chosen, "seconds": time.perf_counter() - t0, "source": str(calib.path), "batch": batch}
 
 
-def _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes, eval_info, bytes_after) -> dict:
+def _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes, smoothing, eval_info,
+            bytes_after) -> dict:
     report = {
         "quantkit_version": __version__,
         "onnxruntime_version": ort.__version__,
@@ -262,6 +288,7 @@ def _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes, e
             "bias_corrected": getattr(rw, "bias_corrected", []),
         },
         "float_tensors": [{"tensor": k, "reason": v} for k, v in plan.float_tensors.items()],
+        "smoothquant": smoothing,
         "activations": {},
         "notes": notes,
     }

@@ -47,6 +47,7 @@ def cli() -> None:
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration statistics.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile: keep this central percentage of values.")
 @click.option("--stats-cache", type=click.Path(path_type=Path), help="Save/reuse calibration histograms here; a rerun on the same model and data skips the forward passes.")
+@click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA]", help="Smooth activation outliers into the weights of MatMuls fed by LayerNorm; alpha searched per layer unless given.")
 @click.option("--bias-correction", is_flag=True, help="Shift each channel's bias by the mean error the int8 weights introduce, measured on the calibration data.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Node names or op types (glob, comma-separated, repeatable) to keep float.")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
@@ -60,7 +61,7 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
 def quantize(model, calib, output, eval_, report, as_json, per_tensor, activations, method, percentile,
-             stats_cache, bias_correction, exclude, calib_samples, batch_size, max_accuracy_drop, min_cosine, require_speedup, threads, no_speed_guard,
+             stats_cache, smoothquant, bias_correction, exclude, calib_samples, batch_size, max_accuracy_drop, min_cosine, require_speedup, threads, no_speed_guard,
              force, quiet, verbose):
     """Quantize MODEL (ONNX) to static int8 in QDQ form and report the accuracy kept."""
     try:
@@ -72,7 +73,8 @@ def quantize(model, calib, output, eval_, report, as_json, per_tensor, activatio
             model=model, output=output, report=report, force=force, threads=threads,
             speed_guard=not no_speed_guard,
             quant=QuantConfig(per_channel=not per_tensor, activations=activations, method=method,
-                              percentile=percentile, exclude=_split(exclude), bias_correction=bias_correction),
+                              percentile=percentile, exclude=_split(exclude), bias_correction=bias_correction,
+                              smoothquant=smoothquant),
             data=DataConfig(calib=calib, eval=eval_, calib_samples=calib_samples, batch_size=batch_size,
                             stats_cache=stats_cache),
             gates=Gates(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, require_speedup=require_speedup),

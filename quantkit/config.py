@@ -22,6 +22,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     attention_matmuls: bool = True  # also quantize activation x activation MatMuls
     bias_correction: bool = False  # shift biases by the mean error int8 weights introduce
+    smoothquant: float | str | None = None  # None: off; "auto": alpha searched per layer; or alpha
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATION_TYPES:
@@ -32,6 +33,14 @@ class QuantConfig:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.bias_correction and self.activations == "dynamic":
             raise ConfigError("--bias-correction needs calibration data; it does not apply to --activations dynamic")
+        if self.smoothquant is not None and self.smoothquant != "auto":
+            try:
+                alpha = float(self.smoothquant)
+            except ValueError:
+                raise ConfigError(f"--smoothquant takes an alpha in (0, 1) or nothing, got {self.smoothquant!r}") from None
+            if not 0.0 < alpha < 1.0:
+                raise ConfigError(f"--smoothquant alpha must be in (0, 1), got {alpha}")
+            object.__setattr__(self, "smoothquant", alpha)
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"--percentile must be in (50, 100], got {self.percentile}")
 

@@ -199,3 +199,42 @@ class HistogramObserver(Observer):
 
 def make_observer(kind: str) -> Observer:
     return OBSERVERS[kind]()
+
+
+@register("channel")
+class ChannelObserver(Observer):
+    """Per-channel min and max over the last axis, plus a uniform sample of up to `rows` rows
+    (reservoir sampling), for algorithms that search over real activations (SmoothQuant)."""
+
+    def __init__(self, rows: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        self.rows = rows
+        self.sample: np.ndarray | None = None
+        self.seen_rows = 0
+        self.ch_min: np.ndarray | None = None
+        self.ch_max: np.ndarray | None = None
+        self.rng = np.random.default_rng(seed)
+
+    def update(self, x: np.ndarray) -> None:
+        super().update(x)
+        x = np.asarray(x, dtype=np.float32)
+        flat = x.reshape(-1, x.shape[-1])
+        lo, hi = flat.min(axis=0), flat.max(axis=0)
+        self.ch_min = lo if self.ch_min is None else np.minimum(self.ch_min, lo)
+        self.ch_max = hi if self.ch_max is None else np.maximum(self.ch_max, hi)
+        if self.sample is None:
+            self.sample = np.empty((0, flat.shape[1]), np.float32)
+        t = self.seen_rows + np.arange(len(flat))
+        fill = t < self.rows
+        if fill.any():
+            self.sample = np.concatenate([self.sample, flat[fill]])
+        later = ~fill
+        if later.any():
+            slot = (self.rng.random(int(later.sum())) * (t[later] + 1)).astype(np.int64)
+            take = slot < self.rows
+            self.sample[slot[take]] = flat[later][take]
+        self.seen_rows += len(flat)
+
+    @property
+    def absmax(self) -> np.ndarray:
+        return np.maximum(np.abs(self.ch_min), np.abs(self.ch_max))

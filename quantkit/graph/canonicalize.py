@@ -107,6 +107,15 @@ def _names(graph: ir.Graph) -> set[str]:
     return cache
 
 
+def drop_unused_initializers(graph: ir.Graph) -> int:
+    """Remove initializers nothing reads any more (weights replaced by quantized copies)."""
+    unused = [name for name, v in graph.initializers.items()
+              if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]
+    for name in unused:
+        graph.initializers.pop(name)
+    return len(unused)
+
+
 def already_quantized(model: ir.Model) -> list[str]:
     return sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS})
 

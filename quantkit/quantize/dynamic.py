@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.config import QuantConfig
-from quantkit.graph.canonicalize import const_array, unique_name
+from quantkit.graph.canonicalize import const_array, drop_unused_initializers, unique_name
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import Plan, QuantizedOp, Skipped
 from quantkit.quantize.qdq import RewriteResult, _const
@@ -52,7 +52,6 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
     if MS_DOMAIN not in model.opset_imports:
         model.opset_imports[MS_DOMAIN] = 1
     cache: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
-    originals = set()
     for op in plan.ops:
         node = op.node
         w_in = node.inputs[1]
@@ -66,7 +65,6 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
             cache[key] = (_const(graph, f"{w_in.name}_quantized", q), _const(graph, f"{w_in.name}_scale", scale),
                           _const(graph, f"{w_in.name}_zero_point", zp))
         wq, s, z = cache[key]
-        originals.add(w_in)
         inputs = [node.inputs[0], wq, s, z]
         if node.op_type == "Gemm" and op.bias:
             inputs.append(node.inputs[2])
@@ -81,7 +79,5 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
         new.outputs[0].name = name
         op.node = new
         result.quantized_nodes.append(name)
-    for v in originals:
-        if not v.uses() and not v.is_graph_output() and v.name in graph.initializers:
-            graph.initializers.pop(v.name)
+    drop_unused_initializers(graph)
     return result

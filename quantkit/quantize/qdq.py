@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.config import QuantConfig
-from quantkit.graph.canonicalize import const_array, unique_name
+from quantkit.graph.canonicalize import const_array, drop_unused_initializers, unique_name
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import Plan
 
@@ -161,7 +161,6 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
         _insert_qdq(graph, value, np.float32(a.scale), np.asarray(a.zero_point, dtype=act_type.dtype))
 
     weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
-    originals = set()
     for op in plan.ops:
         node = op.node
         if not op.weighted:
@@ -177,7 +176,6 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
             dq = _dequantized_const(graph, w_in.name, q, scale, zp, op.weight_axis, node)
             weight_cache[key] = (dq, scale, qp.dequantize(q, scale, zp, op.weight_axis))
         dq, w_scale, w_dq = weight_cache[key]
-        originals.add(w_in)
         node.replace_input_with(1, dq)
         mean_in = (channel_means or {}).get(op.inputs[0].name)
         if mean_in is not None and _correct_bias(graph, op, w, w_dq, mean_in):
@@ -193,13 +191,10 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
                 q, b_scale = qb
                 zp = np.zeros(q.shape, dtype=np.int32)
                 bdq = _dequantized_const(graph, f"{b_in.name}", q, b_scale, zp, 0, node)
-                originals.add(b_in)
                 node.replace_input_with(2, bdq)
         result.quantized_nodes.append(node.name or "")
 
     # float originals nobody reads any more would only bloat the file
-    for v in originals:
-        if not v.uses() and not v.is_graph_output() and v.name in graph.initializers:
-            graph.initializers.pop(v.name)
+    drop_unused_initializers(graph)
     graph.sort()
     return result

@@ -34,7 +34,7 @@ def test_each_method_quantizes_the_transformer_and_reports_its_choice(samples, t
 def test_stats_cache_skips_the_forward_pass_on_rerun_and_gives_the_same_ranges(samples, tmp_path):
     d = samples / "digits_cnn"
     cache = tmp_path / "stats.npz"
-    args = [d / "model.onnx", "--calib", d / "calib.npz", "--stats-cache", cache, "--json", "-q"]
+    args = [d / "model.onnx", "--calib", d / "calib.npz", "--stats-cache", cache, "--json", "-q", "--no-speed-guard"]
     first = json.loads(quantize(*args, "-o", tmp_path / "a.onnx", "--method", "minmax").stdout)
     assert cache.exists() and first["calibration"]["samples"] == 256
     second_r = quantize(*args, "-o", tmp_path / "b.onnx", "--method", "minmax")

@@ -43,7 +43,7 @@ def test_digits_cnn_meets_the_accuracy_and_size_bar(samples, tmp_path, clean_tmp
     d = samples / "digits_cnn"
     out, rep = tmp_path / "cnn.int8.onnx", tmp_path / "report.json"
     r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
-                 "--report", rep, "--max-accuracy-drop", "0.5")
+                 "--report", rep, "--max-accuracy-drop", "0.5", "--no-speed-guard")
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
     (logits,) = report["outputs"]
@@ -146,7 +146,7 @@ def test_model_with_constant_node_weights_gets_int8_weights(tmp_path):
     onnx.save(conv_bn_relu_gemm(rng, weights_as_constants=True), str(model))
     np.savez(tmp_path / "c.npz", x=rng.normal(size=(32, 3, 8, 8)).astype(np.float32))
     r = quantize(model, "--calib", tmp_path / "c.npz", "-o", tmp_path / "q.onnx", "--min-cosine", "0.99",
-                 "--report", tmp_path / "r.json")
+                 "--report", tmp_path / "r.json", "--no-speed-guard")
     assert r.exit_code == 0, r.output
     assert _int8_share(tmp_path / "q.onnx") > 0.8
     assert any("Constant" in n for n in json.loads((tmp_path / "r.json").read_text())["notes"])
@@ -232,9 +232,32 @@ def test_large_model_path_goes_through_files_and_writes_external_data(tmp_path, 
               size_threshold=0)
     np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
     out = tmp_path / "q.onnx"
-    r = quantize(model, "--calib", tmp_path / "c.npz", "-o", out, "--min-cosine", "0.99")
+    r = quantize(model, "--calib", tmp_path / "c.npz", "-o", out, "--min-cosine", "0.99", "--no-speed-guard")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "q.onnx.data").exists()
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"x": np.zeros((2, 3, 8, 8), np.float32)})[0].shape == (2, 10)
     assert list(clean_tmp.iterdir()) == []
+
+
+def test_speed_guard_reports_every_trial_and_never_writes_an_unquantized_model(samples, tmp_path):
+    d = samples / "digits_cnn"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "-o", tmp_path / "q.onnx", "--json", "-q",
+                 "--threads", "1")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    guard = report["speed_guard"]
+    assert {t["group"] for t in guard["trials"]} >= {"Conv", "Gemm"}
+    assert all(t["with_ms"] > 0 for t in guard["trials"])
+    assert report["nodes"]["quantized"]  # something is always quantized
+    if guard["int8_cannot_win"]:
+        assert len(report["nodes"]["quantized"]) == 6 and any("SLOWER" in n for n in report["notes"])
+    assert report["latency"]["threads"] == 1
+
+
+def test_require_speedup_turns_a_slow_model_into_a_gate_failure(samples, tmp_path):
+    d = samples / "digits_cnn"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "-o", tmp_path / "q.onnx", "--no-speed-guard",
+                 "--require-speedup", "50", "--report", tmp_path / "r.json")
+    assert r.exit_code == 5 and "--require-speedup 50" in r.stderr
+    assert (tmp_path / "q.onnx").exists() and json.loads((tmp_path / "r.json").read_text())["gates"]["passed"] is False

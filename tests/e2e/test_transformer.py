@@ -81,3 +81,19 @@ def test_token_ids_outside_the_vocabulary_are_bad_input_not_a_crash(encoder, tmp
     r = quantize(path, "--calib", tmp_path / "bad.npz", "-o", tmp_path / "q.onnx")
     assert r.exit_code == 3 and "could not run the model on" in r.stderr
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_smoothquant_folds_or_inserts_scales_and_keeps_the_outputs(encoder, tmp_path):
+    path, d = encoder
+    r = quantize(path, "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", tmp_path / "q.onnx",
+                 "--smoothquant", "--json", "-q", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    groups = report["smoothquant"]
+    assert len(groups) == 4  # post-norm: 2 LayerNorms per layer feed MatMuls (QKV, FFN-in)
+    for g in groups:
+        assert g["applied"].startswith(("Mul inserted", "folded", "no alpha"))
+    pooled = next(o for o in report["outputs"] if o["name"] == "pooled")
+    assert pooled["cosine_mean"] > 0.995
+    r = quantize(path, "--calib", d / "calib.npz", "-o", tmp_path / "q2.onnx", "--smoothquant", "1.5")
+    assert r.exit_code == 2 and "alpha must be in (0, 1)" in r.stderr
