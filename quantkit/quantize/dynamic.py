@@ -13,8 +13,8 @@ import onnx_ir as ir
 from quantkit.config import QuantConfig
 from quantkit.graph.canonicalize import const_array, drop_unused_initializers, unique_name
 from quantkit.quantize import qparams as qp
-from quantkit.quantize.plan import Plan, QuantizedOp, Skipped
-from quantkit.quantize.qdq import RewriteResult, _const
+from quantkit.quantize.plan import EMBEDDING, Plan, QuantizedOp, Skipped
+from quantkit.quantize.qdq import RewriteResult, _const, _dequantized_const
 
 MS_DOMAIN = "com.microsoft"
 
@@ -24,6 +24,9 @@ def restrict_plan(plan: Plan) -> Plan:
     kept = []
     for op in plan.ops:
         node = op.node
+        if op.kind == EMBEDDING:
+            kept.append(op)
+            continue
         if not op.weighted:
             reason = "dynamic int8 quantizes weights; activation x activation MatMul stays float"
         elif node.op_type in ("Conv", "ConvTranspose"):
@@ -54,6 +57,14 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
     cache: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
     for op in plan.ops:
         node = op.node
+        if op.kind == EMBEDDING:  # weight-only, one scale per row, as in static mode
+            table = const_array(node.inputs[0])
+            lo, hi = qp.weight_ranges(table, 0)
+            scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
+            q = qp.quantize(table, scale, zp, qp.INT8, axis=0)
+            node.replace_input_with(0, _dequantized_const(graph, node.inputs[0].name, q, scale, zp, 0, node))
+            result.quantized_nodes.append(node.name or "")
+            continue
         w_in = node.inputs[1]
         key = f"{w_in.name}/{node.op_type}/{node.attributes.get_int('transB', 0)}"
         if key not in cache:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from quantkit.config import QuantConfig
@@ -18,6 +19,8 @@ FUSED_ACTIVATIONS = ("Relu",)
 ACT_X_ACT = "both inputs are computed at run time (activation x activation)"
 # Activations onnxruntime fuses into a float Conv but has no integer kernel for: after an int8
 # Conv they cost a DequantizeLinear, the activation and a QuantizeLinear over the whole tensor.
+EMBEDDING = "Gather (embedding table)"
+MIN_EMBEDDING = 4096  # smaller tables (position ids, tiny vocabularies) are not worth a DequantizeLinear
 NO_INT8_KERNEL = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Softplus", "Gelu", "Mish")
 
 
@@ -25,8 +28,9 @@ NO_INT8_KERNEL = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Softplus", "Gelu",
 class QuantizedOp:
     node: ir.Node
     inputs: list[ir.Value]  # float activation inputs fed through QDQ
-    weighted: bool  # input 1 is a constant weight stored as int8
+    weighted: bool  # input `weight_index` is a constant weight stored as int8
     weight_axis: int | None = None  # per-channel axis of the weight, None for per-tensor
+    weight_index: int = 1  # 0 for an embedding Gather
     bias: bool = False  # input 2 is a constant bias that can become int32
     output: ir.Value | None = None  # tensor that gets output QDQ (after any fused Relu), None if kept float
 
@@ -35,6 +39,8 @@ class QuantizedOp:
         """The group the speed guard keeps or drops as one."""
         if not self.weighted:
             return "MatMul (activation x activation)"
+        if self.node.op_type == "Gather":
+            return EMBEDDING
         if self.node.op_type == "Conv":
             users = self.node.outputs[0].uses()
             nxt = {u.node.op_type for u in users}
@@ -184,6 +190,13 @@ def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
     plan = Plan()
     for node in model.graph:
         plan.skipped += _subgraph_skips(node)
+        if node.op_type == "Gather" and node.domain == "":
+            table = const_array(node.inputs[0])
+            if (table is not None and table.dtype == np.float32 and table.ndim == 2 and table.size >= MIN_EMBEDDING
+                    and node.attributes.get_int("axis", 0) == 0 and not _excluded(node, config.exclude)):
+                # weight-only: one scale per row, so each token's vector keeps its own resolution
+                plan.ops.append(QuantizedOp(node, [], weighted=True, weight_axis=0, weight_index=0))
+            continue
         if node.op_type not in WEIGHTED_OPS or node.domain != "":
             continue
         reason = _why_not(node, config)

@@ -166,7 +166,7 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
         if not op.weighted:
             result.quantized_nodes.append(node.name or "")
             continue
-        w_in = node.inputs[1]
+        w_in = node.inputs[op.weight_index]
         key = (w_in.name, op.weight_axis)
         w = const_array(w_in)
         if key not in weight_cache:
@@ -176,7 +176,10 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
             dq = _dequantized_const(graph, w_in.name, q, scale, zp, op.weight_axis, node)
             weight_cache[key] = (dq, scale, qp.dequantize(q, scale, zp, op.weight_axis))
         dq, w_scale, w_dq = weight_cache[key]
-        node.replace_input_with(1, dq)
+        node.replace_input_with(op.weight_index, dq)
+        if not op.inputs:  # embedding table: weight-only
+            result.quantized_nodes.append(node.name or "")
+            continue
         mean_in = (channel_means or {}).get(op.inputs[0].name)
         if mean_in is not None and _correct_bias(graph, op, w, w_dq, mean_in):
             result.bias_corrected.append(node.name or "")
