@@ -55,8 +55,8 @@ def test_static_int8_finds_the_mask_keeps_it_float_and_keeps_the_outputs(encoder
     assert not set(report["activations"]) & {f["tensor"] for f in floats}
     kinds = [q["kind"] for q in report["nodes"]["quantized"]]
     assert kinds.count("MatMul (activation x activation)") == 4  # 2 layers x (QK^T, PV)
-    assert kinds.count("Gather (embedding table)") == 1  # token embeddings; the 128 x 64 positions are too small
-    assert len(kinds) - 5 >= 2 * 6  # q, k, v, o, ff1, ff2 per layer (+ pooler and classifier)
+    assert kinds.count("Gather (embedding table)") == 2  # token and position embeddings
+    assert len(kinds) - 6 >= 2 * 6  # q, k, v, o, ff1, ff2 per layer (+ pooler and classifier)
     pooled = next(o for o in report["outputs"] if o["name"] == "pooled")
     assert pooled["cosine_mean"] > 0.995
 
@@ -69,8 +69,8 @@ def test_dynamic_int8_needs_no_calibration(encoder, tmp_path):
     report = json.loads(r.stdout)
     assert report["calibration"] is None
     ops = [q["op_type"] for q in report["nodes"]["quantized"]]
-    assert ops.count("Gather") == 1  # the token embedding table, weight-only int8
-    assert ops.count("DynamicQuantizeMatMul") == len(ops) - 1 >= 12
+    assert ops.count("Gather") == 2  # token and position embedding tables, weight-only int8
+    assert ops.count("DynamicQuantizeMatMul") == len(ops) - 2 >= 12
     pooled = next(o for o in report["outputs"] if o["name"] == "pooled")
     assert pooled["cosine_mean"] > 0.995
 
