@@ -3,7 +3,8 @@
     python benchmarks/calib_methods.py [--models encoder,digits_cnn] [--ort-memory-limit-gb 16]
 
 For each model and method, both tools run in their own process on the same 256 calibration
-samples (batch 8): quantkit `--method minmax|percentile|entropy` (plus its `mse` and `auto`) and
+samples (batch 8): quantkit `--method minmax|percentile|entropy` (plus its `mse` and `auto`; run
+with --no-speed-guard, since the subject here is calibration) and
 onnxruntime.quantization.quantize_static with CalibrationMethod MinMax, Percentile (99.999, its
 default) and Entropy. Reported: wall time and peak RSS of the whole process, quantkit's own
 calibration time next to the plain fp32 forward time over the same data, and the accuracy of each
@@ -66,7 +67,8 @@ def main() -> None:
             for method, n in runs:
                 out, rep = tmp / f"qk_{method}_{n}.onnx", tmp / f"qk_{method}_{n}.json"
                 m = run_measured(quantkit_cmd("quantize", model, "--calib", calib, "--calib-samples", n,
-                                              "-o", out, "--method", method, "--report", rep, "-q"))
+                                              "-o", out, "--method", method, "--report", rep, "-q",
+                                              "--no-speed-guard"))
                 if m.returncode != 0:
                     print(f"| {method} | quantkit | {n} | failed: {m.stderr.strip()[-120:]} |")
                     continue

@@ -238,3 +238,23 @@ class ChannelObserver(Observer):
     @property
     def absmax(self) -> np.ndarray:
         return np.maximum(np.abs(self.ch_min), np.abs(self.ch_max))
+
+
+@register("gram")
+class GramObserver(Observer):
+    """X^T X over the rows of the last axis (float64, K x K): the Hessian GPTQ rounds against."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gram: np.ndarray | None = None
+        self.rows = 0
+
+    def update(self, x: np.ndarray) -> None:
+        super().update(x)
+        flat = np.asarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
+        g = (flat.T @ flat).astype(np.float64)
+        self.gram = g if self.gram is None else self.gram + g
+        self.rows += len(flat)
+
+    def hessian(self) -> np.ndarray | None:
+        return None if self.gram is None else 2.0 * self.gram / max(self.rows, 1)

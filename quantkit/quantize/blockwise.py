@@ -1,0 +1,93 @@
+"""Blockwise low-bit weight quantization and onnxruntime's packed layouts: pure numpy.
+
+A weight W of shape (K, N) (MatMul's B) is quantized per column n in blocks of `block` rows:
+  scale[n, b], zero_point[n, b]  for rows b*block .. (b+1)*block - 1
+  q = clip(round(w / scale) + zero_point, 0, 2^bits - 1),  w ~ (q - zero_point) * scale
+Symmetric blocks use the fixed zero point 2^(bits-1) (8 for 4 bits) and scale = max|w| / (2^(bits-1) - 1)
+... with the most negative code still available for the block minimum; asymmetric blocks map
+[min, max] of the block onto [0, 2^bits - 1].
+
+Packing (MatMulNBits, GatherBlockQuantized): codes are laid out per column (N, k_blocks, block)
+and two 4-bit codes share a byte, the first in the low nibble.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Blockwise:
+    q: np.ndarray  # uint8 codes, (N, k_blocks, block), rows past K padded with the zero point
+    scales: np.ndarray  # float32 (N, k_blocks)
+    zero_points: np.ndarray  # uint8 (N, k_blocks)
+    k: int
+    bits: int
+    block: int
+    symmetric: bool
+
+    def dequantize(self) -> np.ndarray:
+        """Back to a float (K, N) weight."""
+        w = (self.q.astype(np.float32) - self.zero_points[..., None]) * self.scales[..., None]
+        return w.reshape(self.q.shape[0], -1)[:, : self.k].T.copy()
+
+
+def _blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """(K, N) -> (N, k_blocks, block), zero-padded along K."""
+    k, n = w.shape
+    k_blocks = -(-k // block)
+    padded = np.zeros((k_blocks * block, n), np.float32)
+    padded[:k] = w
+    return padded.T.reshape(n, k_blocks, block)
+
+
+def block_params(wb: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points for blocks (..., block) of float weights."""
+    qmax = 2**bits - 1
+    if symmetric:
+        mid = 2 ** (bits - 1)
+        amax = np.abs(wb).max(axis=-1)
+        scale = amax / (mid - 1) if bits > 1 else amax
+        zp = np.full(scale.shape, mid, np.uint8)
+    else:
+        lo = np.minimum(wb.min(axis=-1), 0.0)
+        hi = np.maximum(wb.max(axis=-1), 0.0)
+        scale = (hi - lo) / qmax
+        safe = np.where(scale > 0, scale, 1.0)
+        zp = np.clip(np.round(-lo / safe), 0, qmax).astype(np.uint8)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale works
+    return scale, zp
+
+
+def quantize_codes(wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int) -> np.ndarray:
+    q = np.rint(wb / scale[..., None]) + zp[..., None]
+    return np.clip(q, 0, 2**bits - 1).astype(np.uint8)
+
+
+def quantize_blockwise(w: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = True) -> Blockwise:
+    """Round-to-nearest blockwise quantization of a (K, N) weight."""
+    wb = _blocks(np.asarray(w, np.float32), block)
+    scale, zp = block_params(wb, bits, symmetric)
+    return Blockwise(quantize_codes(wb, scale, zp, bits), scale, zp, w.shape[0], bits, block, symmetric)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack uint8 codes along the last axis: 4-bit pairs into one byte, low nibble first."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    if bits != 4:
+        raise ValueError(f"only 4- and 8-bit packing is supported, not {bits}")
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return packed[..., :count]
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :count]
