@@ -27,7 +27,7 @@ from quantkit.graph.canonicalize import already_quantized, canonicalize, const_a
 from quantkit.graph.masks import mask_tensors
 from quantkit.load.onnx import input_specs, load_onnx, model_bytes
 from quantkit.output import check_destination, write_json, write_model
-from quantkit.quantize import dynamic, qdq, smoothquant
+from quantkit.quantize import dynamic, qdq, smoothquant, weight_only
 from quantkit.quantize.plan import make_plan
 from quantkit.quantize.speed import GuardReport, guard
 from quantkit.report.compare import OutputComparison
@@ -83,12 +83,16 @@ def _check_options(cfg: RunConfig) -> None:
         check_destination(cfg.report, cfg.force, "report", [cfg.model, cfg.output])
     if cfg.data.stats_cache is not None and not Path(cfg.data.stats_cache).parent.is_dir():
         raise ConfigError(f"--stats-cache directory {Path(cfg.data.stats_cache).parent} does not exist")
-    dynamic_mode = cfg.quant.activations == "dynamic"
-    if cfg.data.calib is None and not dynamic_mode:
-        raise ConfigError("--calib is required: static int8 needs calibration data to set activation ranges "
-                          "(or use --activations dynamic)")
-    if dynamic_mode and cfg.data.calib is None and cfg.data.eval is None:
-        raise ConfigError("dynamic int8 needs no calibration, but the accuracy report needs data: pass --eval")
+    q = cfg.quant
+    if cfg.data.calib is None:
+        if q.activations in ("uint8", "int8"):
+            raise ConfigError("--calib is required: static int8 needs calibration data to set activation ranges "
+                              "(or use --activations dynamic, or weight-only --activations none)")
+        if q.activations == "none" and q.algorithm == "gptq":
+            raise ConfigError("--algorithm gptq needs --calib: it rounds against the layers' calibration inputs")
+        if cfg.data.eval is None:
+            raise ConfigError(f"--activations {q.activations} needs no calibration, but the accuracy report needs "
+                              "data: pass --eval")
 
 
 def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
@@ -130,7 +134,20 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
         smoothing = _smooth(cfg, model, calib, batch, fixed, workdir, status) if cfg.quant.smoothquant else None
         masks = mask_tensors(model)  # found in the graph; calibration may add more from observed ranges
         calibration = None
-        if cfg.quant.activations == "dynamic":
+        if cfg.quant.activations == "none":
+            if cfg.quant.format == "qdq":
+                model = _opset_at_least(model, 21)
+            hessians = _hessians(cfg, model, calib, batch, fixed, workdir, status) \
+                if cfg.quant.algorithm == "gptq" else {}
+
+            def plan_for(m: ir.Model):
+                plan = weight_only.restrict_plan(make_plan(m, cfg.quant))
+                plan.keep_float(masks)
+                return plan
+
+            def rewrite(m, plan):
+                return weight_only.rewrite(m, plan, cfg.quant, hessians)
+        elif cfg.quant.activations == "dynamic":
             def plan_for(m: ir.Model):
                 plan = dynamic.restrict_plan(make_plan(m, cfg.quant))
                 plan.keep_float(masks)
@@ -166,6 +183,7 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
         else:
             (qmodel, plan, rw), guard_report = build(set()), GuardReport()
         status(f"quantized {len(plan.ops)} node(s)")
+        notes += rw.notes
         if not plan.ops:
             notes.append("no node could be quantized; the output is the canonicalized float model")
 
@@ -203,6 +221,34 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
         if cfg.report is not None:
             write_json(report, cfg.report)
     return Result(report, failures)
+
+
+def _opset_at_least(model: ir.Model, version: int) -> ir.Model:
+    """Blocked int4 DequantizeLinear needs opset 21: convert older models, or say why not."""
+    current = model.opset_imports.get("", 1)
+    if current >= version:
+        return model
+    import onnx
+
+    try:
+        proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), version)
+    except Exception as e:  # the converter raises bare RuntimeErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(f"--format qdq needs opset {version} and converting from opset {current} "
+                                    f"failed ({first}); use --format ort") from None
+    return ir.serde.deserialize_model(proto)
+
+
+def _hessians(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, fixed: bool, workdir: Path,
+              status) -> dict:
+    """X^T X of every weighted MatMul/Gemm input over the calibration data, for GPTQ."""
+    plan = make_plan(model, cfg.quant)
+    values = list({id(op.inputs[0]): op.inputs[0] for op in plan.ops
+                   if op.weighted and op.node.op_type in ("MatMul", "Gemm")}.values())
+    status(f"gptq: collecting input statistics of {len(values)} tensor(s)")
+    observers, _ = collect(model, values, _complete_batches(calib, batch, cfg.data.calib_samples, fixed), "gram",
+                           workdir)
+    return {n: o.hessian() for n, o in observers.items() if o.hessian() is not None}
 
 
 def _smooth(cfg: RunConfig, model: ir.Model, calib: DataSource | None, batch: int, fixed: bool, workdir: Path,
@@ -285,7 +331,8 @@ def _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes, s
                            "per_channel": op.weight_axis is not None} for op in plan.ops],
             "float": [asdict(s) for s in plan.skipped],
             "float_bias": rw.float_bias,
-            "bias_corrected": getattr(rw, "bias_corrected", []),
+            "bias_corrected": rw.bias_corrected,
+            "gptq": rw.gptq,
         },
         "float_tensors": [{"tensor": k, "reason": v} for k, v in plan.float_tensors.items()],
         "smoothquant": smoothing,

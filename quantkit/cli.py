@@ -43,7 +43,14 @@ def cli() -> None:
 @click.option("--report", type=click.Path(path_type=Path), help="Write the full report as JSON to this path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (the table goes to stderr).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
-@click.option("--activations", type=click.Choice(["uint8", "int8", "dynamic"]), default="uint8", show_default=True, help="uint8 asymmetric or int8 symmetric static activations, or dynamic (quantized at run time; no --calib needed).")
+@click.option("--activations", type=click.Choice(["uint8", "int8", "dynamic", "none"]), help="uint8 asymmetric (default) or int8 symmetric static activations; dynamic (quantized at run time); none (weight-only; the default with --weights int4). dynamic and none need no --calib.")
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True, help="Weight type; int4 is weight-only (MatMulNBits, GatherBlockQuantized).")
+@click.option("--block-size", type=int, default=32, show_default=True, help="Weight-only: rows of K sharing one scale (16..256, power of two).")
+@click.option("--asymmetric", is_flag=True, help="Weight-only: a zero point per block instead of symmetric blocks.")
+@click.option("--algorithm", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True, help="Weight-only rounding: round to nearest, or GPTQ against the calibration inputs (needs --calib).")
+@click.option("--accuracy-level", type=int, default=4, show_default=True, help="MatMulNBits compute type: 4 = int8 (fastest on CPU), 0 = float.")
+@click.option("--format", "fmt", type=click.Choice(["ort", "qdq"]), default="ort", show_default=True, help="Weight-only output: onnxruntime contrib ops, or standard DequantizeLinear with int4 blocks (opset 21).")
+@click.option("--keep-int8", multiple=True, metavar="PATTERN", help="Weight-only int4: node names or op types (glob) kept at 8 bits.")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration statistics.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile: keep this central percentage of values.")
 @click.option("--stats-cache", type=click.Path(path_type=Path), help="Save/reuse calibration histograms here; a rerun on the same model and data skips the forward passes.")
@@ -60,7 +67,8 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
-def quantize(model, calib, output, eval_, report, as_json, per_tensor, activations, method, percentile,
+def quantize(model, calib, output, eval_, report, as_json, per_tensor, activations, weights, block_size, asymmetric,
+             algorithm, accuracy_level, fmt, keep_int8, method, percentile,
              stats_cache, smoothquant, bias_correction, exclude, calib_samples, batch_size, max_accuracy_drop, min_cosine, require_speedup, threads, no_speed_guard,
              force, quiet, verbose):
     """Quantize MODEL (ONNX) to static int8 in QDQ form and report the accuracy kept."""
@@ -72,7 +80,11 @@ def quantize(model, calib, output, eval_, report, as_json, per_tensor, activatio
         cfg = RunConfig(
             model=model, output=output, report=report, force=force, threads=threads,
             speed_guard=not no_speed_guard,
-            quant=QuantConfig(per_channel=not per_tensor, activations=activations, method=method,
+            quant=QuantConfig(per_channel=not per_tensor, method=method,
+                              activations=activations or ("none" if weights == "int4" else "uint8"),
+                              weights=weights, block_size=block_size, symmetric=not asymmetric,
+                              algorithm=algorithm, accuracy_level=accuracy_level, format=fmt,
+                              keep_int8=_split(keep_int8),
                               percentile=percentile, exclude=_split(exclude), bias_correction=bias_correction,
                               smoothquant=smoothquant),
             data=DataConfig(calib=calib, eval=eval_, calib_samples=calib_samples, batch_size=batch_size,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from quantkit.errors import ConfigError
 
-ACTIVATION_TYPES = ("uint8", "int8", "dynamic")
+ACTIVATION_TYPES = ("uint8", "int8", "dynamic", "none")
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 
 
@@ -23,6 +23,13 @@ class QuantConfig:
     attention_matmuls: bool = True  # also quantize activation x activation MatMuls
     bias_correction: bool = False  # shift biases by the mean error int8 weights introduce
     smoothquant: float | str | None = None  # None: off; "auto": alpha searched per layer; or alpha
+    weights: str = "int8"  # int8, or int4 (weight-only: activations "none")
+    block_size: int = 32  # weight-only: rows of K sharing one scale
+    symmetric: bool = True  # weight-only blocks: symmetric (implicit zero point) or asymmetric
+    algorithm: str = "rtn"  # weight-only rounding: rtn (round to nearest) or gptq (needs --calib)
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 (fastest on CPU), 0 = unset/fp32
+    format: str = "ort"  # ort (MatMulNBits/GatherBlockQuantized) or qdq (DequantizeLinear, opset 21)
+    keep_int8: tuple[str, ...] = ()  # weight-only: node names/op types kept at 8 bits
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATION_TYPES:
@@ -31,6 +38,19 @@ class QuantConfig:
             )
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.weights not in ("int8", "int4"):
+            raise ConfigError(f"--weights must be int8 or int4, got {self.weights!r}")
+        if self.weights == "int4" and self.activations != "none":
+            raise ConfigError("int4 weights are weight-only: use --activations none (the default with --weights int4)")
+        if self.activations == "none":
+            if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
+                raise ConfigError(f"--block-size must be a power of two from 16 to 256, got {self.block_size}")
+            if self.algorithm not in ("rtn", "gptq"):
+                raise ConfigError(f"--algorithm must be rtn or gptq, got {self.algorithm!r}")
+            if self.format not in ("ort", "qdq"):
+                raise ConfigError(f"--format must be ort or qdq, got {self.format!r}")
+            if self.accuracy_level not in (0, 1, 2, 3, 4):
+                raise ConfigError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
         if self.bias_correction and self.activations == "dynamic":
             raise ConfigError("--bias-correction needs calibration data; it does not apply to --activations dynamic")
         if self.smoothquant is not None and self.smoothquant != "auto":

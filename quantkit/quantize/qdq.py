@@ -33,6 +33,8 @@ class RewriteResult:
     quantized_nodes: list[str] = field(default_factory=list)
     float_bias: list[str] = field(default_factory=list)  # nodes whose bias stayed float (int32 overflow)
     bias_corrected: list[str] = field(default_factory=list)
+    gptq: list[str] = field(default_factory=list)  # weight-only nodes rounded with GPTQ
+    notes: list[str] = field(default_factory=list)
 
 
 def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
