@@ -261,3 +261,13 @@ def test_require_speedup_turns_a_slow_model_into_a_gate_failure(samples, tmp_pat
                  "--require-speedup", "50", "--report", tmp_path / "r.json")
     assert r.exit_code == 5 and "--require-speedup 50" in r.stderr
     assert (tmp_path / "q.onnx").exists() and json.loads((tmp_path / "r.json").read_text())["gates"]["passed"] is False
+
+
+def test_int4_on_a_conv_net_falls_back_to_int8_for_convolutions_and_says_so(samples, tmp_path):
+    d = samples / "digits_cnn"
+    r = quantize(d / "model.onnx", "--weights", "int4", "--eval", d / "eval.npz", "-o", tmp_path / "q.onnx",
+                 "--json", "-q", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert sum("no convolution kernel" in n for n in report["notes"]) == 4
+    assert report["outputs"][0]["accuracy_drop_points"] <= 1.0

@@ -99,3 +99,69 @@ def test_smoothquant_folds_or_inserts_scales_and_keeps_the_outputs(encoder, tmp_
     assert pooled["cosine_mean"] > 0.995
     r = quantize(path, "--calib", d / "calib.npz", "-o", tmp_path / "q2.onnx", "--smoothquant", "1.5")
     assert r.exit_code == 2 and "alpha must be in (0, 1)" in r.stderr
+
+
+def _ops(path):
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_int4_weight_only_uses_matmulnbits_and_gatherblockquantized(encoder, tmp_path):
+    path, d = encoder
+    out = tmp_path / "q4.onnx"
+    r = quantize(path, "--weights", "int4", "--eval", d / "eval.npz", "-o", out, "--json", "-q", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    ops = _ops(out)
+    assert ops.count("MatMulNBits") >= 12 and ops.count("GatherBlockQuantized") == 2
+    assert "QuantizeLinear" not in ops and "DynamicQuantizeMatMul" not in ops
+    assert report["model"]["compression"] > 3.0  # a tiny model: graph and scales weigh more than at scale
+    pooled = next(o for o in report["outputs"] if o["name"] == "pooled")
+    assert pooled["cosine_mean"] > 0.98
+
+
+def test_gptq_beats_round_to_nearest_and_keep_int8_keeps_8_bits(encoder, tmp_path):
+    path, d = encoder
+    common = ["--weights", "int4", "--eval", d / "eval.npz", "--json", "-q", "--no-speed-guard", "--block-size", "16"]
+    rtn = json.loads(quantize(path, *common, "-o", tmp_path / "rtn.onnx").stdout)
+    r = quantize(path, *common, "--algorithm", "gptq", "--calib", d / "calib.npz", "-o", tmp_path / "gptq.onnx")
+    assert r.exit_code == 0, r.output
+    gptq = json.loads(r.stdout)
+    assert len(gptq["nodes"]["gptq"]) >= 12
+
+    def sqnr(rep):
+        return next(o for o in rep["outputs"] if o["name"] == "pooled")["sqnr_db"]
+
+    assert sqnr(gptq) > sqnr(rtn)
+    kept = json.loads(quantize(path, *common, "--keep-int8", "*", "-o", tmp_path / "k8.onnx").stdout)
+    assert sqnr(kept) > sqnr(rtn)
+    assert kept["model"]["bytes_after"] > rtn["model"]["bytes_after"]
+
+
+def test_qdq_format_is_standard_onnx_and_runs(encoder, tmp_path):
+    import onnx
+
+    path, d = encoder
+    out = tmp_path / "qdq.onnx"
+    r = quantize(path, "--weights", "int4", "--format", "qdq", "--eval", d / "eval.npz", "-o", out, "--json", "-q",
+                 "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    int4 = [t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)]
+    assert len(int4) >= 14
+    pooled = next(o for o in json.loads(r.stdout)["outputs"] if o["name"] == "pooled")
+    assert pooled["cosine_mean"] > 0.98
+
+
+def test_int4_options_are_checked(encoder, tmp_path):
+    path, d = encoder
+    r = quantize(path, "--weights", "int4", "--activations", "uint8", "--calib", d / "calib.npz", "-o", tmp_path / "x.onnx")
+    assert r.exit_code == 2 and "weight-only" in r.stderr
+    r = quantize(path, "--weights", "int4", "--block-size", "48", "--eval", d / "eval.npz", "-o", tmp_path / "x.onnx")
+    assert r.exit_code == 2 and "power of two" in r.stderr
+    r = quantize(path, "--weights", "int4", "--algorithm", "gptq", "--eval", d / "eval.npz", "-o", tmp_path / "x.onnx")
+    assert r.exit_code == 2 and "needs --calib" in r.stderr
