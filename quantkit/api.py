@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from quantkit import __version__, runtime
 from quantkit.calibrate import cache
-from quantkit.calibrate.collect import collect, statistics
+from quantkit.calibrate.collect import TIMINGS, collect, statistics
 from quantkit.calibrate.data import LABELS, DataSource, InputSpec
 from quantkit.calibrate.ranges import Levels, observer_kind, select_range
 from quantkit.config import RunConfig
@@ -294,8 +294,10 @@ def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, f
 
     channel_axes = {op.inputs[0].name: 1 if op.node.op_type == "Conv" else -1
                     for op in plan.ops if op.weighted} if cfg.quant.bias_correction else {}
+    TIMINGS.clear()
     observers, samples, notes = statistics(model, values, batches, observer_kind(cfg.quant.method), workdir,
                                            cfg.data.stats_cache, key, progress.advance, channel_axes)
+    timings = dict(TIMINGS)
     if values and not any(o.count for o in observers.values()):
         raise ConfigError("calibration saw no data: the calibration set is smaller than one batch "
                           f"of the model's fixed batch size {batch}")
@@ -304,12 +306,14 @@ def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, f
         notes.append(f"{len(masks)} tensor(s) with mask-like ranges stay float (see float_tensors)")
     levels = Levels(steps=254, symmetric=True) if cfg.quant.activations == "int8" else Levels(255, False)
     ranges, chosen = {}, {}
+    t_ranges = time.perf_counter()
     for name, obs in observers.items():
         if name not in masks:
             ranges[name], chosen[name] = select_range(obs, cfg.quant.method, levels, cfg.quant.percentile)
+    timings["range_seconds"] = time.perf_counter() - t_ranges
     channel_means = {n: observers[n].channel_mean() for n in channel_axes if observers[n].channel_mean() is not None}
     return {"observers": observers, "samples": samples, "notes": notes, "masks": masks, "ranges": ranges,
-            "channel_means": channel_means,
+            "channel_means": channel_means, "timings": timings,
             "chosen": chosen, "seconds": time.perf_counter() - t0, "source": str(calib.path), "batch": batch}
 
 
@@ -343,7 +347,8 @@ def _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes, s
         obs, chosen = calibration["observers"], calibration["chosen"]
         report["calibration"] = {"source": calibration["source"], "samples": calibration["samples"],
                                  "batch_size": calibration["batch"], "method": cfg.quant.method,
-                                 "seconds": calibration["seconds"], "methods_chosen": _tally(chosen.values())}
+                                 "seconds": calibration["seconds"], **calibration["timings"],
+                                 "methods_chosen": _tally(chosen.values())}
         report["activations"] = {k: {**asdict(v), "method": chosen[k], "observed": list(obs[k].range()),
                                      "nonfinite": obs[k].nonfinite} for k, v in rw.activations.items()}
     m = report["model"]

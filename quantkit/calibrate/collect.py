@@ -4,6 +4,7 @@ kept between batches but the observers' state."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -15,6 +16,10 @@ import onnx_ir as ir
 from quantkit import runtime
 from quantkit.calibrate import cache
 from quantkit.calibrate.observers import Observer, make_observer
+
+# Where the last collect() spent its time: building the session vs streaming the batches. Read by
+# the report, so calibration time can be compared with plain inference over the same data.
+TIMINGS: dict[str, float] = {}
 
 
 @contextmanager
@@ -43,9 +48,12 @@ def collect(model: ir.Model, values: list[ir.Value], batches: Iterable[dict[str,
         return observers, 0
     samples = 0
     names = [v.name for v in values]
+    t0 = time.perf_counter()
     with exposed(model, values):
         sess = runtime.session(model, workdir, tag="calibration")
     feeds = {i.name for i in sess.get_inputs()}
+    TIMINGS["session_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
 
     def observe(outs):
         for name, out in zip(names, outs):
@@ -66,6 +74,7 @@ def collect(model: ir.Model, values: list[ir.Value], batches: Iterable[dict[str,
                 on_batch(n)
         if pending is not None:
             pending.result()
+    TIMINGS["pass_seconds"] = time.perf_counter() - t0
     return observers, samples
 
 
