@@ -12,21 +12,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
 from quantkit import __version__, runtime
 from quantkit.calibrate import cache
 from quantkit.calibrate.collect import TIMINGS, collect, statistics
-from quantkit.calibrate.data import LABELS, DataSource, InputSpec
+from quantkit.calibrate.data import LABELS, DataSource, InputSpec, peek_specs
+from quantkit.calibrate.images import ImageSource, Preprocess, image_spec, is_image_data
 from quantkit.calibrate.ranges import Levels, observer_kind, select_range
 from quantkit.config import RunConfig
-from quantkit.errors import ConfigError, UnsupportedModelError
+from quantkit.errors import ConfigError, InputError, UnsupportedModelError
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import already_quantized, canonicalize, const_array
 from quantkit.graph.masks import mask_tensors
 from quantkit.load.onnx import input_specs, load_onnx, model_bytes
-from quantkit.output import check_destination, write_json, write_model
+from quantkit.output import check_destination, write_copy, write_json, write_model
 from quantkit.quantize import dynamic, qdq, smoothquant, weight_only
 from quantkit.quantize.plan import make_plan
 from quantkit.quantize.speed import GuardReport, guard
@@ -57,6 +59,15 @@ class Result:
     gate_failures: list[str]
 
 
+def open_data(path: Path, specs: list[InputSpec], preprocess: str | None):
+    """Arrays (.npz/.npy/.pt, a file or a directory) or a folder of images."""
+    if is_image_data(path):
+        return ImageSource(path, specs, Preprocess.parse(preprocess))
+    if preprocess:
+        raise ConfigError(f"--preprocess applies to image folders; {path} holds arrays")
+    return DataSource(path, specs)
+
+
 def _batch_size(specs: list[InputSpec], asked: int | None) -> int:
     fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
     if len(fixed) > 1:
@@ -79,6 +90,8 @@ def _complete_batches(source: DataSource, batch: int, limit: int | None, fixed: 
 
 def _check_options(cfg: RunConfig) -> None:
     check_destination(cfg.output, cfg.force, "output", [cfg.model, cfg.data.calib, cfg.data.eval])
+    if cfg.save_fp32 is not None:
+        check_destination(cfg.save_fp32, cfg.force, "--save-fp32", [cfg.model, cfg.output])
     if cfg.report is not None:
         check_destination(cfg.report, cfg.force, "report", [cfg.model, cfg.output])
     if cfg.data.stats_cache is not None and not Path(cfg.data.stats_cache).parent.is_dir():
@@ -95,18 +108,78 @@ def _check_options(cfg: RunConfig) -> None:
                               "data: pass --eval")
 
 
+@dataclass
+class Source:
+    """The fp32 ONNX model the pipeline works on, and where it came from."""
+
+    onnx_path: Path
+    export: dict | None = None  # for PyTorch inputs: exporter, fallback, export check
+    reference: Callable | None = None  # feed -> outputs of the PyTorch model itself
+
+
+def _source(cfg: RunConfig, workdir: Path, status) -> Source:
+    """ONNX files are used as they are; PyTorch files are exported (and checked) first."""
+    from quantkit.load import torch as torch_load  # imports torch itself only when called on torch files
+
+    if not cfg.model.is_file():
+        raise InputError(f"model file {cfg.model} does not exist")
+    if not torch_load.is_torch_file(cfg.model):
+        if cfg.save_fp32 is not None:
+            raise ConfigError("--save-fp32 is for PyTorch models; this model is already ONNX")
+        return Source(cfg.model)
+    status(f"loading PyTorch model {cfg.model}")
+    module, kind = torch_load.load_module(cfg.model, cfg.model_class, cfg.allow_pickle)
+    data = cfg.data.calib or cfg.data.eval
+    if cfg.inputs:
+        specs = [torch_load.parse_input_spec(t) for t in cfg.inputs]
+    elif data is not None:
+        first_name = (torch_load.forward_names(module) or ["input"])[0]
+        specs = [image_spec(data, first_name, Preprocess.parse(cfg.data.preprocess))] if is_image_data(data) \
+            else peek_specs(data, first_name)
+    else:
+        raise ConfigError("a PyTorch model needs its input signature: pass --calib/--eval data or --input NAME:SHAPE:DTYPE")
+    specs = torch_load.order_inputs(specs, module)
+    if data is not None:
+        first = next(open_data(data, specs, cfg.data.preprocess).batches(2))
+        example = [first[s.name] for s in specs]
+    else:
+        example = [np.ones([2 if d is None else d for d in s.shape], s.dtype) for s in specs]
+    onnx_path = workdir / "exported.onnx"
+    status(f"exporting {kind} model to ONNX")
+    info = torch_load.export(module, kind, specs, example, onnx_path)
+    sess = runtime.session(onnx_path, workdir, tag="exported")
+    got = runtime.run(sess, None, {s.name: a for s, a in zip(specs, example)}, "the export check batch")
+    ref = torch_load.run_torch(module, example)
+    if len(ref) != len(got):
+        raise UnsupportedModelError(f"the exported model has {len(got)} outputs but torch returns {len(ref)}")
+    info["max_abs_error"] = max(float(np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64)).max(initial=0))
+                                for r, g in zip(ref, got))
+    info["checked_on_samples"] = len(example[0])
+    if cfg.save_fp32 is not None:
+        write_copy(onnx_path, cfg.save_fp32)
+    names = [s.name for s in specs]
+    return Source(onnx_path, info, lambda feed: torch_load.run_torch(module, [feed[n] for n in names]))
+
+
 def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
              progress: Progress | None = None) -> Result:
     progress = progress or Progress()
     t_start = time.perf_counter()
     _check_options(cfg)
-    model = load_onnx(cfg.model)
+    with tempfile.TemporaryDirectory(prefix="quantkit-") as tmp:
+        workdir = Path(tmp)
+        return _quantize(cfg, workdir, status, progress, t_start)
+
+
+def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start: float) -> Result:
+    source = _source(cfg, workdir, status)
+    model = load_onnx(source.onnx_path)
     done = already_quantized(model)
     if done:
         raise UnsupportedModelError(f"{cfg.model} is already quantized (it has {', '.join(done)})")
     specs = input_specs(model)
-    calib = DataSource(cfg.data.calib, specs) if cfg.data.calib is not None else None
-    evald = DataSource(cfg.data.eval, specs) if cfg.data.eval is not None else None
+    calib = open_data(cfg.data.calib, specs, cfg.data.preprocess) if cfg.data.calib is not None else None
+    evald = open_data(cfg.data.eval, specs, cfg.data.preprocess) if cfg.data.eval is not None else None
     scored = evald or calib
     if cfg.gates.max_accuracy_drop is not None and not scored.has_labels:
         raise ConfigError(f"--max-accuracy-drop needs labels: add a '{LABELS}' array to {scored.path}")
@@ -115,111 +188,114 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
     first_source = calib or evald
     notes = [f"{calib.path}: arrays {', '.join(calib.extra_keys)} match no model input and were ignored"] \
         if calib is not None and calib.extra_keys else []
+    if source.export is not None:
+        notes.append(f"exported from PyTorch with the {source.export['exporter']} exporter; the report compares "
+                     "against the PyTorch model's own outputs")
+        if "fallback_reason" in source.export:
+            notes.append(source.export["fallback_reason"])
 
-    with tempfile.TemporaryDirectory(prefix="quantkit-") as tmp:
-        workdir = Path(tmp)
-        fp32 = runtime.session(cfg.model, workdir, tag="original", threads=cfg.threads)
-        first_batch = next(_complete_batches(first_source, batch, None, fixed), None)
-        if first_batch is None:
-            raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")
-        feed = {s.name: first_batch[s.name] for s in specs}
+    fp32 = runtime.session(source.onnx_path, workdir, tag="original", threads=cfg.threads)
+    first_batch = next(_complete_batches(first_source, batch, None, fixed), None)
+    if first_batch is None:
+        raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")
+    feed = {s.name: first_batch[s.name] for s in specs}
 
-        status("canonicalizing graph")
-        notes += canonicalize(model)
-        shapes.infer(model)
-        if shapes.untyped_values(model):
-            n = shapes.fill_from_run(model, feed, workdir)
-            notes.append(f"shape inference left {n} tensor(s) untyped; typed them from one real run")
+    status("canonicalizing graph")
+    notes += canonicalize(model)
+    shapes.infer(model)
+    if shapes.untyped_values(model):
+        n = shapes.fill_from_run(model, feed, workdir)
+        notes.append(f"shape inference left {n} tensor(s) untyped; typed them from one real run")
 
-        smoothing = _smooth(cfg, model, calib, batch, fixed, workdir, status) if cfg.quant.smoothquant else None
-        masks = mask_tensors(model)  # found in the graph; calibration may add more from observed ranges
-        calibration = None
-        if cfg.quant.activations == "none":
-            if cfg.quant.format == "qdq":
-                model = _opset_at_least(model, 21)
-            hessians = _hessians(cfg, model, calib, batch, fixed, workdir, status) \
-                if cfg.quant.algorithm == "gptq" else {}
+    smoothing = _smooth(cfg, model, calib, batch, fixed, workdir, status) if cfg.quant.smoothquant else None
+    masks = mask_tensors(model)  # found in the graph; calibration may add more from observed ranges
+    calibration = None
+    if cfg.quant.activations == "none":
+        if cfg.quant.format == "qdq":
+            model = _opset_at_least(model, 21)
+        hessians = _hessians(cfg, model, calib, batch, fixed, workdir, status) \
+            if cfg.quant.algorithm == "gptq" else {}
 
-            def plan_for(m: ir.Model):
-                plan = weight_only.restrict_plan(make_plan(m, cfg.quant))
-                plan.keep_float(masks)
-                return plan
+        def plan_for(m: ir.Model):
+            plan = weight_only.restrict_plan(make_plan(m, cfg.quant))
+            plan.keep_float(masks)
+            return plan
 
-            def rewrite(m, plan):
-                return weight_only.rewrite(m, plan, cfg.quant, hessians)
-        elif cfg.quant.activations == "dynamic":
-            def plan_for(m: ir.Model):
-                plan = dynamic.restrict_plan(make_plan(m, cfg.quant))
-                plan.keep_float(masks)
-                return plan
+        def rewrite(m, plan):
+            return weight_only.rewrite(m, plan, cfg.quant, hessians)
+    elif cfg.quant.activations == "dynamic":
+        def plan_for(m: ir.Model):
+            plan = dynamic.restrict_plan(make_plan(m, cfg.quant))
+            plan.keep_float(masks)
+            return plan
 
-            def rewrite(m, plan):
-                return dynamic.rewrite(m, plan, cfg.quant)
-        else:
-            calibration = _calibrate(cfg, model, calib, batch, fixed, workdir, status, progress, masks)
-            notes += calibration["notes"]
-            masks.update(calibration["masks"])
+        def rewrite(m, plan):
+            return dynamic.rewrite(m, plan, cfg.quant)
+    else:
+        calibration = _calibrate(cfg, model, calib, batch, fixed, workdir, status, progress, masks)
+        notes += calibration["notes"]
+        masks.update(calibration["masks"])
 
-            def plan_for(m: ir.Model):
-                plan = make_plan(m, cfg.quant)
-                plan.keep_float(masks)
-                return plan
+        def plan_for(m: ir.Model):
+            plan = make_plan(m, cfg.quant)
+            plan.keep_float(masks)
+            return plan
 
-            def rewrite(m, plan):
-                return qdq.rewrite(m, plan, calibration["ranges"], cfg.quant, calibration["channel_means"])
+        def rewrite(m, plan):
+            return qdq.rewrite(m, plan, calibration["ranges"], cfg.quant, calibration["channel_means"])
 
-        def build(drop: set[str]):
-            m = model.clone()
-            plan = plan_for(m)
-            plan.drop(drop, SPEED_GUARD_REASON)
-            return m, plan, rewrite(m, plan)
+    def build(drop: set[str]):
+        m = model.clone()
+        plan = plan_for(m)
+        plan.drop(drop, SPEED_GUARD_REASON)
+        return m, plan, rewrite(m, plan)
 
-        kinds = {op.kind for op in plan_for(model.clone()).ops}
-        if cfg.speed_guard and len(kinds) > 0:
-            def session(m: ir.Model):
-                return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
+    kinds = {op.kind for op in plan_for(model.clone()).ops}
+    if cfg.speed_guard and len(kinds) > 0:
+        def session(m: ir.Model):
+            return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
 
-            (qmodel, plan, rw), guard_report = guard(build, session, fp32, feed, kinds, status=status)
-        else:
-            (qmodel, plan, rw), guard_report = build(set()), GuardReport()
-        status(f"quantized {len(plan.ops)} node(s)")
-        notes += rw.notes
-        if not plan.ops:
-            notes.append("no node could be quantized; the output is the canonicalized float model")
+        (qmodel, plan, rw), guard_report = guard(build, session, fp32, feed, kinds, status=status)
+    else:
+        (qmodel, plan, rw), guard_report = build(set()), GuardReport()
+    status(f"quantized {len(plan.ops)} node(s)")
+    notes += rw.notes
+    if not plan.ops:
+        notes.append("no node could be quantized; the output is the canonicalized float model")
 
-        q_path = workdir / "quantized.onnx"
-        runtime.save(qmodel, q_path)
-        try:
-            qsess = runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads)
-        except UnsupportedModelError as e:  # our own output failed to load: that is a bug
-            raise RuntimeError(f"internal error: {e}") from None
+    q_path = workdir / "quantized.onnx"
+    runtime.save(qmodel, q_path)
+    try:
+        qsess = runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads)
+    except UnsupportedModelError as e:  # our own output failed to load: that is a bug
+        raise RuntimeError(f"internal error: {e}") from None
 
-        status("evaluating fp32 against int8")
-        comparisons, eval_samples = _evaluate(fp32, qsess, scored, batch, fixed,
-                                              None if evald else cfg.data.calib_samples)
-        if evald is None:
-            notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
-        latency = compare_latency(fp32, qsess, feed, runs=cfg.latency_runs)
-        latency.update(batch_size=batch, threads=cfg.threads or "onnxruntime default")
-        if latency["speedup"] is not None and latency["speedup"] < 1:
-            why = ("int8 cannot win on this model: no placement beat fp32, so the smallest one was written"
-                   if guard_report.int8_cannot_win else
-                   "its layers are too small for integer kernels to pay for the quantize/dequantize steps")
-            notes.append(f"the int8 model is {1 / latency['speedup']:.2f}x SLOWER than fp32 in onnxruntime on this "
-                         f"machine at batch {batch}: {why}")
+    status("evaluating fp32 against int8")
+    comparisons, eval_samples = _evaluate(fp32, qsess, scored, batch, fixed,
+                                          None if evald else cfg.data.calib_samples, source.reference)
+    if evald is None:
+        notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
+    latency = compare_latency(fp32, qsess, feed, runs=cfg.latency_runs)
+    latency.update(batch_size=batch, threads=cfg.threads or "onnxruntime default")
+    if latency["speedup"] is not None and latency["speedup"] < 1:
+        why = ("int8 cannot win on this model: no placement beat fp32, so the smallest one was written"
+               if guard_report.int8_cannot_win else
+               "its layers are too small for integer kernels to pay for the quantize/dequantize steps")
+        notes.append(f"the int8 model is {1 / latency['speedup']:.2f}x SLOWER than fp32 in onnxruntime on this "
+                     f"machine at batch {batch}: {why}")
 
-        outputs = [c.result() for c in comparisons]
-        report = _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes, smoothing,
-                         eval_info={"source": str(scored.path), "on_calibration_data": evald is None,
-                                    "samples": eval_samples},
-                         bytes_after=model_bytes(q_path))
-        failures = check_gates(outputs, cfg.gates, latency)
-        report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
-        report["seconds"] = time.perf_counter() - t_start
+    outputs = [c.result() for c in comparisons]
+    report = _report(cfg, source, calibration, plan, rw, guard_report, outputs, latency, notes, smoothing,
+                     eval_info={"source": str(scored.path), "on_calibration_data": evald is None,
+                                "samples": eval_samples},
+                     bytes_after=model_bytes(q_path))
+    failures = check_gates(outputs, cfg.gates, latency)
+    report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
+    report["seconds"] = time.perf_counter() - t_start
 
-        write_model(qmodel, cfg.output)
-        if cfg.report is not None:
-            write_json(report, cfg.report)
+    write_model(qmodel, cfg.output)
+    if cfg.report is not None:
+        write_json(report, cfg.report)
     return Result(report, failures)
 
 
@@ -317,13 +393,14 @@ def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, f
             "chosen": chosen, "seconds": time.perf_counter() - t0, "source": str(calib.path), "batch": batch}
 
 
-def _report(cfg, calibration, plan, rw, guard_report, outputs, latency, notes, smoothing, eval_info,
+def _report(cfg, source, calibration, plan, rw, guard_report, outputs, latency, notes, smoothing, eval_info,
             bytes_after) -> dict:
     report = {
         "quantkit_version": __version__,
         "onnxruntime_version": ort.__version__,
-        "model": {"input": str(cfg.model), "output": str(cfg.output), "bytes_before": model_bytes(cfg.model),
+        "model": {"input": str(cfg.model), "output": str(cfg.output), "bytes_before": model_bytes(source.onnx_path),
                   "bytes_after": bytes_after},
+        "export": source.export,
         "config": {**asdict(cfg.quant), "exclude": list(cfg.quant.exclude)},
         "calibration": None,
         "evaluation": eval_info,
@@ -364,14 +441,17 @@ def _tally(names) -> dict[str, int]:
 
 
 def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, source: DataSource,
-              batch: int, fixed: bool, limit: int | None):
+              batch: int, fixed: bool, limit: int | None, reference: Callable | None = None):
+    """Compare the quantized model with the reference: the original ONNX model, or for PyTorch
+    inputs the PyTorch model itself."""
     names = [o.name for o in ref_sess.get_outputs()]
     feeds = {i.name for i in ref_sess.get_inputs()}
     comparisons = [OutputComparison(n) for n in names]
     samples = 0
     for b in _complete_batches(source, batch, limit, fixed):
         feed = {k: v for k, v in b.items() if k in feeds}
-        ref = runtime.run(ref_sess, names, feed, f"the evaluation data {source.path}")
+        ref = reference(feed) if reference is not None else \
+            runtime.run(ref_sess, names, feed, f"the evaluation data {source.path}")
         q = q_sess.run(names, feed)
         labels = b.get(LABELS)
         for i, (c, r, x) in enumerate(zip(comparisons, ref, q)):

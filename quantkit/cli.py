@@ -57,6 +57,7 @@ def cli() -> None:
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA]", help="Smooth activation outliers into the weights of MatMuls fed by LayerNorm; alpha searched per layer unless given.")
 @click.option("--bias-correction", is_flag=True, help="Shift each channel's bias by the mean error the int8 weights introduce, measured on the calibration data.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Node names or op types (glob, comma-separated, repeatable) to keep float.")
+@click.option("--preprocess", metavar="STEPS", help="Image folders as data: e.g. resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw (see README).")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, help="Batch size for calibration and evaluation [default: 8, or the model's fixed batch].")
 @click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Gate: exit 5 if top-1 accuracy drops more than this (needs labels).")
@@ -64,22 +65,28 @@ def cli() -> None:
 @click.option("--require-speedup", type=float, metavar="X", help="Gate: exit 5 if the int8 model is not at least X times faster than fp32.")
 @click.option("--threads", type=int, help="onnxruntime threads for timing (speed guard and report) [default: onnxruntime's].")
 @click.option("--no-speed-guard", is_flag=True, help="Write every placement without timing candidates first.")
+@click.option("--model-class", metavar="PKG.MODULE:FACTORY", help="PyTorch checkpoint (state_dict .pt/.pth or .safetensors): the callable that builds the module.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading a whole pickled torch module (this runs code from the file).")
+@click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE:DTYPE", help="PyTorch models: an input signature, e.g. x:Bx3x224x224:float32 (non-numeric dims are dynamic). Default: from the data.")
+@click.option("--save-fp32", type=click.Path(path_type=Path), help="PyTorch models: also keep the exported fp32 ONNX here.")
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
 def quantize(model, calib, output, eval_, report, as_json, per_tensor, activations, weights, block_size, asymmetric,
              algorithm, accuracy_level, fmt, keep_int8, method, percentile,
              stats_cache, smoothquant, bias_correction, exclude, calib_samples, batch_size, max_accuracy_drop, min_cosine, require_speedup, threads, no_speed_guard,
-             force, quiet, verbose):
-    """Quantize MODEL (ONNX) to static int8 in QDQ form and report the accuracy kept."""
+             model_class, allow_pickle, inputs, save_fp32, preprocess, force, quiet, verbose):
+    """Quantize MODEL (ONNX, or PyTorch: TorchScript, torch.export, checkpoint + --model-class) and
+    report the accuracy kept."""
     try:
         from quantkit.config import DataConfig, Gates, QuantConfig, RunConfig
 
         if output is None:
-            output = model.with_name(model.stem + ".int8.onnx")
+            output = model.with_name(model.stem + (".int4" if weights == "int4" else ".int8") + ".onnx")
         cfg = RunConfig(
             model=model, output=output, report=report, force=force, threads=threads,
-            speed_guard=not no_speed_guard,
+            speed_guard=not no_speed_guard, model_class=model_class, allow_pickle=allow_pickle, inputs=inputs,
+            save_fp32=save_fp32,
             quant=QuantConfig(per_channel=not per_tensor, method=method,
                               activations=activations or ("none" if weights == "int4" else "uint8"),
                               weights=weights, block_size=block_size, symmetric=not asymmetric,
@@ -88,7 +95,7 @@ def quantize(model, calib, output, eval_, report, as_json, per_tensor, activatio
                               percentile=percentile, exclude=_split(exclude), bias_correction=bias_correction,
                               smoothquant=smoothquant),
             data=DataConfig(calib=calib, eval=eval_, calib_samples=calib_samples, batch_size=batch_size,
-                            stats_cache=stats_cache),
+                            stats_cache=stats_cache, preprocess=preprocess),
             gates=Gates(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, require_speedup=require_speedup),
         )
         from quantkit.api import quantize as run

@@ -73,6 +73,7 @@ class DataConfig:
     eval: Path | None = None
     calib_samples: int | None = None
     stats_cache: Path | None = None
+    preprocess: str | None = None  # image folders: resize=...,crop=...,mean=...,std=...,layout=...
     batch_size: int | None = None  # None: 8, or the model's fixed batch size
 
     def __post_init__(self) -> None:
@@ -111,3 +112,8 @@ class RunConfig:
     latency_runs: int = 20
     threads: int | None = None  # onnxruntime intra-op threads for timing; None: its default
     speed_guard: bool = True
+    # PyTorch inputs
+    model_class: str | None = None  # package.module:factory building the module for a checkpoint
+    allow_pickle: bool = False  # allow torch.load of a whole pickled module (runs code from the file)
+    inputs: tuple[str, ...] = ()  # NAME:SHAPE:DTYPE signatures; default: taken from the data
+    save_fp32: Path | None = None  # keep the exported fp32 ONNX here

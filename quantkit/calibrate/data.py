@@ -21,6 +21,7 @@ import numpy as np
 from quantkit.errors import InputError
 
 LABELS = "labels"
+DATA_SUFFIXES = (".npz", ".npy", ".pt")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class _Member:
     dtype: np.dtype
     shape: tuple[int, ...]
     fortran: bool
+    array: np.ndarray | None = None  # already in memory (a .pt file's tensor)
 
     def open(self):
         if not self.key:
@@ -71,7 +73,31 @@ def _read_header(f, path: Path) -> tuple[tuple[int, ...], bool, np.dtype]:
     return tuple(shape), fortran, dtype
 
 
+def _pt_members(path: Path) -> dict[str, _Member]:
+    """A .pt file holding a tensor (the single input) or a dict of tensors keyed by input name.
+    Loaded with weights_only=True: tensors only, no code runs. The file is read whole; a directory
+    of them is still streamed one file at a time."""
+    try:
+        import torch
+    except ImportError:
+        raise InputError(f"{path}: reading .pt data needs torch (pip install torch==2.13.0)") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path} is not a readable tensor file ({str(e).splitlines()[0][:200]})") from None
+    items = {"": obj} if isinstance(obj, torch.Tensor) else obj
+    if not isinstance(items, dict) or not all(isinstance(v, torch.Tensor) for v in items.values()):
+        raise InputError(f"{path} must hold a tensor or a dict of tensors keyed by input name")
+    out = {}
+    for k, t in items.items():
+        a = t.detach().cpu().numpy()
+        out[str(k)] = _Member(path, str(k), a.dtype, a.shape, False, np.ascontiguousarray(a))
+    return out
+
+
 def _members(path: Path) -> dict[str, _Member]:
+    if path.suffix == ".pt":
+        return _pt_members(path)
     if path.suffix == ".npy":
         with open(path, "rb") as f:
             shape, fortran, dtype = _read_header(f, path)
@@ -91,7 +117,7 @@ def _members(path: Path) -> dict[str, _Member]:
                 key = name[: -len(".npy")]
                 out[key] = _Member(path, key, dtype, shape, fortran)
         return out
-    raise InputError(f"{path}: unsupported data file; use .npz (one array per input) or .npy")
+    raise InputError(f"{path}: unsupported data file; use .npz (one array per input), .npy or .pt")
 
 
 class _Reader:
@@ -99,7 +125,9 @@ class _Reader:
 
     def __init__(self, member: _Member):
         self.member = member
-        if member.fortran:
+        if member.array is not None:
+            self.f, self.array, self.pos = None, member.array, 0
+        elif member.fortran:
             # Fortran order is not row-contiguous; such files are rare and loaded whole.
             self.f = None
             arr = np.load(member.path) if not member.key else np.load(member.path)[member.key]
@@ -174,9 +202,9 @@ class DataSource:
             raise InputError(f"data path {self.path} does not exist")
         single = inputs[0].name if len(inputs) == 1 else None
         if self.path.is_dir():
-            paths = sorted(p for p in self.path.iterdir() if p.suffix in (".npz", ".npy"))
+            paths = sorted(p for p in self.path.iterdir() if p.suffix in DATA_SUFFIXES)
             if not paths:
-                raise InputError(f"directory {self.path} has no .npz or .npy files")
+                raise InputError(f"directory {self.path} has no .npz, .npy or .pt files")
         else:
             paths = [self.path]
         self.files = [_File(p, single) for p in paths]
@@ -234,3 +262,24 @@ class DataSource:
             for batch in f.batches(batch_size, left, wanted):
                 left -= len(next(iter(batch.values())))
                 yield batch
+
+
+def peek_specs(path: Path, single_name: str) -> list[InputSpec]:
+    """The input signature a data file implies (for models that do not declare one, such as
+    PyTorch modules): one spec per array but `labels`, batch axis dynamic, and the second axis of
+    rank-2/3 arrays dynamic too (sequence length). A .npy file is the single input `single_name`."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"data path {path} does not exist")
+    first = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES)[:1] if path.is_dir() else [path]
+    if not first:
+        raise InputError(f"directory {path} has no .npz, .npy or .pt files")
+    specs = []
+    for key, m in _members(first[0]).items():
+        if key == LABELS:
+            continue
+        shape = [None, *m.shape[1:]]
+        if len(shape) in (2, 3):
+            shape[1] = None
+        specs.append(InputSpec(key or single_name, m.dtype, tuple(shape)))
+    return specs

@@ -20,7 +20,7 @@ from quantkit.graph.canonicalize import const_array, drop_unused_initializers, u
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.gptq import gptq_blockwise
-from quantkit.quantize.plan import EMBEDDING, Plan, QuantizedOp, Skipped
+from quantkit.quantize.plan import EMBEDDING, Plan, Skipped
 from quantkit.quantize.qdq import RewriteResult, _const, _dequantized_const
 
 MS_DOMAIN = "com.microsoft"
