@@ -99,3 +99,9 @@ def export(model, ids: np.ndarray, mask: np.ndarray, path: Path, exporter: str =
                                  dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), **names)
         prog.save(str(path))
     return path
+
+
+def tiny():
+    """A one-layer, 32-wide encoder with a 256-token vocabulary: for tests and the README's
+    --model-class example (two inputs: int64 token ids and a float attention mask)."""
+    return build(layers=1, hidden=32, heads=2, ff=64, vocab=256)
