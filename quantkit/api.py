@@ -221,8 +221,13 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
             plan.keep_float(masks)
             return plan
 
+        weight_config = cfg.quant
+        if "auto" in cfg.quant.keep_int8:
+            weight_config, auto_notes = _auto_keep_int8(cfg, model, plan_for, hessians, fp32, feed, workdir, status)
+            notes += auto_notes
+
         def rewrite(m, plan):
-            return weight_only.rewrite(m, plan, cfg.quant, hessians)
+            return weight_only.rewrite(m, plan, weight_config, hessians)
     elif cfg.quant.activations == "dynamic":
         def plan_for(m: ir.Model):
             plan = dynamic.restrict_plan(make_plan(m, cfg.quant))
@@ -297,6 +302,38 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     if cfg.report is not None:
         write_json(report, cfg.report)
     return Result(report, failures)
+
+
+def _auto_keep_int8(cfg: RunConfig, model: ir.Model, plan_for, hessians, fp32, feed, workdir: Path, status):
+    """--keep-int8 auto: try the first and the last int4 layer at 8 bits, each on its own, and
+    keep 8 bits where that raises the output SQNR on a calibration batch by at least 1 dB."""
+    import dataclasses
+
+    base_cfg = dataclasses.replace(cfg.quant, keep_int8=tuple(p for p in cfg.quant.keep_int8 if p != "auto"))
+    ops = [op for op in plan_for(model.clone()).ops if op.node.op_type in ("MatMul", "Gemm")]
+    names = [op.node.name for op in ops if op.node.name]
+    if not names:
+        return base_cfg, ["--keep-int8 auto: no named MatMul/Gemm to consider"]
+    ref = fp32.run(None, feed)
+
+    def sqnr(config) -> float:
+        m = model.clone()
+        weight_only.rewrite(m, plan_for(m), config, hessians)
+        out = runtime.session(m, workdir, tag="candidate").run(None, feed)
+        sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in ref)
+        err = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(o, np.float64)) ** 2)) for r, o in zip(ref, out))
+        return 10 * np.log10(sig / max(err, 1e-30))
+
+    status("--keep-int8 auto: measuring the first and last layers at 8 bits")
+    base = sqnr(base_cfg)
+    kept, notes = [], []
+    for name in dict.fromkeys([names[0], names[-1]]):
+        gain = sqnr(dataclasses.replace(base_cfg, keep_int8=base_cfg.keep_int8 + (name,))) - base
+        notes.append(f"--keep-int8 auto: {name} at 8 bits changes output SQNR by {gain:+.2f} dB "
+                     f"({'kept at 8 bits' if gain >= 1.0 else 'left at 4 bits'})")
+        if gain >= 1.0:
+            kept.append(name)
+    return dataclasses.replace(base_cfg, keep_int8=base_cfg.keep_int8 + tuple(kept)), notes
 
 
 def _opset_at_least(model: ir.Model, version: int) -> ir.Model:

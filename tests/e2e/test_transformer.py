@@ -165,3 +165,12 @@ def test_int4_options_are_checked(encoder, tmp_path):
     assert r.exit_code == 2 and "power of two" in r.stderr
     r = quantize(path, "--weights", "int4", "--algorithm", "gptq", "--eval", d / "eval.npz", "-o", tmp_path / "x.onnx")
     assert r.exit_code == 2 and "needs --calib" in r.stderr
+
+
+def test_keep_int8_auto_measures_the_first_and_last_layers(encoder, tmp_path):
+    path, d = encoder
+    r = quantize(path, "--weights", "int4", "--keep-int8", "auto", "--eval", d / "eval.npz", "-o", tmp_path / "a.onnx",
+                 "--json", "-q", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    auto = [n for n in json.loads(r.stdout)["notes"] if n.startswith("--keep-int8 auto")]
+    assert len(auto) == 2 and all("dB" in n for n in auto)
