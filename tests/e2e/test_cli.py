@@ -271,3 +271,13 @@ def test_int4_on_a_conv_net_falls_back_to_int8_for_convolutions_and_says_so(samp
     report = json.loads(r.stdout)
     assert sum("no convolution kernel" in n for n in report["notes"]) == 4
     assert report["outputs"][0]["accuracy_drop_points"] <= 1.0
+
+
+def test_quantizing_an_onnx_model_never_imports_torch(samples, tmp_path):
+    d = samples / "digits_cnn"
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom quantkit.cli import cli\n"
+            f"r = CliRunner().invoke(cli, ['quantize', r'{d / 'model.onnx'}', '--calib', r'{d / 'calib.npz'}', "
+            f"'-o', r'{tmp_path / 'q.onnx'}', '-q', '--no-speed-guard'])\n"
+            "assert r.exit_code == 0, r.output\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
