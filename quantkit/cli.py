@@ -32,7 +32,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.group(epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="quantkit")
 def cli() -> None:
-    """Post-training int8 quantization of ONNX models, with an accuracy report."""
+    """Post-training int8/int4 quantization of ONNX and PyTorch models, with an accuracy report."""
 
 
 @cli.command(epilog=EXIT_CODES)
