@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 import onnx
+from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
 
@@ -42,10 +43,10 @@ def main() -> None:
     quant.model.save_model_to_file(str(args.output), use_external_data_format=False)
 
 
-class _Reader:
+class _Reader(CalibrationDataReader):
     def __init__(self, feeds):
-        self.it = iter(feeds)
         self.feeds = feeds
+        self.it = iter(feeds)
 
     def get_next(self):
         return next(self.it, None)

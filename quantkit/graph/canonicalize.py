@@ -107,6 +107,24 @@ def _names(graph: ir.Graph) -> set[str]:
     return cache
 
 
+def replace_node(graph: ir.Graph, node: ir.Node, new: ir.Node) -> ir.Node:
+    """Put `new` where `node` was: same output name, type and shape, every reader rewired."""
+    out = node.outputs[0]
+    new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
+    graph.insert_before(node, new)
+    name = out.name
+    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    new.outputs[0].name = name
+    return new
+
+
+def k_major_weight(node: ir.Node):
+    """A MatMul/Gemm weight as (K, N): MatMul's B, or Gemm's B transposed back when transB=1."""
+    w = const_array(node.inputs[1])
+    return w.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else w
+
+
 def drop_unused_initializers(graph: ir.Graph) -> int:
     """Remove initializers nothing reads any more (weights replaced by quantized copies)."""
     unused = [name for name, v in graph.initializers.items()

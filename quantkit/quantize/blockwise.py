@@ -3,8 +3,10 @@
 A weight W of shape (K, N) (MatMul's B) is quantized per column n in blocks of `block` rows:
   scale[n, b], zero_point[n, b]  for rows b*block .. (b+1)*block - 1
   q = clip(round(w / scale) + zero_point, 0, 2^bits - 1),  w ~ (q - zero_point) * scale
-Symmetric blocks use the fixed zero point 2^(bits-1) (8 for 4 bits) and scale = max|w| / (2^(bits-1) - 1)
-... with the most negative code still available for the block minimum; asymmetric blocks map
+Symmetric blocks use the fixed zero point 2^(bits-1) (8 for 4 bits) and map the block's
+largest-magnitude value w_e exactly onto the most negative code: scale = w_e / -2^(bits-1) (negative
+when w_e > 0). That spends all 16 codes, where max|w| / 7 would leave one unused; values of the
+other sign can exceed the range by at most one step at the very end. Asymmetric blocks map
 [min, max] of the block onto [0, 2^bits - 1].
 
 Packing (MatMulNBits, GatherBlockQuantized): codes are laid out per column (N, k_blocks, block)
@@ -48,8 +50,9 @@ def block_params(wb: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray
     qmax = 2**bits - 1
     if symmetric:
         mid = 2 ** (bits - 1)
-        amax = np.abs(wb).max(axis=-1)
-        scale = amax / (mid - 1) if bits > 1 else amax
+        idx = np.abs(wb).argmax(axis=-1)[..., None]
+        extreme = np.take_along_axis(wb, idx, axis=-1)[..., 0]
+        scale = extreme / -mid
         zp = np.full(scale.shape, mid, np.uint8)
     else:
         lo = np.minimum(wb.min(axis=-1), 0.0)
@@ -57,7 +60,7 @@ def block_params(wb: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray
         scale = (hi - lo) / qmax
         safe = np.where(scale > 0, scale, 1.0)
         zp = np.clip(np.round(-lo / safe), 0, qmax).astype(np.uint8)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale works
+    scale = np.where(scale != 0, scale, 1.0).astype(np.float32)  # an all-zero block: any scale works
     return scale, zp
 
 

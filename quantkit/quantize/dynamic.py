@@ -11,9 +11,15 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.config import QuantConfig
-from quantkit.graph.canonicalize import const_array, drop_unused_initializers, unique_name
+from quantkit.graph.canonicalize import (
+    const_array,
+    drop_unused_initializers,
+    k_major_weight,
+    replace_node,
+    unique_name,
+)
 from quantkit.quantize import qparams as qp
-from quantkit.quantize.plan import EMBEDDING, Plan, QuantizedOp, Skipped
+from quantkit.quantize.plan import EMBEDDING, Plan, Skipped
 from quantkit.quantize.qdq import RewriteResult, _const, _dequantized_const
 
 MS_DOMAIN = "com.microsoft"
@@ -42,13 +48,6 @@ def restrict_plan(plan: Plan) -> Plan:
     return plan
 
 
-def _matmul_weight(op: QuantizedOp) -> np.ndarray:
-    w = const_array(op.node.inputs[1])
-    if op.node.op_type == "Gemm" and op.node.attributes.get_int("transB", 0):
-        w = w.T
-    return np.ascontiguousarray(w)
-
-
 def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
     graph = model.graph
     result = RewriteResult()
@@ -68,7 +67,7 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
         w_in = node.inputs[1]
         key = f"{w_in.name}/{node.op_type}/{node.attributes.get_int('transB', 0)}"
         if key not in cache:
-            w = _matmul_weight(op)  # (K, N)
+            w = np.ascontiguousarray(k_major_weight(node))  # (K, N)
             axis = 1 if config.per_channel else None
             lo, hi = qp.weight_ranges(w, axis)
             scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
@@ -81,14 +80,7 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
             inputs.append(node.inputs[2])
         new = ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN,
                       name=unique_name(graph, f"{node.name or 'matmul'}_dynamic_int8"))
-        out = node.outputs[0]
-        new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
-        graph.insert_before(node, new)
-        name = out.name
-        out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        new.outputs[0].name = name
-        op.node = new
-        result.quantized_nodes.append(name)
+        op.node = replace_node(graph, node, new)
+        result.quantized_nodes.append(node.name or new.outputs[0].name)
     drop_unused_initializers(graph)
     return result

@@ -16,7 +16,13 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.config import QuantConfig
-from quantkit.graph.canonicalize import const_array, drop_unused_initializers, unique_name
+from quantkit.graph.canonicalize import (
+    const_array,
+    drop_unused_initializers,
+    k_major_weight,
+    replace_node,
+    unique_name,
+)
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.gptq import gptq_blockwise
@@ -49,23 +55,6 @@ def bits_for(node: ir.Node, config: QuantConfig) -> int:
         if fnmatch.fnmatchcase(node.name or "", p) or fnmatch.fnmatchcase(node.op_type, p):
             return 8
     return 4
-
-
-def _k_major(node: ir.Node) -> np.ndarray:
-    """The weight as (K, N): MatMul's B, or Gemm's B transposed back when transB=1."""
-    w = const_array(node.inputs[1])
-    return w.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else w
-
-
-def _replace(graph: ir.Graph, node: ir.Node, new: ir.Node) -> ir.Node:
-    out = node.outputs[0]
-    new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
-    graph.insert_before(node, new)
-    name = out.name
-    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    new.outputs[0].name = name
-    return new
 
 
 def _qdq_blocked(graph: ir.Graph, base: str, qb: bw.Blockwise, axis: int, rows_first: bool, before: ir.Node) -> ir.Value:
@@ -133,10 +122,10 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig,
                 new = ir.node("GatherBlockQuantized", ins, {"gather_axis": 0, "quantize_axis": 1,
                               "block_size": config.block_size, "bits": bits}, domain=MS_DOMAIN,
                               name=unique_name(graph, f"{name}_int{bits}"))
-                op.node = _replace(graph, node, new)
+                op.node = replace_node(graph, node, new)
             result.quantized_nodes.append(name)
             continue
-        w = _k_major(node)
+        w = k_major_weight(node)
         h = (hessians or {}).get(op.inputs[0].name) if config.algorithm == "gptq" else None
         qb = gptq_blockwise(w, h, bits, config.block_size, config.symmetric) if h is not None \
             else bw.quantize_blockwise(w, bits, config.block_size, config.symmetric)
@@ -160,7 +149,7 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig,
         new = ir.node("MatMulNBits", ins, {"K": k, "N": n, "bits": bits, "block_size": config.block_size,
                       "accuracy_level": config.accuracy_level}, domain=MS_DOMAIN,
                       name=unique_name(graph, f"{name}_int{bits}"))
-        op.node = _replace(graph, node, new)
+        op.node = replace_node(graph, node, new)
         result.quantized_nodes.append(name)
     drop_unused_initializers(graph)
     return result
