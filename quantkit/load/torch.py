@@ -246,7 +246,7 @@ def _export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray]
             info["exporter"] = "dynamo"
             return info
         except Exception as e:  # the exporter raises many exception types
-            errors.append(_first_line(e))
+            errors.append(_first_line(e) + (" (pip install onnxscript)" if "onnxscript" in str(e) else ""))
             if kind == "export":
                 raise UnsupportedModelError(f"torch.onnx could not export the program: {errors[0]}") from None
     try:
