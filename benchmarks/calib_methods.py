@@ -85,7 +85,10 @@ def main() -> None:
                            "--method", ORT_METHODS[method]]
                     m = run_measured(cmd, memory_limit_gb=args.ort_memory_limit_gb)
                     if m.returncode != 0:
-                        last = (m.stderr.strip().splitlines() or ["killed"])[-1][:100]
+                        err = m.stderr.lower()
+                        last = (f"out of memory under the {args.ort_memory_limit_gb:g} GB limit"
+                                if "alloc" in err or "memoryerror" in err or "bad_alloc" in err
+                                else (m.stderr.strip().splitlines() or ["killed"])[-1][:100])
                         print(f"| {method} | onnxruntime | {n} | {m.seconds:.1f} | - | {m.peak_rss_mb:.0f} | "
                               f"failed: {last} | |")
                         continue

@@ -72,34 +72,33 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
-def quantize(model, calib, output, eval_, report, as_json, per_tensor, activations, weights, block_size, asymmetric,
-             algorithm, accuracy_level, fmt, keep_int8, method, percentile,
-             stats_cache, smoothquant, bias_correction, exclude, calib_samples, batch_size, max_accuracy_drop, min_cosine, require_speedup, threads, no_speed_guard,
-             model_class, allow_pickle, inputs, save_fp32, preprocess, force, quiet, verbose):
+def quantize(model: Path, **o) -> None:
     """Quantize MODEL (ONNX, or PyTorch: TorchScript, torch.export, checkpoint + --model-class) and
     report the accuracy kept."""
     try:
         from quantkit.config import DataConfig, Gates, QuantConfig, RunConfig
 
-        if output is None:
-            output = model.with_name(model.stem + (".int4" if weights == "int4" else ".int8") + ".onnx")
+        output = o["output"] or model.with_name(f"{model.stem}.{o['weights']}.onnx")
         cfg = RunConfig(
-            model=model, output=output, report=report, force=force, threads=threads,
-            speed_guard=not no_speed_guard, model_class=model_class, allow_pickle=allow_pickle, inputs=inputs,
-            save_fp32=save_fp32,
-            quant=QuantConfig(per_channel=not per_tensor, method=method,
-                              activations=activations or ("none" if weights == "int4" else "uint8"),
-                              weights=weights, block_size=block_size, symmetric=not asymmetric,
-                              algorithm=algorithm, accuracy_level=accuracy_level, format=fmt,
-                              keep_int8=_split(keep_int8),
-                              percentile=percentile, exclude=_split(exclude), bias_correction=bias_correction,
-                              smoothquant=smoothquant),
-            data=DataConfig(calib=calib, eval=eval_, calib_samples=calib_samples, batch_size=batch_size,
-                            stats_cache=stats_cache, preprocess=preprocess),
-            gates=Gates(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, require_speedup=require_speedup),
+            model=model, output=output, report=o["report"], force=o["force"], threads=o["threads"],
+            speed_guard=not o["no_speed_guard"], model_class=o["model_class"], allow_pickle=o["allow_pickle"],
+            inputs=o["inputs"], save_fp32=o["save_fp32"],
+            quant=QuantConfig(
+                per_channel=not o["per_tensor"], method=o["method"], percentile=o["percentile"],
+                activations=o["activations"] or ("none" if o["weights"] == "int4" else "uint8"),
+                weights=o["weights"], block_size=o["block_size"], symmetric=not o["asymmetric"],
+                algorithm=o["algorithm"], accuracy_level=o["accuracy_level"], format=o["fmt"],
+                keep_int8=_split(o["keep_int8"]), exclude=_split(o["exclude"]),
+                bias_correction=o["bias_correction"], smoothquant=o["smoothquant"]),
+            data=DataConfig(calib=o["calib"], eval=o["eval_"], calib_samples=o["calib_samples"],
+                            batch_size=o["batch_size"], stats_cache=o["stats_cache"], preprocess=o["preprocess"]),
+            gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
+                        require_speedup=o["require_speedup"]),
         )
         from quantkit.api import quantize as run
         from quantkit.report.render import render_text
+
+        quiet, as_json = o["quiet"], o["as_json"]
 
         def status(msg: str) -> None:
             if not quiet:
@@ -113,14 +112,14 @@ def quantize(model, calib, output, eval_, report, as_json, per_tensor, activatio
         if result.gate_failures:
             raise AccuracyGateError("; ".join(result.gate_failures))
     except QuantkitError as e:
-        if verbose:
+        if o["verbose"]:
             traceback.print_exc()
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
         raise
     except Exception as e:
-        if verbose:
+        if o["verbose"]:
             traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         click.echo(f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", err=True)

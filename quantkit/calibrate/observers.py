@@ -126,7 +126,7 @@ class HistogramObserver(Observer):
     # Tensors above this many elements per batch are histogrammed from a strided sample; min and
     # max stay exact. The stride is a prime that does not divide the channel count, so every
     # channel (where outliers live in transformers) is sampled; counts are weighted by the stride.
-    SAMPLE_CAP = 1 << 16
+    SAMPLE_CAP = 1 << 14
     PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
 
     def __init__(self, bins: int = 2048) -> None:
