@@ -9,7 +9,8 @@ onnxruntime.quantization.quantize_static with CalibrationMethod MinMax, Percenti
 default) and Entropy. Reported: wall time and peak RSS of the whole process; quantkit's own
 calibration time (the streamed pass through the model with every needed tensor exposed and
 observed, plus range selection; session creation excluded, as it is from the forward figure)
-next to the plain fp32 forward time over the same data; and the accuracy of each
+next to the plain fp32 forward time over the same data (both the best of two runs: the machine is
+shared and timing noise reaches +-30%); and the accuracy of each
 result scored by the same code on the held-out set. ONNX Runtime runs under an address-space limit
 so that a calibrator that keeps every intermediate tensor fails instead of swapping the machine;
 such a failure is reported as such. The encoder is the BERT-style model of benchmarks/_encoder.py
@@ -53,7 +54,7 @@ def main() -> None:
     for name in args.models.split(","):
         d = model_dir(name)
         model, calib, evald = d / "model.onnx", d / "calib.npz", d / "eval.npz"
-        fwd = forward_seconds(model, calib)
+        fwd = min(forward_seconds(model, calib) for _ in range(2))
         base = score(model, model, evald)
         print(f"\n### {name}\n")
         print(f"fp32 forward over the 256 calibration samples: {fwd:.2f} s; fp32 accuracy "
@@ -68,17 +69,24 @@ def main() -> None:
                 runs.insert(3, ("entropy", 32))
             for method, n in runs:
                 out, rep = tmp / f"qk_{method}_{n}.onnx", tmp / f"qk_{method}_{n}.json"
-                m = run_measured(quantkit_cmd("quantize", model, "--calib", calib, "--calib-samples", n,
-                                              "-o", out, "--method", method, "--report", rep, "-q",
-                                              "--no-speed-guard"))
+                # timing on a shared 2-core machine is noisy: best of two runs (peak RSS: the larger)
+                runs_m, passes = [], []
+                for _ in range(2):
+                    m = run_measured(quantkit_cmd("quantize", model, "--calib", calib, "--calib-samples", n,
+                                                  "-o", out, "--method", method, "--report", rep, "-q",
+                                                  "--no-speed-guard", "--force"))
+                    if m.returncode != 0:
+                        break
+                    c = json.loads(rep.read_text())["calibration"]
+                    runs_m.append(m)
+                    passes.append(c.get("pass_seconds", 0.0) + c["range_seconds"])
                 if m.returncode != 0:
                     print(f"| {method} | quantkit | {n} | failed: {m.stderr.strip()[-120:]} |")
                     continue
-                c = json.loads(rep.read_text())["calibration"]
-                cal = c.get("pass_seconds", 0.0) + c["range_seconds"]
+                cal = min(passes)
                 ratio = cal / (fwd * n / 256)
-                print(f"| {method} | quantkit | {n} | {m.seconds:.1f} | {cal:.2f} ({ratio:.2f}x) | "
-                      f"{m.peak_rss_mb:.0f} | {_figures(name, score(model, out, evald))} |")
+                print(f"| {method} | quantkit | {n} | {min(r.seconds for r in runs_m):.1f} | {cal:.2f} ({ratio:.2f}x) | "
+                      f"{max(r.peak_rss_mb for r in runs_m):.0f} | {_figures(name, score(model, out, evald))} |")
                 if method in ORT_METHODS and n == 256:
                     out = tmp / f"ort_{method}.onnx"
                     cmd = [python(), str(HERE / "ort_static.py"), str(model), str(calib), str(out),
