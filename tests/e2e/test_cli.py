@@ -251,7 +251,9 @@ def test_speed_guard_reports_every_trial_and_never_writes_an_unquantized_model(s
     assert all(t["with_ms"] > 0 for t in guard["trials"])
     assert report["nodes"]["quantized"]  # something is always quantized
     if guard["int8_cannot_win"]:
-        assert len(report["nodes"]["quantized"]) == 6 and any("SLOWER" in n for n in report["notes"])
+        assert len(report["nodes"]["quantized"]) == 6  # the full placement: the smallest file
+    # whatever the guard decided, a slower result is always said plainly
+    assert any("SLOWER" in n for n in report["notes"]) == (report["latency"]["speedup"] < 1)
     assert report["latency"]["threads"] == 1
 
 
