@@ -12,24 +12,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
 from quantkit import __version__, runtime
 from quantkit.calibrate import cache
-from quantkit.calibrate.collect import TIMINGS, collect, statistics
-from quantkit.calibrate.data import LABELS, DataSource, InputSpec
+from quantkit.calibrate.collect import TIMINGS, statistics
+from quantkit.calibrate.data import LABELS, DataSource, InputSpec, complete_batches
 from quantkit.calibrate.ranges import Levels, observer_kind, select_range
 from quantkit.config import RunConfig
 from quantkit.errors import ConfigError, UnsupportedModelError
 from quantkit.graph import shapes
-from quantkit.graph.canonicalize import already_quantized, canonicalize, const_array
+from quantkit.graph.canonicalize import already_quantized, canonicalize
 from quantkit.graph.masks import mask_tensors
 from quantkit.load.onnx import input_specs, load_onnx, model_bytes
 from quantkit.load.source import load_source, open_data
 from quantkit.output import check_destination, write_json, write_model
-from quantkit.quantize import dynamic, qdq, smoothquant, weight_only
+from quantkit.quantize import dynamic, prepare, qdq, weight_only
 from quantkit.quantize.plan import make_plan
 from quantkit.quantize.speed import GuardReport, guard
 from quantkit.report.compare import OutputComparison
@@ -69,14 +68,6 @@ def _batch_size(specs: list[InputSpec], asked: int | None) -> int:
             raise ConfigError(f"--batch-size {asked} conflicts with the model's fixed batch size {n}")
         return n
     return asked or DEFAULT_BATCH
-
-
-def _complete_batches(source: DataSource, batch: int, limit: int | None, fixed: bool):
-    """Batches of the data; a model with a fixed batch size cannot take the short last one."""
-    for b in source.batches(batch, limit):
-        if fixed and len(next(iter(b.values()))) != batch:
-            return
-        yield b
 
 
 def _check_options(cfg: RunConfig) -> None:
@@ -133,7 +124,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
             notes.append(source.export["fallback_reason"])
 
     fp32 = runtime.session(source.onnx_path, workdir, tag="original", threads=cfg.threads)
-    first_batch = next(_complete_batches(first_source, batch, None, fixed), None)
+    first_batch = next(complete_batches(first_source, batch, None, fixed), None)
     if first_batch is None:
         raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")
     feed = {s.name: first_batch[s.name] for s in specs}
@@ -145,13 +136,13 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
         n = shapes.fill_from_run(model, feed, workdir)
         notes.append(f"shape inference left {n} tensor(s) untyped; typed them from one real run")
 
-    smoothing = _smooth(cfg, model, calib, batch, fixed, workdir, status) if cfg.quant.smoothquant else None
+    smoothing = prepare.smooth(cfg, model, calib, batch, fixed, workdir, status) if cfg.quant.smoothquant else None
     masks = mask_tensors(model)  # found in the graph; calibration may add more from observed ranges
     calibration = None
     if cfg.quant.activations == "none":
         if cfg.quant.format == "qdq":
-            model = _opset_at_least(model, 21)
-        hessians = _hessians(cfg, model, calib, batch, fixed, workdir, status) \
+            model = prepare.opset_at_least(model, 21)
+        hessians = prepare.gptq_hessians(cfg, model, calib, batch, fixed, workdir, status) \
             if cfg.quant.algorithm == "gptq" else {}
 
         def plan_for(m: ir.Model):
@@ -161,7 +152,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
 
         weight_config = cfg.quant
         if "auto" in cfg.quant.keep_int8:
-            weight_config, auto_notes = _auto_keep_int8(cfg, model, plan_for, hessians, fp32, feed, workdir, status)
+            weight_config, auto_notes = prepare.auto_keep_int8(cfg, model, plan_for, hessians, fp32, feed, workdir, status)
             notes += auto_notes
 
         def rewrite(m, plan):
@@ -242,90 +233,6 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     return Result(report, failures)
 
 
-def _auto_keep_int8(cfg: RunConfig, model: ir.Model, plan_for, hessians, fp32, feed, workdir: Path, status):
-    """--keep-int8 auto: try the first and the last int4 layer at 8 bits, each on its own, and
-    keep 8 bits where that raises the output SQNR on a calibration batch by at least 1 dB."""
-    import dataclasses
-
-    base_cfg = dataclasses.replace(cfg.quant, keep_int8=tuple(p for p in cfg.quant.keep_int8 if p != "auto"))
-    ops = [op for op in plan_for(model.clone()).ops if op.node.op_type in ("MatMul", "Gemm")]
-    names = [op.node.name for op in ops if op.node.name]
-    if not names:
-        return base_cfg, ["--keep-int8 auto: no named MatMul/Gemm to consider"]
-    ref = fp32.run(None, feed)
-
-    def sqnr(config) -> float:
-        m = model.clone()
-        weight_only.rewrite(m, plan_for(m), config, hessians)
-        out = runtime.session(m, workdir, tag="candidate").run(None, feed)
-        sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in ref)
-        err = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(o, np.float64)) ** 2)) for r, o in zip(ref, out))
-        return 10 * np.log10(sig / max(err, 1e-30))
-
-    status("--keep-int8 auto: measuring the first and last layers at 8 bits")
-    base = sqnr(base_cfg)
-    kept, notes = [], []
-    for name in dict.fromkeys([names[0], names[-1]]):
-        gain = sqnr(dataclasses.replace(base_cfg, keep_int8=base_cfg.keep_int8 + (name,))) - base
-        notes.append(f"--keep-int8 auto: {name} at 8 bits changes output SQNR by {gain:+.2f} dB "
-                     f"({'kept at 8 bits' if gain >= 1.0 else 'left at 4 bits'})")
-        if gain >= 1.0:
-            kept.append(name)
-    return dataclasses.replace(base_cfg, keep_int8=base_cfg.keep_int8 + tuple(kept)), notes
-
-
-def _opset_at_least(model: ir.Model, version: int) -> ir.Model:
-    """Blocked int4 DequantizeLinear needs opset 21: convert older models, or say why not."""
-    current = model.opset_imports.get("", 1)
-    if current >= version:
-        return model
-    import onnx
-
-    try:
-        proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), version)
-    except Exception as e:  # the converter raises bare RuntimeErrors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedModelError(f"--format qdq needs opset {version} and converting from opset {current} "
-                                    f"failed ({first}); use --format ort") from None
-    return ir.serde.deserialize_model(proto)
-
-
-def _hessians(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, fixed: bool, workdir: Path,
-              status) -> dict:
-    """X^T X of every weighted MatMul/Gemm input over the calibration data, for GPTQ."""
-    plan = make_plan(model, cfg.quant)
-    values = list({id(op.inputs[0]): op.inputs[0] for op in plan.ops
-                   if op.weighted and op.node.op_type in ("MatMul", "Gemm")}.values())
-    status(f"gptq: collecting input statistics of {len(values)} tensor(s)")
-    observers, _ = collect(model, values, _complete_batches(calib, batch, cfg.data.calib_samples, fixed), "gram",
-                           workdir)
-    return {n: o.hessian() for n, o in observers.items() if o.hessian() is not None}
-
-
-def _smooth(cfg: RunConfig, model: ir.Model, calib: DataSource | None, batch: int, fixed: bool, workdir: Path,
-            status) -> list[dict]:
-    """SmoothQuant: one pass collecting per-channel ranges and sampled rows of every LayerNorm
-    output that feeds MatMuls, then per group the alpha (or none) with the least output error."""
-    if calib is None:
-        raise ConfigError("--smoothquant needs --calib: the smoothing factors come from calibration activations")
-    groups = smoothquant.find_groups(model)
-    if not groups:
-        return []
-    status(f"smoothquant: collecting channel statistics for {len(groups)} LayerNorm output(s)")
-    observers, _ = collect(model, [g.source for g in groups],
-                           _complete_batches(calib, batch, cfg.data.calib_samples, fixed), "channel", workdir)
-    alpha = None if cfg.quant.smoothquant == "auto" else float(cfg.quant.smoothquant)
-    out = []
-    for g in groups:
-        weights = [const_array(mm.inputs[1]) for mm in g.consumers]
-        s, a, err = smoothquant.choose_scales(observers[g.source.name], weights, alpha)
-        entry = {"layernorm": g.norm.name, "matmuls": [mm.name for mm in g.consumers], "alpha": a,
-                 "relative_error": err}
-        entry["applied"] = smoothquant.apply(model, g, s) if s is not None else "no alpha beat no smoothing"
-        out.append(entry)
-    return out
-
-
 def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, fixed: bool, workdir: Path,
                status, progress, known_masks: dict[str, str]) -> dict:
     """Statistics for every tensor the plan needs, mask-like ranges found, ranges chosen."""
@@ -340,7 +247,7 @@ def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, f
 
     def batches():
         progress.start("calibrating", n_calib)
-        yield from _complete_batches(calib, batch, cfg.data.calib_samples, fixed)
+        yield from complete_batches(calib, batch, cfg.data.calib_samples, fixed)
         progress.finish()
 
     channel_axes = {op.inputs[0].name: 1 if op.node.op_type == "Conv" else -1
@@ -423,7 +330,7 @@ def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, sour
     feeds = {i.name for i in ref_sess.get_inputs()}
     comparisons = [OutputComparison(n) for n in names]
     samples = 0
-    for b in _complete_batches(source, batch, limit, fixed):
+    for b in complete_batches(source, batch, limit, fixed):
         feed = {k: v for k, v in b.items() if k in feeds}
         ref = reference(feed) if reference is not None else \
             runtime.run(ref_sess, names, feed, f"the evaluation data {source.path}")

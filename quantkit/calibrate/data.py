@@ -283,3 +283,11 @@ def peek_specs(path: Path, single_name: str) -> list[InputSpec]:
             shape[1] = None
         specs.append(InputSpec(key or single_name, m.dtype, tuple(shape)))
     return specs
+
+
+def complete_batches(source, batch: int, limit: int | None, fixed: bool):
+    """Batches of the data; a model with a fixed batch size cannot take the short last one."""
+    for b in source.batches(batch, limit):
+        if fixed and len(next(iter(b.values()))) != batch:
+            return
+        yield b
