@@ -58,8 +58,8 @@ def fold_batchnorm(model: ir.Model) -> int:
         new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
         bias = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
         new_b = ((bias - mean) * factor + beta).astype(np.float32)
-        w_val = _new_initializer(graph, f"{conv.inputs[1].name}_bnfolded", new_w)
-        b_val = _new_initializer(graph, f"{conv.name or conv_out.name}_bias_bnfolded", new_b)
+        w_val = add_initializer(graph, f"{conv.inputs[1].name}_bnfolded", new_w)
+        b_val = add_initializer(graph, f"{conv.name or conv_out.name}_bias_bnfolded", new_b)
         conv.replace_input_with(1, w_val)
         if len(conv.inputs) < 3:
             conv.resize_inputs(3)
@@ -77,9 +77,10 @@ def fold_batchnorm(model: ir.Model) -> int:
     return folded
 
 
-def _new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    name = unique_name(graph, name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding `array` (its dtype kept), under a name not yet used in the graph."""
+    name = unique_name(graph, base)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from quantkit.config import QuantConfig
 from quantkit.graph.canonicalize import (
+    add_initializer,
     const_array,
     drop_unused_initializers,
     k_major_weight,
@@ -20,7 +21,7 @@ from quantkit.graph.canonicalize import (
 )
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import EMBEDDING, Plan, Skipped
-from quantkit.quantize.qdq import RewriteResult, _const, _dequantized_const
+from quantkit.quantize.qdq import RewriteResult, dequantized_initializer
 
 MS_DOMAIN = "com.microsoft"
 
@@ -61,7 +62,7 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
             lo, hi = qp.weight_ranges(table, 0)
             scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
             q = qp.quantize(table, scale, zp, qp.INT8, axis=0)
-            node.replace_input_with(0, _dequantized_const(graph, node.inputs[0].name, q, scale, zp, 0, node))
+            node.replace_input_with(0, dequantized_initializer(graph, node.inputs[0].name, q, scale, zp, 0, node))
             result.quantized_nodes.append(node.name or "")
             continue
         w_in = node.inputs[1]
@@ -72,8 +73,8 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
             lo, hi = qp.weight_ranges(w, axis)
             scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
             q = qp.quantize(w, scale, zp, qp.INT8, axis=axis)
-            cache[key] = (_const(graph, f"{w_in.name}_quantized", q), _const(graph, f"{w_in.name}_scale", scale),
-                          _const(graph, f"{w_in.name}_zero_point", zp))
+            cache[key] = (add_initializer(graph, f"{w_in.name}_quantized", q), add_initializer(graph, f"{w_in.name}_scale", scale),
+                          add_initializer(graph, f"{w_in.name}_zero_point", zp))
         wq, s, z = cache[key]
         inputs = [node.inputs[0], wq, s, z]
         if node.op_type == "Gemm" and op.bias:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.config import QuantConfig
-from quantkit.graph.canonicalize import const_array, drop_unused_initializers, unique_name
+from quantkit.graph.canonicalize import add_initializer, const_array, drop_unused_initializers, unique_name
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import Plan
 
@@ -37,20 +37,11 @@ class RewriteResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name = unique_name(graph, base)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape),
-                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _insert_qdq(graph: ir.Graph, value: ir.Value, scale: np.ndarray, zp: np.ndarray) -> None:
     """value -> Q -> DQ, with every consumer of value (and no graph output) reading DQ's output."""
     base = value.name
-    s = _const(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32))
-    z = _const(graph, f"{base}_zero_point", np.asarray(zp))
+    s = add_initializer(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32))
+    z = add_initializer(graph, f"{base}_zero_point", np.asarray(zp))
     q = ir.node("QuantizeLinear", [value, s, z], name=unique_name(graph, f"{base}_QuantizeLinear"))
     q.outputs[0].name = unique_name(graph, f"{base}_quantized")
     q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(np.asarray(zp).dtype))
@@ -69,11 +60,11 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, scale: np.ndarray, zp: np.ndar
         graph.insert_before(next(iter(graph)), [q, dq])
 
 
-def _dequantized_const(graph: ir.Graph, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray,
+def dequantized_initializer(graph: ir.Graph, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray,
                        axis: int | None, before: ir.Node) -> ir.Value:
-    qv = _const(graph, f"{base}_quantized", q)
-    s = _const(graph, f"{base}_scale", scale.astype(np.float32))
-    z = _const(graph, f"{base}_zero_point", zp)
+    qv = add_initializer(graph, f"{base}_quantized", q)
+    s = add_initializer(graph, f"{base}_scale", scale.astype(np.float32))
+    z = add_initializer(graph, f"{base}_zero_point", zp)
     attrs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
     dq = ir.node("DequantizeLinear", [qv, s, z], attrs, name=unique_name(graph, f"{base}_DequantizeLinear"))
     dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
@@ -129,7 +120,7 @@ def _correct_bias(graph: ir.Graph, op, w: np.ndarray, w_dq: np.ndarray, mean_in:
             return False
         add, idx = found
         b = const_array(add.inputs[idx])
-        add.replace_input_with(idx, _const(graph, f"{add.inputs[idx].name}_biascorr", (b - shift).astype(np.float32)))
+        add.replace_input_with(idx, add_initializer(graph, f"{add.inputs[idx].name}_biascorr", (b - shift).astype(np.float32)))
         return True
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
     if has_bias and const_array(node.inputs[2]) is None:
@@ -140,7 +131,7 @@ def _correct_bias(graph: ir.Graph, op, w: np.ndarray, w_dq: np.ndarray, mean_in:
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     base = node.inputs[2].name if has_bias else f"{node.name or node.outputs[0].name}_bias"
-    node.replace_input_with(2, _const(graph, f"{base}_biascorr", (b - shift).astype(np.float32)))
+    node.replace_input_with(2, add_initializer(graph, f"{base}_biascorr", (b - shift).astype(np.float32)))
     op.bias = node.op_type != "Gemm" or (node.attributes.get_float("alpha", 1.0) == 1.0
                                          and node.attributes.get_float("beta", 1.0) == 1.0)
     return True
@@ -175,7 +166,7 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
             lo, hi = qp.weight_ranges(w, op.weight_axis)
             scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
             q = qp.quantize(w, scale, zp, qp.INT8, axis=op.weight_axis)
-            dq = _dequantized_const(graph, w_in.name, q, scale, zp, op.weight_axis, node)
+            dq = dequantized_initializer(graph, w_in.name, q, scale, zp, op.weight_axis, node)
             weight_cache[key] = (dq, scale, qp.dequantize(q, scale, zp, op.weight_axis))
         dq, w_scale, w_dq = weight_cache[key]
         node.replace_input_with(op.weight_index, dq)
@@ -195,7 +186,7 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
             else:
                 q, b_scale = qb
                 zp = np.zeros(q.shape, dtype=np.int32)
-                bdq = _dequantized_const(graph, f"{b_in.name}", q, b_scale, zp, 0, node)
+                bdq = dequantized_initializer(graph, f"{b_in.name}", q, b_scale, zp, 0, node)
                 node.replace_input_with(2, bdq)
         result.quantized_nodes.append(node.name or "")
 

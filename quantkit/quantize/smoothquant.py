@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.calibrate.observers import ChannelObserver
-from quantkit.graph.canonicalize import const_array, unique_name
+from quantkit.graph.canonicalize import add_initializer, const_array, unique_name
 from quantkit.quantize import qparams as qp
 
 ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -73,11 +73,7 @@ def choose_scales(obs: ChannelObserver, weights: list[np.ndarray], alpha: float 
 
 
 def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    name = unique_name(graph, base)
-    v = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                 const_value=ir.tensor(array.astype(np.float32), name=name))
-    graph.register_initializer(v)
-    return v
+    return add_initializer(graph, base, np.asarray(array, np.float32))
 
 
 def apply(model: ir.Model, group: Group, s: np.ndarray) -> str:

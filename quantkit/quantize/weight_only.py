@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from quantkit.config import QuantConfig
 from quantkit.graph.canonicalize import (
+    add_initializer,
     const_array,
     drop_unused_initializers,
     k_major_weight,
@@ -27,7 +28,7 @@ from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.gptq import gptq_blockwise
 from quantkit.quantize.plan import EMBEDDING, Plan, Skipped
-from quantkit.quantize.qdq import RewriteResult, _const, _dequantized_const
+from quantkit.quantize.qdq import RewriteResult, dequantized_initializer
 
 MS_DOMAIN = "com.microsoft"
 CONV_FALLBACK = "int4 has no convolution kernel in onnxruntime: weights stored int8 behind a DequantizeLinear"
@@ -78,7 +79,7 @@ def _qdq_blocked(graph: ir.Graph, base: str, qb: bw.Blockwise, axis: int, rows_f
         graph.register_initializer(zp_v)
     qv = ir.Value(name=q.name, shape=ir.Shape(q.shape), type=ir.TensorType(dtype), const_value=q)
     graph.register_initializer(qv)
-    s = _const(graph, f"{base}_scale", scales.astype(np.float32))
+    s = add_initializer(graph, f"{base}_scale", scales.astype(np.float32))
     inputs = [qv, s] + ([zp_v] if zp_v is not None else [])
     dq = ir.node("DequantizeLinear", inputs, {"axis": 0 if rows_first else 1, "block_size": qb.block},
                  name=unique_name(graph, f"{base}_DequantizeLinear"))
@@ -103,7 +104,7 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig,
             lo, hi = qp.weight_ranges(w, op.weight_axis)
             scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
             q = qp.quantize(w, scale, zp, qp.INT8, axis=op.weight_axis)
-            node.replace_input_with(1, _dequantized_const(graph, node.inputs[1].name, q, scale, zp, op.weight_axis, node))
+            node.replace_input_with(1, dequantized_initializer(graph, node.inputs[1].name, q, scale, zp, op.weight_axis, node))
             result.quantized_nodes.append(name)
             result.notes.append(f"{name}: {CONV_FALLBACK}")
             continue
@@ -114,11 +115,11 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig,
             if qdq_format:
                 node.replace_input_with(0, _qdq_blocked(graph, node.inputs[0].name, qb, 1, False, node))
             else:
-                data = _const(graph, f"{node.inputs[0].name}_q{bits}",
+                data = add_initializer(graph, f"{node.inputs[0].name}_q{bits}",
                               bw.pack(qb.q.reshape(qb.q.shape[0], -1)[:, : qb.k], bits))
-                ins = [data, node.inputs[1], _const(graph, f"{node.inputs[0].name}_scales", qb.scales)]
+                ins = [data, node.inputs[1], add_initializer(graph, f"{node.inputs[0].name}_scales", qb.scales)]
                 if not config.symmetric:
-                    ins.append(_const(graph, f"{node.inputs[0].name}_zero_points", bw.pack(qb.zero_points, bits)))
+                    ins.append(add_initializer(graph, f"{node.inputs[0].name}_zero_points", bw.pack(qb.zero_points, bits)))
                 new = ir.node("GatherBlockQuantized", ins, {"gather_axis": 0, "quantize_axis": 1,
                               "block_size": config.block_size, "bits": bits}, domain=MS_DOMAIN,
                               name=unique_name(graph, f"{name}_int{bits}"))
@@ -138,10 +139,10 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig,
                                                     not trans_b, node))
             result.quantized_nodes.append(name)
             continue
-        ins = [node.inputs[0], _const(graph, f"{node.inputs[1].name}_q{bits}", bw.pack(qb.q, bits)),
-               _const(graph, f"{node.inputs[1].name}_scales", qb.scales.reshape(-1))]
+        ins = [node.inputs[0], add_initializer(graph, f"{node.inputs[1].name}_q{bits}", bw.pack(qb.q, bits)),
+               add_initializer(graph, f"{node.inputs[1].name}_scales", qb.scales.reshape(-1))]
         ins.append(None if config.symmetric else
-                   _const(graph, f"{node.inputs[1].name}_zero_points", bw.pack(qb.zero_points, bits).reshape(-1)))
+                   add_initializer(graph, f"{node.inputs[1].name}_zero_points", bw.pack(qb.zero_points, bits).reshape(-1)))
         if node.op_type == "Gemm" and op.bias:
             ins += [None, node.inputs[2]]  # no g_idx, then the bias
         while ins[-1] is None:
