@@ -59,9 +59,7 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
         node = op.node
         if op.kind == EMBEDDING:  # weight-only, one scale per row, as in static mode
             table = const_array(node.inputs[0])
-            lo, hi = qp.weight_ranges(table, 0)
-            scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
-            q = qp.quantize(table, scale, zp, qp.INT8, axis=0)
+            q, scale, zp = qp.quantize_weight(table, 0)
             node.replace_input_with(0, dequantized_initializer(graph, node.inputs[0].name, q, scale, zp, 0, node))
             result.quantized_nodes.append(node.name or "")
             continue
@@ -70,9 +68,7 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig) -> RewriteResult:
         if key not in cache:
             w = np.ascontiguousarray(k_major_weight(node))  # (K, N)
             axis = 1 if config.per_channel else None
-            lo, hi = qp.weight_ranges(w, axis)
-            scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
-            q = qp.quantize(w, scale, zp, qp.INT8, axis=axis)
+            q, scale, zp = qp.quantize_weight(w, axis)
             cache[key] = (add_initializer(graph, f"{w_in.name}_quantized", q), add_initializer(graph, f"{w_in.name}_scale", scale),
                           add_initializer(graph, f"{w_in.name}_zero_point", zp))
         wq, s, z = cache[key]

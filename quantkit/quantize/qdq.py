@@ -163,9 +163,7 @@ def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
         key = (w_in.name, op.weight_axis)
         w = const_array(w_in)
         if key not in weight_cache:
-            lo, hi = qp.weight_ranges(w, op.weight_axis)
-            scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
-            q = qp.quantize(w, scale, zp, qp.INT8, axis=op.weight_axis)
+            q, scale, zp = qp.quantize_weight(w, op.weight_axis)
             dq = dequantized_initializer(graph, w_in.name, q, scale, zp, op.weight_axis, node)
             weight_cache[key] = (dq, scale, qp.dequantize(q, scale, zp, op.weight_axis))
         dq, w_scale, w_dq = weight_cache[key]

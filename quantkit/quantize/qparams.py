@@ -90,6 +90,14 @@ def weight_ranges(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarr
     return moved.min(axis=1, initial=0.0), moved.max(axis=1, initial=0.0)
 
 
+def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Symmetric int8 weights, one scale per tensor (axis None) or per slice along `axis`:
+    returns (q, scale, zero_point)."""
+    lo, hi = weight_ranges(w, axis)
+    scale, zp = qparams(lo, hi, INT8, symmetric=True)
+    return quantize(w, scale, zp, INT8, axis=axis), scale, zp
+
+
 def quantize_bias(bias: np.ndarray, input_scale, weight_scale) -> tuple[np.ndarray, np.ndarray] | None:
     """int32 bias with scale input_scale * weight_scale, as integer kernels expect.
 

@@ -49,9 +49,8 @@ def _fake_quant_error(x: np.ndarray, lo: float, hi: float, ws: list[np.ndarray],
     xq = qp.dequantize(qp.quantize(x, scale, zp, qp.UINT8), scale, zp)
     err = 0.0
     for w, ref in zip(ws, refs):
-        lo_w, hi_w = qp.weight_ranges(w, 1)
-        s_w, z_w = qp.qparams(lo_w, hi_w, qp.INT8, symmetric=True)
-        wq = qp.dequantize(qp.quantize(w, s_w, z_w, qp.INT8, axis=1), s_w, z_w, axis=1)
+        q_w, s_w, z_w = qp.quantize_weight(w, 1)
+        wq = qp.dequantize(q_w, s_w, z_w, axis=1)
         err += float(np.sum((xq @ wq - ref) ** 2) / max(np.sum(ref**2), 1e-30))
     return err
 

@@ -101,9 +101,7 @@ def rewrite(model: ir.Model, plan: Plan, config: QuantConfig,
         name = node.name or node.outputs[0].name
         if node.op_type in ("Conv", "ConvTranspose"):
             w = const_array(node.inputs[1])
-            lo, hi = qp.weight_ranges(w, op.weight_axis)
-            scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
-            q = qp.quantize(w, scale, zp, qp.INT8, axis=op.weight_axis)
+            q, scale, zp = qp.quantize_weight(w, op.weight_axis)
             node.replace_input_with(1, dequantized_initializer(graph, node.inputs[1].name, q, scale, zp, op.weight_axis, node))
             result.quantized_nodes.append(name)
             result.notes.append(f"{name}: {CONV_FALLBACK}")
