@@ -25,9 +25,9 @@ from quantkit.errors import ConfigError, UnsupportedModelError
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import already_quantized, canonicalize
 from quantkit.graph.masks import mask_tensors
-from quantkit.load.onnx import input_specs, load_onnx, model_bytes
+from quantkit.load.onnx import input_specs, load_onnx, model_bytes, model_files
 from quantkit.load.source import load_source, open_data
-from quantkit.output import check_destination, write_json, write_model
+from quantkit.output import Outputs, check_destinations
 from quantkit.quantize import dynamic, prepare, qdq, weight_only
 from quantkit.quantize.plan import make_plan
 from quantkit.quantize.speed import GuardReport, guard
@@ -71,11 +71,8 @@ def _batch_size(specs: list[InputSpec], asked: int | None) -> int:
 
 
 def _check_options(cfg: RunConfig) -> None:
-    check_destination(cfg.output, cfg.force, "output", [cfg.model, cfg.data.calib, cfg.data.eval])
-    if cfg.save_fp32 is not None:
-        check_destination(cfg.save_fp32, cfg.force, "--save-fp32", [cfg.model, cfg.output])
-    if cfg.report is not None:
-        check_destination(cfg.report, cfg.force, "report", [cfg.model, cfg.output])
+    check_destinations({"output": cfg.output, "--report": cfg.report, "--save-fp32": cfg.save_fp32},
+                       [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache], cfg.force)
     if cfg.data.stats_cache is not None and not Path(cfg.data.stats_cache).parent.is_dir():
         raise ConfigError(f"--stats-cache directory {Path(cfg.data.stats_cache).parent} does not exist")
     q = cfg.quant
@@ -227,10 +224,19 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
     report["seconds"] = time.perf_counter() - t_start
 
-    write_model(qmodel, cfg.output)
-    if cfg.report is not None:
-        write_json(report, cfg.report)
+    _save(cfg, qmodel, report, source.onnx_path)
     return Result(report, failures)
+
+
+def _save(cfg: RunConfig, qmodel: ir.Model, report: dict, fp32_path: Path) -> None:
+    """The model, the report and the exported fp32 model are written together or not at all."""
+    with Outputs(cfg.force) as out:
+        out.stage_model(qmodel, cfg.output)
+        if cfg.report is not None:
+            out.stage_json(report, cfg.report)
+        if cfg.save_fp32 is not None:
+            out.stage_copy(fp32_path, cfg.save_fp32)
+        out.commit()
 
 
 def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, fixed: bool, workdir: Path,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
 
 from quantkit.calibrate.data import InputSpec
 from quantkit.errors import InputError, UnsupportedModelError
@@ -21,27 +21,46 @@ OLDEST_CONVERTIBLE_OPSET = 7
 
 def load_onnx(path: Path) -> ir.Model:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"model file {path} does not exist")
+    check_model_path(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+    except Exception as e:  # DecodeError, UnicodeDecodeError on corrupted strings, OSError, ...
+        raise InputError(f"{path} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from e
     if not proto.graph.node:
         raise InputError(f"{path} is not a readable ONNX model: its graph has no nodes")
+    if all(i.name in {t.name for t in proto.graph.initializer} for i in proto.graph.input):
+        raise InputError(f"{path} has no graph inputs to feed data to; quantkit needs a model that takes inputs")
     _check_external_data(proto, path)
     opset = _default_opset(proto)
-    if opset < MIN_OPSET:
-        proto = _upgrade_opset(path, opset)
+    try:
+        if opset < MIN_OPSET:
+            proto = _upgrade_opset(path, opset)
         model = ir.serde.deserialize_model(proto)
-    else:
-        model = ir.serde.deserialize_model(proto)
+    except (UnsupportedModelError, InputError):
+        raise
+    except Exception as e:  # a protobuf that parses but is not a consistent ONNX model
+        raise InputError(f"{path} is not a valid ONNX model: {_first_line(e)}") from e
+    if opset >= MIN_OPSET:
         ir.external_data.set_base_dir(model.graph, str(path.parent))
         if model_bytes(path) <= INLINE_LIMIT:
             # small enough to hold: in memory, the model serializes for onnxruntime without files;
             # larger ones stay memory-mapped and go through a saved copy (runtime.session)
             ir.external_data.load_to_model(model)
     return model
+
+
+def check_model_path(path: Path) -> None:
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give the model file (.onnx, or a PyTorch file)")
+    if not path.exists():
+        raise InputError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"{path} is not a regular file; give the model file (.onnx, or a PyTorch file)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
@@ -67,23 +86,78 @@ def _upgrade_opset(path: Path, opset: int) -> onnx.ModelProto:
         ) from None
 
 
-def _external_locations(proto: onnx.ModelProto) -> set[str]:
-    locs = set()
-    for t in proto.graph.initializer:
+def _external_tensors(proto: onnx.ModelProto):
+    """(tensor, {location, offset, length}) for every initializer kept in an external file,
+    including those of If/Loop/Scan subgraphs and of Constant nodes."""
+    for t in _all_tensors(proto.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in t.external_data:
-                if kv.key == "location":
-                    locs.add(kv.value)
-    return locs
+            yield t, {kv.key: kv.value for kv in t.external_data}
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _all_tensors(g)
+
+
+def _external_locations(proto: onnx.ModelProto) -> set[str]:
+    return {info.get("location", "") for _, info in _external_tensors(proto)}
 
 
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    for loc in sorted(_external_locations(proto)):
-        if not (path.parent / loc).is_file():
-            raise InputError(
-                f"{path} keeps weights in external file '{loc}', which is missing next to it; "
-                "copy it into the model's directory"
-            )
+    """Every external tensor lives in a file inside the model's folder and is as long as declared."""
+    folder = path.parent.resolve()
+    sizes: dict[str, int] = {}
+    for t, info in _external_tensors(proto):
+        loc = info.get("location", "")
+        if loc not in sizes:
+            sizes[loc] = _external_file_size(path, folder, loc)
+        offset, length = int(info.get("offset", 0) or 0), info.get("length")
+        need = int(length) if length is not None else _nbytes(t)
+        if offset < 0 or offset + need > sizes[loc]:
+            raise InputError(f"{path}: tensor '{t.name}' needs bytes {offset}..{offset + need} of '{loc}', "
+                             f"which holds only {sizes[loc]} bytes (truncated or not this model's data file)")
+
+
+def _external_file_size(path: Path, folder: Path, loc: str) -> int:
+    target = path.parent / loc
+    if not loc or Path(loc).is_absolute() or ".." in Path(loc).parts or not target.resolve().is_relative_to(folder):
+        raise InputError(f"{path} points to external data '{loc}' outside the model's folder; quantkit reads "
+                         "external data only from files inside the model's own folder")
+    if not target.is_file():
+        raise InputError(f"{path} keeps weights in external file '{loc}', which is missing next to it; "
+                         "copy it into the model's directory")
+    return target.stat().st_size
+
+
+_PACKED_4BIT = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    n = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    try:
+        return n * int(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def model_files(path: Path) -> list[Path]:
+    """The model file and, for ONNX, the external data files it references (for telling outputs
+    from inputs); a file that is not readable ONNX is just itself."""
+    path = Path(path)
+    if not path.is_file() or zipfile.is_zipfile(path):  # missing, or a PyTorch archive
+        return [path]
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX (a PyTorch file), or unreadable: load_onnx reports it later
+        return [path]
+    return [path, *(path.parent / loc for loc in sorted(_external_locations(proto)) if loc)]
 
 
 def model_bytes(path: Path) -> int:

@@ -13,8 +13,8 @@ from quantkit import runtime
 from quantkit.calibrate.data import DataSource, InputSpec, peek_specs
 from quantkit.calibrate.images import ImageSource, Preprocess, image_spec, is_image_data
 from quantkit.config import RunConfig
-from quantkit.errors import ConfigError, InputError, UnsupportedModelError
-from quantkit.output import write_copy
+from quantkit.errors import ConfigError, UnsupportedModelError
+from quantkit.load.onnx import check_model_path
 
 
 def open_data(path: Path, specs: list[InputSpec], preprocess: str | None):
@@ -40,8 +40,7 @@ def load_source(cfg: RunConfig, workdir: Path, status) -> Source:
     """ONNX files are used as they are; PyTorch files are exported (and checked) first."""
     from quantkit.load import torch as torch_load  # imports torch itself only when called on torch files
 
-    if not cfg.model.is_file():
-        raise InputError(f"model file {cfg.model} does not exist")
+    check_model_path(cfg.model)
     if not torch_load.is_torch_file(cfg.model):
         if cfg.save_fp32 is not None:
             raise ConfigError("--save-fp32 is for PyTorch models; this model is already ONNX")
@@ -74,7 +73,5 @@ def load_source(cfg: RunConfig, workdir: Path, status) -> Source:
     info["max_abs_error"] = max(float(np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64)).max(initial=0))
                                 for r, g in zip(ref, got))
     info["checked_on_samples"] = len(example[0])
-    if cfg.save_fp32 is not None:
-        write_copy(onnx_path, cfg.save_fp32)
     names = [s.name for s in specs]
     return Source(onnx_path, info, lambda feed: torch_load.run_torch(module, [feed[n] for n in names]))

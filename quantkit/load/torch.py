@@ -13,9 +13,9 @@ exporter with a note), and the exported ONNX is checked against torch on a calib
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-import json
 import os
 import struct
 import sys
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.calibrate.data import InputSpec
+from quantkit.load import archive
 from quantkit.errors import ConfigError, InputError, UnsupportedModelError
 
 PICKLE_REFUSAL = ("{path} is a pickled torch module: loading it runs arbitrary code from the file. "
@@ -52,13 +53,28 @@ def _is_safetensors(path: Path) -> bool:
 def kind_of(path: Path) -> str:
     if _is_safetensors(path):
         return "safetensors"
-    names = zipfile.ZipFile(path).namelist()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InputError(f"{path} is not a readable PyTorch archive ({e})") from e
     if any(n.endswith("archive_format") or "serialized_exported_program" in n or n.endswith(".json") and "models/" in n
            for n in names):
         return "export"
     if any("/code/" in n and n.endswith(".py") for n in names) or any(n.endswith("constants.pkl") for n in names):
         return "torchscript"
     return "pickle"  # torch.save: a state_dict or a whole module; told apart when loading
+
+
+def check_archive(path: Path, kind: str, allow_pickle: bool) -> None:
+    """Refuse an archive that would unpickle anything but tensors, unless --allow-pickle."""
+    if allow_pickle:
+        return
+    bad = archive.unsafe_globals(path, torchscript=kind == "torchscript")
+    if bad:
+        member, name = bad[0]
+        raise InputError(f"{path}: loading it would unpickle {member}, which imports {name}: that runs code "
+                         "from the file. Pass --allow-pickle only if you trust the file")
 
 
 @dataclass
@@ -76,44 +92,36 @@ def parse_input_spec(text: str) -> InputSpec:
         name, dims, dtype = text.split(":")
         shape = tuple(int(d) if d.isdigit() else None for d in dims.lower().split("x"))
         return InputSpec(name, np.dtype(dtype), shape)
-    except (ValueError, TypeError):
-        raise ConfigError(f"--input {text!r}: expected NAME:DIMxDIM...:DTYPE, e.g. x:Bx3x224x224:float32") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"--input {text!r}: expected NAME:DIMxDIM...:DTYPE, e.g. x:Bx3x224x224:float32") from e
 
 
 def _torch():
     try:
         import torch
-    except ImportError:
-        raise UnsupportedModelError("PyTorch models need torch: pip install torch==2.13.0 (the CPU wheel)") from None
+    except ImportError as e:
+        raise UnsupportedModelError("PyTorch models need torch: pip install torch==2.13.0 (the CPU wheel)") from e
     return torch
 
 
 def _load_state_dict(path: Path, kind: str) -> dict:
     torch = _torch()
     if kind == "safetensors":
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            base = 8 + n
-        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                  "BOOL": torch.bool}
-        raw = Path(path).read_bytes()
-        out = {}
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            start, end = meta["data_offsets"]
-            buf = bytearray(raw[base + start : base + end])
-            t = torch.frombuffer(buf, dtype=dtypes[meta["dtype"]]) if buf else torch.empty(0, dtype=dtypes[meta["dtype"]])
-            out[key] = t.reshape(meta["shape"])
-        return out
+        try:
+            from safetensors.torch import load_file
+        except ImportError as e:
+            raise UnsupportedModelError(".safetensors checkpoints need the safetensors package: "
+                                        "pip install safetensors") from e
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, and OSError for unreadable files
+            raise InputError(f"{path} is not a readable .safetensors file: {_first_line(e)}") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError with "Weights only load failed"
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
-            raise InputError(PICKLE_REFUSAL.format(path=path)) from None
-        raise InputError(f"{path} could not be read as a torch checkpoint: {str(e).splitlines()[0]}") from None
+            raise InputError(PICKLE_REFUSAL.format(path=path)) from e
+        raise InputError(f"{path} could not be read as a torch checkpoint: {_first_line(e)}") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -121,21 +129,58 @@ def _load_state_dict(path: Path, kind: str) -> dict:
     return obj
 
 
+@contextlib.contextmanager
+def _cwd_on_path():
+    """The working directory on the import path, as for `python -m`: --model-class factories and
+    the classes of pickled modules are found the same way."""
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        sys.path.remove(cwd)
+
+
 def _factory(spec: str):
     if ":" not in spec:
         raise ConfigError(f"--model-class {spec!r}: expected package.module:factory")
     mod_name, attr = spec.split(":", 1)
-    sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ConfigError(f"--model-class: cannot import {mod_name!r} ({e})") from None
-    finally:
-        sys.path.pop(0)
+    with _cwd_on_path():
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ConfigError(f"--model-class: cannot import {mod_name!r} ({e}); run from the directory "
+                              "that holds it or put it on PYTHONPATH") from e
+        except BaseException as e:  # the module's own code failed, or called exit()
+            raise InputError(f"--model-class: importing {mod_name!r} failed: {_first_line(e)}") from e
     fn = getattr(module, attr, None)
     if fn is None:
         raise ConfigError(f"--model-class: {mod_name} has no {attr!r}")
     return fn
+
+
+def _build(spec: str):
+    torch = _torch()
+    factory = _factory(spec)
+    try:
+        module = factory()
+    except (Exception, SystemExit) as e:  # user code: anything, including exit()
+        raise InputError(f"--model-class {spec}: calling it failed: {_first_line(e)}") from e
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"--model-class {spec} returned a {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def _load_archive(path: Path, kind: str, allow_pickle: bool):
+    torch = _torch()
+    check_archive(path, kind, allow_pickle)
+    what = "TorchScript archive" if kind == "torchscript" else "torch.export program"
+    try:
+        if kind == "torchscript":
+            return torch.jit.load(str(path), map_location="cpu").eval()
+        return torch.export.load(str(path))
+    except Exception as e:  # torch raises RuntimeError, KeyError, ValueError... on broken archives
+        raise InputError(f"{path} is not a readable {what}: {_first_line(e)}") from e
 
 
 def load_module(path: Path, model_class: str | None, allow_pickle: bool):
@@ -143,13 +188,11 @@ def load_module(path: Path, model_class: str | None, allow_pickle: bool):
     ExportedProgram."""
     torch = _torch()
     kind = kind_of(path)
-    if kind == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu").eval(), kind
-    if kind == "export":
-        return torch.export.load(str(path)), kind
+    if kind in ("torchscript", "export"):
+        return _load_archive(path, kind, allow_pickle), kind
     if model_class is not None:
         state = _load_state_dict(path, kind)
-        module = _factory(model_class)()
+        module = _build(model_class)
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise InputError(f"{path} does not fit --model-class {model_class}: "
@@ -162,15 +205,28 @@ def load_module(path: Path, model_class: str | None, allow_pickle: bool):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights only" not in str(e).lower() and "weights_only" not in str(e).lower():
-            raise InputError(f"{path} could not be read as a torch file: {str(e).splitlines()[0]}") from None
+            raise InputError(f"{path} could not be read as a torch file: {_first_line(e)}") from e
         if not allow_pickle:
-            raise InputError(PICKLE_REFUSAL.format(path=path)) from None
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+            raise InputError(PICKLE_REFUSAL.format(path=path)) from e
+        obj = _unpickle(path)
     if isinstance(obj, dict):
         raise ConfigError(f"{path} holds a state_dict (weights only): pass --model-class package.module:factory")
     if not isinstance(obj, torch.nn.Module):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a torch module")
     return obj.eval(), "pickle"
+
+
+def _unpickle(path: Path):
+    """A whole pickled module, with --allow-pickle: its class is imported like --model-class's."""
+    torch = _torch()
+    with _cwd_on_path():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (ModuleNotFoundError, AttributeError) as e:
+            raise InputError(f"{path}: the pickled module's class cannot be imported ({_first_line(e)}); run "
+                             "from the directory that holds its module or put it on PYTHONPATH") from e
+        except Exception as e:
+            raise InputError(f"{path} could not be unpickled: {_first_line(e)}") from e
 
 
 def forward_names(module) -> list[str] | None:
@@ -248,20 +304,20 @@ def _export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray]
         except Exception as e:  # the exporter raises many exception types
             errors.append(_first_line(e) + (" (pip install onnxscript)" if "onnxscript" in str(e) else ""))
             if kind == "export":
-                raise UnsupportedModelError(f"torch.onnx could not export the program: {errors[0]}") from None
+                raise UnsupportedModelError(f"torch.onnx could not export the program: {errors[0]}") from e
     try:
         axes = {s.name: {i: f"{s.name}_dim{i}" for i in d} for s, d in zip(specs, dyn)}
         torch.onnx.export(module, args, str(path), input_names=names, dynamic_axes=axes, dynamo=False,
                           opset_version=17, verbose=False)
     except Exception as e:
         errors.append(_first_line(e))
-        raise UnsupportedModelError(f"torch.onnx could not export the model: {' / '.join(errors)}") from None
+        raise UnsupportedModelError(f"torch.onnx could not export the model: {' / '.join(errors)}") from e
     info["exporter"] = "torchscript"
     if errors:
         info["fallback_reason"] = f"the dynamo exporter failed ({errors[0]}); used the TorchScript exporter"
     return info
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
