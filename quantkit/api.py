@@ -18,7 +18,7 @@ import onnxruntime as ort
 from quantkit import __version__, runtime
 from quantkit.calibrate import cache
 from quantkit.calibrate.collect import TIMINGS, statistics
-from quantkit.calibrate.data import LABELS, DataSource, InputSpec, complete_batches
+from quantkit.calibrate.data import LABELS, DataSource, InputSpec, assign_batch_axes, complete_batches
 from quantkit.calibrate.ranges import Levels, observer_kind, select_range
 from quantkit.config import RunConfig
 from quantkit.errors import ConfigError, UnsupportedModelError
@@ -58,8 +58,14 @@ class Result:
     gate_failures: list[str]
 
 
+def _fixed_batches(specs: list[InputSpec]) -> set[int]:
+    """Batch sizes the model fixes: a batched input whose batch axis has a fixed size."""
+    return {s.shape[s.batch_axis] for s in specs
+            if s.batch_axis is not None and s.shape and s.shape[s.batch_axis] is not None}
+
+
 def _batch_size(specs: list[InputSpec], asked: int | None) -> int:
-    fixed = {s.shape[0] for s in specs if s.shape and s.shape[0] is not None}
+    fixed = _fixed_batches(specs)
     if len(fixed) > 1:
         raise UnsupportedModelError(f"graph inputs disagree on a fixed batch size: {sorted(fixed)}")
     if fixed:
@@ -103,14 +109,14 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     done = already_quantized(model)
     if done:
         raise UnsupportedModelError(f"{cfg.model} is already quantized (it has {', '.join(done)})")
-    specs = input_specs(model)
+    specs = assign_batch_axes(input_specs(model), cfg.data.batch_axes)
     calib = open_data(cfg.data.calib, specs, cfg.data.preprocess) if cfg.data.calib is not None else None
     evald = open_data(cfg.data.eval, specs, cfg.data.preprocess) if cfg.data.eval is not None else None
     scored = evald or calib
     if cfg.gates.max_accuracy_drop is not None and not scored.has_labels:
         raise ConfigError(f"--max-accuracy-drop needs labels: add a '{LABELS}' array to {scored.path}")
     batch = _batch_size(specs, cfg.data.batch_size)
-    fixed = any(s.shape and s.shape[0] is not None for s in specs)
+    fixed = bool(_fixed_batches(specs))
     first_source = calib or evald
     notes = [f"{calib.path}: arrays {', '.join(calib.extra_keys)} match no model input and were ignored"] \
         if calib is not None and calib.extra_keys else []

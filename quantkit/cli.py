@@ -3,7 +3,11 @@ that `quantkit --help` stays fast and never loads onnxruntime or torch."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+import signal
 import sys
 import time
 import traceback
@@ -59,6 +63,7 @@ def cli() -> None:
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Node names or op types (glob, comma-separated, repeatable) to keep float.")
 @click.option("--preprocess", metavar="STEPS", help="Image folders as data: e.g. resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw (see README).")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
+@click.option("--batch-axis", multiple=True, metavar="NAME=K", help="The axis of input NAME that samples are stacked on (default: its first dynamic axis); NAME=none feeds the array whole to every batch.")
 @click.option("--batch-size", type=int, help="Batch size for calibration and evaluation [default: 8, or the model's fixed batch].")
 @click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Gate: exit 5 if top-1 accuracy drops more than this (needs labels).")
 @click.option("--min-cosine", type=float, help="Gate: exit 5 if any output's mean cosine to fp32 is below this.")
@@ -75,55 +80,156 @@ def cli() -> None:
 def quantize(model: Path, **o) -> None:
     """Quantize MODEL (ONNX, or PyTorch: TorchScript, torch.export, checkpoint + --model-class) and
     report the accuracy kept."""
+    with _isolated_streams(o["verbose"]) as (out, err), _signals_interrupt():
+        code = _quantize(model, o, out, err)
+    sys.exit(code)
+
+
+def _config(model: Path, o: dict):
+    from quantkit.config import DataConfig, Gates, QuantConfig, RunConfig, parse_batch_axes
+
+    output = o["output"] or model.with_name(f"{model.stem}.{o['weights']}.onnx")
+    return RunConfig(
+        model=model, output=output, report=o["report"], force=o["force"], threads=o["threads"],
+        speed_guard=not o["no_speed_guard"], model_class=o["model_class"], allow_pickle=o["allow_pickle"],
+        inputs=o["inputs"], save_fp32=o["save_fp32"],
+        quant=QuantConfig(
+            per_channel=not o["per_tensor"], method=o["method"], percentile=o["percentile"],
+            activations=o["activations"] or ("none" if o["weights"] == "int4" else "uint8"),
+            weights=o["weights"], block_size=o["block_size"], symmetric=not o["asymmetric"],
+            algorithm=o["algorithm"], accuracy_level=o["accuracy_level"], format=o["fmt"],
+            keep_int8=_split(o["keep_int8"]), exclude=_split(o["exclude"]),
+            bias_correction=o["bias_correction"], smoothquant=o["smoothquant"]),
+        data=DataConfig(calib=o["calib"], eval=o["eval_"], calib_samples=o["calib_samples"],
+                        batch_size=o["batch_size"], stats_cache=o["stats_cache"], preprocess=o["preprocess"],
+                        batch_axes=parse_batch_axes(_split(o["batch_axis"]))),
+        gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
+                    require_speedup=o["require_speedup"]),
+    )
+
+
+def _quantize(model: Path, o: dict, out, err) -> int:
+    """Run one quantization; returns the exit code. Only `out` and `err` reach the terminal."""
+    quiet, as_json, printed = o["quiet"], o["as_json"], False
     try:
-        from quantkit.config import DataConfig, Gates, QuantConfig, RunConfig
-
-        output = o["output"] or model.with_name(f"{model.stem}.{o['weights']}.onnx")
-        cfg = RunConfig(
-            model=model, output=output, report=o["report"], force=o["force"], threads=o["threads"],
-            speed_guard=not o["no_speed_guard"], model_class=o["model_class"], allow_pickle=o["allow_pickle"],
-            inputs=o["inputs"], save_fp32=o["save_fp32"],
-            quant=QuantConfig(
-                per_channel=not o["per_tensor"], method=o["method"], percentile=o["percentile"],
-                activations=o["activations"] or ("none" if o["weights"] == "int4" else "uint8"),
-                weights=o["weights"], block_size=o["block_size"], symmetric=not o["asymmetric"],
-                algorithm=o["algorithm"], accuracy_level=o["accuracy_level"], format=o["fmt"],
-                keep_int8=_split(o["keep_int8"]), exclude=_split(o["exclude"]),
-                bias_correction=o["bias_correction"], smoothquant=o["smoothquant"]),
-            data=DataConfig(calib=o["calib"], eval=o["eval_"], calib_samples=o["calib_samples"],
-                            batch_size=o["batch_size"], stats_cache=o["stats_cache"], preprocess=o["preprocess"]),
-            gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
-                        require_speedup=o["require_speedup"]),
-        )
+        cfg = _config(model, o)
         from quantkit.api import quantize as run
+        from quantkit.output import dumps
         from quantkit.report.render import render_text
-
-        quiet, as_json = o["quiet"], o["as_json"]
 
         def status(msg: str) -> None:
             if not quiet:
-                click.echo(f"quantkit: {msg}", err=True)
+                click.echo(f"quantkit: {msg}", file=err)
 
-        result = run(cfg, status=status, progress=None if quiet else TerminalProgress())
+        result = run(cfg, status=status, progress=None if quiet else TerminalProgress(err))
         if as_json:
-            click.echo(json.dumps(result.report, indent=2))
+            click.echo(dumps(result.report), file=out)
+            printed = True
         if not quiet:
-            click.echo(render_text(result.report), err=as_json)
+            click.echo(render_text(result.report), file=err if as_json else out)
         if result.gate_failures:
             raise AccuracyGateError("; ".join(result.gate_failures))
+        return 0
     except QuantkitError as e:
-        if o["verbose"]:
-            traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
-        raise
+        return _fail(e, str(e), e.exit_code, o, out, err, printed)
+    except Interrupted as e:
+        return _fail(e, f"interrupted by {e.name}; temporary files removed, nothing written", e.exit_code, o,
+                     out, err, printed)
     except Exception as e:
-        if o["verbose"]:
-            traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        click.echo(f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", err=True)
-        sys.exit(1)
+        return _fail(e, f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", 1,
+                     o, out, err, printed, prefix="")
+
+
+def _fail(exc: BaseException, message: str, code: int, o: dict, out, err, printed: bool,
+          prefix: str = "error: ") -> int:
+    """One line on stderr (the whole chained traceback with -v); with --json and no report printed
+    yet, a JSON error document on stdout, so stdout always holds exactly one JSON document."""
+    if o["verbose"]:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=err)
+    click.echo(f"{prefix}{message}", file=err)
+    if o["as_json"] and not printed:
+        click.echo(json.dumps({"error": {"message": message, "exit_code": code, "type": type(exc).__name__}},
+                              indent=2), file=out)
+    return code
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: unwinds like Ctrl-C, so every temporary file is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    wanted = [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)]
+    try:
+        old = {s: signal.signal(s, handler) for s in wanted if s is not None}
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _own_stream(stream):
+    """A stream of our own on a copy of `stream`'s file descriptor (so redirecting the descriptor
+    does not silence us), or `stream` itself when it has none (click's test runner)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return stream, None
+    stream.flush()
+    return os.fdopen(os.dup(fd), "w", buffering=1, encoding=getattr(stream, "encoding", None) or "utf-8",
+                     errors="replace"), fd
+
+
+@contextlib.contextmanager
+def _isolated_streams(verbose: bool):
+    """(out, err) for quantkit's own output. Inside, whatever else is written to stdout (Python
+    prints, onnxruntime's or torch's C++ logging on descriptor 1) goes to stderr with -v and nowhere
+    without it; other stderr output is kept only with -v. stdout then carries only what we print."""
+    out, out_fd = _own_stream(sys.stdout)
+    err, err_fd = _own_stream(sys.stderr)
+    saved_py = sys.stdout, sys.stderr
+    sink = os.open(os.devnull, os.O_WRONLY)
+    saved_fds = {fd: os.dup(fd) for fd in (out_fd, err_fd) if fd is not None}
+    try:
+        if out_fd is not None:
+            os.dup2(err_fd if (verbose and err_fd is not None) else sink, out_fd)
+        if err_fd is not None and not verbose:
+            os.dup2(sink, err_fd)
+        sys.stdout = saved_py[1] if verbose else open(os.devnull, "w")  # noqa: SIM115 - closed below
+        sys.stderr = saved_py[1] if verbose else sys.stdout
+        yield out, err
+    finally:
+        _flush_c_stdio()
+        if sys.stdout is not saved_py[1]:
+            sys.stdout.close()
+        sys.stdout, sys.stderr = saved_py
+        for fd, copy in saved_fds.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(sink)
+        for s in (out, err):
+            if s not in saved_py:
+                s.close()
+
+
+def _flush_c_stdio() -> None:
+    """C/C++ libraries buffer their own stdout; flush it while it still points at the sink."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 class TerminalProgress:

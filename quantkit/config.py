@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,26 @@ class QuantConfig:
             object.__setattr__(self, "smoothquant", alpha)
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"--percentile must be in (50, 100], got {self.percentile}")
+        self._check_applicable()
+
+    def _check_applicable(self) -> None:
+        """An option set away from its default must act on the chosen mode: never ignored silently."""
+        default = QuantConfig.__dataclass_fields__
+        weight_only = ("block_size", "symmetric", "algorithm", "accuracy_level", "format", "keep_int8")
+        static = ("method", "percentile", "bias_correction")
+        flag = {"block_size": "--block-size", "symmetric": "--asymmetric", "algorithm": "--algorithm",
+                "accuracy_level": "--accuracy-level", "format": "--format", "keep_int8": "--keep-int8",
+                "method": "--method", "percentile": "--percentile", "bias_correction": "--bias-correction"}
+        changed = [k for k in (*weight_only, *static) if getattr(self, k) != default[k].default]
+        for k in changed:
+            if k in weight_only and self.activations != "none":
+                raise ConfigError(f"{flag[k]} applies to weight-only quantization (--weights int4 or "
+                                  f"--activations none), not to --activations {self.activations}")
+            if k in static and self.activations not in ("uint8", "int8"):
+                raise ConfigError(f"{flag[k]} applies to static activations (uint8/int8), not to "
+                                  f"--activations {self.activations}")
+        if "percentile" in changed and self.method != "percentile":
+            raise ConfigError(f"--percentile applies to --method percentile, not to --method {self.method}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,7 @@ class DataConfig:
     stats_cache: Path | None = None
     preprocess: str | None = None  # image folders: resize=...,crop=...,mean=...,std=...,layout=...
     batch_size: int | None = None  # None: 8, or the model's fixed batch size
+    batch_axes: dict[str, int | None] = field(default_factory=dict)  # --batch-axis NAME=K (None: fed whole)
 
     def __post_init__(self) -> None:
         if self.calib_samples is not None and self.calib_samples < 1:
@@ -92,6 +114,10 @@ class Gates:
     require_speedup: float | None = None  # fp32 latency / int8 latency must reach this
 
     def __post_init__(self) -> None:
+        for flag, value in (("--max-accuracy-drop", self.max_accuracy_drop), ("--min-cosine", self.min_cosine),
+                            ("--require-speedup", self.require_speedup)):
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value}: such a gate could never fail")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise ConfigError("--max-accuracy-drop must be >= 0 (percentage points)")
         if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
@@ -117,3 +143,20 @@ class RunConfig:
     allow_pickle: bool = False  # allow torch.load of a whole pickled module (runs code from the file)
     inputs: tuple[str, ...] = ()  # NAME:SHAPE:DTYPE signatures; default: taken from the data
     save_fp32: Path | None = None  # keep the exported fp32 ONNX here
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.latency_runs < 1:
+            raise ConfigError(f"latency_runs must be at least 1, got {self.latency_runs}")
+
+
+def parse_batch_axes(items: tuple[str, ...]) -> dict[str, int | None]:
+    """--batch-axis NAME=K (K an axis, or `none` to feed the array whole)."""
+    out: dict[str, int | None] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not name or not value or not (value.lower() == "none" or value.isdigit()):
+            raise ConfigError(f"--batch-axis {item!r}: expected NAME=K with K an axis (0, 1, ...) or NAME=none")
+        out[name] = None if value.lower() == "none" else int(value)
+    return out

@@ -42,8 +42,11 @@ def load_source(cfg: RunConfig, workdir: Path, status) -> Source:
 
     check_model_path(cfg.model)
     if not torch_load.is_torch_file(cfg.model):
-        if cfg.save_fp32 is not None:
-            raise ConfigError("--save-fp32 is for PyTorch models; this model is already ONNX")
+        torch_only = {"--save-fp32": cfg.save_fp32 is not None, "--input": bool(cfg.inputs),
+                      "--model-class": cfg.model_class is not None, "--allow-pickle": cfg.allow_pickle}
+        given = [flag for flag, on in torch_only.items() if on]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to PyTorch models; {cfg.model} is already ONNX")
         return Source(cfg.model)
     status(f"loading PyTorch model {cfg.model}")
     module, kind = torch_load.load_module(cfg.model, cfg.model_class, cfg.allow_pickle)
