@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,33 @@ def load(path: Path, key: dict) -> tuple[dict[str, HistogramObserver], str | Non
                 raise KeyError("format")
             if meta["key"] != key:
                 return {}, "the stats cache was made for another model or calibration data; recollecting"
-            return {name: HistogramObserver.from_state({k: z[f"{i}/{k}"] for k in _FIELDS})
-                    for i, name in enumerate(meta["tensors"])}, None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        raise InputError(f"{path} is not a quantkit stats cache; remove it or choose another --stats-cache path") from None
+            states = {name: {k: z[f"{i}/{k}"] for k in _FIELDS} for i, name in enumerate(meta["tensors"])}
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise InputError(f"{path} is not a quantkit stats cache; remove it or choose another --stats-cache "
+                         "path") from e
+    for name, state in states.items():
+        flaw = _flaw(state)
+        if flaw:
+            return {}, f"the stats cache failed its integrity check (tensor '{name}': {flaw}); recollecting"
+    return {name: HistogramObserver.from_state(state) for name, state in states.items()}, None
+
+
+def _flaw(state: dict) -> str | None:
+    """What makes a cached histogram impossible, or None. A cache is a file anyone can edit: NaN
+    ranges or negative counts would silently become nonsense scales."""
+    counts, count = np.asarray(state["counts"]), int(state["count"])
+    if counts.ndim != 1 or not 1 <= counts.size <= 1 << 16 or not np.issubdtype(counts.dtype, np.integer):
+        return "histogram bins malformed"
+    if (counts < 0).any() or count < 0 or int(state["nonfinite"]) < 0 or int(state["extreme"]) < 0:
+        return "negative counts"
+    floats = [float(state[k]) for k in ("origin", "width", "bulk_absmax")]
+    if count and not (all(np.isfinite(floats)) and np.isfinite([float(state["lo"]), float(state["hi"])]).all()):
+        return "non-finite range"
+    if count and (float(state["width"]) <= 0 or float(state["lo"]) > float(state["hi"])):
+        return "empty or inverted range"
+    if not np.isfinite(np.asarray(state["channel_sum"], dtype=np.float64)).all() or int(state["channel_n"]) < 0:
+        return "non-finite channel means"
+    return None
 
 
 _FIELDS = ("counts", "origin", "width", "lo", "hi", "nonfinite", "count", "extreme", "bulk_absmax", "channel_sum",

@@ -15,6 +15,8 @@ e.g. resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nch
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +64,20 @@ class Preprocess:
                     kw[key] = value.upper()
                 else:
                     raise ValueError
-            except ValueError:
-                raise ConfigError(f"--preprocess: bad value for {key!r}: {value!r}") from None
+            except (ValueError, ZeroDivisionError) as e:
+                raise ConfigError(f"--preprocess: bad value for {key!r}: {value!r}") from e
         return cls(**kw)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale != 0):
+            raise ConfigError(f"--preprocess: scale must be a finite non-zero number, got {self.scale}")
+        if self.std is not None and not all(math.isfinite(v) and v != 0 for v in self.std):
+            raise ConfigError(f"--preprocess: std must be finite and non-zero (it divides), got {self.std}")
+        if self.mean is not None and not all(math.isfinite(v) for v in self.mean):
+            raise ConfigError(f"--preprocess: mean must be finite, got {self.mean}")
+        sizes = [self.resize] if isinstance(self.resize, int) else list(self.resize or ()) + list(self.crop or ())
+        if any(v <= 0 for v in sizes):
+            raise ConfigError("--preprocess: resize and crop sizes must be positive")
 
     def apply(self, img) -> np.ndarray:
         from PIL import Image
@@ -155,13 +168,20 @@ class ImageSource:
 
 
 def load_image(path: Path, preprocess: Preprocess) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            return preprocess.apply(img)
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f"{path} is not a readable image ({e})") from None
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: a bomb either way
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return preprocess.apply(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{path} is too large to decode safely ({e}); shrink the image") from e
+    except InputError:
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... on broken files
+        raise InputError(f"{path} is not a readable image ({type(e).__name__}: {e})") from e
 
 
 def image_spec(path: Path, name: str, preprocess: Preprocess) -> InputSpec:

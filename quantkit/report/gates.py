@@ -6,8 +6,14 @@ from quantkit.config import Gates
 
 
 def check_gates(outputs: list[dict], gates: Gates, latency: dict | None = None) -> list[str]:
-    """One line per failed gate; empty when every gate passed."""
+    """One line per failed gate; empty when every gate passed. A non-finite value where fp32 is
+    finite fails every gate that was set."""
     failures = []
+    if any(v is not None for v in (gates.max_accuracy_drop, gates.min_cosine, gates.require_speedup)):
+        for out in outputs:
+            if out.get("nonfinite"):
+                failures.append(f"output '{out['name']}': {out['nonfinite']} non-finite value(s) (NaN/Inf) "
+                                "where fp32 is finite")
     if gates.max_accuracy_drop is not None and outputs:
         first = outputs[0]
         drop = first.get("accuracy_drop_points")
