@@ -28,7 +28,7 @@ from quantkit.graph.masks import mask_tensors
 from quantkit.load.onnx import input_specs, load_onnx, model_bytes, model_files
 from quantkit.load.source import load_source, open_data
 from quantkit.output import Outputs, check_destinations
-from quantkit.quantize import dynamic, prepare, qdq, weight_only
+from quantkit.quantize import dynamic, prepare, qdq, subgraphs, weight_only
 from quantkit.quantize.plan import make_plan
 from quantkit.quantize.speed import GuardReport, guard
 from quantkit.report.compare import OutputComparison
@@ -197,6 +197,10 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
         (qmodel, plan, rw), guard_report = build(set()), GuardReport()
     status(f"quantized {len(plan.ops)} node(s)")
     notes += rw.notes
+    inner = subgraphs.quantize_weights(qmodel)
+    if inner:
+        notes.append(f"{len(inner)} weight(s) inside If/Loop/Scan bodies stored int8 and dequantized at run time "
+                     "(activations inside control flow cannot be calibrated; see nodes.subgraph_weights)")
     if not plan.ops:
         notes.append("no node could be quantized; the output is the canonicalized float model")
 
@@ -226,6 +230,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
                      eval_info={"source": str(scored.path), "on_calibration_data": evald is None,
                                 "samples": eval_samples},
                      bytes_after=model_bytes(q_path))
+    _move_subgraph_nodes(report["nodes"], inner)
     failures = check_gates(outputs, cfg.gates, latency)
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
     report["seconds"] = time.perf_counter() - t_start
@@ -325,6 +330,15 @@ def _report(cfg, source, calibration, plan, rw, guard_report, outputs, latency, 
     m = report["model"]
     m["compression"] = m["bytes_before"] / m["bytes_after"] if m["bytes_after"] else None
     return report
+
+
+def _move_subgraph_nodes(nodes: dict, inner: list[subgraphs.SubgraphWeight]) -> None:
+    """Nodes inside control flow whose weights were stored int8 are listed as quantized (weight-only)."""
+    names = {w.node for w in inner}
+    nodes["float"] = [f for f in nodes["float"] if f["node"] not in names]
+    nodes["quantized"] += [{"node": w.node, "op_type": w.op_type, "kind": "weight-only int8 (inside control flow)",
+                            "per_channel": w.per_channel_axis >= 0} for w in inner]
+    nodes["subgraph_weights"] = [asdict(w) for w in inner]
 
 
 def _tally(names) -> dict[str, int]:

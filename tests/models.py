@@ -96,3 +96,77 @@ def run(model: onnx.ModelProto, feed: dict) -> list:
     so.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)
+
+
+def control_flow(rng: np.random.Generator) -> onnx.ModelProto:
+    """x[N,64] -> MatMul -> If(sum > 0: MatMul with a Constant weight inside the branch,
+    else: MatMul with an outer-scope initializer) -> Loop(2x: h = Tanh(MatMul(h, outer weight))) -> y.
+    Most of the weight bytes live inside the subgraphs."""
+    f32 = TensorProto.FLOAT
+    w0 = rng.normal(0, 0.2, (64, 64)).astype(np.float32)
+    w_then = rng.normal(0, 0.2, (64, 64)).astype(np.float32)
+    w_else = rng.normal(0, 0.2, (64, 64)).astype(np.float32)
+    w_loop = rng.normal(0, 0.1, (64, 64)).astype(np.float32)
+    then_g = helper.make_graph(
+        [helper.make_node("Constant", [], ["w_then"], value=numpy_helper.from_array(w_then, "w_then")),
+         helper.make_node("MatMul", ["h0", "w_then"], ["t_out"], name="then_matmul")],
+        "then_branch", [], [helper.make_tensor_value_info("t_out", f32, ["N", 64])])
+    else_g = helper.make_graph(
+        [helper.make_node("MatMul", ["h0", "w_else"], ["e_out"], name="else_matmul")],
+        "else_branch", [], [helper.make_tensor_value_info("e_out", f32, ["N", 64])])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["h_in", "w_loop"], ["mm"], name="loop_matmul"),
+         helper.make_node("Tanh", ["mm"], ["h_out"], name="loop_tanh")],
+        "loop_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_in", f32, ["N", 64])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_out", f32, ["N", 64])])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h0"], name="main_matmul"),
+        helper.make_node("ReduceSum", ["h0"], ["s"], keepdims=0, name="sum"),
+        helper.make_node("Greater", ["s", "zero"], ["cond"], name="gt"),
+        helper.make_node("If", ["cond"], ["branch"], name="if", then_branch=then_g, else_branch=else_g),
+        helper.make_node("Loop", ["trips", "true"], ["y"], name="loop", body=body),
+    ]
+    # the Loop's carried value starts at the If's output
+    nodes[-1].input.append("branch")
+    graph = helper.make_graph(
+        nodes, "control_flow", [helper.make_tensor_value_info("x", f32, ["N", 64])],
+        [helper.make_tensor_value_info("y", f32, ["N", 64])],
+        initializer=[_init("w0", w0), _init("w_else", w_else), _init("w_loop", w_loop),
+                     _init("zero", np.float32(0)), _init("trips", np.int64(2)), _init("true", np.bool_(True))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def stateful_vad(rng: np.random.Generator) -> onnx.ModelProto:
+    """A voice-activity-style streaming model: input [N, 64], state [2, N, 128] (batch on axis 1),
+    sr a scalar int64 sample rate. Outputs a probability [N, 1] and the next state."""
+    f32 = TensorProto.FLOAT
+    w1 = rng.normal(0, 0.2, (64, 128)).astype(np.float32)
+    w2 = rng.normal(0, 0.2, (128, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["h"], name="enc"),
+        helper.make_node("ReduceSum", ["state", "axis0"], ["s"], keepdims=0, name="state_sum"),
+        helper.make_node("Add", ["h", "s"], ["hs"], name="mix"),
+        helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT, name="sr_cast"),
+        helper.make_node("Div", ["srf", "rate"], ["g"], name="sr_gain"),
+        helper.make_node("Mul", ["hs", "g"], ["h2"], name="scale"),
+        helper.make_node("Relu", ["h2"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["z"], name="head"),
+        helper.make_node("Sigmoid", ["z"], ["output"], name="prob"),
+        helper.make_node("Unsqueeze", ["h2", "axis0"], ["u"], name="unsq"),
+        helper.make_node("Concat", ["u", "u"], ["stateN"], axis=0, name="next_state"),
+    ]
+    graph = helper.make_graph(
+        nodes, "vad",
+        [helper.make_tensor_value_info("input", f32, ["N", 64]),
+         helper.make_tensor_value_info("state", f32, [2, "N", 128]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("output", f32, ["N", 1]),
+         helper.make_tensor_value_info("stateN", f32, [2, "N", 128])],
+        initializer=[_init("w1", w1), _init("w2", w2), _init("axis0", np.array([0], np.int64)),
+                     _init("rate", np.float32(16000))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
