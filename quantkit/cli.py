@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import signal
@@ -135,10 +136,20 @@ def _quantize(model: Path, o: dict, out, err) -> int:
     except Interrupted as e:
         return _fail(e, f"interrupted by {e.name}; temporary files removed, nothing written", e.exit_code, o,
                      out, err, printed)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal(e, o, out, err, printed)
+        where = f" writing {e.filename}" if e.filename else ""
+        return _fail(e, f"no space left on the device{where}; free space (or point TMPDIR at a larger disk) and "
+                     "rerun: nothing was written", 3, o, out, err, printed)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return _fail(e, f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", 1,
-                     o, out, err, printed, prefix="")
+        return _internal(e, o, out, err, printed)
+
+
+def _internal(e: Exception, o: dict, out, err, printed: bool) -> int:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return _fail(e, f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", 1,
+                 o, out, err, printed, prefix="")
 
 
 def _fail(exc: BaseException, message: str, code: int, o: dict, out, err, printed: bool,

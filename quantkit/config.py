@@ -103,6 +103,10 @@ class DataConfig:
             raise ConfigError(f"--calib-samples must be at least 1, got {self.calib_samples}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.preprocess:
+            from quantkit.calibrate.images import Preprocess
+
+            Preprocess.parse(self.preprocess)  # bad steps are usage errors, found before any work
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,11 @@ def load_source(cfg: RunConfig, workdir: Path, status) -> Source:
         if given:
             raise ConfigError(f"{', '.join(given)} apply to PyTorch models; {cfg.model} is already ONNX")
         return Source(cfg.model)
+    with torch_load.private_caches(workdir):
+        return _export_torch(cfg, workdir, status, torch_load)
+
+
+def _export_torch(cfg: RunConfig, workdir: Path, status, torch_load) -> Source:
     status(f"loading PyTorch model {cfg.model}")
     module, kind = torch_load.load_module(cfg.model, cfg.model_class, cfg.allow_pickle)
     data = cfg.data.calib or cfg.data.eval

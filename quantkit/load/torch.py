@@ -96,6 +96,24 @@ def parse_input_spec(text: str) -> InputSpec:
         raise ConfigError(f"--input {text!r}: expected NAME:DIMxDIM...:DTYPE, e.g. x:Bx3x224x224:float32") from e
 
 
+@contextlib.contextmanager
+def private_caches(workdir: Path):
+    """torch's compiler caches (TORCHINDUCTOR_CACHE_DIR, by default a folder in the system temp
+    dir that outlives the process) go into our work dir, which is removed at the end."""
+    keys = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(workdir) / "torch-cache")
+    os.environ["TRITON_CACHE_DIR"] = str(Path(workdir) / "torch-cache" / "triton")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _torch():
     try:
         import torch
