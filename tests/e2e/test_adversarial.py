@@ -542,3 +542,14 @@ def test_weights_inside_if_and_loop_are_quantized(run, tmp_path):
             for g in [a.g] if a.HasField("g") else list(a.graphs):
                 inner_dq += sum(m.op_type == "DequantizeLinear" for m in g.node)
     assert inner_dq == 3
+
+
+def test_a_model_with_corrupted_strings_is_bad_input(run, tmp_path):
+    raw = conv_bn_relu_gemm(np.random.default_rng(0)).SerializeToString()
+    assert raw.count(b"flatten") == 1
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(raw.replace(b"flatten", b"\xff\xfelatten"))  # same length: only the UTF-8 breaks
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.zeros((8, 3, 8, 8), np.float32))
+    r = run(bad, "--calib", calib, "-o", tmp_path / "o.onnx", inputs=[bad], expect=3)
+    assert "not a readable ONNX model" in r.stderr
