@@ -79,6 +79,9 @@ def _batch_size(specs: list[InputSpec], asked: int | None) -> int:
 def _check_options(cfg: RunConfig) -> None:
     check_destinations({"output": cfg.output, "--report": cfg.report, "--save-fp32": cfg.save_fp32},
                        [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache], cfg.force)
+    if cfg.data.stats_cache is not None and cfg.quant.activations not in ("uint8", "int8"):
+        raise ConfigError(f"--stats-cache holds activation histograms: it applies to static activations (uint8/int8), "
+                          f"not to --activations {cfg.quant.activations}")
     if cfg.data.stats_cache is not None and not Path(cfg.data.stats_cache).parent.is_dir():
         raise ConfigError(f"--stats-cache directory {Path(cfg.data.stats_cache).parent} does not exist")
     q = cfg.quant

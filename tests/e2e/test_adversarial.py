@@ -274,6 +274,7 @@ def test_one_hot_labels_give_the_same_accuracy_as_class_ids(run, tmp_path):
     (["--percentile", "99.9"], "--percentile"),
     (["--preprocess", "std=0"], "std"),
     (["--batch-axis", "nosuch=0"], "nosuch"),
+    (["--activations", "dynamic", "--stats-cache", "s.npz"], "--stats-cache"),
 ])
 def test_options_are_validated(run, tmp_path, args, words):
     r = run(CNN / "model.onnx", "--calib", CNN / "calib.npz", "-o", tmp_path / "o.onnx", *args, expect=2)
