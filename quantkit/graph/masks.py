@@ -14,7 +14,7 @@ from collections import deque
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.graph.canonicalize import const_array
+from quantkit.graph.ir_edit import const_array
 
 MASK_VALUE = -1e4  # HF's older BERTs use -10000.0; newer ones float32 min
 CARRIERS = {"Add", "Sub", "Mul", "Where", "Expand", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Transpose",

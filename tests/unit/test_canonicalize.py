@@ -4,7 +4,8 @@ import pytest
 
 from models import conv_bn_relu_gemm, run
 from quantkit.graph import shapes
-from quantkit.graph.canonicalize import canonicalize, const_array
+from quantkit.graph.canonicalize import canonicalize
+from quantkit.graph.ir_edit import const_array
 
 
 def _ops(model: ir.Model) -> list[str]:
