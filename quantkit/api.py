@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -39,9 +40,17 @@ DEFAULT_BATCH = 8
 SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster without this group quantized"
 
 
-class Progress:
+class Progress(Protocol):
     """Progress over a known number of samples; the CLI draws it, the API default is silent."""
 
+    def start(self, label: str, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class Silent:
     def start(self, label: str, total: int) -> None:
         pass
 
@@ -92,7 +101,7 @@ def _check_options(cfg: RunConfig) -> None:
 
 def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
              progress: Progress | None = None) -> Result:
-    progress = progress or Progress()
+    progress = progress or Silent()
     t_start = time.perf_counter()
     _check_options(cfg)
     with tempfile.TemporaryDirectory(prefix="quantkit-") as tmp:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from quantkit.errors import ConfigError
 
+
 class Choice(str, Enum):
     """A config choice: compares equal to its CLI spelling and prints as it."""
 

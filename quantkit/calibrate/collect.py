@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from quantkit import runtime
 from quantkit.calibrate import cache
-from quantkit.calibrate.observers import Observer, make_observer
+from quantkit.calibrate.observers import HistogramObserver, Observer, make_observer
 from quantkit.graph.ir_edit import with_outputs
 
 RANGE_KINDS = ("minmax", "histogram")
@@ -55,6 +55,10 @@ class Statistics:
 
     def of_kind(self, kind: str) -> dict[str, Observer]:
         return {t: o for (t, k), o in self.observers.items() if k == kind}
+
+    def retain(self, tensors: set[str]) -> None:
+        """Forget the statistics of tensors no longer needed (e.g. before SmoothQuant rescaled them)."""
+        self.observers = {key: o for key, o in self.observers.items() if key[0] in tensors}
 
     def merge(self, other: Statistics) -> None:
         self.observers.update(other.observers)
@@ -139,7 +143,8 @@ def gather(model: ir.Model, requests: list[StatRequest], batches: Callable[[], I
     if ranges and not stats.passes:
         stats.notes.append(f"activation statistics read from {stats_cache.path}; no forward pass needed")
     elif any(r.kind == "histogram" for r in missing):
-        cache.save(stats_cache.path, stats_cache.key, {**cached, **stats.of_kind("histogram")})
+        new = {t: o for t, o in stats.of_kind("histogram").items() if isinstance(o, HistogramObserver)}
+        cache.save(stats_cache.path, stats_cache.key, {**cached, **new})
         stats.notes.append(f"activation statistics for {sum(r.kind == 'histogram' for r in missing)} tensor(s) "
                            f"saved to {stats_cache.path}")
     for r in ranges:

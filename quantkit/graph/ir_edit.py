@@ -26,7 +26,7 @@ def k_major_weight(node: ir.Node) -> np.ndarray:
     w = const_array(node.inputs[1])
     if w is None:
         raise ValueError(f"{node.op_type} {node.name!r} has no constant weight")
-    return w.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else w
+    return w.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1 else w
 
 
 def taken_names(graph: ir.Graph) -> set[str]:
@@ -78,7 +78,7 @@ class Editor:
         """A new initializer holding `array` (its dtype kept unless `dtype` says, e.g. INT4)."""
         name = self.name(base)
         tensor = ir.tensor(array, dtype=dtype, name=name)
-        value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
+        value = ir.Value(name=name, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype),
                          const_value=tensor)
         self.graph.register_initializer(value)
         return value

@@ -44,7 +44,7 @@ def _seeds(graph: ir.Graph):
 def mask_tensors(model: ir.Model) -> dict[str, str]:
     """Tensor name -> why it stays float, for every tensor downstream of a mask constant."""
     found: dict[str, str] = {}
-    queue = deque()
+    queue: deque = deque()
     for value, low in _seeds(model.graph):
         queue.append((value, f"carries an additive attention mask (constant {low:.3g} in '{value.name}')"))
     while queue:

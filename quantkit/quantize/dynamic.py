@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.config import QuantConfig
 from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import OpKind, QuantizedOp, SchemeName

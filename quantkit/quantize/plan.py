@@ -210,7 +210,7 @@ def _why_not(node: ir.Node, config: QuantConfig) -> str | None:
         return "input is not float32" if node.inputs[0].dtype else "input type unknown after shape inference"
     if node.op_type == "MatMul" and w.ndim != 2:
         return f"MatMul weight has rank {w.ndim}; only 2-D weights are quantized"
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) == 1:
         return "Gemm with transA=1 has no integer kernel"
     return None
 

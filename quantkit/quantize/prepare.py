@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.calibrate import cache
-from quantkit.calibrate.collect import RANGE_KINDS, StatRequest, Statistics, StatsCache, gather
+from quantkit.calibrate.collect import RANGE_KINDS, Statistics, StatRequest, StatsCache, gather
 from quantkit.calibrate.data import DataSource, complete_batches
 from quantkit.calibrate.observers import GramObserver
 from quantkit.config import QuantConfig, RunConfig
@@ -115,7 +115,9 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
         alpha = None if quant.smoothquant == "auto" else float(quant.smoothquant)
         result.smoothing, scaled = smoothquant.smooth(model, groups, stats, alpha) if groups else ([], {})
         _derive_grams(stats, scaled)
-        missing = [r for r in placement.requests(model) if not stats.satisfies(r)]
+        final = placement.requests(model)
+        stats.retain({r.tensor for r in final})
+        missing = [r for r in final if not stats.satisfies(r)]
         if missing and data is not None:
             stats.merge(_pass(model, missing, data, workdir, status, progress))
     result.notes = stats.notes + placement.use(stats)

@@ -15,7 +15,7 @@ from dataclasses import asdict
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.calibrate.collect import RANGE_KINDS, StatRequest, Statistics
+from quantkit.calibrate.collect import RANGE_KINDS, Statistics, StatRequest
 from quantkit.calibrate.observers import Observer
 from quantkit.calibrate.ranges import Levels, observer_kind, select_range
 from quantkit.config import Activations, QuantConfig
@@ -60,7 +60,7 @@ def weight_error_shift(node: ir.Node, w: np.ndarray, w_dq: np.ndarray, mean_in: 
         means = mean_in.reshape(groups, cin_g)[np.arange(cout) // (cout // groups)]
         return (per_in * means).sum(axis=1)
     if node.op_type in ("Gemm", "MatMul"):
-        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1:
             dw = dw.T
         if mean_in.shape != (dw.shape[0],):
             return None
@@ -93,7 +93,8 @@ def _correct_bias(edit: Editor, op: QuantizedOp, w: np.ndarray, w_dq: np.ndarray
             return False
         add, idx = found
         b = const_array(add.inputs[idx])
-        add.replace_input_with(idx, edit.initializer(f"{add.inputs[idx].name}_biascorr", (b - shift).astype(np.float32)))
+        corrected = edit.initializer(f"{add.inputs[idx].name}_biascorr", (b - shift).astype(np.float32))
+        add.replace_input_with(idx, corrected)
         return True
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
     if has_bias and const_array(node.inputs[2]) is None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from quantkit.calibrate.collect import StatRequest, Statistics
+from quantkit.calibrate.collect import Statistics, StatRequest
 from quantkit.config import QuantConfig
 from quantkit.graph.ir_edit import Editor, drop_unused
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName, make_plan

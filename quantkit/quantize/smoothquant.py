@@ -13,11 +13,12 @@ smallest relative output error of fake-quantized X' W' on sampled calibration ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.calibrate.collect import StatRequest, Statistics
+from quantkit.calibrate.collect import Statistics, StatRequest
 from quantkit.calibrate.observers import ChannelObserver, GramObserver
 from quantkit.graph.ir_edit import Editor, const_array
 from quantkit.quantize import qparams as qp
@@ -56,12 +57,14 @@ def _fake_quant_error(x: np.ndarray, lo: float, hi: float, ws: list[np.ndarray],
     return err
 
 
-def choose_scales(obs: ChannelObserver, weights: list[np.ndarray], alpha: float | None) -> tuple[np.ndarray | None, float | None, float]:
+def choose_scales(obs: ChannelObserver, weights: list[np.ndarray],
+                  alpha: float | None) -> tuple[np.ndarray | None, float | None, float]:
     """Smoothing factors s (None: smoothing does not help), the alpha used, and the error."""
     x = obs.sample
     refs = [x @ w for w in weights]
     w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-    best = (None, None, _fake_quant_error(x, float(obs.ch_min.min()), float(obs.ch_max.max()), weights, refs))
+    unsmoothed = _fake_quant_error(x, float(obs.ch_min.min()), float(obs.ch_max.max()), weights, refs)
+    best: tuple[np.ndarray | None, float | None, float] = (None, None, unsmoothed)
     for a in (alpha,) if alpha is not None else ALPHAS:
         s = np.power(np.maximum(obs.absmax, 1e-5), a) / np.power(np.maximum(w_absmax, 1e-5), 1 - a)
         s = np.clip(s, 1e-4, 1e4).astype(np.float32)
@@ -83,7 +86,7 @@ def smooth(model: ir.Model, groups: list[Group], stats: Statistics, alpha: float
     edit = Editor(model.graph)
     out, scaled = [], {}
     for g in groups:
-        obs = stats.get(g.source.name, "channel")
+        obs = cast(ChannelObserver, stats.get(g.source.name, "channel"))
         weights = [const_array(mm.inputs[1]) for mm in g.consumers]
         s, a, err = choose_scales(obs, weights, alpha)
         entry = {"layernorm": g.norm.name, "matmuls": [mm.name for mm in g.consumers], "alpha": a,

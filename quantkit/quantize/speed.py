@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from quantkit.quantize.plan import OpKind
 from quantkit.report.latency import interleaved_ms
@@ -30,7 +31,7 @@ class GuardReport:
     int8_cannot_win: bool = False
 
 
-def guard(build: Callable[[set[str]], tuple], session: Callable[[object], object], fp32_sess, feed: dict,
+def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], fp32_sess, feed: dict,
           kinds: set[OpKind], runs: int = 15, status: Callable[[str], None] = lambda s: None,
           timer: Callable[..., list[float]] = interleaved_ms):
     """`build(dropped_kinds)` returns (model, plan, rewrite result); `session(model)` makes an

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.calibrate.collect import StatRequest, Statistics
+from quantkit.calibrate.collect import Statistics, StatRequest
+from quantkit.calibrate.observers import GramObserver
 from quantkit.config import Algorithm, Format, QuantConfig, Weights
 from quantkit.errors import UnsupportedModelError
 from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
@@ -83,11 +84,13 @@ class WeightOnlyScheme(Scheme):
         """GPTQ: X^T X of every weighted MatMul/Gemm input."""
         if self.config.algorithm != Algorithm.GPTQ:
             return []
-        ops = [op for op in plan.ops if op.scheme == self.name and op.weighted and op.node.op_type in ("MatMul", "Gemm")]
+        ops = [op for op in plan.ops
+               if op.scheme == self.name and op.weighted and op.node.op_type in ("MatMul", "Gemm")]
         return [StatRequest(name, "gram") for name in dict.fromkeys(op.inputs[0].name for op in ops)]
 
     def use(self, stats: Statistics) -> Findings:
-        self.hessians = {n: h for n, o in stats.of_kind("gram").items() if (h := o.hessian()) is not None}
+        self.hessians = {n: h for n, o in stats.of_kind("gram").items()
+                         if isinstance(o, GramObserver) and (h := o.hessian()) is not None}
         return Findings()
 
     def tune(self, plan: Plan, trial: Trial, status: Callable[[str], None]) -> list[str]:
@@ -164,7 +167,7 @@ class WeightOnlyScheme(Scheme):
             else bw.quantize_blockwise(w, bits, cfg.block_size, cfg.symmetric)
         w_name = node.inputs[1].name
         if cfg.format == Format.QDQ:
-            trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+            trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
             node.replace_input_with(1, _qdq_blocked(edit, w_name, qb, 1 if trans_b else 0, not trans_b, node))
             return h is not None
         ins = [node.inputs[0], edit.initializer(f"{w_name}_q{bits}", bw.pack(qb.q, bits)),

@@ -6,7 +6,6 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from models import conv_bn_relu_gemm, if_with_matmul, mlp_with_attention_matmul, run
 from quantkit.calibrate.observers import MinMaxObserver
 from quantkit.config import QuantConfig
 from quantkit.graph import shapes
@@ -14,9 +13,12 @@ from quantkit.graph.canonicalize import canonicalize
 from quantkit.quantize.plan import OpKind, make_plan
 from quantkit.quantize.qdq import rewrite
 
+from models import conv_bn_relu_gemm, if_with_matmul, mlp_with_attention_matmul, run
 
-def _quantize(proto, feed, config=QuantConfig()):
+
+def _quantize(proto, feed, config=None):
     """Canonicalize, plan, take exact min/max ranges from an fp32 run, rewrite."""
+    config = config or QuantConfig()
     model = ir.serde.deserialize_model(proto)
     canonicalize(model)
     shapes.infer(model)
