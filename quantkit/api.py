@@ -1,7 +1,8 @@
 """quantize(): the pipeline, top to bottom.
 
-load -> canonicalize -> plan -> calibrate (one streamed ORT pass) -> keep masks float
-     -> rewrite (+ speed guard over candidate placements) -> evaluate -> save
+load -> canonicalize -> place (which scheme rewrites which node) -> statistics (one streamed ORT
+pass shared by every algorithm; a second one only for tensors SmoothQuant rescaled) -> tune
+-> rewrite (+ speed guard over candidate placements) -> evaluate -> report -> save
 """
 
 from __future__ import annotations
@@ -9,27 +10,28 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
 from quantkit import __version__, runtime
-from quantkit.calibrate import cache
-from quantkit.calibrate.collect import TIMINGS, statistics
 from quantkit.calibrate.data import LABELS, DataSource, InputSpec, assign_batch_axes, complete_batches
-from quantkit.calibrate.ranges import Levels, observer_kind, select_range
-from quantkit.config import RunConfig
+from quantkit.config import Activations, Algorithm, RunConfig
 from quantkit.errors import ConfigError, UnsupportedModelError
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import already_quantized, canonicalize
 from quantkit.graph.masks import mask_tensors
 from quantkit.load.onnx import input_specs, load_onnx, model_bytes, model_files
-from quantkit.load.source import load_source, open_data
+from quantkit.load.source import Source, load_source, open_data
 from quantkit.output import Outputs, check_destinations
-from quantkit.quantize import dynamic, prepare, qdq, subgraphs, weight_only
-from quantkit.quantize.plan import make_plan
+from quantkit.quantize import subgraphs
+from quantkit.quantize.plan import Plan
+from quantkit.quantize.prepare import Calibration, CalibrationData, calibrate
+from quantkit.quantize.scheme import Placement, RewriteResult, placement_for
 from quantkit.quantize.speed import GuardReport, guard
 from quantkit.report.compare import OutputComparison
 from quantkit.report.gates import check_gates
@@ -39,9 +41,17 @@ DEFAULT_BATCH = 8
 SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster without this group quantized"
 
 
-class Progress:
+class Progress(Protocol):
     """Progress over a known number of samples; the CLI draws it, the API default is silent."""
 
+    def start(self, label: str, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class Silent:
     def start(self, label: str, total: int) -> None:
         pass
 
@@ -79,17 +89,17 @@ def _batch_size(specs: list[InputSpec], asked: int | None) -> int:
 def _check_options(cfg: RunConfig) -> None:
     check_destinations({"output": cfg.output, "--report": cfg.report, "--save-fp32": cfg.save_fp32},
                        [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache], cfg.force)
-    if cfg.data.stats_cache is not None and cfg.quant.activations not in ("uint8", "int8"):
+    if cfg.data.stats_cache is not None and not cfg.quant.activations.static:
         raise ConfigError(f"--stats-cache holds activation histograms: it applies to static activations (uint8/int8), "
                           f"not to --activations {cfg.quant.activations}")
     if cfg.data.stats_cache is not None and not Path(cfg.data.stats_cache).parent.is_dir():
         raise ConfigError(f"--stats-cache directory {Path(cfg.data.stats_cache).parent} does not exist")
     q = cfg.quant
     if cfg.data.calib is None:
-        if q.activations in ("uint8", "int8"):
+        if q.activations.static:
             raise ConfigError("--calib is required: static int8 needs calibration data to set activation ranges "
                               "(or use --activations dynamic, or weight-only --activations none)")
-        if q.activations == "none" and q.algorithm == "gptq":
+        if q.activations == Activations.NONE and q.algorithm == Algorithm.GPTQ:
             raise ConfigError("--algorithm gptq needs --calib: it rounds against the layers' calibration inputs")
         if cfg.data.eval is None:
             raise ConfigError(f"--activations {q.activations} needs no calibration, but the accuracy report needs "
@@ -98,7 +108,7 @@ def _check_options(cfg: RunConfig) -> None:
 
 def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
              progress: Progress | None = None) -> Result:
-    progress = progress or Progress()
+    progress = progress or Silent()
     t_start = time.perf_counter()
     _check_options(cfg)
     with tempfile.TemporaryDirectory(prefix="quantkit-") as tmp:
@@ -106,99 +116,54 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
         return _quantize(cfg, workdir, status, progress, t_start)
 
 
+@dataclass
+class Inputs:
+    """What one run reads: the fp32 model and session, the data, the batch, a first feed."""
+
+    source: Source
+    model: ir.Model
+    calib: DataSource | None
+    evald: DataSource | None
+    batch: int
+    fixed: bool  # the model has a fixed batch size
+    fp32: ort.InferenceSession
+    feed: dict[str, np.ndarray]  # one calibration (or evaluation) batch, for timing and tuning
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def scored(self) -> DataSource:
+        return self.evald or self.calib
+
+
+@dataclass
+class Outcome:
+    """Everything the report is made of."""
+
+    cfg: RunConfig
+    inputs: Inputs
+    placement: Placement
+    calibration: Calibration
+    plan: Plan
+    rw: RewriteResult
+    guard: GuardReport
+    outputs: list[dict]
+    latency: dict
+    evaluation: dict
+    bytes_after: int
+    notes: list[str]
+
+
 def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start: float) -> Result:
-    source = load_source(cfg, workdir, status)
-    model = load_onnx(source.onnx_path)
-    done = already_quantized(model)
-    if done:
-        raise UnsupportedModelError(f"{cfg.model} is already quantized (it has {', '.join(done)})")
-    specs = assign_batch_axes(input_specs(model), cfg.data.batch_axes)
-    calib = open_data(cfg.data.calib, specs, cfg.data.preprocess) if cfg.data.calib is not None else None
-    evald = open_data(cfg.data.eval, specs, cfg.data.preprocess) if cfg.data.eval is not None else None
-    scored = evald or calib
-    if cfg.gates.max_accuracy_drop is not None and not scored.has_labels:
-        raise ConfigError(f"--max-accuracy-drop needs labels: add a '{LABELS}' array to {scored.path}")
-    batch = _batch_size(specs, cfg.data.batch_size)
-    fixed = bool(_fixed_batches(specs))
-    first_source = calib or evald
-    notes = [f"{calib.path}: arrays {', '.join(calib.extra_keys)} match no model input and were ignored"] \
-        if calib is not None and calib.extra_keys else []
-    if source.export is not None:
-        notes.append(f"exported from PyTorch with the {source.export['exporter']} exporter; the report compares "
-                     "against the PyTorch model's own outputs")
-        if "fallback_reason" in source.export:
-            notes.append(source.export["fallback_reason"])
-
-    fp32 = runtime.session(source.onnx_path, workdir, tag="original", threads=cfg.threads)
-    first_batch = next(complete_batches(first_source, batch, None, fixed), None)
-    if first_batch is None:
-        raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")
-    feed = {s.name: first_batch[s.name] for s in specs}
-
-    status("canonicalizing graph")
-    notes += canonicalize(model)
-    shapes.infer(model)
-    if shapes.untyped_values(model):
-        n = shapes.fill_from_run(model, feed, workdir)
-        notes.append(f"shape inference left {n} tensor(s) untyped; typed them from one real run")
-
-    smoothing = prepare.smooth(cfg, model, calib, batch, fixed, workdir, status) if cfg.quant.smoothquant else None
-    masks = mask_tensors(model)  # found in the graph; calibration may add more from observed ranges
-    calibration = None
-    if cfg.quant.activations == "none":
-        if cfg.quant.format == "qdq":
-            model = prepare.opset_at_least(model, 21)
-        hessians = prepare.gptq_hessians(cfg, model, calib, batch, fixed, workdir, status) \
-            if cfg.quant.algorithm == "gptq" else {}
-
-        def plan_for(m: ir.Model):
-            plan = weight_only.restrict_plan(make_plan(m, cfg.quant))
-            plan.keep_float(masks)
-            return plan
-
-        weight_config = cfg.quant
-        if "auto" in cfg.quant.keep_int8:
-            weight_config, auto_notes = prepare.auto_keep_int8(cfg, model, plan_for, hessians, fp32, feed, workdir, status)
-            notes += auto_notes
-
-        def rewrite(m, plan):
-            return weight_only.rewrite(m, plan, weight_config, hessians)
-    elif cfg.quant.activations == "dynamic":
-        def plan_for(m: ir.Model):
-            plan = dynamic.restrict_plan(make_plan(m, cfg.quant))
-            plan.keep_float(masks)
-            return plan
-
-        def rewrite(m, plan):
-            return dynamic.rewrite(m, plan, cfg.quant)
-    else:
-        calibration = _calibrate(cfg, model, calib, batch, fixed, workdir, status, progress, masks)
-        notes += calibration["notes"]
-        masks.update(calibration["masks"])
-
-        def plan_for(m: ir.Model):
-            plan = make_plan(m, cfg.quant)
-            plan.keep_float(masks)
-            return plan
-
-        def rewrite(m, plan):
-            return qdq.rewrite(m, plan, calibration["ranges"], cfg.quant, calibration["channel_means"])
-
-    def build(drop: set[str]):
-        m = model.clone()
-        plan = plan_for(m)
-        plan.drop(drop, SPEED_GUARD_REASON)
-        return m, plan, rewrite(m, plan)
-
-    kinds = {op.kind for op in plan_for(model.clone()).ops}
-    if cfg.speed_guard and len(kinds) > 0:
-        def session(m: ir.Model):
-            return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
-
-        (qmodel, plan, rw), guard_report = guard(build, session, fp32, feed, kinds, status=status)
-    else:
-        (qmodel, plan, rw), guard_report = build(set()), GuardReport()
-    status(f"quantized {len(plan.ops)} node(s)")
+    inputs = _open(cfg, workdir, status)
+    model, notes = _canonicalize(inputs, workdir, status)
+    placement = placement_for(cfg.quant)
+    model = placement.prepare_model(model)
+    placement.float_tensors.update(mask_tensors(model))  # calibration may add more from observed ranges
+    data = CalibrationData.of(cfg, inputs.calib, inputs.batch, inputs.fixed)
+    calibration = calibrate(model, placement, cfg.quant, data, workdir, status, progress)
+    notes += calibration.notes
+    notes += placement.tune(model, lambda m: _sqnr(m, inputs, workdir), status)
+    (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status)
     notes += rw.notes
     inner = subgraphs.quantize_weights(qmodel)
     if inner:
@@ -212,33 +177,16 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     try:
         qsess = runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads)
     except UnsupportedModelError as e:  # our own output failed to load: that is a bug
-        raise RuntimeError(f"internal error: {e}") from None
-
-    status("evaluating fp32 against int8")
-    comparisons, eval_samples = _evaluate(fp32, qsess, scored, batch, fixed,
-                                          None if evald else cfg.data.calib_samples, source.reference)
-    if evald is None:
-        notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
-    latency = compare_latency(fp32, qsess, feed, runs=cfg.latency_runs)
-    latency.update(batch_size=batch, threads=cfg.threads or "onnxruntime default")
-    if latency["speedup"] is not None and latency["speedup"] < 1:
-        why = ("int8 cannot win on this model: no placement beat fp32, so the smallest one was written"
-               if guard_report.int8_cannot_win else
-               "its layers are too small for integer kernels to pay for the quantize/dequantize steps")
-        notes.append(f"the int8 model is {1 / latency['speedup']:.2f}x SLOWER than fp32 in onnxruntime on this "
-                     f"machine at batch {batch}: {why}")
-
-    outputs = [c.result() for c in comparisons]
-    report = _report(cfg, source, calibration, plan, rw, guard_report, outputs, latency, notes, smoothing,
-                     eval_info={"source": str(scored.path), "on_calibration_data": evald is None,
-                                "samples": eval_samples},
-                     bytes_after=model_bytes(q_path))
+        raise RuntimeError(f"internal error: {e}") from e
+    outputs, latency, evaluation = _measure(cfg, inputs, qsess, guard_report, notes, status)
+    report = _report(Outcome(cfg, inputs, placement, calibration, plan, rw, guard_report, outputs, latency,
+                             evaluation, model_bytes(q_path), notes))
     _move_subgraph_nodes(report["nodes"], inner)
     failures = check_gates(outputs, cfg.gates, latency)
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
     report["seconds"] = time.perf_counter() - t_start
 
-    _save(cfg, qmodel, report, source.onnx_path)
+    _save(cfg, qmodel, report, inputs.source.onnx_path)
     return Result(report, failures)
 
 
@@ -253,88 +201,6 @@ def _save(cfg: RunConfig, qmodel: ir.Model, report: dict, fp32_path: Path) -> No
         out.commit()
 
 
-def _calibrate(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, fixed: bool, workdir: Path,
-               status, progress, known_masks: dict[str, str]) -> dict:
-    """Statistics for every tensor the plan needs, mask-like ranges found, ranges chosen."""
-    plan = make_plan(model, cfg.quant)
-    plan.keep_float(known_masks)
-    values = plan.activation_tensors()
-    n_calib = min(calib.samples, cfg.data.calib_samples or calib.samples)
-    status(f"calibrating {len(values)} activation tensor(s) with {cfg.quant.method} "
-           f"on {n_calib} sample(s), batch {batch}")
-    t0 = time.perf_counter()
-    key = cache.fingerprint(cfg.model, calib.path, cfg.data.calib_samples, batch) if cfg.data.stats_cache else None
-
-    def batches():
-        progress.start("calibrating", n_calib)
-        yield from complete_batches(calib, batch, cfg.data.calib_samples, fixed)
-        progress.finish()
-
-    channel_axes = {op.inputs[0].name: 1 if op.node.op_type == "Conv" else -1
-                    for op in plan.ops if op.weighted} if cfg.quant.bias_correction else {}
-    TIMINGS.clear()
-    observers, samples, notes = statistics(model, values, batches, observer_kind(cfg.quant.method), workdir,
-                                           cfg.data.stats_cache, key, progress.advance, channel_axes)
-    timings = dict(TIMINGS)
-    if values and not any(o.count for o in observers.values()):
-        raise ConfigError("calibration saw no data: the calibration set is smaller than one batch "
-                          f"of the model's fixed batch size {batch}")
-    masks = {n: why for n, o in observers.items() if (why := o.mask_like())}
-    if masks:
-        notes.append(f"{len(masks)} tensor(s) with mask-like ranges stay float (see float_tensors)")
-    levels = Levels(steps=254, symmetric=True) if cfg.quant.activations == "int8" else Levels(255, False)
-    ranges, chosen = {}, {}
-    t_ranges = time.perf_counter()
-    for name, obs in observers.items():
-        if name not in masks:
-            ranges[name], chosen[name] = select_range(obs, cfg.quant.method, levels, cfg.quant.percentile)
-    timings["range_seconds"] = time.perf_counter() - t_ranges
-    channel_means = {n: observers[n].channel_mean() for n in channel_axes if observers[n].channel_mean() is not None}
-    return {"observers": observers, "samples": samples, "notes": notes, "masks": masks, "ranges": ranges,
-            "channel_means": channel_means, "timings": timings,
-            "chosen": chosen, "seconds": time.perf_counter() - t0, "source": str(calib.path), "batch": batch}
-
-
-def _report(cfg, source, calibration, plan, rw, guard_report, outputs, latency, notes, smoothing, eval_info,
-            bytes_after) -> dict:
-    report = {
-        "quantkit_version": __version__,
-        "onnxruntime_version": ort.__version__,
-        "model": {"input": str(cfg.model), "output": str(cfg.output), "bytes_before": model_bytes(source.onnx_path),
-                  "bytes_after": bytes_after},
-        "export": source.export,
-        "config": {**asdict(cfg.quant), "exclude": list(cfg.quant.exclude)},
-        "calibration": None,
-        "evaluation": eval_info,
-        "outputs": outputs,
-        "latency": latency,
-        "speed_guard": asdict(guard_report) if cfg.speed_guard else None,
-        "nodes": {
-            "quantized": [{"node": op.node.name, "op_type": op.node.op_type, "kind": op.kind,
-                           "per_channel": op.weight_axis is not None} for op in plan.ops],
-            "float": [asdict(s) for s in plan.skipped],
-            "float_bias": rw.float_bias,
-            "bias_corrected": rw.bias_corrected,
-            "gptq": rw.gptq,
-        },
-        "float_tensors": [{"tensor": k, "reason": v} for k, v in plan.float_tensors.items()],
-        "smoothquant": smoothing,
-        "activations": {},
-        "notes": notes,
-    }
-    if calibration is not None:
-        obs, chosen = calibration["observers"], calibration["chosen"]
-        report["calibration"] = {"source": calibration["source"], "samples": calibration["samples"],
-                                 "batch_size": calibration["batch"], "method": cfg.quant.method,
-                                 "seconds": calibration["seconds"], **calibration["timings"],
-                                 "methods_chosen": _tally(chosen.values())}
-        report["activations"] = {k: {**asdict(v), "method": chosen[k], "observed": list(obs[k].range()),
-                                     "nonfinite": obs[k].nonfinite} for k, v in rw.activations.items()}
-    m = report["model"]
-    m["compression"] = m["bytes_before"] / m["bytes_after"] if m["bytes_after"] else None
-    return report
-
-
 def _move_subgraph_nodes(nodes: dict, inner: list[subgraphs.SubgraphWeight]) -> None:
     """Nodes inside control flow whose weights were stored int8 are listed as quantized (weight-only)."""
     names = {w.node for w in inner}
@@ -344,11 +210,136 @@ def _move_subgraph_nodes(nodes: dict, inner: list[subgraphs.SubgraphWeight]) -> 
     nodes["subgraph_weights"] = [asdict(w) for w in inner]
 
 
-def _tally(names) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for n in names:
-        out[n] = out.get(n, 0) + 1
-    return out
+def _open(cfg: RunConfig, workdir: Path, status) -> Inputs:
+    """Load the model (exporting PyTorch first), open the data, fix the batch, make the fp32
+    session and take one batch for timing."""
+    source = load_source(cfg, workdir, status)
+    model = load_onnx(source.onnx_path)
+    done = already_quantized(model)
+    if done:
+        raise UnsupportedModelError(f"{cfg.model} is already quantized (it has {', '.join(done)})")
+    specs = assign_batch_axes(input_specs(model), cfg.data.batch_axes)
+    calib = open_data(cfg.data.calib, specs, cfg.data.preprocess) if cfg.data.calib is not None else None
+    evald = open_data(cfg.data.eval, specs, cfg.data.preprocess) if cfg.data.eval is not None else None
+    scored = evald or calib
+    if cfg.gates.max_accuracy_drop is not None and not scored.has_labels:
+        raise ConfigError(f"--max-accuracy-drop needs labels: add a '{LABELS}' array to {scored.path}")
+    batch = _batch_size(specs, cfg.data.batch_size)
+    fixed = bool(_fixed_batches(specs))
+    first_source = calib or evald
+    fp32 = runtime.session(source.onnx_path, workdir, tag="original", threads=cfg.threads)
+    first_batch = next(complete_batches(first_source, batch, None, fixed), None)
+    if first_batch is None:
+        raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")
+    feed = {s.name: first_batch[s.name] for s in specs}
+    return Inputs(source, model, calib, evald, batch, fixed, fp32, feed, _input_notes(source, calib))
+
+
+def _input_notes(source: Source, calib: DataSource | None) -> list[str]:
+    notes = [f"{calib.path}: arrays {', '.join(calib.extra_keys)} match no model input and were ignored"] \
+        if calib is not None and calib.extra_keys else []
+    if source.export is not None:
+        notes.append(f"exported from PyTorch with the {source.export['exporter']} exporter; the report compares "
+                     "against the PyTorch model's own outputs")
+        if "fallback_reason" in source.export:
+            notes.append(source.export["fallback_reason"])
+    return notes
+
+
+def _canonicalize(inputs: Inputs, workdir: Path, status) -> tuple[ir.Model, list[str]]:
+    status("canonicalizing graph")
+    model = inputs.model
+    notes = inputs.notes + canonicalize(model)
+    shapes.infer(model)
+    if shapes.untyped_values(model):
+        n = shapes.fill_from_run(model, inputs.feed, workdir)
+        notes.append(f"shape inference left {n} tensor(s) untyped; typed them from one real run")
+    return model, notes
+
+
+def _sqnr(model: ir.Model, inputs: Inputs, workdir: Path) -> float:
+    """Output SQNR in dB of a candidate against fp32 on the first batch."""
+    ref = inputs.fp32.run(None, inputs.feed)
+    out = runtime.session(model, workdir, tag="candidate").run(None, inputs.feed)
+    sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in ref)
+    err = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(o, np.float64)) ** 2)) for r, o in zip(ref, out))
+    return float(10 * np.log10(sig / max(err, 1e-30)))
+
+
+def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs, workdir: Path, status):
+    """The rewritten model, its plan and rewrite result: every planned op, or with the speed guard
+    the fastest placement of op groups."""
+    def build(drop):
+        return placement.build(model, set(drop), SPEED_GUARD_REASON)
+
+    kinds = placement.kinds(model)
+    if cfg.speed_guard and kinds:
+        def session(m: ir.Model):
+            return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
+
+        built, report = guard(build, session, inputs.fp32, inputs.feed, kinds, status=status)
+    else:
+        built, report = build(set()), GuardReport()
+    status(f"quantized {len(built[1].ops)} node(s)")
+    return built, report
+
+
+def _measure(cfg: RunConfig, inputs: Inputs, qsess, guard_report: GuardReport, notes: list[str], status):
+    """Accuracy against the reference on the evaluation data, and latency against fp32."""
+    status("evaluating fp32 against int8")
+    scored, batch = inputs.scored, inputs.batch
+    comparisons, eval_samples = _evaluate(inputs.fp32, qsess, scored, batch, inputs.fixed,
+                                          None if inputs.evald else cfg.data.calib_samples, inputs.source.reference)
+    if inputs.evald is None:
+        notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
+    latency = compare_latency(inputs.fp32, qsess, inputs.feed, runs=cfg.latency_runs)
+    latency.update(batch_size=batch, threads=cfg.threads or "onnxruntime default")
+    if latency["speedup"] is not None and latency["speedup"] < 1:
+        why = ("int8 cannot win on this model: no placement beat fp32, so the smallest one was written"
+               if guard_report.int8_cannot_win else
+               "its layers are too small for integer kernels to pay for the quantize/dequantize steps")
+        notes.append(f"the int8 model is {1 / latency['speedup']:.2f}x SLOWER than fp32 in onnxruntime on this "
+                     f"machine at batch {batch}: {why}")
+    evaluation = {"source": str(scored.path), "on_calibration_data": inputs.evald is None, "samples": eval_samples}
+    return [c.result() for c in comparisons], latency, evaluation
+
+
+def _report(o: Outcome) -> dict:
+    cfg = o.cfg
+    bytes_before = model_bytes(o.inputs.source.onnx_path)
+    calibration, activations = o.placement.report(o.rw)
+    report = {
+        "quantkit_version": __version__,
+        "onnxruntime_version": ort.__version__,
+        "model": {"input": str(cfg.model), "output": str(cfg.output), "bytes_before": bytes_before,
+                  "bytes_after": o.bytes_after,
+                  "compression": bytes_before / o.bytes_after if o.bytes_after else None},
+        "export": o.inputs.source.export,
+        "config": {**asdict(cfg.quant), "exclude": list(cfg.quant.exclude)},
+        "calibration": None,
+        "evaluation": o.evaluation,
+        "outputs": o.outputs,
+        "latency": o.latency,
+        "speed_guard": asdict(o.guard) if cfg.speed_guard else None,
+        "nodes": {
+            "quantized": [{"node": op.node.name, "op_type": op.node.op_type, "kind": op.kind.label,
+                           "per_channel": op.weight_axis is not None} for op in o.plan.ops],
+            "float": [asdict(s) for s in o.plan.skipped],
+            "float_bias": o.rw.float_bias,
+            "bias_corrected": o.rw.bias_corrected,
+            "gptq": o.rw.gptq,
+        },
+        "float_tensors": [{"tensor": k, "reason": v} for k, v in o.plan.float_tensors.items()],
+        "smoothquant": o.calibration.smoothing,
+        "activations": activations,
+        "notes": o.notes,
+    }
+    if calibration is not None:
+        c = o.calibration
+        report["calibration"] = {"source": c.source, "samples": c.samples, "batch_size": c.batch,
+                                 "method": calibration.pop("method"), "seconds": c.seconds, "passes": c.passes,
+                                 **c.timings, **calibration}
+    return report
 
 
 def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, source: DataSource,

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from quantkit import __version__
+from quantkit.config import Activations, Algorithm, Format, Method, Weights
 from quantkit.errors import AccuracyGateError, QuantkitError
 
 EXIT_CODES = """\b
@@ -48,15 +49,15 @@ def cli() -> None:
 @click.option("--report", type=click.Path(path_type=Path), help="Write the full report as JSON to this path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (the table goes to stderr).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
-@click.option("--activations", type=click.Choice(["uint8", "int8", "dynamic", "none"]), help="uint8 asymmetric (default) or int8 symmetric static activations; dynamic (quantized at run time); none (weight-only; the default with --weights int4). dynamic and none need no --calib.")
-@click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True, help="Weight type; int4 is weight-only (MatMulNBits, GatherBlockQuantized).")
+@click.option("--activations", type=click.Choice(Activations.values()), help="uint8 asymmetric (default) or int8 symmetric static activations; dynamic (quantized at run time); none (weight-only; the default with --weights int4). dynamic and none need no --calib.")
+@click.option("--weights", type=click.Choice(Weights.values()), default=Weights.INT8.value, show_default=True, help="Weight type; int4 is weight-only (MatMulNBits, GatherBlockQuantized).")
 @click.option("--block-size", type=int, default=32, show_default=True, help="Weight-only: rows of K sharing one scale (16..256, power of two).")
 @click.option("--asymmetric", is_flag=True, help="Weight-only: a zero point per block instead of symmetric blocks.")
-@click.option("--algorithm", type=click.Choice(["rtn", "gptq"]), default="rtn", show_default=True, help="Weight-only rounding: round to nearest, or GPTQ against the calibration inputs (needs --calib).")
+@click.option("--algorithm", type=click.Choice(Algorithm.values()), default=Algorithm.RTN.value, show_default=True, help="Weight-only rounding: round to nearest, or GPTQ against the calibration inputs (needs --calib).")
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="MatMulNBits compute type: 4 = int8 (fastest on CPU), 0 = float.")
-@click.option("--format", "fmt", type=click.Choice(["ort", "qdq"]), default="ort", show_default=True, help="Weight-only output: onnxruntime contrib ops, or standard DequantizeLinear with int4 blocks (opset 21).")
+@click.option("--format", "fmt", type=click.Choice(Format.values()), default=Format.ORT.value, show_default=True, help="Weight-only output: onnxruntime contrib ops, or standard DequantizeLinear with int4 blocks (opset 21).")
 @click.option("--keep-int8", multiple=True, metavar="PATTERN", help="Weight-only int4: node names or op types (glob) kept at 8 bits.")
-@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse", "auto"]), default="minmax", show_default=True, help="How activation ranges are chosen from the calibration statistics.")
+@click.option("--method", type=click.Choice(Method.values()), default=Method.MINMAX.value, show_default=True, help="How activation ranges are chosen from the calibration statistics.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile: keep this central percentage of values.")
 @click.option("--stats-cache", type=click.Path(path_type=Path), help="Save/reuse calibration histograms here; a rerun on the same model and data skips the forward passes.")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA]", help="Smooth activation outliers into the weights of MatMuls fed by LayerNorm; alpha searched per layer unless given.")
@@ -96,7 +97,7 @@ def _config(model: Path, o: dict):
         inputs=o["inputs"], save_fp32=o["save_fp32"],
         quant=QuantConfig(
             per_channel=not o["per_tensor"], method=o["method"], percentile=o["percentile"],
-            activations=o["activations"] or ("none" if o["weights"] == "int4" else "uint8"),
+            activations=Activations(o["activations"] or ("none" if o["weights"] == "int4" else "uint8")),
             weights=o["weights"], block_size=o["block_size"], symmetric=not o["asymmetric"],
             algorithm=o["algorithm"], accuracy_level=o["accuracy_level"], format=o["fmt"],
             keep_int8=_split(o["keep_int8"]), exclude=_split(o["exclude"]),
@@ -157,7 +158,7 @@ def _fail(exc: BaseException, message: str, code: int, o: dict, out, err, printe
     """One line on stderr (the whole chained traceback with -v); with --json and no report printed
     yet, a JSON error document on stdout, so stdout always holds exactly one JSON document."""
     if o["verbose"]:
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=err)
+        _print_traceback(exc, err)
     click.echo(f"{prefix}{message}", file=err)
     if o["as_json"] and not printed:
         click.echo(json.dumps({"error": {"message": message, "exit_code": code, "type": type(exc).__name__}},
@@ -241,6 +242,17 @@ def _flush_c_stdio() -> None:
         ctypes.CDLL(None).fflush(None)
     except (OSError, AttributeError):
         pass
+
+
+def _print_traceback(e: BaseException, file) -> None:
+    """The full chained traceback on stderr, including causes a `raise ... from None` hid: with
+    --verbose the original error matters more than a tidy message."""
+    seen, x = set(), e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        x.__suppress_context__ = False
+        x = x.__cause__ or x.__context__
+    traceback.print_exception(type(e), e, e.__traceback__, file=file)
 
 
 class TerminalProgress:

@@ -4,61 +4,105 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from quantkit.errors import ConfigError
 
-ACTIVATION_TYPES = ("uint8", "int8", "dynamic", "none")
-METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+
+class Choice(str, Enum):
+    """A config choice: compares equal to its CLI spelling and prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def values(cls) -> list[str]:
+        return [c.value for c in cls]
+
+    @classmethod
+    def parse(cls, value: str | Choice, option: str):
+        try:
+            return cls(value)
+        except ValueError as e:
+            raise ConfigError(f"{option} must be one of {', '.join(cls.values())}, got {value!r}") from e
+
+
+class Activations(Choice):
+    UINT8 = "uint8"  # asymmetric static
+    INT8 = "int8"  # symmetric static
+    DYNAMIC = "dynamic"  # quantized at run time
+    NONE = "none"  # weight-only
+
+    @property
+    def static(self) -> bool:
+        return self in (Activations.UINT8, Activations.INT8)
+
+
+class Method(Choice):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+    AUTO = "auto"
+
+
+class Weights(Choice):
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class Algorithm(Choice):
+    RTN = "rtn"  # round to nearest
+    GPTQ = "gptq"  # rounding against the layers' calibration inputs
+
+
+class Format(Choice):
+    ORT = "ort"  # onnxruntime contrib ops (MatMulNBits, GatherBlockQuantized)
+    QDQ = "qdq"  # standard DequantizeLinear with blocked int4 (opset 21)
+
+
+# kept for callers that listed the spellings
+ACTIVATION_TYPES = tuple(Activations.values())
+METHODS = tuple(Method.values())
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize: the scheme, independent of files."""
+    """How to quantize: the scheme, independent of files. Choices may be given as their
+    spellings ("uint8") and are stored as enums."""
 
     per_channel: bool = True
-    activations: str = "uint8"  # uint8 asymmetric, int8 symmetric, or dynamic (quantized at run time)
-    method: str = "minmax"
+    activations: Activations = Activations.UINT8
+    method: Method = Method.MINMAX
     percentile: float = 99.99
     exclude: tuple[str, ...] = ()
     attention_matmuls: bool = True  # also quantize activation x activation MatMuls
     bias_correction: bool = False  # shift biases by the mean error int8 weights introduce
     smoothquant: float | str | None = None  # None: off; "auto": alpha searched per layer; or alpha
-    weights: str = "int8"  # int8, or int4 (weight-only: activations "none")
+    weights: Weights = Weights.INT8  # int8, or int4 (weight-only: activations "none")
     block_size: int = 32  # weight-only: rows of K sharing one scale
     symmetric: bool = True  # weight-only blocks: symmetric (implicit zero point) or asymmetric
-    algorithm: str = "rtn"  # weight-only rounding: rtn (round to nearest) or gptq (needs --calib)
+    algorithm: Algorithm = Algorithm.RTN  # weight-only rounding (gptq needs --calib)
     accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 (fastest on CPU), 0 = unset/fp32
-    format: str = "ort"  # ort (MatMulNBits/GatherBlockQuantized) or qdq (DequantizeLinear, opset 21)
+    format: Format = Format.ORT
     keep_int8: tuple[str, ...] = ()  # weight-only: node names/op types kept at 8 bits
 
     def __post_init__(self) -> None:
-        if self.activations not in ACTIVATION_TYPES:
-            raise ConfigError(
-                f"--activations must be one of {', '.join(ACTIVATION_TYPES)}, got {self.activations!r}"
-            )
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.weights not in ("int8", "int4"):
-            raise ConfigError(f"--weights must be int8 or int4, got {self.weights!r}")
-        if self.weights == "int4" and self.activations != "none":
+        for name, kind in (("activations", Activations), ("method", Method), ("weights", Weights),
+                           ("algorithm", Algorithm), ("format", Format)):
+            object.__setattr__(self, name, kind.parse(getattr(self, name), f"--{name}"))
+        if self.weights == Weights.INT4 and self.activations != Activations.NONE:
             raise ConfigError("int4 weights are weight-only: use --activations none (the default with --weights int4)")
-        if self.activations == "none":
-            if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
-                raise ConfigError(f"--block-size must be a power of two from 16 to 256, got {self.block_size}")
-            if self.algorithm not in ("rtn", "gptq"):
-                raise ConfigError(f"--algorithm must be rtn or gptq, got {self.algorithm!r}")
-            if self.format not in ("ort", "qdq"):
-                raise ConfigError(f"--format must be ort or qdq, got {self.format!r}")
-            if self.accuracy_level not in (0, 1, 2, 3, 4):
-                raise ConfigError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
-        if self.bias_correction and self.activations == "dynamic":
+        if self.activations == Activations.NONE:
+            self._check_weight_only()
+        if self.bias_correction and self.activations == Activations.DYNAMIC:
             raise ConfigError("--bias-correction needs calibration data; it does not apply to --activations dynamic")
         if self.smoothquant is not None and self.smoothquant != "auto":
             try:
                 alpha = float(self.smoothquant)
-            except ValueError:
-                raise ConfigError(f"--smoothquant takes an alpha in (0, 1) or nothing, got {self.smoothquant!r}") from None
+            except ValueError as e:
+                raise ConfigError(f"--smoothquant takes an alpha in (0, 1) or nothing, got {self.smoothquant!r}") from e
             if not 0.0 < alpha < 1.0:
                 raise ConfigError(f"--smoothquant alpha must be in (0, 1), got {alpha}")
             object.__setattr__(self, "smoothquant", alpha)
@@ -84,6 +128,12 @@ class QuantConfig:
                                   f"--activations {self.activations}")
         if "percentile" in changed and self.method != "percentile":
             raise ConfigError(f"--percentile applies to --method percentile, not to --method {self.method}")
+
+    def _check_weight_only(self) -> None:
+        if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two from 16 to 256, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"--accuracy-level must be 0..4, got {self.accuracy_level}")
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,7 @@ def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: 
         )
     except Exception as e:  # onnxruntime raises several unrelated exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedModelError(f"onnxruntime cannot load the {tag} model: {first}") from None
-
-
+        raise UnsupportedModelError(f"onnxruntime cannot load the {tag} model: {first}") from e
 
 
 def run(sess, names: list[str] | None, feed: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
@@ -67,4 +65,4 @@ def run(sess, names: list[str] | None, feed: dict[str, np.ndarray], what: str) -
         if not type(e).__module__.startswith("onnxruntime"):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"onnxruntime could not run the model on {what}: {first}") from None
+        raise InputError(f"onnxruntime could not run the model on {what}: {first}") from e

@@ -64,7 +64,7 @@ class Observer:
     def _track_channels(self, x: np.ndarray) -> None:
         axis = self.channel_axis % x.ndim
         other = tuple(i for i in range(x.ndim) if i != axis)
-        s = np.sum(x, axis=other, dtype=np.float64)
+        s: np.ndarray = np.asarray(np.sum(x, axis=other, dtype=np.float64))
         self.channel_sum = s if self.channel_sum is None else self.channel_sum + s
         self.channel_n += x.size // max(x.shape[axis], 1)
 

@@ -13,7 +13,9 @@ Pure numpy on a histogram (counts over equal-width bins) plus the exact observed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -136,7 +138,7 @@ def entropy_range(h: HistogramObserver, levels: Levels, max_candidates: int = 25
     return max(h.lo, -threshold), min(h.hi, threshold)
 
 
-METHODS = {
+METHODS: dict[str, tuple[str, Callable[..., tuple[float, float]]]] = {
     "minmax": ("minmax", minmax_range),
     "percentile": ("histogram", percentile_range),
     "entropy": ("histogram", entropy_range),
@@ -161,11 +163,12 @@ def auto_range(h: HistogramObserver, levels: Levels, **_) -> tuple[tuple[float, 
     return cands[best], best
 
 
-def select_range(obs: Observer, method: str, levels: Levels, percentile: float = 99.99) -> tuple[tuple[float, float], str]:
+def select_range(obs: Observer, method: str, levels: Levels,
+                 percentile: float = 99.99) -> tuple[tuple[float, float], str]:
     """(lo, hi) for one tensor under `method`, and the name of the method that produced it."""
     if not obs.seen:
         return (0.0, 0.0), method
     if method == "auto":
-        return auto_range(obs, levels)
+        return auto_range(cast(HistogramObserver, obs), levels)
     _, fn = METHODS[method]
     return fn(obs, levels, percentile=percentile), method

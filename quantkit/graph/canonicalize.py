@@ -12,17 +12,10 @@ from onnx_ir.passes.common import (
     RemoveUnusedNodesPass,
 )
 
+from quantkit.graph.ir_edit import Editor, const_array
+
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
                  "ConvInteger", "DynamicQuantizeLinear", "MatMulNBits", "QGemm"}
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy array behind an initializer, or None for anything computed at run time."""
-    if value is None or value.const_value is None:
-        return None
-    if value.is_graph_input():  # an initializer that is also an input can be overridden by the user
-        return None
-    return value.const_value.numpy()
 
 
 def lift_constants(model: ir.Model) -> int:
@@ -35,6 +28,7 @@ def fold_batchnorm(model: ir.Model) -> int:
     """Conv -> BatchNormalization (inference form, Conv output used only by it) becomes one Conv:
     W' = W * g / sqrt(var + eps) per output channel, b' = (b - mean) * g / sqrt(var + eps) + beta."""
     graph = model.graph
+    edit = Editor(graph)
     folded = 0
     for bn in list(graph):
         if bn.op_type != "BatchNormalization" or bn.domain != "" or len(bn.outputs) != 1:
@@ -58,8 +52,8 @@ def fold_batchnorm(model: ir.Model) -> int:
         new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
         bias = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
         new_b = ((bias - mean) * factor + beta).astype(np.float32)
-        w_val = add_initializer(graph, f"{conv.inputs[1].name}_bnfolded", new_w)
-        b_val = add_initializer(graph, f"{conv.name or conv_out.name}_bias_bnfolded", new_b)
+        w_val = edit.initializer(f"{conv.inputs[1].name}_bnfolded", new_w)
+        b_val = edit.initializer(f"{conv.name or conv_out.name}_bias_bnfolded", new_b)
         conv.replace_input_with(1, w_val)
         if len(conv.inputs) < 3:
             conv.resize_inputs(3)
@@ -75,64 +69,6 @@ def fold_batchnorm(model: ir.Model) -> int:
         graph.remove(bn, safe=True)
         folded += 1
     return folded
-
-
-def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """A new initializer holding `array` (its dtype kept), under a name not yet used in the graph."""
-    name = unique_name(graph, base)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
-def unique_name(graph: ir.Graph, base: str) -> str:
-    taken = _names(graph)
-    name, i = base, 1
-    while name in taken:
-        name = f"{base}_{i}"
-        i += 1
-    taken.add(name)
-    return name
-
-
-def _names(graph: ir.Graph) -> set[str]:
-    # cached per graph; new names are added by unique_name itself
-    cache = graph.meta.get("quantkit_names")
-    if cache is None:
-        cache = set(graph.initializers)
-        cache.update(v.name for v in graph.inputs)
-        for node in ir.traversal.RecursiveGraphIterator(graph):
-            cache.update(o.name for o in node.outputs if o.name)
-        graph.meta["quantkit_names"] = cache
-    return cache
-
-
-def replace_node(graph: ir.Graph, node: ir.Node, new: ir.Node) -> ir.Node:
-    """Put `new` where `node` was: same output name, type and shape, every reader rewired."""
-    out = node.outputs[0]
-    new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
-    graph.insert_before(node, new)
-    name = out.name
-    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    new.outputs[0].name = name
-    return new
-
-
-def k_major_weight(node: ir.Node):
-    """A MatMul/Gemm weight as (K, N): MatMul's B, or Gemm's B transposed back when transB=1."""
-    w = const_array(node.inputs[1])
-    return w.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else w
-
-
-def drop_unused_initializers(graph: ir.Graph) -> int:
-    """Remove initializers nothing reads any more (weights replaced by quantized copies)."""
-    unused = [name for name, v in graph.initializers.items()
-              if not v.uses() and not v.is_graph_output() and not v.is_graph_input()]
-    for name in unused:
-        graph.initializers.pop(name)
-    return len(unused)
 
 
 def already_quantized(model: ir.Model) -> list[str]:

@@ -14,7 +14,7 @@ from collections import deque
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.graph.canonicalize import const_array
+from quantkit.graph.ir_edit import const_array
 
 MASK_VALUE = -1e4  # HF's older BERTs use -10000.0; newer ones float32 min
 CARRIERS = {"Add", "Sub", "Mul", "Where", "Expand", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
@@ -44,7 +44,7 @@ def _seeds(graph: ir.Graph):
 def mask_tensors(model: ir.Model) -> dict[str, str]:
     """Tensor name -> why it stays float, for every tensor downstream of a mask constant."""
     found: dict[str, str] = {}
-    queue = deque()
+    queue: deque = deque()
     for value, low in _seeds(model.graph):
         queue.append((value, f"carries an additive attention mask (constant {low:.3g} in '{value.name}')"))
     while queue:

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from quantkit import runtime
-from quantkit.calibrate.collect import exposed
+from quantkit.graph.ir_edit import with_outputs
 
 
 def untyped_values(model: ir.Model) -> list[ir.Value]:
@@ -27,8 +27,7 @@ def fill_from_run(model: ir.Model, batch: dict[str, np.ndarray], workdir: Path) 
     missing = untyped_values(model)
     if not missing:
         return 0
-    with exposed(model, missing):
-        sess = runtime.session(model, workdir, tag="shape-probe")
+    sess = runtime.session(with_outputs(model, [v.name for v in missing]), workdir, tag="shape-probe")
     feeds = {i.name for i in sess.get_inputs()}
     outs = runtime.run(sess, [v.name for v in missing], {k: v for k, v in batch.items() if k in feeds},
                        "a calibration batch")

@@ -1,16 +1,18 @@
 """Decide what to quantize: which nodes get int8 weights, which tensors need activation ranges,
-and, for every node left float, why. Decisions only; quantize/qdq.py edits the graph."""
+which scheme rewrites each node, and, for every node left float, why. Decisions only; the
+schemes (quantize/qdq.py, dynamic.py, weight_only.py) edit the graph."""
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 import onnx_ir as ir
 
 from quantkit.config import QuantConfig
-from quantkit.graph.canonicalize import const_array
+from quantkit.graph.ir_edit import const_array
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops between a quantized op and the tensor its output QDQ goes on. onnxruntime folds a Relu
@@ -19,9 +21,51 @@ FUSED_ACTIVATIONS = ("Relu",)
 ACT_X_ACT = "both inputs are computed at run time (activation x activation)"
 # Activations onnxruntime fuses into a float Conv but has no integer kernel for: after an int8
 # Conv they cost a DequantizeLinear, the activation and a QuantizeLinear over the whole tensor.
-EMBEDDING = "Gather (embedding table)"
 MIN_EMBEDDING = 4096  # smaller tables (position ids, tiny vocabularies) are not worth a DequantizeLinear
 NO_INT8_KERNEL = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Softplus", "Gelu", "Mish")
+
+
+class OpKind(str, Enum):
+    """The groups of quantized ops the speed guard keeps or drops as one. The value is a stable
+    key; `label` is what the report shows."""
+
+    CONV_UNFUSED_ACTIVATION = "conv_unfused_activation"
+    ATTENTION_MATMUL = "attention_matmul"
+    DEPTHWISE_CONV = "depthwise_conv"
+    CONV_TRANSPOSE = "conv_transpose"
+    GEMM = "gemm"
+    MATMUL = "matmul"
+    CONV = "conv"
+    EMBEDDING = "embedding"
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self]
+
+
+_LABELS = {
+    OpKind.CONV_UNFUSED_ACTIVATION: "Conv followed by an activation without an int8 kernel",
+    OpKind.ATTENTION_MATMUL: "MatMul (activation x activation)",
+    OpKind.DEPTHWISE_CONV: "Conv (grouped/depthwise)",
+    OpKind.CONV_TRANSPOSE: "ConvTranspose",
+    OpKind.GEMM: "Gemm",
+    OpKind.MATMUL: "MatMul",
+    OpKind.CONV: "Conv",
+    OpKind.EMBEDDING: "Gather (embedding table)",
+}
+_BY_OP_TYPE = {"Conv": OpKind.CONV, "ConvTranspose": OpKind.CONV_TRANSPOSE, "Gemm": OpKind.GEMM,
+               "MatMul": OpKind.MATMUL, "Gather": OpKind.EMBEDDING}
+
+
+class SchemeName(str, Enum):
+    """Which scheme rewrites a planned op (quantize/scheme.py has the registry)."""
+
+    STATIC = "static"  # int8 QDQ, calibrated activations
+    DYNAMIC = "dynamic"  # int8 weights, activations quantized at run time
+    WEIGHT_ONLY = "weight_only"  # int4/int8 weights, float activations
 
 
 @dataclass
@@ -33,22 +77,23 @@ class QuantizedOp:
     weight_index: int = 1  # 0 for an embedding Gather
     bias: bool = False  # input 2 is a constant bias that can become int32
     output: ir.Value | None = None  # tensor that gets output QDQ (after any fused Relu), None if kept float
+    scheme: SchemeName | None = None  # set when a scheme claims the op
+    kind: OpKind = field(init=False)  # the speed guard's group, fixed when planned
 
-    @property
-    def kind(self) -> str:
-        """The group the speed guard keeps or drops as one."""
-        if not self.weighted:
-            return "MatMul (activation x activation)"
-        if self.node.op_type == "Gather":
-            return EMBEDDING
-        if self.node.op_type == "Conv":
-            users = self.node.outputs[0].uses()
-            nxt = {u.node.op_type for u in users}
-            if nxt & set(NO_INT8_KERNEL):
-                return "Conv followed by an activation without an int8 kernel"
-        if self.node.op_type == "Conv" and self.node.attributes.get_int("group", 1) > 1:
-            return "Conv (grouped/depthwise)"
-        return self.node.op_type
+    def __post_init__(self) -> None:
+        self.kind = _kind(self.node, self.weighted)
+
+
+def _kind(node: ir.Node, weighted: bool) -> OpKind:
+    if not weighted:
+        return OpKind.ATTENTION_MATMUL
+    if node.op_type == "Conv":
+        nxt = {u.node.op_type for u in node.outputs[0].uses()}
+        if nxt & set(NO_INT8_KERNEL):
+            return OpKind.CONV_UNFUSED_ACTIVATION
+        if node.attributes.get_int("group", 1) > 1:
+            return OpKind.DEPTHWISE_CONV
+    return _BY_OP_TYPE[node.op_type]
 
 
 @dataclass
@@ -64,14 +109,13 @@ class Plan:
     skipped: list[Skipped] = field(default_factory=list)
     float_tensors: dict[str, str] = field(default_factory=dict)  # tensor -> why it stays float
 
-    def activation_tensors(self) -> list[ir.Value]:
-        """Each tensor needing a calibrated range, once, in graph order."""
-        seen: dict[int, ir.Value] = {}
-        for op in self.ops:
-            for v in (*op.inputs, op.output):
-                if v is not None:
-                    seen.setdefault(id(v), v)
-        return list(seen.values())
+    def skip(self, op: QuantizedOp, reason: str) -> None:
+        self.skipped.append(Skipped(op.node.name or "", op.node.op_type, reason))
+
+    def activation_tensors(self, scheme: SchemeName | None = None) -> list[ir.Value]:
+        """Each tensor needing a calibrated range (of the ops of `scheme`, or of all), once, in
+        graph order."""
+        return activation_tensors([op for op in self.ops if scheme is None or op.scheme == scheme])
 
     def keep_float(self, tensors: dict[str, str]) -> None:
         """Tensors that must not be quantized (e.g. attention masks): ops reading them stay float,
@@ -89,12 +133,22 @@ class Plan:
             kept.append(op)
         self.ops = kept
 
-    def drop(self, kinds: set[str], reason: str) -> None:
+    def drop(self, kinds: set[OpKind], reason: str) -> None:
         """Leave every op of the given kinds float (the speed guard's decision)."""
         for op in self.ops:
             if op.kind in kinds:
                 self.skipped.append(Skipped(op.node.name or "", op.node.op_type, reason))
         self.ops = [op for op in self.ops if op.kind not in kinds]
+
+
+def activation_tensors(ops: list[QuantizedOp]) -> list[ir.Value]:
+    """Each tensor the ops read or write through QDQ, once, in op order."""
+    seen: dict[int, ir.Value] = {}
+    for op in ops:
+        for v in (*op.inputs, op.output):
+            if v is not None:
+                seen.setdefault(id(v), v)
+    return list(seen.values())
 
 
 def _is_float32(v: ir.Value | None) -> bool:
@@ -156,7 +210,7 @@ def _why_not(node: ir.Node, config: QuantConfig) -> str | None:
         return "input is not float32" if node.inputs[0].dtype else "input type unknown after shape inference"
     if node.op_type == "MatMul" and w.ndim != 2:
         return f"MatMul weight has rank {w.ndim}; only 2-D weights are quantized"
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) == 1:
         return "Gemm with transA=1 has no integer kernel"
     return None
 

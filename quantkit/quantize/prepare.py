@@ -1,102 +1,134 @@
-"""Preparation steps some options add before the rewrite: SmoothQuant's smoothing, GPTQ's
-Hessians, the opset upgrade blocked int4 DequantizeLinear needs, and --keep-int8 auto."""
+"""Statistics for one run, in as few streamed passes as the graph edits allow.
+
+Every algorithm declares what it needs (calibrate/collect.py `StatRequest`): SmoothQuant the
+per-channel maxima and sampled rows of LayerNorm outputs, the static scheme a histogram (or
+min/max) per QDQ tensor with per-channel means for bias correction, GPTQ the Gram matrix of each
+layer's input. They share the first pass.
+
+SmoothQuant changes the graph with what that pass found, so what it changes cannot be measured
+in it: the smoothed tensors X / s (the MatMul inputs it rescales) get their histograms in a
+second pass over the smoothed graph, cut down to the nodes computing them. Gram matrices need no
+second pass: that of X / s is that of X divided by s s^T. Tensors after the smoothed MatMuls are
+unchanged (X' W' = X W up to float rounding) and keep their first-pass statistics.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from quantkit import runtime
-from quantkit.calibrate.collect import collect
+from quantkit.calibrate import cache
+from quantkit.calibrate.collect import RANGE_KINDS, Statistics, StatRequest, StatsCache, gather
 from quantkit.calibrate.data import DataSource, complete_batches
-from quantkit.config import RunConfig
-from quantkit.errors import ConfigError, UnsupportedModelError
-from quantkit.graph.canonicalize import const_array
-from quantkit.quantize import smoothquant, weight_only
-from quantkit.quantize.plan import make_plan
+from quantkit.calibrate.observers import GramObserver
+from quantkit.config import QuantConfig, RunConfig
+from quantkit.errors import ConfigError
+from quantkit.quantize import smoothquant
+from quantkit.quantize.scheme import Placement
 
 
-def auto_keep_int8(cfg: RunConfig, model: ir.Model, plan_for, hessians, fp32, feed, workdir: Path, status):
-    """--keep-int8 auto: try the first and the last int4 layer at 8 bits, each on its own, and
-    keep 8 bits where that raises the output SQNR on a calibration batch by at least 1 dB."""
-    import dataclasses
+@dataclass
+class CalibrationData:
+    """Where the statistics passes read their batches from."""
 
-    base_cfg = dataclasses.replace(cfg.quant, keep_int8=tuple(p for p in cfg.quant.keep_int8 if p != "auto"))
-    ops = [op for op in plan_for(model.clone()).ops if op.node.op_type in ("MatMul", "Gemm")]
-    names = [op.node.name for op in ops if op.node.name]
-    if not names:
-        return base_cfg, ["--keep-int8 auto: no named MatMul/Gemm to consider"]
-    ref = fp32.run(None, feed)
+    source: DataSource
+    batch: int
+    fixed: bool  # the model has a fixed batch size: incomplete batches are dropped
+    limit: int | None  # --calib-samples
+    stats_cache: StatsCache | None = None
 
-    def sqnr(config) -> float:
-        m = model.clone()
-        weight_only.rewrite(m, plan_for(m), config, hessians)
-        out = runtime.session(m, workdir, tag="candidate").run(None, feed)
-        sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in ref)
-        err = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(o, np.float64)) ** 2)) for r, o in zip(ref, out))
-        return 10 * np.log10(sig / max(err, 1e-30))
+    @property
+    def samples(self) -> int:
+        return min(self.source.samples, self.limit or self.source.samples)
 
-    status("--keep-int8 auto: measuring the first and last layers at 8 bits")
-    base = sqnr(base_cfg)
-    kept, notes = [], []
-    for name in dict.fromkeys([names[0], names[-1]]):
-        gain = sqnr(dataclasses.replace(base_cfg, keep_int8=base_cfg.keep_int8 + (name,))) - base
-        notes.append(f"--keep-int8 auto: {name} at 8 bits changes output SQNR by {gain:+.2f} dB "
-                     f"({'kept at 8 bits' if gain >= 1.0 else 'left at 4 bits'})")
-        if gain >= 1.0:
-            kept.append(name)
-    return dataclasses.replace(base_cfg, keep_int8=base_cfg.keep_int8 + tuple(kept)), notes
+    def batches(self) -> Iterable[dict[str, np.ndarray]]:
+        return complete_batches(self.source, self.batch, self.limit, self.fixed)
+
+    @classmethod
+    def of(cls, cfg: RunConfig, source: DataSource | None, batch: int, fixed: bool) -> CalibrationData | None:
+        if source is None:
+            return None
+        key = cache.fingerprint(cfg.model, source.path, cfg.data.calib_samples, batch) if cfg.data.stats_cache else None
+        return cls(source, batch, fixed, cfg.data.calib_samples,
+                   StatsCache(cfg.data.stats_cache, key) if cfg.data.stats_cache and key else None)
 
 
-def opset_at_least(model: ir.Model, version: int) -> ir.Model:
-    """Blocked int4 DequantizeLinear needs opset 21: convert older models, or say why not."""
-    current = model.opset_imports.get("", 1)
-    if current >= version:
-        return model
-    import onnx
+@dataclass
+class Calibration:
+    """What the statistics step did, for the report."""
 
-    try:
-        proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), version)
-    except Exception as e:  # the converter raises bare RuntimeErrors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedModelError(f"--format qdq needs opset {version} and converting from opset {current} "
-                                    f"failed ({first}); use --format ort") from None
-    return ir.serde.deserialize_model(proto)
+    source: str | None = None
+    samples: int = 0
+    batch: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    smoothing: list[dict] | None = None  # SmoothQuant's choices, None when not asked
+    notes: list[str] = field(default_factory=list)
 
 
-def gptq_hessians(cfg: RunConfig, model: ir.Model, calib: DataSource, batch: int, fixed: bool, workdir: Path,
-              status) -> dict:
-    """X^T X of every weighted MatMul/Gemm input over the calibration data, for GPTQ."""
-    plan = make_plan(model, cfg.quant)
-    values = list({id(op.inputs[0]): op.inputs[0] for op in plan.ops
-                   if op.weighted and op.node.op_type in ("MatMul", "Gemm")}.values())
-    status(f"gptq: collecting input statistics of {len(values)} tensor(s)")
-    observers, _ = collect(model, values, complete_batches(calib, batch, cfg.data.calib_samples, fixed), "gram",
-                           workdir)
-    return {n: o.hessian() for n, o in observers.items() if o.hessian() is not None}
+def _describe(requests: list[StatRequest]) -> str:
+    counts: dict[str, int] = {}
+    for r in requests:
+        counts[r.kind] = counts.get(r.kind, 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items())
 
 
-def smooth(cfg: RunConfig, model: ir.Model, calib: DataSource | None, batch: int, fixed: bool, workdir: Path,
-            status) -> list[dict]:
-    """SmoothQuant: one pass collecting per-channel ranges and sampled rows of every LayerNorm
-    output that feeds MatMuls, then per group the alpha (or none) with the least output error."""
-    if calib is None:
+def _pass(model: ir.Model, requests: list[StatRequest], data: CalibrationData, workdir: Path, status,
+          progress) -> Statistics:
+    tensors = len({r.tensor for r in requests})
+    status(f"calibrating {tensors} tensor(s) ({_describe(requests)}) on {data.samples} sample(s), batch {data.batch}")
+
+    def batches():
+        progress.start("calibrating", data.samples)
+        yield from data.batches()
+        progress.finish()
+
+    stats = gather(model, requests, batches, workdir, data.stats_cache, progress.advance)
+    if any(r.kind in RANGE_KINDS for r in requests) and not any(o.count for o in stats.observers.values()):
+        raise ConfigError("calibration saw no data: the calibration set is smaller than one batch "
+                          f"of the model's fixed batch size {data.batch}")
+    return stats
+
+
+def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: CalibrationData | None,
+              workdir: Path, status: Callable[[str], None], progress) -> Calibration:
+    """Gather every statistic the placement's schemes and SmoothQuant need, apply SmoothQuant,
+    and hand the statistics to the schemes. Returns what was done, for the report."""
+    t0 = time.perf_counter()
+    if quant.smoothquant is not None and data is None:
         raise ConfigError("--smoothquant needs --calib: the smoothing factors come from calibration activations")
-    groups = smoothquant.find_groups(model)
-    if not groups:
-        return []
-    status(f"smoothquant: collecting channel statistics for {len(groups)} LayerNorm output(s)")
-    observers, _ = collect(model, [g.source for g in groups],
-                           complete_batches(calib, batch, cfg.data.calib_samples, fixed), "channel", workdir)
-    alpha = None if cfg.quant.smoothquant == "auto" else float(cfg.quant.smoothquant)
-    out = []
-    for g in groups:
-        weights = [const_array(mm.inputs[1]) for mm in g.consumers]
-        s, a, err = smoothquant.choose_scales(observers[g.source.name], weights, alpha)
-        entry = {"layernorm": g.norm.name, "matmuls": [mm.name for mm in g.consumers], "alpha": a,
-                 "relative_error": err}
-        entry["applied"] = smoothquant.apply(model, g, s) if s is not None else "no alpha beat no smoothing"
-        out.append(entry)
-    return out
+    groups = smoothquant.find_groups(model) if quant.smoothquant is not None else []
+    smoothed = {g.source.name for g in groups}
+    # ranges of tensors SmoothQuant may rescale wait for the second pass
+    first = [r for r in placement.requests(model) if not (r.tensor in smoothed and r.kind in RANGE_KINDS)]
+    first += smoothquant.requests(groups)
+    result = Calibration(source=str(data.source.path) if data else None, batch=data.batch if data else 0)
+    stats = _pass(model, first, data, workdir, status, progress) if first and data else Statistics()
+    if quant.smoothquant is not None:
+        status(f"smoothquant: choosing the smoothing of {len(groups)} LayerNorm output(s)")
+        alpha = None if quant.smoothquant == "auto" else float(quant.smoothquant)
+        result.smoothing, scaled = smoothquant.smooth(model, groups, stats, alpha) if groups else ([], {})
+        _derive_grams(stats, scaled)
+        final = placement.requests(model)
+        stats.retain({r.tensor for r in final})
+        missing = [r for r in final if not stats.satisfies(r)]
+        if missing and data is not None:
+            stats.merge(_pass(model, missing, data, workdir, status, progress))
+    result.notes = stats.notes + placement.use(stats)
+    result.samples, result.passes, result.timings = stats.samples, stats.passes, stats.timings
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _derive_grams(stats: Statistics, scaled: dict[str, tuple[str, np.ndarray]]) -> None:
+    """Gram matrices of the smoothed MatMul inputs, from those of the tensors they rescale."""
+    for new, (old, s) in scaled.items():
+        obs = stats.get(old, "gram")
+        if isinstance(obs, GramObserver) and obs.gram is not None:
+            stats.observers[(new, "gram")] = smoothquant.scaled_gram(obs, s)

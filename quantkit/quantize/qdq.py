@@ -8,46 +8,33 @@ into integer kernels (QLinearConv, QGemm, QLinearMatMul / MatMulIntegerToFloat).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from collections import Counter
+from dataclasses import asdict
 
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.config import QuantConfig
-from quantkit.graph.canonicalize import add_initializer, const_array, drop_unused_initializers, unique_name
+from quantkit.calibrate.collect import RANGE_KINDS, Statistics, StatRequest
+from quantkit.calibrate.observers import Observer
+from quantkit.calibrate.ranges import Levels, observer_kind, select_range
+from quantkit.config import Activations, QuantConfig
+from quantkit.graph.ir_edit import Editor, const_array, drop_unused
 from quantkit.quantize import qparams as qp
-from quantkit.quantize.plan import Plan
+from quantkit.quantize.plan import Plan, QuantizedOp, SchemeName, activation_tensors
+from quantkit.quantize.scheme import ActivationQParams, Findings, RewriteResult, Scheme
 
 
-@dataclass
-class ActivationQParams:
-    scale: float
-    zero_point: int
-    qtype: str
-    range: tuple[float, float]
-
-
-@dataclass
-class RewriteResult:
-    activations: dict[str, ActivationQParams] = field(default_factory=dict)
-    quantized_nodes: list[str] = field(default_factory=list)
-    float_bias: list[str] = field(default_factory=list)  # nodes whose bias stayed float (int32 overflow)
-    bias_corrected: list[str] = field(default_factory=list)
-    gptq: list[str] = field(default_factory=list)  # weight-only nodes rounded with GPTQ
-    notes: list[str] = field(default_factory=list)
-
-
-def _insert_qdq(graph: ir.Graph, value: ir.Value, scale: np.ndarray, zp: np.ndarray) -> None:
+def _insert_qdq(edit: Editor, value: ir.Value, scale: np.ndarray, zp: np.ndarray) -> None:
     """value -> Q -> DQ, with every consumer of value (and no graph output) reading DQ's output."""
-    base = value.name
-    s = add_initializer(graph, f"{base}_scale", np.asarray(scale, dtype=np.float32))
-    z = add_initializer(graph, f"{base}_zero_point", np.asarray(zp))
-    q = ir.node("QuantizeLinear", [value, s, z], name=unique_name(graph, f"{base}_QuantizeLinear"))
-    q.outputs[0].name = unique_name(graph, f"{base}_quantized")
+    graph, base = edit.graph, value.name
+    s = edit.initializer(f"{base}_scale", np.asarray(scale, dtype=np.float32))
+    z = edit.initializer(f"{base}_zero_point", np.asarray(zp))
+    q = edit.node("QuantizeLinear", [value, s, z], name=f"{base}_QuantizeLinear", output=f"{base}_quantized")
     q.outputs[0].type = ir.TensorType(ir.DataType.from_numpy(np.asarray(zp).dtype))
     q.outputs[0].shape = value.shape
-    dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=unique_name(graph, f"{base}_DequantizeLinear"))
-    dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
+    dq = edit.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{base}_DequantizeLinear",
+                   output=f"{base}_dequantized")
     dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     dq.outputs[0].shape = value.shape
     for use in list(value.uses()):
@@ -58,20 +45,6 @@ def _insert_qdq(graph: ir.Graph, value: ir.Value, scale: np.ndarray, zp: np.ndar
         graph.insert_after(producer, [q, dq])
     else:
         graph.insert_before(next(iter(graph)), [q, dq])
-
-
-def dequantized_initializer(graph: ir.Graph, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray,
-                       axis: int | None, before: ir.Node) -> ir.Value:
-    qv = add_initializer(graph, f"{base}_quantized", q)
-    s = add_initializer(graph, f"{base}_scale", scale.astype(np.float32))
-    z = add_initializer(graph, f"{base}_zero_point", zp)
-    attrs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
-    dq = ir.node("DequantizeLinear", [qv, s, z], attrs, name=unique_name(graph, f"{base}_DequantizeLinear"))
-    dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
-    dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    dq.outputs[0].shape = ir.Shape(q.shape)
-    graph.insert_before(before, dq)
-    return dq.outputs[0]
 
 
 def weight_error_shift(node: ir.Node, w: np.ndarray, w_dq: np.ndarray, mean_in: np.ndarray) -> np.ndarray | None:
@@ -87,7 +60,7 @@ def weight_error_shift(node: ir.Node, w: np.ndarray, w_dq: np.ndarray, mean_in: 
         means = mean_in.reshape(groups, cin_g)[np.arange(cout) // (cout // groups)]
         return (per_in * means).sum(axis=1)
     if node.op_type in ("Gemm", "MatMul"):
-        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1:
             dw = dw.T
         if mean_in.shape != (dw.shape[0],):
             return None
@@ -108,7 +81,7 @@ def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
     return (add, other) if b is not None and b.ndim == 1 else None
 
 
-def _correct_bias(graph: ir.Graph, op, w: np.ndarray, w_dq: np.ndarray, mean_in: np.ndarray) -> bool:
+def _correct_bias(edit: Editor, op: QuantizedOp, w: np.ndarray, w_dq: np.ndarray, mean_in: np.ndarray) -> bool:
     """Shift the node's bias (creating one for Conv/Gemm if absent) by minus the mean error."""
     node = op.node
     shift = weight_error_shift(node, w, w_dq, mean_in)
@@ -120,7 +93,8 @@ def _correct_bias(graph: ir.Graph, op, w: np.ndarray, w_dq: np.ndarray, mean_in:
             return False
         add, idx = found
         b = const_array(add.inputs[idx])
-        add.replace_input_with(idx, add_initializer(graph, f"{add.inputs[idx].name}_biascorr", (b - shift).astype(np.float32)))
+        corrected = edit.initializer(f"{add.inputs[idx].name}_biascorr", (b - shift).astype(np.float32))
+        add.replace_input_with(idx, corrected)
         return True
     has_bias = len(node.inputs) > 2 and node.inputs[2] is not None
     if has_bias and const_array(node.inputs[2]) is None:
@@ -131,64 +105,116 @@ def _correct_bias(graph: ir.Graph, op, w: np.ndarray, w_dq: np.ndarray, mean_in:
     if len(node.inputs) < 3:
         node.resize_inputs(3)
     base = node.inputs[2].name if has_bias else f"{node.name or node.outputs[0].name}_bias"
-    node.replace_input_with(2, add_initializer(graph, f"{base}_biascorr", (b - shift).astype(np.float32)))
+    node.replace_input_with(2, edit.initializer(f"{base}_biascorr", (b - shift).astype(np.float32)))
     op.bias = node.op_type != "Gemm" or (node.attributes.get_float("alpha", 1.0) == 1.0
                                          and node.attributes.get_float("beta", 1.0) == 1.0)
     return True
 
 
-def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]],
-            config: QuantConfig, channel_means: dict[str, np.ndarray] | None = None) -> RewriteResult:
-    graph = model.graph
-    result = RewriteResult()
-    act_type = qp.QTYPES[config.activations]
-    symmetric = config.activations == "int8"
+class StaticScheme(Scheme):
+    """Static int8: activation ranges from calibration, QDQ around every planned op."""
 
-    # activations first, so weights and biases can use their scales
-    for value in plan.activation_tensors():
-        lo, hi = ranges[value.name]
-        scale, zp = qp.qparams(lo, hi, act_type, symmetric=symmetric)
-        result.activations[value.name] = ActivationQParams(float(scale), int(zp), act_type.name, (lo, hi))
-    for value in plan.activation_tensors():
-        a = result.activations[value.name]
-        _insert_qdq(graph, value, np.float32(a.scale), np.asarray(a.zero_point, dtype=act_type.dtype))
+    name = SchemeName.STATIC
 
-    weight_cache: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray]] = {}
-    for op in plan.ops:
+    def __init__(self, config: QuantConfig) -> None:
+        super().__init__(config)
+        self.act_type = qp.QTYPES[config.activations.value]
+        self.levels = Levels(254, True) if config.activations == Activations.INT8 else Levels(255, False)
+        self.range_kind = observer_kind(config.method)
+        self.ranges: dict[str, tuple[float, float]] = {}
+        self.chosen: dict[str, str] = {}  # tensor -> the range method that won
+        self.channel_means: dict[str, np.ndarray] = {}
+        self.observers: dict[str, Observer] = {}
+        self.range_seconds = 0.0
+
+    def requests(self, plan: Plan) -> list[StatRequest]:
+        """A range on every QDQ tensor; per-channel input means for bias correction."""
+        axes = {op.inputs[0].name: 1 if op.node.op_type == "Conv" else -1
+                for op in plan.ops if op.scheme == self.name and op.weighted and op.inputs} \
+            if self.config.bias_correction else {}
+        return [StatRequest(v.name, self.range_kind, axes.get(v.name)) for v in plan.activation_tensors(self.name)]
+
+    def use(self, stats: Statistics) -> Findings:
+        """Mask-like tensors stay float; every other tensor gets its range."""
+        observers = {t: o for (t, k), o in stats.observers.items() if k in RANGE_KINDS}
+        found = Findings(masks={n: why for n, o in observers.items() if (why := o.mask_like())})
+        if found.masks:
+            found.notes.append(f"{len(found.masks)} tensor(s) with mask-like ranges stay float (see float_tensors)")
+        t0 = time.perf_counter()
+        for name, obs in observers.items():
+            self.observers[name] = obs
+            if name not in found.masks:
+                self.ranges[name], self.chosen[name] = select_range(obs, self.config.method, self.levels,
+                                                                     self.config.percentile)
+            if (mean := obs.channel_mean()) is not None:
+                self.channel_means[name] = mean
+        self.range_seconds += time.perf_counter() - t0
+        return found
+
+    def rewrite(self, model: ir.Model, ops: list[QuantizedOp], edit: Editor) -> RewriteResult:
+        result = RewriteResult()
+        symmetric = self.config.activations == Activations.INT8
+        # activations first, so weights and biases can use their scales
+        tensors = activation_tensors(ops)
+        for value in tensors:
+            lo, hi = self.ranges[value.name]
+            scale, zp = qp.qparams(lo, hi, self.act_type, symmetric=symmetric)
+            result.activations[value.name] = ActivationQParams(float(scale), int(zp), self.act_type.name, (lo, hi))
+        for value in tensors:
+            a = result.activations[value.name]
+            _insert_qdq(edit, value, np.float32(a.scale), np.asarray(a.zero_point, dtype=self.act_type.dtype))
+        weights: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray, np.ndarray]] = {}
+        for op in ops:
+            if op.weighted:
+                self._weight(edit, op, weights, result)
+            result.quantized_nodes.append(op.node.name or "")
+        model.graph.sort()
+        return result
+
+    def _weight(self, edit: Editor, op: QuantizedOp, cache: dict, result: RewriteResult) -> None:
+        """int8 weight behind a DequantizeLinear (shared by nodes reading the same weight on the
+        same axis), then bias correction and the int32 bias."""
         node = op.node
-        if not op.weighted:
-            result.quantized_nodes.append(node.name or "")
-            continue
         w_in = node.inputs[op.weight_index]
-        key = (w_in.name, op.weight_axis)
         w = const_array(w_in)
-        if key not in weight_cache:
+        key = (w_in.name, op.weight_axis)
+        if key not in cache:
             q, scale, zp = qp.quantize_weight(w, op.weight_axis)
-            dq = dequantized_initializer(graph, w_in.name, q, scale, zp, op.weight_axis, node)
-            weight_cache[key] = (dq, scale, qp.dequantize(q, scale, zp, op.weight_axis))
-        dq, w_scale, w_dq = weight_cache[key]
+            dq = edit.dequantized(w_in.name, q, scale, zp, op.weight_axis, node)
+            cache[key] = (dq, scale, qp.dequantize(q, scale, zp, op.weight_axis))
+        dq, w_scale, w_dq = cache[key]
         node.replace_input_with(op.weight_index, dq)
         if not op.inputs:  # embedding table: weight-only
-            result.quantized_nodes.append(node.name or "")
-            continue
-        mean_in = (channel_means or {}).get(op.inputs[0].name)
-        if mean_in is not None and _correct_bias(graph, op, w, w_dq, mean_in):
+            return
+        mean_in = self.channel_means.get(op.inputs[0].name)
+        if mean_in is not None and _correct_bias(edit, op, w, w_dq, mean_in):
             result.bias_corrected.append(node.name or "")
-
         if op.bias:
             b_in = node.inputs[2]
-            x_scale = result.activations[op.inputs[0].name].scale
-            qb = qp.quantize_bias(const_array(b_in), x_scale, w_scale)
+            qb = qp.quantize_bias(const_array(b_in), result.activations[op.inputs[0].name].scale, w_scale)
             if qb is None:
                 result.float_bias.append(node.name or "")
             else:
                 q, b_scale = qb
-                zp = np.zeros(q.shape, dtype=np.int32)
-                bdq = dequantized_initializer(graph, f"{b_in.name}", q, b_scale, zp, 0, node)
-                node.replace_input_with(2, bdq)
-        result.quantized_nodes.append(node.name or "")
+                node.replace_input_with(2, edit.dequantized(f"{b_in.name}", q, b_scale,
+                                                            np.zeros(q.shape, dtype=np.int32), 0, node))
 
-    # float originals nobody reads any more would only bloat the file
-    drop_unused_initializers(graph)
-    graph.sort()
+    def report(self, rw: RewriteResult) -> tuple[dict | None, dict]:
+        calibration = {"method": self.config.method, "range_seconds": self.range_seconds,
+                       "methods_chosen": dict(Counter(self.chosen.values()))}
+        activations = {k: {**asdict(v), "method": self.chosen[k], "observed": list(self.observers[k].range()),
+                           "nonfinite": self.observers[k].nonfinite} for k, v in rw.activations.items()}
+        return calibration, activations
+
+
+def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]], config: QuantConfig,
+            channel_means: dict[str, np.ndarray] | None = None) -> RewriteResult:
+    """Static int8 of every op in `plan` with the given ranges (for tests and direct use)."""
+    scheme = StaticScheme(config)
+    scheme.ranges = dict(ranges)
+    scheme.channel_means = dict(channel_means or {})
+    for op in plan.ops:
+        op.scheme = scheme.name
+    result = scheme.rewrite(model, plan.ops, Editor(model.graph))
+    drop_unused(model)
     return result

@@ -13,12 +13,14 @@ smallest relative output error of fake-quantized X' W' on sampled calibration ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.calibrate.observers import ChannelObserver
-from quantkit.graph.canonicalize import add_initializer, const_array, unique_name
+from quantkit.calibrate.collect import Statistics, StatRequest
+from quantkit.calibrate.observers import ChannelObserver, GramObserver
+from quantkit.graph.ir_edit import Editor, const_array
 from quantkit.quantize import qparams as qp
 
 ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -55,12 +57,14 @@ def _fake_quant_error(x: np.ndarray, lo: float, hi: float, ws: list[np.ndarray],
     return err
 
 
-def choose_scales(obs: ChannelObserver, weights: list[np.ndarray], alpha: float | None) -> tuple[np.ndarray | None, float | None, float]:
+def choose_scales(obs: ChannelObserver, weights: list[np.ndarray],
+                  alpha: float | None) -> tuple[np.ndarray | None, float | None, float]:
     """Smoothing factors s (None: smoothing does not help), the alpha used, and the error."""
     x = obs.sample
     refs = [x @ w for w in weights]
     w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-    best = (None, None, _fake_quant_error(x, float(obs.ch_min.min()), float(obs.ch_max.max()), weights, refs))
+    unsmoothed = _fake_quant_error(x, float(obs.ch_min.min()), float(obs.ch_max.max()), weights, refs)
+    best: tuple[np.ndarray | None, float | None, float] = (None, None, unsmoothed)
     for a in (alpha,) if alpha is not None else ALPHAS:
         s = np.power(np.maximum(obs.absmax, 1e-5), a) / np.power(np.maximum(w_absmax, 1e-5), 1 - a)
         s = np.clip(s, 1e-4, 1e4).astype(np.float32)
@@ -71,29 +75,61 @@ def choose_scales(obs: ChannelObserver, weights: list[np.ndarray], alpha: float 
     return best
 
 
-def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    return add_initializer(graph, base, np.asarray(array, np.float32))
+def requests(groups: list[Group]) -> list[StatRequest]:
+    """Per-channel ranges and sampled rows of every group's LayerNorm output."""
+    return [StatRequest(g.source.name, "channel") for g in groups]
 
 
-def apply(model: ir.Model, group: Group, s: np.ndarray) -> str:
+def smooth(model: ir.Model, groups: list[Group], stats: Statistics, alpha: float | None) -> tuple[list[dict], dict]:
+    """Choose and apply the smoothing of every group. Returns the report entries and, for each
+    MatMul input that now carries X / s, the (original tensor, s) it derives from."""
+    edit = Editor(model.graph)
+    out, scaled = [], {}
+    for g in groups:
+        obs = cast(ChannelObserver, stats.get(g.source.name, "channel"))
+        weights = [const_array(mm.inputs[1]) for mm in g.consumers]
+        s, a, err = choose_scales(obs, weights, alpha)
+        entry = {"layernorm": g.norm.name, "matmuls": [mm.name for mm in g.consumers], "alpha": a,
+                 "relative_error": err}
+        entry["applied"] = apply(model, g, s, edit) if s is not None else "no alpha beat no smoothing"
+        if s is not None:
+            scaled[g.consumers[0].inputs[0].name] = (g.source.name, s)
+        out.append(entry)
+    return out, scaled
+
+
+def scaled_gram(obs: GramObserver, s: np.ndarray) -> GramObserver:
+    """X^T X of X / s from that of X: (X diag(1/s))^T (X diag(1/s)) = G / (s s^T), exactly."""
+    out = GramObserver()
+    out.gram = obs.gram / np.outer(s.astype(np.float64), s.astype(np.float64))
+    out.rows = obs.rows
+    return out
+
+
+def _const(edit: Editor, base: str, array: np.ndarray) -> ir.Value:
+    return edit.initializer(base, np.asarray(array, np.float32))
+
+
+def apply(model: ir.Model, group: Group, s: np.ndarray, edit: Editor | None = None) -> str:
     """Rewrite the group in place; returns how 1/s was applied ('folded' or 'mul')."""
     graph = model.graph
+    edit = edit or Editor(graph)
     for mm in group.consumers:
         w = const_array(mm.inputs[1])
-        mm.replace_input_with(1, _const(graph, f"{mm.inputs[1].name}_smoothed", w * s[:, None]))
+        mm.replace_input_with(1, _const(edit, f"{mm.inputs[1].name}_smoothed", w * s[:, None]))
     readers = group.source.uses()
     if len(readers) == len(group.consumers) and not group.source.is_graph_output():
         ln = group.norm
         gamma = const_array(ln.inputs[1])
         beta = const_array(ln.inputs[2]) if len(ln.inputs) > 2 and ln.inputs[2] is not None else None
         if gamma is not None and gamma.shape == s.shape and (beta is None or beta.shape == s.shape):
-            ln.replace_input_with(1, _const(graph, f"{ln.inputs[1].name}_smoothed", gamma / s))
+            ln.replace_input_with(1, _const(edit, f"{ln.inputs[1].name}_smoothed", gamma / s))
             if beta is not None:
-                ln.replace_input_with(2, _const(graph, f"{ln.inputs[2].name}_smoothed", beta / s))
+                ln.replace_input_with(2, _const(edit, f"{ln.inputs[2].name}_smoothed", beta / s))
             return "folded into the LayerNorm"
-    inv = _const(graph, f"{group.source.name}_smooth_inv", 1.0 / s)
-    mul = ir.node("Mul", [group.source, inv], name=unique_name(graph, f"{group.norm.name or 'ln'}_smooth"))
-    mul.outputs[0].name = unique_name(graph, f"{group.source.name}_smoothed")
+    inv = _const(edit, f"{group.source.name}_smooth_inv", 1.0 / s)
+    mul = edit.node("Mul", [group.source, inv], name=f"{group.norm.name or 'ln'}_smooth",
+                    output=f"{group.source.name}_smoothed")
     mul.outputs[0].type, mul.outputs[0].shape = group.source.type, group.source.shape
     graph.insert_after(group.norm, mul)
     for mm in group.consumers:

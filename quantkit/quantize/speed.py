@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from quantkit.quantize.plan import OpKind
 from quantkit.report.latency import interleaved_ms
 
 MARGIN = 0.03  # timing noise on a quiet machine is ~1-2%: demand a clear win before dropping
-ORDER = ("Conv followed by an activation without an int8 kernel", "MatMul (activation x activation)", "Conv (grouped/depthwise)", "ConvTranspose", "Gemm", "MatMul", "Conv")
+# Groups tried in this order: the likeliest to lose time first, so later trials start from the
+# faster placement.
+ORDER = (OpKind.CONV_UNFUSED_ACTIVATION, OpKind.ATTENTION_MATMUL, OpKind.DEPTHWISE_CONV, OpKind.CONV_TRANSPOSE,
+         OpKind.GEMM, OpKind.MATMUL, OpKind.CONV, OpKind.EMBEDDING)
 
 
 @dataclass
@@ -26,22 +31,22 @@ class GuardReport:
     int8_cannot_win: bool = False
 
 
-def guard(build: Callable[[set[str]], tuple], session: Callable[[object], object], fp32_sess, feed: dict,
-          kinds: set[str], runs: int = 15, status: Callable[[str], None] = lambda s: None,
+def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], fp32_sess, feed: dict,
+          kinds: set[OpKind], runs: int = 15, status: Callable[[str], None] = lambda s: None,
           timer: Callable[..., list[float]] = interleaved_ms):
     """`build(dropped_kinds)` returns (model, plan, rewrite result); `session(model)` makes an
     onnxruntime session. Returns the build to write and what was tried."""
     report = GuardReport()
-    dropped: set[str] = set()
+    dropped: set[OpKind] = set()
     full = build(dropped)
     current, current_sess = full, session(full[0])
-    for kind in [k for k in ORDER if k in kinds] + sorted(kinds - set(ORDER)):
+    for kind in [k for k in ORDER if k in kinds]:
         status(f"speed guard: timing the model without {kind} quantized")
         trial = build(dropped | {kind})
         trial_sess = session(trial[0])
         fp32_ms, with_ms, without_ms = timer([fp32_sess, current_sess, trial_sess], feed, runs)
         keep = without_ms >= with_ms * (1 - MARGIN)
-        report.trials.append({"group": kind, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": without_ms,
+        report.trials.append({"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": without_ms,
                               "decision": "kept quantized" if keep else "left float (faster)"})
         if not keep:
             dropped.add(kind)
@@ -54,5 +59,5 @@ def guard(build: Callable[[set[str]], tuple], session: Callable[[object], object
             report.trials.append({"group": "(all dropped groups restored)", "fp32_ms": fp32_ms, "with_ms": best_ms,
                                   "decision": "no placement beats fp32: writing the smallest model"})
             dropped, current = set(), full
-    report.dropped = sorted(dropped)
+    report.dropped = sorted(k.label for k in dropped)
     return current, report

@@ -10,47 +10,32 @@ except for data-aware rounding (GPTQ).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.config import QuantConfig
-from quantkit.graph.canonicalize import (
-    add_initializer,
-    const_array,
-    drop_unused_initializers,
-    k_major_weight,
-    replace_node,
-    unique_name,
-)
+from quantkit.calibrate.collect import Statistics, StatRequest
+from quantkit.calibrate.observers import GramObserver
+from quantkit.config import Algorithm, Format, QuantConfig, Weights
+from quantkit.errors import UnsupportedModelError
+from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.gptq import gptq_blockwise
-from quantkit.quantize.plan import EMBEDDING, Plan, Skipped
-from quantkit.quantize.qdq import RewriteResult, dequantized_initializer
+from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
+from quantkit.quantize.scheme import Findings, RewriteResult, Scheme, Trial
 
 MS_DOMAIN = "com.microsoft"
 CONV_FALLBACK = "int4 has no convolution kernel in onnxruntime: weights stored int8 behind a DequantizeLinear"
-
-
-def restrict_plan(plan: Plan) -> Plan:
-    kept = []
-    for op in plan.ops:
-        if not op.weighted:
-            plan.skipped.append(Skipped(op.node.name or "", op.node.op_type,
-                                        "weight-only quantization: activation x activation MatMul stays float"))
-            continue
-        if op.node.op_type == "Gemm" and op.node.inputs[2:3] and op.node.inputs[2] is not None and not op.bias:
-            plan.skipped.append(Skipped(op.node.name or "", "Gemm", "Gemm with alpha/beta != 1 or a non-vector C"))
-            continue
-        kept.append(op)
-    plan.ops = kept
-    return plan
+AUTO = "auto"  # --keep-int8 auto
+AUTO_GAIN_DB = 1.0  # a layer stays at 8 bits when that raises the output SQNR by at least this
 
 
 def bits_for(node: ir.Node, config: QuantConfig) -> int:
-    if config.weights == "int8":
+    if config.weights == Weights.INT8:
         return 8
     for p in config.keep_int8:
         if fnmatch.fnmatchcase(node.name or "", p) or fnmatch.fnmatchcase(node.op_type, p):
@@ -58,7 +43,149 @@ def bits_for(node: ir.Node, config: QuantConfig) -> int:
     return 4
 
 
-def _qdq_blocked(graph: ir.Graph, base: str, qb: bw.Blockwise, axis: int, rows_first: bool, before: ir.Node) -> ir.Value:
+def opset_at_least(model: ir.Model, version: int) -> ir.Model:
+    """Blocked int4 DequantizeLinear needs opset 21: convert older models, or say why not."""
+    current = model.opset_imports.get("", 1)
+    if current >= version:
+        return model
+    import onnx
+
+    try:
+        proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), version)
+    except Exception as e:  # the converter raises bare RuntimeErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(f"--format qdq needs opset {version} and converting from opset {current} "
+                                    f"failed ({first}); use --format ort") from e
+    return ir.serde.deserialize_model(proto)
+
+
+class WeightOnlyScheme(Scheme):
+    """int4 (or int8) weights, float activations; GPTQ rounding from the layers' input Gram matrices."""
+
+    name = SchemeName.WEIGHT_ONLY
+
+    def __init__(self, config: QuantConfig) -> None:
+        super().__init__(dataclasses.replace(config, keep_int8=tuple(p for p in config.keep_int8 if p != AUTO)))
+        self.auto_keep = AUTO in config.keep_int8
+        self.hessians: dict[str, np.ndarray] = {}
+
+    def refuse(self, op: QuantizedOp) -> str | None:
+        if not op.weighted:
+            return "weight-only quantization: activation x activation MatMul stays float"
+        node = op.node
+        if node.op_type == "Gemm" and node.inputs[2:3] and node.inputs[2] is not None and not op.bias:
+            return "Gemm with alpha/beta != 1 or a non-vector C"
+        return None
+
+    def prepare_model(self, model: ir.Model) -> ir.Model:
+        return opset_at_least(model, 21) if self.config.format == Format.QDQ else model
+
+    def requests(self, plan: Plan) -> list[StatRequest]:
+        """GPTQ: X^T X of every weighted MatMul/Gemm input."""
+        if self.config.algorithm != Algorithm.GPTQ:
+            return []
+        ops = [op for op in plan.ops
+               if op.scheme == self.name and op.weighted and op.node.op_type in ("MatMul", "Gemm")]
+        return [StatRequest(name, "gram") for name in dict.fromkeys(op.inputs[0].name for op in ops)]
+
+    def use(self, stats: Statistics) -> Findings:
+        self.hessians = {n: h for n, o in stats.of_kind("gram").items()
+                         if isinstance(o, GramObserver) and (h := o.hessian()) is not None}
+        return Findings()
+
+    def tune(self, plan: Plan, trial: Trial, status: Callable[[str], None]) -> list[str]:
+        """--keep-int8 auto: try the first and the last int4 layer at 8 bits, each on its own,
+        and keep 8 bits where that raises the output SQNR on a calibration batch by >= 1 dB."""
+        if not self.auto_keep:
+            return []
+        names = [op.node.name for op in plan.ops if op.node.op_type in ("MatMul", "Gemm") and op.node.name]
+        if not names:
+            return ["--keep-int8 auto: no named MatMul/Gemm to consider"]
+        status("--keep-int8 auto: measuring the first and last layers at 8 bits")
+        base_cfg, kept, notes = self.config, [], []
+        base = trial(self.with_config(base_cfg))
+        for name in dict.fromkeys([names[0], names[-1]]):
+            gain = trial(self.with_config(dataclasses.replace(base_cfg, keep_int8=base_cfg.keep_int8 + (name,)))) - base
+            keep = gain >= AUTO_GAIN_DB
+            notes.append(f"--keep-int8 auto: {name} at 8 bits changes output SQNR by {gain:+.2f} dB "
+                         f"({'kept at 8 bits' if keep else 'left at 4 bits'})")
+            kept += [name] if keep else []
+        self.config = dataclasses.replace(base_cfg, keep_int8=base_cfg.keep_int8 + tuple(kept))
+        return notes
+
+    def with_config(self, config: QuantConfig) -> WeightOnlyScheme:
+        """The same scheme (and Hessians) under another config, for tuning trials."""
+        other = WeightOnlyScheme(config)
+        other.hessians = self.hessians
+        return other
+
+    def rewrite(self, model: ir.Model, ops: list[QuantizedOp], edit: Editor) -> RewriteResult:
+        result = RewriteResult()
+        if self.config.format != Format.QDQ and MS_DOMAIN not in model.opset_imports:
+            model.opset_imports[MS_DOMAIN] = 1
+        for op in ops:
+            name = op.node.name or op.node.outputs[0].name
+            if op.node.op_type in ("Conv", "ConvTranspose"):
+                self._conv(edit, op)
+                result.notes.append(f"{name}: {CONV_FALLBACK}")
+            elif op.kind == OpKind.EMBEDDING:
+                self._embedding(edit, op, name)
+            elif self._matmul(edit, op, name):
+                result.gptq.append(name)
+            result.quantized_nodes.append(name)
+        return result
+
+    def _conv(self, edit: Editor, op: QuantizedOp) -> None:
+        node = op.node
+        q, scale, zp = qp.quantize_weight(const_array(node.inputs[1]), op.weight_axis)
+        node.replace_input_with(1, edit.dequantized(node.inputs[1].name, q, scale, zp, op.weight_axis, node))
+
+    def _embedding(self, edit: Editor, op: QuantizedOp, name: str) -> None:
+        """Blocks along each row: GatherBlockQuantized, or DequantizeLinear -> Gather."""
+        node, cfg = op.node, self.config
+        bits = bits_for(node, cfg)
+        table_in = node.inputs[0]
+        qb = bw.quantize_blockwise(const_array(table_in).T, bits, cfg.block_size, cfg.symmetric)
+        if cfg.format == Format.QDQ:
+            node.replace_input_with(0, _qdq_blocked(edit, table_in.name, qb, 1, False, node))
+            return
+        data = edit.initializer(f"{table_in.name}_q{bits}", bw.pack(qb.q.reshape(qb.q.shape[0], -1)[:, : qb.k], bits))
+        ins = [data, node.inputs[1], edit.initializer(f"{table_in.name}_scales", qb.scales)]
+        if not cfg.symmetric:
+            ins.append(edit.initializer(f"{table_in.name}_zero_points", bw.pack(qb.zero_points, bits)))
+        new = edit.node("GatherBlockQuantized", ins, {"gather_axis": 0, "quantize_axis": 1,
+                        "block_size": cfg.block_size, "bits": bits}, domain=MS_DOMAIN, name=f"{name}_int{bits}")
+        op.node = edit.replace_node(node, new)
+
+    def _matmul(self, edit: Editor, op: QuantizedOp, name: str) -> bool:
+        """MatMul/Gemm -> MatMulNBits (or blocked DequantizeLinear -> MatMul); True if GPTQ rounded it."""
+        node, cfg = op.node, self.config
+        bits = bits_for(node, cfg)
+        w = k_major_weight(node)
+        h = self.hessians.get(op.inputs[0].name) if cfg.algorithm == Algorithm.GPTQ else None
+        qb = gptq_blockwise(w, h, bits, cfg.block_size, cfg.symmetric) if h is not None \
+            else bw.quantize_blockwise(w, bits, cfg.block_size, cfg.symmetric)
+        w_name = node.inputs[1].name
+        if cfg.format == Format.QDQ:
+            trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+            node.replace_input_with(1, _qdq_blocked(edit, w_name, qb, 1 if trans_b else 0, not trans_b, node))
+            return h is not None
+        ins = [node.inputs[0], edit.initializer(f"{w_name}_q{bits}", bw.pack(qb.q, bits)),
+               edit.initializer(f"{w_name}_scales", qb.scales.reshape(-1))]
+        ins.append(None if cfg.symmetric else
+                   edit.initializer(f"{w_name}_zero_points", bw.pack(qb.zero_points, bits).reshape(-1)))
+        if node.op_type == "Gemm" and op.bias:
+            ins += [None, node.inputs[2]]  # no g_idx, then the bias
+        while ins[-1] is None:
+            ins.pop()
+        k, n = w.shape
+        new = edit.node("MatMulNBits", ins, {"K": k, "N": n, "bits": bits, "block_size": cfg.block_size,
+                        "accuracy_level": cfg.accuracy_level}, domain=MS_DOMAIN, name=f"{name}_int{bits}")
+        op.node = edit.replace_node(node, new)
+        return h is not None
+
+
+def _qdq_blocked(edit: Editor, base: str, qb: bw.Blockwise, axis: int, rows_first: bool, before: ir.Node) -> ir.Value:
     """DequantizeLinear(int4/uint4 or int8/uint8, blocked along `axis`) of a Blockwise weight, laid
     out (K, N) when rows_first (blocks along axis 0) or (N, K) otherwise (blocks along axis 1)."""
     codes = qb.q.reshape(qb.q.shape[0], -1)[:, : qb.k]  # (N, K)
@@ -68,87 +195,15 @@ def _qdq_blocked(graph: ir.Graph, base: str, qb: bw.Blockwise, axis: int, rows_f
     if qb.symmetric:  # signed codes around 0, no zero point input
         signed = codes.astype(np.int16) - zps.max()
         dtype = ir.DataType.INT4 if qb.bits == 4 else ir.DataType.INT8
-        q = ir.tensor(signed.astype(np.int8), dtype=dtype, name=unique_name(graph, f"{base}_q{qb.bits}"))
-        zp_v = None
+        qv = edit.initializer(f"{base}_q{qb.bits}", signed.astype(np.int8), dtype)
+        inputs = [qv, edit.initializer(f"{base}_scale", scales.astype(np.float32))]
     else:
         dtype = ir.DataType.UINT4 if qb.bits == 4 else ir.DataType.UINT8
-        q = ir.tensor(codes.astype(np.uint8), dtype=dtype, name=unique_name(graph, f"{base}_q{qb.bits}"))
-        zn = unique_name(graph, f"{base}_zero_point")
-        zp_v = ir.Value(name=zn, shape=ir.Shape(zps.shape), type=ir.TensorType(dtype),
-                        const_value=ir.tensor(zps.astype(np.uint8), dtype=dtype, name=zn))
-        graph.register_initializer(zp_v)
-    qv = ir.Value(name=q.name, shape=ir.Shape(q.shape), type=ir.TensorType(dtype), const_value=q)
-    graph.register_initializer(qv)
-    s = add_initializer(graph, f"{base}_scale", scales.astype(np.float32))
-    inputs = [qv, s] + ([zp_v] if zp_v is not None else [])
-    dq = ir.node("DequantizeLinear", inputs, {"axis": 0 if rows_first else 1, "block_size": qb.block},
-                 name=unique_name(graph, f"{base}_DequantizeLinear"))
-    dq.outputs[0].name = unique_name(graph, f"{base}_dequantized")
+        zp_v = edit.initializer(f"{base}_zero_point", zps.astype(np.uint8), dtype)
+        qv = edit.initializer(f"{base}_q{qb.bits}", codes.astype(np.uint8), dtype)
+        inputs = [qv, edit.initializer(f"{base}_scale", scales.astype(np.float32)), zp_v]
+    dq = edit.node("DequantizeLinear", inputs, {"axis": 0 if rows_first else 1, "block_size": qb.block},
+                   name=f"{base}_DequantizeLinear", output=f"{base}_dequantized")
     dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    graph.insert_before(before, dq)
+    edit.graph.insert_before(before, dq)
     return dq.outputs[0]
-
-
-def rewrite(model: ir.Model, plan: Plan, config: QuantConfig,
-            hessians: dict[str, np.ndarray] | None = None) -> RewriteResult:
-    graph = model.graph
-    result = RewriteResult()
-    qdq_format = config.format == "qdq"
-    if not qdq_format and MS_DOMAIN not in model.opset_imports:
-        model.opset_imports[MS_DOMAIN] = 1
-    for op in plan.ops:
-        node = op.node
-        name = node.name or node.outputs[0].name
-        if node.op_type in ("Conv", "ConvTranspose"):
-            w = const_array(node.inputs[1])
-            q, scale, zp = qp.quantize_weight(w, op.weight_axis)
-            node.replace_input_with(1, dequantized_initializer(graph, node.inputs[1].name, q, scale, zp, op.weight_axis, node))
-            result.quantized_nodes.append(name)
-            result.notes.append(f"{name}: {CONV_FALLBACK}")
-            continue
-        bits = bits_for(node, config)
-        if op.kind == EMBEDDING:
-            table = const_array(node.inputs[0])  # (rows, cols): blocks along cols
-            qb = bw.quantize_blockwise(table.T, bits, config.block_size, config.symmetric)
-            if qdq_format:
-                node.replace_input_with(0, _qdq_blocked(graph, node.inputs[0].name, qb, 1, False, node))
-            else:
-                data = add_initializer(graph, f"{node.inputs[0].name}_q{bits}",
-                              bw.pack(qb.q.reshape(qb.q.shape[0], -1)[:, : qb.k], bits))
-                ins = [data, node.inputs[1], add_initializer(graph, f"{node.inputs[0].name}_scales", qb.scales)]
-                if not config.symmetric:
-                    ins.append(add_initializer(graph, f"{node.inputs[0].name}_zero_points", bw.pack(qb.zero_points, bits)))
-                new = ir.node("GatherBlockQuantized", ins, {"gather_axis": 0, "quantize_axis": 1,
-                              "block_size": config.block_size, "bits": bits}, domain=MS_DOMAIN,
-                              name=unique_name(graph, f"{name}_int{bits}"))
-                op.node = replace_node(graph, node, new)
-            result.quantized_nodes.append(name)
-            continue
-        w = k_major_weight(node)
-        h = (hessians or {}).get(op.inputs[0].name) if config.algorithm == "gptq" else None
-        qb = gptq_blockwise(w, h, bits, config.block_size, config.symmetric) if h is not None \
-            else bw.quantize_blockwise(w, bits, config.block_size, config.symmetric)
-        if h is not None:
-            result.gptq.append(name)
-        k, n = w.shape
-        if qdq_format:
-            trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
-            node.replace_input_with(1, _qdq_blocked(graph, node.inputs[1].name, qb, 1 if trans_b else 0,
-                                                    not trans_b, node))
-            result.quantized_nodes.append(name)
-            continue
-        ins = [node.inputs[0], add_initializer(graph, f"{node.inputs[1].name}_q{bits}", bw.pack(qb.q, bits)),
-               add_initializer(graph, f"{node.inputs[1].name}_scales", qb.scales.reshape(-1))]
-        ins.append(None if config.symmetric else
-                   add_initializer(graph, f"{node.inputs[1].name}_zero_points", bw.pack(qb.zero_points, bits).reshape(-1)))
-        if node.op_type == "Gemm" and op.bias:
-            ins += [None, node.inputs[2]]  # no g_idx, then the bias
-        while ins[-1] is None:
-            ins.pop()
-        new = ir.node("MatMulNBits", ins, {"K": k, "N": n, "bits": bits, "block_size": config.block_size,
-                      "accuracy_level": config.accuracy_level}, domain=MS_DOMAIN,
-                      name=unique_name(graph, f"{name}_int{bits}"))
-        op.node = replace_node(graph, node, new)
-        result.quantized_nodes.append(name)
-    drop_unused_initializers(graph)
-    return result

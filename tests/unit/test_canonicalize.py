@@ -2,9 +2,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from models import conv_bn_relu_gemm, run
 from quantkit.graph import shapes
-from quantkit.graph.canonicalize import canonicalize, const_array
+from quantkit.graph.canonicalize import canonicalize
+from quantkit.graph.ir_edit import const_array
+
+from models import conv_bn_relu_gemm, run
 
 
 def _ops(model: ir.Model) -> list[str]:

@@ -6,17 +6,19 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from models import conv_bn_relu_gemm, if_with_matmul, mlp_with_attention_matmul, run
 from quantkit.calibrate.observers import MinMaxObserver
 from quantkit.config import QuantConfig
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import canonicalize
-from quantkit.quantize.plan import make_plan
+from quantkit.quantize.plan import OpKind, make_plan
 from quantkit.quantize.qdq import rewrite
 
+from models import conv_bn_relu_gemm, if_with_matmul, mlp_with_attention_matmul, run
 
-def _quantize(proto, feed, config=QuantConfig()):
+
+def _quantize(proto, feed, config=None):
     """Canonicalize, plan, take exact min/max ranges from an fp32 run, rewrite."""
+    config = config or QuantConfig()
     model = ir.serde.deserialize_model(proto)
     canonicalize(model)
     shapes.infer(model)
@@ -96,8 +98,9 @@ def test_activation_x_activation_matmul_gets_qdq_on_both_inputs():
     proto = mlp_with_attention_matmul(rng)
     x = rng.normal(size=(3, 4, 16)).astype(np.float32)
     model, plan, result = _quantize(proto, {"x": x})
-    assert [(op.node.name, op.kind) for op in plan.ops] == [("proj", "MatMul"),
-                                                            ("scores", "MatMul (activation x activation)")]
+    assert [(op.node.name, op.kind) for op in plan.ops] == [("proj", OpKind.MATMUL),
+                                                            ("scores", OpKind.ATTENTION_MATMUL)]
+    assert plan.ops[1].kind.label == "MatMul (activation x activation)"
     scores = next(n for n in model.graph if n.name == "scores")
     assert [i.producer().op_type for i in scores.inputs] == ["DequantizeLinear", "DequantizeLinear"]
     (ref,) = run(proto, {"x": x})

@@ -1,0 +1,195 @@
+"""Quantization schemes behind one interface, and the placement that maps nodes to schemes.
+
+A scheme (static int8 QDQ, dynamic int8, weight-only int4/int8...) answers, in the order the
+pipeline asks:
+
+  refuse(op)          why it cannot rewrite a planned op (None: it can)
+  prepare_model(m)    graph changes it needs first (e.g. the opset blocked int4 needs)
+  requests(plan)      the statistics it needs, on which tensors (calibrate/collect.py gathers
+                      every algorithm's requests in one pass)
+  use(stats)          turn statistics into what its rewrite needs (ranges, Hessians); returns
+                      tensors that must stay float and notes
+  tune(trial)         optional choices measured on candidate models (--keep-int8 auto)
+  rewrite(m, ops)     edit the graph for the ops assigned to it
+  report(rw)          its part of the report
+
+`Placement` holds the schemes of one run and assigns each planned op to the first scheme that
+takes it, so a later per-node placement can mix schemes in one model by ordering or choosing
+schemes per node; api.py only talks to the placement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from quantkit.calibrate.collect import Statistics, StatRequest
+from quantkit.config import QuantConfig
+from quantkit.graph.ir_edit import Editor, drop_unused
+from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName, make_plan
+
+
+@dataclass
+class ActivationQParams:
+    scale: float
+    zero_point: int
+    qtype: str
+    range: tuple[float, float]
+
+
+@dataclass
+class RewriteResult:
+    activations: dict[str, ActivationQParams] = field(default_factory=dict)
+    quantized_nodes: list[str] = field(default_factory=list)
+    float_bias: list[str] = field(default_factory=list)  # nodes whose bias stayed float (int32 overflow)
+    bias_corrected: list[str] = field(default_factory=list)
+    gptq: list[str] = field(default_factory=list)  # weight-only nodes rounded with GPTQ
+    notes: list[str] = field(default_factory=list)
+
+    def merge(self, other: RewriteResult) -> None:
+        self.activations.update(other.activations)
+        for name in ("quantized_nodes", "float_bias", "bias_corrected", "gptq", "notes"):
+            getattr(self, name).extend(getattr(other, name))
+
+
+@dataclass
+class Findings:
+    """What a scheme learnt from the statistics: tensors that must stay float, notes."""
+
+    masks: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# Builds the model with a variant of a scheme in that scheme's place; returns its output SQNR in dB.
+Trial = Callable[["Scheme"], float]
+
+
+class Scheme:
+    name: SchemeName
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def refuse(self, op: QuantizedOp) -> str | None:
+        return None
+
+    def prepare_model(self, model: ir.Model) -> ir.Model:
+        return model
+
+    def requests(self, plan: Plan) -> list[StatRequest]:
+        return []
+
+    def use(self, stats: Statistics) -> Findings:
+        return Findings()
+
+    def tune(self, plan: Plan, trial: Trial, status: Callable[[str], None]) -> list[str]:
+        return []
+
+    def rewrite(self, model: ir.Model, ops: list[QuantizedOp], edit: Editor) -> RewriteResult:
+        raise NotImplementedError
+
+    def report(self, rw: RewriteResult) -> tuple[dict | None, dict]:
+        """(its calibration section or None, per-tensor activation entries)."""
+        return None, {}
+
+
+class Placement:
+    """The schemes of one run. Ops go to the first scheme that takes them; an op no scheme
+    takes stays float with the last scheme's reason."""
+
+    def __init__(self, config: QuantConfig, schemes: list[Scheme]) -> None:
+        self.config = config
+        self.schemes = schemes
+        self.float_tensors: dict[str, str] = {}  # found in the graph or from calibration
+
+    def plan(self, model: ir.Model) -> Plan:
+        plan = make_plan(model, self.config)
+        kept = []
+        for op in plan.ops:
+            reason = None
+            for scheme in self.schemes:
+                reason = scheme.refuse(op)
+                if reason is None:
+                    op.scheme = scheme.name
+                    kept.append(op)
+                    break
+            else:
+                plan.skip(op, reason or "no scheme takes it")
+        plan.ops = kept
+        plan.keep_float(self.float_tensors)
+        return plan
+
+    def kinds(self, model: ir.Model) -> set[OpKind]:
+        return {op.kind for op in self.plan(model.clone()).ops}
+
+    def prepare_model(self, model: ir.Model) -> ir.Model:
+        for scheme in self.schemes:
+            model = scheme.prepare_model(model)
+        return model
+
+    def requests(self, model: ir.Model) -> list[StatRequest]:
+        plan = self.plan(model)
+        return [r for s in self.schemes for r in s.requests(plan)]
+
+    def use(self, stats: Statistics) -> list[str]:
+        notes: list[str] = []
+        for scheme in self.schemes:
+            found = scheme.use(stats)
+            self.float_tensors.update(found.masks)
+            notes += found.notes
+        return notes
+
+    def tune(self, model: ir.Model, sqnr: Callable[[ir.Model], float], status: Callable[[str], None]) -> list[str]:
+        """Let each scheme measure variants of itself: `sqnr(model)` scores a candidate."""
+        plan = self.plan(model.clone())
+        notes: list[str] = []
+        for i, scheme in enumerate(self.schemes):
+            def trial(variant: Scheme, i: int = i) -> float:
+                other = Placement(self.config, [*self.schemes[:i], variant, *self.schemes[i + 1:]])
+                other.float_tensors = self.float_tensors
+                return sqnr(other.build(model, set(), "")[0])
+
+            notes += scheme.tune(plan, trial, status)
+        return notes
+
+    def rewrite(self, model: ir.Model, plan: Plan) -> RewriteResult:
+        """Each scheme rewrites its own ops; one editor names everything in this model."""
+        edit = Editor(model.graph)
+        result = RewriteResult()
+        for scheme in self.schemes:
+            ops = [op for op in plan.ops if op.scheme == scheme.name]
+            if ops:
+                result.merge(scheme.rewrite(model, ops, edit))
+        drop_unused(model)
+        return result
+
+    def build(self, model: ir.Model, drop: set[OpKind], reason: str) -> tuple[ir.Model, Plan, RewriteResult]:
+        """A rewritten copy of `model` with the ops of the `drop` kinds left float."""
+        m = model.clone()
+        plan = self.plan(m)
+        plan.drop(drop, reason)
+        return m, plan, self.rewrite(m, plan)
+
+    def report(self, rw: RewriteResult) -> tuple[dict | None, dict]:
+        calibration: dict | None = None
+        activations: dict = {}
+        for scheme in self.schemes:
+            c, a = scheme.report(rw)
+            if c is not None:
+                calibration = {**(calibration or {}), **c}
+            activations.update(a)
+        return calibration, activations
+
+
+def placement_for(config: QuantConfig) -> Placement:
+    """The schemes the config asks for (one per run today; a per-node search may give several)."""
+    from quantkit.config import Activations
+    from quantkit.quantize.dynamic import DynamicScheme
+    from quantkit.quantize.qdq import StaticScheme
+    from quantkit.quantize.weight_only import WeightOnlyScheme
+
+    scheme = {Activations.DYNAMIC: DynamicScheme, Activations.NONE: WeightOnlyScheme}.get(
+        config.activations, StaticScheme)
+    return Placement(config, [scheme(config)])

@@ -1,0 +1,109 @@
+"""How many streamed passes each combination takes, and that sharing them changes nothing but
+float rounding: statistics from the shared pass match those measured on the final graph."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import numpy_helper
+
+from quantkit import runtime
+from quantkit.api import Silent
+from quantkit.calibrate.collect import StatRequest, collect
+from quantkit.calibrate.data import DataSource
+from quantkit.config import QuantConfig
+from quantkit.graph import shapes
+from quantkit.load.onnx import input_specs
+from quantkit.quantize.prepare import CalibrationData, calibrate
+from quantkit.quantize.scheme import placement_for
+
+# post-norm block: the LayerNorm output feeds two MatMuls and the residual (SmoothQuant inserts
+# a Mul), then a third MatMul after the smoothed ones
+TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16] x) => (float[N, 8] z, float[N, 16] res) {
+    h = LayerNormalization <axis = -1> (x, gamma, beta)
+    q = MatMul(h, w1)
+    k = MatMul(h, w2)
+    s = Add(q, k)
+    a = Relu(s)
+    z = MatMul(a, w3)
+    res = Add(h, x)
+}
+"""
+
+
+def _setup(tmp_path):
+    rng = np.random.default_rng(0)
+    proto = onnx.parser.parse_model(TEXT)
+    inits = {"gamma": rng.uniform(0.5, 2, 16), "beta": rng.normal(size=16), "w1": rng.normal(size=(16, 8)),
+             "w2": rng.normal(size=(16, 8)), "w3": rng.normal(size=(8, 8))}
+    proto.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items())
+    model = ir.serde.deserialize_model(proto)
+    shapes.infer(model)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    x[:, 3] *= 20  # an outlier channel for SmoothQuant to move
+    np.savez(tmp_path / "calib.npz", x=x)
+    source = DataSource(tmp_path / "calib.npz", input_specs(model))
+    return model, CalibrationData(source, batch=8, fixed=False, limit=None), x
+
+
+def _run(tmp_path, monkeypatch, **config):
+    model, data, x = _setup(tmp_path)
+    fetched = []
+    real_run = runtime.run
+    monkeypatch.setattr(runtime, "run", lambda s, names, feed, what: fetched.append(list(names)) or
+                        real_run(s, names, feed, what))
+    quant = QuantConfig(**config)
+    placement = placement_for(quant)
+    model = placement.prepare_model(model)
+    calibration = calibrate(model, placement, quant, data, tmp_path, lambda s: None, Silent())
+    return model, placement, calibration, fetched, x
+
+
+def _direct(model, requests, x, tmp_path):
+    """The same statistics measured directly on the final (smoothed) graph."""
+    return collect(model, requests, ({"x": b} for b in np.array_split(x, 8)), tmp_path)
+
+
+def test_static_without_smoothquant_is_one_pass(tmp_path, monkeypatch):
+    _, _, calibration, fetched, _ = _run(tmp_path, monkeypatch, bias_correction=True, method="auto")
+    assert calibration.passes == 1 and len(fetched) == 8 and calibration.samples == 64
+
+
+def test_static_with_smoothquant_measures_only_the_rescaled_tensors_again(tmp_path, monkeypatch):
+    model, placement, calibration, fetched, x = _run(tmp_path, monkeypatch, smoothquant="auto",
+                                                     bias_correction=True)
+    assert calibration.passes == 2 and calibration.smoothing[0]["applied"].startswith("Mul")
+    second = set(fetched[-1])
+    assert second == {"h_smoothed"}  # the Mul output: the only tensor whose values changed
+    static = placement.schemes[0]
+    assert "h" not in static.ranges  # read by SmoothQuant in the first pass, but never given a range
+    requests = placement.requests(model)
+    direct = _direct(model, requests, x, tmp_path)
+    assert set(static.ranges) == {r.tensor for r in requests}
+    for r in requests:
+        np.testing.assert_allclose(static.ranges[r.tensor], direct.get(r.tensor, "minmax").range(), rtol=1e-5)
+        if r.channel_axis is not None:
+            np.testing.assert_allclose(static.channel_means[r.tensor],
+                                       direct.get(r.tensor, "minmax").channel_mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_gptq_with_smoothquant_shares_one_pass_and_derives_the_smoothed_hessians(tmp_path, monkeypatch):
+    model, placement, calibration, fetched, x = _run(tmp_path, monkeypatch, smoothquant=0.5, weights="int4",
+                                                     activations="none", algorithm="gptq", block_size=16)
+    assert calibration.passes == 1 and len(fetched) == 8
+    scheme = placement.schemes[0]
+    assert set(scheme.hessians) == {"h_smoothed", "a"}
+    direct = _direct(model, [StatRequest(n, "gram") for n in scheme.hessians], x, tmp_path)
+    for name, h in scheme.hessians.items():
+        np.testing.assert_allclose(h, direct.get(name, "gram").hessian(), rtol=1e-4, atol=1e-6 * np.abs(h).max())
+
+
+def test_smoothquant_without_data_is_a_config_error(tmp_path):
+    from quantkit.errors import ConfigError
+
+    model, _, _ = _setup(tmp_path)
+    quant = QuantConfig(smoothquant="auto", activations="dynamic")
+    with pytest.raises(ConfigError, match="--smoothquant needs --calib"):
+        calibrate(model, placement_for(quant), quant, None, tmp_path, lambda s: None, Silent())

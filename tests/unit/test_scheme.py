@@ -1,0 +1,69 @@
+"""Schemes behind one interface: the placement assigns each planned op to a scheme, and several
+schemes can quantize one model together."""
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+
+from quantkit.calibrate.collect import collect
+from quantkit.config import QuantConfig
+from quantkit.graph import shapes
+from quantkit.graph.canonicalize import canonicalize
+from quantkit.quantize.dynamic import DynamicScheme
+from quantkit.quantize.plan import SchemeName
+from quantkit.quantize.qdq import StaticScheme
+from quantkit.quantize.scheme import Placement, placement_for
+from quantkit.quantize.weight_only import WeightOnlyScheme
+
+from models import conv_bn_relu_gemm, run
+
+
+def _cnn():
+    rng = np.random.default_rng(0)
+    proto = conv_bn_relu_gemm(rng)
+    model = ir.serde.deserialize_model(proto)
+    canonicalize(model)
+    shapes.infer(model)
+    return proto, model, rng.normal(size=(16, 3, 8, 8)).astype(np.float32)
+
+
+def test_the_config_picks_one_scheme_per_mode():
+    assert [type(s) for s in placement_for(QuantConfig()).schemes] == [StaticScheme]
+    assert [type(s) for s in placement_for(QuantConfig(activations="dynamic")).schemes] == [DynamicScheme]
+    int4 = QuantConfig(weights="int4", activations="none")
+    assert [type(s) for s in placement_for(int4).schemes] == [WeightOnlyScheme]
+
+
+def test_an_op_no_scheme_takes_stays_float_with_the_reason():
+    _, model, _ = _cnn()
+    plan = placement_for(QuantConfig(activations="dynamic")).plan(model)
+    assert [op.node.op_type for op in plan.ops] == ["Gemm"]
+    assert {op.scheme for op in plan.ops} == {SchemeName.DYNAMIC}
+    assert all("no fast convolution kernel" in s.reason for s in plan.skipped)
+    assert sorted(s.node for s in plan.skipped) == ["conv1", "dwconv"]
+
+
+def test_two_schemes_in_one_model(tmp_path):
+    """Dynamic int8 takes the Gemm, static QDQ the convolutions it refuses: one pass of
+    statistics for the static part, one rewrite, and the model still matches fp32."""
+    proto, model, x = _cnn()
+    config = QuantConfig()
+    placement = Placement(config, [DynamicScheme(config), StaticScheme(config)])
+    plan = placement.plan(model)
+    assert {op.node.name: op.scheme for op in plan.ops} == {
+        "conv1": SchemeName.STATIC, "dwconv": SchemeName.STATIC, "fc": SchemeName.DYNAMIC}
+    requests = placement.requests(model)
+    # only the static ops' tensors need ranges; the Gemm's input is quantized at run time
+    assert {r.tensor for r in requests} == {v.name for v in plan.activation_tensors(SchemeName.STATIC)}
+    placement.use(collect(model, requests, ({"x": b} for b in np.array_split(x, 4)), tmp_path))
+    qmodel, qplan, rw = placement.build(model, set(), "")
+    ops = Counter(n.op_type for n in qmodel.graph)
+    assert ops["DynamicQuantizeMatMul"] == 1 and ops["Gemm"] == 0
+    assert ops["QuantizeLinear"] == 3  # x and both Relu outputs; Flatten -> Gemm is quantized at run time
+    assert sorted(rw.quantized_nodes) == ["conv1", "dwconv", "fc"]
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(ir.serde.serialize_model(qmodel), {"x": x})
+    cos = float(ref.ravel() @ got.ravel() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cos > 0.999
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
