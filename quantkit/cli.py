@@ -238,10 +238,8 @@ def _isolated_streams(verbose: bool):
 
 def _flush_c_stdio() -> None:
     """C/C++ libraries buffer their own stdout; flush it while it still points at the sink."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):
-        pass
 
 
 def _print_traceback(e: BaseException, file) -> None:

@@ -55,7 +55,7 @@ class _Member:
 
     def open(self):
         if not self.key:
-            f = open(self.path, "rb")
+            f = open(self.path, "rb")  # noqa: SIM115 - the reader owns and closes it
         else:
             zf = zipfile.ZipFile(self.path)
             f = zf.open(self.key + ".npy")

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.calibrate.data import InputSpec
-from quantkit.load import archive
 from quantkit.errors import ConfigError, InputError, UnsupportedModelError
+from quantkit.load import archive
 
 PICKLE_REFUSAL = ("{path} is a pickled torch module: loading it runs arbitrary code from the file. "
                   "Pass --allow-pickle if you trust it, or save model.state_dict() and use --model-class")

@@ -120,7 +120,8 @@ def quantize_weights(model: ir.Model) -> list[SubgraphWeight]:
             old = node.inputs[1]
             node.replace_input_with(1, out)
             _drop_if_unused(old)
-            done.append(SubgraphWeight(node.name or "", node.op_type, graph.name or "", axis if axis is not None else -1))
+            done.append(SubgraphWeight(node.name or "", node.op_type, graph.name or "",
+                                       axis if axis is not None else -1))
     return done
 
 

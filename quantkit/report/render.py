@@ -45,7 +45,8 @@ def render_text(report: dict) -> str:
             continue
         lines.append(
             f"  {o['name'][:20]:<20} {_fmt(o['cosine_mean']):>8} {_fmt(o['cosine_min']):>8} "
-            f"{_fmt(o['sqnr_db'], '.1f', '-inf' if o.get('nonfinite') else 'inf'):>8} {_fmt(o['max_abs_error'], '.3g'):>9} "
+            f"{_fmt(o['sqnr_db'], '.1f', '-inf' if o.get('nonfinite') else 'inf'):>8} "
+            f"{_fmt(o['max_abs_error'], '.3g'):>9} "
             f"{_fmt(o.get('top1_agreement'), '.3f'):>7} {_fmt(o.get('accuracy_fp32'), '.2f'):>9} "
             f"{_fmt(o.get('accuracy_quantized'), '.2f'):>9}"
         )

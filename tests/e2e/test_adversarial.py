@@ -23,8 +23,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from models import control_flow, conv_bn_relu_gemm, stateful_vad
 from quantkit.cli import cli
+
+from models import control_flow, conv_bn_relu_gemm, stateful_vad
 
 ROOT = Path(__file__).resolve().parents[2]
 CNN = ROOT / "sample_models" / "digits_cnn"

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from models import run
 from quantkit.quantize import blockwise as bw
+
+from models import run
 
 
 def test_pack_unpack_roundtrip_odd_length():

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from models import run
 from quantkit.quantize import qparams as qp
+
+from models import run
 
 
 def test_asymmetric_uint8_maps_range_ends_onto_0_and_255():
