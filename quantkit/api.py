@@ -25,11 +25,11 @@ from quantkit.errors import ConfigError, UnsupportedModelError
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import already_quantized, canonicalize
 from quantkit.graph.masks import mask_tensors
-from quantkit.load.onnx import input_specs, load_onnx, model_bytes, model_files
+from quantkit.load.onnx import file_sha256, input_specs, load_onnx, model_bytes, model_files
 from quantkit.load.source import Source, load_source, open_data
 from quantkit.output import Outputs, check_destinations
-from quantkit.quantize import subgraphs
-from quantkit.quantize.plan import Plan
+from quantkit.quantize import budget, subgraphs
+from quantkit.quantize.plan import OpKind, Plan, SchemeName
 from quantkit.quantize.prepare import Calibration, CalibrationData, calibrate
 from quantkit.quantize.scheme import Placement, RewriteResult, placement_for
 from quantkit.quantize.speed import GuardReport, guard
@@ -87,8 +87,13 @@ def _batch_size(specs: list[InputSpec], asked: int | None) -> int:
 
 
 def _check_options(cfg: RunConfig) -> None:
-    check_destinations({"output": cfg.output, "--report": cfg.report, "--save-fp32": cfg.save_fp32},
-                       [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache], cfg.force)
+    check_destinations({"output": cfg.output, "--report": cfg.report, "--save-fp32": cfg.save_fp32,
+                        "--plan": cfg.plan_out},
+                       [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache, cfg.plan_in],
+                       cfg.force)
+    if (cfg.plan_out is not None or cfg.plan_in is not None) and not cfg.quant.activations.static:
+        raise ConfigError("--plan and --from-plan record per-node placements of static int8 (uint8/int8 "
+                          f"activations), not of --activations {cfg.quant.activations}")
     if cfg.data.stats_cache is not None and not cfg.quant.activations.static:
         raise ConfigError(f"--stats-cache holds activation histograms: it applies to static activations (uint8/int8), "
                           f"not to --activations {cfg.quant.activations}")
@@ -163,7 +168,9 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     calibration = calibrate(model, placement, cfg.quant, data, workdir, status, progress)
     notes += calibration.notes
     notes += placement.tune(model, lambda m: _sqnr(m, inputs, workdir), status)
-    (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status)
+    placed = _budget(cfg, model, placement, inputs, workdir, status)
+    notes += placed.get("notes", [])
+    (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status, placed)
     notes += rw.notes
     inner = subgraphs.quantize_weights(qmodel)
     if inner:
@@ -182,20 +189,25 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     report = _report(Outcome(cfg, inputs, placement, calibration, plan, rw, guard_report, outputs, latency,
                              evaluation, model_bytes(q_path), notes))
     _move_subgraph_nodes(report["nodes"], inner)
+    report["sensitivity"] = placed.get("sensitivity", [])
+    report["placement"] = {k: v for k, v in placed.items() if k not in ("sensitivity", "notes")} or None
     failures = check_gates(outputs, cfg.gates, latency)
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
     report["seconds"] = time.perf_counter() - t_start
 
-    _save(cfg, qmodel, report, inputs.source.onnx_path)
+    plan_file = _plan_file(cfg, placement, guard_report, placed) if cfg.plan_out is not None else None
+    _save(cfg, qmodel, report, inputs.source.onnx_path, plan_file)
     return Result(report, failures)
 
 
-def _save(cfg: RunConfig, qmodel: ir.Model, report: dict, fp32_path: Path) -> None:
-    """The model, the report and the exported fp32 model are written together or not at all."""
+def _save(cfg: RunConfig, qmodel: ir.Model, report: dict, fp32_path: Path, plan_file: dict | None) -> None:
+    """The model, the report, the plan and the exported fp32 model are written together or not at all."""
     with Outputs(cfg.force) as out:
         out.stage_model(qmodel, cfg.output)
         if cfg.report is not None:
             out.stage_json(report, cfg.report)
+        if plan_file is not None:
+            out.stage_json(plan_file, cfg.plan_out)
         if cfg.save_fp32 is not None:
             out.stage_copy(fp32_path, cfg.save_fp32)
         out.commit()
@@ -266,18 +278,85 @@ def _sqnr(model: ir.Model, inputs: Inputs, workdir: Path) -> float:
     return float(10 * np.log10(sig / max(err, 1e-30)))
 
 
-def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs, workdir: Path, status):
+def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs, workdir: Path, status) -> dict:
+    """Per-node placement for static int8: replayed from --from-plan, or searched to meet the
+    accuracy target (quantize/budget.py). Sets `placement.overrides`; returns the report section."""
+    if not cfg.quant.activations.static:
+        return {}
+    if cfg.plan_in is not None:
+        saved = budget.PlanFile.load(cfg.plan_in, file_sha256(cfg.model))
+        placement.overrides = {k: v for k, v in saved.nodes.items() if v != SchemeName.STATIC.value}
+        return {"source": f"replayed from {cfg.plan_in}", "target": saved.target, "moved": placement.overrides,
+                "speed_dropped": saved.speed_dropped}
+    full_model, full_plan, _ = placement.build(model, set(), "")
+    if not full_plan.ops:
+        return {}
+
+    def session(m: ir.Model):
+        return runtime.session(m, workdir, tag="candidate")
+
+    status("placement: measuring how much error each quantized op adds")
+    probe = budget.Probe.take(inputs.fp32, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed))
+    ranked = budget.sensitivity(model, full_model, full_plan, probe, session)
+    dynamic = next(iter(placement.alternates), None)
+    choices = {budget.op_key(op): budget.alternative(op, dynamic.refuse if dynamic else lambda op: "none")
+               for op in full_plan.ops}
+    g = cfg.gates
+    target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
+
+    def evaluate(overrides: dict[str, str]) -> list[dict]:
+        placement.overrides = overrides
+        return probe.score(session(placement.build(model, set(), "")[0]))
+
+    found = budget.search(ranked, choices, target.with_margin(), evaluate, status)
+    placement.overrides = found.overrides
+    notes = []
+    if found.overrides and len(found.overrides) == len(choices) and set(found.overrides.values()) == {budget.FLOAT}:
+        notes.append(f"to meet {target.describe()} every quantizable op stays float: int8 cannot reach this target "
+                     "on this model")
+    if found.overrides:
+        notes.append(f"accuracy budget ({target.describe()}): {len(found.overrides)} op(s) moved out of static int8 "
+                     f"({_tally(found.overrides.values())}); see placement and sensitivity")
+    if not found.met:
+        notes.append(f"the target {target.describe()} is not met even with every sensitive op moved out of "
+                     f"static int8: {found.shortfall}")
+    samples = sum(len(next(iter(f.values()))) for f in probe.feeds)
+    return {"source": "search", "target": target.describe(), "searched_for": target.with_margin().describe(),
+            "met": found.met, "moved": found.overrides,
+            "probe_samples": samples, "figures": found.figures, "trials": found.trials, "sensitivity": ranked,
+            "notes": notes}
+
+
+def _tally(values) -> str:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{n} to {k}" for k, n in sorted(counts.items()))
+
+
+def _plan_file(cfg: RunConfig, placement: Placement, guard_report: GuardReport, info: dict) -> dict:
+    return budget.PlanFile(dict(placement.overrides), guard_report.dropped_kinds, file_sha256(cfg.model),
+                           target=info.get("target", "")).save()
+
+
+def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs, workdir: Path, status,
+           plan_info: dict):
     """The rewritten model, its plan and rewrite result: every planned op, or with the speed guard
-    the fastest placement of op groups."""
+    the fastest placement of op groups (or the groups a replayed plan names)."""
     def build(drop):
         return placement.build(model, set(drop), SPEED_GUARD_REASON)
 
     kinds = placement.kinds(model)
-    if cfg.speed_guard and kinds:
+    if "speed_dropped" in plan_info:
+        dropped = {OpKind(k) for k in plan_info["speed_dropped"]}
+        built, report = build(dropped), GuardReport(dropped=sorted(k.label for k in dropped),
+                                                    dropped_kinds=sorted(k.value for k in dropped))
+    elif cfg.speed_guard and kinds:
         def session(m: ir.Model):
             return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
 
-        built, report = guard(build, session, inputs.fp32, inputs.feed, kinds, status=status)
+        built, report = guard(build, session, inputs.fp32, inputs.feed, kinds, status=status,
+                              for_speed=cfg.gates.require_speedup is not None)
     else:
         built, report = build(set()), GuardReport()
     status(f"quantized {len(built[1].ops)} node(s)")

@@ -67,8 +67,11 @@ def cli() -> None:
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
 @click.option("--batch-axis", multiple=True, metavar="NAME=K", help="The axis of input NAME that samples are stacked on (default: its first dynamic axis); NAME=none feeds the array whole to every batch.")
 @click.option("--batch-size", type=int, help="Batch size for calibration and evaluation [default: 8, or the model's fixed batch].")
-@click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Gate: exit 5 if top-1 accuracy drops more than this (needs labels).")
-@click.option("--min-cosine", type=float, help="Gate: exit 5 if any output's mean cosine to fp32 is below this.")
+@click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Target and gate: exit 5 if top-1 accuracy drops more than this (needs labels); the placement keeps top-1 agreement within it on calibration data.")
+@click.option("--min-cosine", type=float, help="Target and gate: every output's mean cosine to fp32 at least this (static int8 places ops to meet it; exit 5 if the result misses it). Default target without any: 0.998.")
+@click.option("--min-sqnr", type=float, metavar="DB", help="Target and gate: every output's SQNR against fp32 at least DB (static int8 moves the most sensitive ops out until it holds; exit 5 if the result misses it).")
+@click.option("--plan", type=click.Path(path_type=Path), help="Write the chosen per-node placement (JSON) here, to replay with --from-plan.")
+@click.option("--from-plan", type=click.Path(path_type=Path), help="Replay a placement written by --plan: no sensitivity search, no speed guard; the same inputs give the same model bytes.")
 @click.option("--require-speedup", type=float, metavar="X", help="Gate: exit 5 if the int8 model is not at least X times faster than fp32.")
 @click.option("--threads", type=int, help="onnxruntime threads for timing (speed guard and report) [default: onnxruntime's].")
 @click.option("--no-speed-guard", is_flag=True, help="Write every placement without timing candidates first.")
@@ -106,7 +109,8 @@ def _config(model: Path, o: dict):
                         batch_size=o["batch_size"], stats_cache=o["stats_cache"], preprocess=o["preprocess"],
                         batch_axes=parse_batch_axes(_split(o["batch_axis"]))),
         gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
-                    require_speedup=o["require_speedup"]),
+                    require_speedup=o["require_speedup"], min_sqnr=o["min_sqnr"]),
+        plan_out=o["plan"], plan_in=o["from_plan"],
     )
 
 

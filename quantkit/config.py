@@ -166,10 +166,11 @@ class Gates:
     max_accuracy_drop: float | None = None  # in percentage points
     min_cosine: float | None = None
     require_speedup: float | None = None  # fp32 latency / int8 latency must reach this
+    min_sqnr: float | None = None  # dB, every float output
 
     def __post_init__(self) -> None:
         for flag, value in (("--max-accuracy-drop", self.max_accuracy_drop), ("--min-cosine", self.min_cosine),
-                            ("--require-speedup", self.require_speedup)):
+                            ("--require-speedup", self.require_speedup), ("--min-sqnr", self.min_sqnr)):
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"{flag} must be a finite number, got {value}: such a gate could never fail")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
@@ -197,6 +198,8 @@ class RunConfig:
     allow_pickle: bool = False  # allow torch.load of a whole pickled module (runs code from the file)
     inputs: tuple[str, ...] = ()  # NAME:SHAPE:DTYPE signatures; default: taken from the data
     save_fp32: Path | None = None  # keep the exported fp32 ONNX here
+    plan_out: Path | None = None  # --plan: write the chosen per-node placement here
+    plan_in: Path | None = None  # --from-plan: replay this placement, no search
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

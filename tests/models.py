@@ -170,3 +170,22 @@ def stateful_vad(rng: np.random.Generator) -> onnx.ModelProto:
         initializer=[_init("w1", w1), _init("w2", w2), _init("axis0", np.array([0], np.int64)),
                      _init("rate", np.float32(16000))])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def planted_outlier(rng: np.random.Generator) -> onnx.ModelProto:
+    """x[N,64] -> MatMul(a) -> Mul(one channel x300: an outlier channel, as after an encoder's GELU)
+    -> MatMul(b) -> Relu -> MatMul(c) -> y[N,16]. Static int8 on b's input spends its 256 levels on
+    the outlier and rounds every other channel to nothing: b is the op that hurts."""
+    scale = np.ones(64, np.float32)
+    scale[7] = 300.0
+    inits = [_init("wa", rng.normal(0, 0.2, (64, 64)).astype(np.float32)), _init("outlier", scale),
+             _init("wb", rng.normal(0, 0.2, (64, 64)).astype(np.float32)),
+             _init("wc", rng.normal(0, 0.2, (64, 16)).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "wa"], ["ha"], name="a"),
+             helper.make_node("Mul", ["ha", "outlier"], ["hm"], name="spike"),
+             helper.make_node("MatMul", ["hm", "wb"], ["hb"], name="b"),
+             helper.make_node("Relu", ["hb"], ["hr"], name="relu"),
+             helper.make_node("MatMul", ["hr", "wc"], ["y"], name="c")]
+    graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

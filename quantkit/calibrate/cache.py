@@ -4,7 +4,6 @@ forward passes. A cache is only used for the same model file and calibration dat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -16,19 +15,16 @@ import numpy as np
 
 from quantkit.calibrate.observers import HistogramObserver
 from quantkit.errors import InputError
+from quantkit.load.onnx import file_sha256
 
 FORMAT = "quantkit-stats-3"
 
 
 def fingerprint(model: Path, calib: Path, calib_samples: int | None, batch: int) -> dict:
     """What the statistics depend on: the model's bytes (hashed) and the data files' identity."""
-    h = hashlib.sha256()
-    with open(model, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     files = sorted(calib.iterdir()) if calib.is_dir() else [calib]
     data = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return {"format": FORMAT, "model_sha256": h.hexdigest(), "data": data,
+    return {"format": FORMAT, "model_sha256": file_sha256(model), "data": data,
             "calib_samples": calib_samples, "batch_size": batch}
 
 

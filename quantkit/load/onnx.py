@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from pathlib import Path
@@ -145,6 +146,14 @@ def _nbytes(t: onnx.TensorProto) -> int:
         return n * int(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
     except (KeyError, TypeError, ValueError):
         return 0
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def model_files(path: Path) -> list[Path]:

@@ -99,10 +99,14 @@ class Placement:
     """The schemes of one run. Ops go to the first scheme that takes them; an op no scheme
     takes stays float with the last scheme's reason."""
 
-    def __init__(self, config: QuantConfig, schemes: list[Scheme]) -> None:
+    def __init__(self, config: QuantConfig, schemes: list[Scheme], alternates: list[Scheme] | None = None) -> None:
         self.config = config
         self.schemes = schemes
+        # schemes that take an op only when a per-node override names them (the accuracy budget)
+        self.alternates = alternates or []
         self.float_tensors: dict[str, str] = {}  # found in the graph or from calibration
+        self.overrides: dict[str, str] = {}  # node (budget.op_key) -> scheme name, or "float"
+        self.override_reason = "left float by the accuracy budget"
 
     def plan(self, model: ir.Model) -> Plan:
         plan = make_plan(model, self.config)
@@ -117,9 +121,28 @@ class Placement:
                     break
             else:
                 plan.skip(op, reason or "no scheme takes it")
-        plan.ops = kept
+        plan.ops = self._override(plan, kept)
         plan.keep_float(self.float_tensors)
         return plan
+
+    def _override(self, plan: Plan, ops: list[QuantizedOp]) -> list[QuantizedOp]:
+        """Per-node choices: an op named in `overrides` goes to that scheme, or stays float."""
+        from quantkit.quantize.budget import FLOAT, op_key
+
+        by_name = {s.name.value: s for s in [*self.schemes, *self.alternates]}
+        kept = []
+        for op in ops:
+            want = self.overrides.get(op_key(op))
+            if want is None:
+                kept.append(op)
+            elif want == FLOAT:
+                plan.skip(op, self.override_reason)
+            elif want in by_name and by_name[want].refuse(op) is None:
+                op.scheme = by_name[want].name
+                kept.append(op)
+            else:
+                plan.skip(op, f"the plan asks for {want}, which cannot rewrite this op")
+        return kept
 
     def kinds(self, model: ir.Model) -> set[OpKind]:
         return {op.kind for op in self.plan(model.clone()).ops}
@@ -158,7 +181,7 @@ class Placement:
         """Each scheme rewrites its own ops; one editor names everything in this model."""
         edit = Editor(model.graph)
         result = RewriteResult()
-        for scheme in self.schemes:
+        for scheme in [*self.schemes, *self.alternates]:
             ops = [op for op in plan.ops if op.scheme == scheme.name]
             if ops:
                 result.merge(scheme.rewrite(model, ops, edit))
@@ -192,4 +215,6 @@ def placement_for(config: QuantConfig) -> Placement:
 
     scheme = {Activations.DYNAMIC: DynamicScheme, Activations.NONE: WeightOnlyScheme}.get(
         config.activations, StaticScheme)
-    return Placement(config, [scheme(config)])
+    # static int8 may hand single ops to dynamic int8 when the accuracy budget asks for it
+    alternates: list[Scheme] = [DynamicScheme(config)] if scheme is StaticScheme else []
+    return Placement(config, [scheme(config)], alternates)

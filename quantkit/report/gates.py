@@ -9,11 +9,16 @@ def check_gates(outputs: list[dict], gates: Gates, latency: dict | None = None) 
     """One line per failed gate; empty when every gate passed. A non-finite value where fp32 is
     finite fails every gate that was set."""
     failures = []
-    if any(v is not None for v in (gates.max_accuracy_drop, gates.min_cosine, gates.require_speedup)):
+    if any(v is not None for v in (gates.max_accuracy_drop, gates.min_cosine, gates.require_speedup, gates.min_sqnr)):
         for out in outputs:
             if out.get("nonfinite"):
                 failures.append(f"output '{out['name']}': {out['nonfinite']} non-finite value(s) (NaN/Inf) "
                                 "where fp32 is finite")
+    if gates.min_sqnr is not None:
+        for out in outputs:
+            sqnr = out.get("sqnr_db", "absent")
+            if sqnr != "absent" and sqnr is not None and sqnr < gates.min_sqnr:
+                failures.append(f"output '{out['name']}': SQNR {sqnr:.1f} dB (< --min-sqnr {gates.min_sqnr:g})")
     if gates.max_accuracy_drop is not None and outputs:
         first = outputs[0]
         drop = first.get("accuracy_drop_points")

@@ -1,0 +1,355 @@
+"""Accuracy-budgeted placement: which quantized ops must leave static int8 so the model meets a
+target, found from measurements on calibration data, never from timings.
+
+1. Sensitivity. The fully quantized model runs on a few calibration batches with every quantized
+   op's inputs and output exposed; each op is then also run alone, in float, on the very inputs it
+   received. The difference is the noise the op adds itself (its input and weight rounding),
+   apart from any error that arrived from upstream. An op fed by outlier-heavy activations (the
+   GELU output before an encoder's FFN down-projection) adds orders of magnitude more than a
+   benign one. The cost is one run of the model per batch plus one tiny single-node session per
+   op.
+2. Search. Ops leave static int8 in rank order, each for its cheapest alternative (dynamic int8
+   for MatMul/Gemm with a constant weight, which keeps the 4x smaller weight and handles per-token
+   outliers; float otherwise). The fewest that meet the target are found by bisection over the
+   ranking, each probe one candidate model scored on the same calibration batches: log2(n) + 1
+   candidates for n ops. The same inputs give the same placement.
+3. Plans. The result is a mapping node -> scheme that `--plan` writes and `--from-plan` replays
+   without any search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from quantkit.errors import InputError
+from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
+
+PLAN_FORMAT = "quantkit-plan-1"
+DEFAULT_MIN_COSINE = 0.998  # with no target: every float output keeps this mean cosine on the probe
+PROBE_SAMPLES = 64
+SQNR_MARGIN_DB = 1.0  # the search aims this far above --min-sqnr...
+COSINE_MARGIN = 0.8  # ...and at 80% of the cosine error (or top-1 disagreement) allowed
+FLOAT = "float"
+
+
+def op_key(op: QuantizedOp) -> str:
+    """A node's stable name in plans: its name, or its first output's when it has none."""
+    return op.node.name or op.node.outputs[0].name
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the placement must reach on the probe batches."""
+
+    min_cosine: float | None = None
+    min_sqnr: float | None = None
+    max_disagreement: float | None = None  # top-1 disagreement, from --max-accuracy-drop (points/100)
+    default: bool = False
+
+    @classmethod
+    def from_gates(cls, min_cosine: float | None, min_sqnr: float | None, max_accuracy_drop: float | None) -> Target:
+        if min_cosine is None and min_sqnr is None and max_accuracy_drop is None:
+            return cls(min_cosine=DEFAULT_MIN_COSINE, default=True)
+        drop = None if max_accuracy_drop is None else max_accuracy_drop / 100.0
+        return cls(min_cosine, min_sqnr, drop)
+
+    def describe(self) -> str:
+        parts = []
+        if self.min_cosine is not None:
+            parts.append(f"mean cosine >= {self.min_cosine:g}")
+        if self.min_sqnr is not None:
+            parts.append(f"SQNR >= {self.min_sqnr:g} dB")
+        if self.max_disagreement is not None:
+            parts.append(f"top-1 agreement >= {100 * (1 - self.max_disagreement):g}%")
+        return " and ".join(parts) + (" (default budget)" if self.default else "")
+
+    def with_margin(self) -> Target:
+        """The target the search aims for: a little above the one asked, since the probe batches
+        are a sample and the gates are checked on the evaluation data."""
+        return Target(None if self.min_cosine is None else 1 - (1 - self.min_cosine) * COSINE_MARGIN,
+                      None if self.min_sqnr is None else self.min_sqnr + SQNR_MARGIN_DB,
+                      None if self.max_disagreement is None else self.max_disagreement * COSINE_MARGIN,
+                      self.default)
+
+    def shortfall(self, figures: list[dict]) -> str | None:
+        """Why the figures miss the target, or None when they meet it."""
+        for f in figures:
+            if f["nonfinite"]:
+                return f"output '{f['name']}' has non-finite values"
+            if self.min_cosine is not None and f["cosine"] < self.min_cosine:
+                return f"output '{f['name']}' cosine {f['cosine']:.5f} < {self.min_cosine:g}"
+            if self.min_sqnr is not None and f["sqnr_db"] < self.min_sqnr:
+                return f"output '{f['name']}' SQNR {f['sqnr_db']:.1f} dB < {self.min_sqnr:g}"
+            if (self.max_disagreement is not None and f.get("top1") is not None
+                    and 1 - f["top1"] > self.max_disagreement):
+                return f"output '{f['name']}' top-1 agreement {100 * f['top1']:.2f}% too low"
+        return None
+
+
+@dataclass
+class Probe:
+    """A few calibration batches and the fp32 model's outputs on them."""
+
+    feeds: list[dict[str, np.ndarray]]
+    names: list[str]
+    reference: list[list[np.ndarray]]
+
+    @classmethod
+    def take(cls, fp32_session, batches, limit: int = PROBE_SAMPLES) -> Probe:
+        feeds, n = [], 0
+        inputs = {i.name for i in fp32_session.get_inputs()}
+        for b in batches:
+            feeds.append({k: v for k, v in b.items() if k in inputs})
+            n += len(next(iter(b.values())))
+            if n >= limit:
+                break
+        names = [o.name for o in fp32_session.get_outputs()]
+        return cls(feeds, names, [fp32_session.run(names, f) for f in feeds])
+
+    def score(self, session) -> list[dict]:
+        """Per output: mean cosine, SQNR, top-1 agreement (class scores), non-finite count."""
+        runs = [session.run(self.names, f) for f in self.feeds]
+        return [_figures(name, [r[i] for r in self.reference], [q[i] for q in runs])
+                for i, name in enumerate(self.names)]
+
+
+def _figures(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+    out: dict = {"name": name, "nonfinite": 0}
+    if not np.issubdtype(ref[0].dtype, np.floating):
+        same = all(np.array_equal(r, g) for r, g in zip(ref, got))
+        return {**out, "cosine": 1.0 if same else 0.0, "sqnr_db": math.inf if same else -math.inf}
+    cos, sig, err, agree, rows = [], 0.0, 0.0, 0, 0
+    for r, g in zip(ref, got):
+        n = r.shape[0] if r.ndim else 1
+        r64, g64 = r.reshape(n, -1).astype(np.float64), g.reshape(n, -1).astype(np.float64)
+        bad = np.isfinite(r64) & ~np.isfinite(g64)
+        out["nonfinite"] += int(bad.sum())
+        g64 = np.where(np.isfinite(g64), g64, 0.0)
+        r64 = np.where(np.isfinite(r64), r64, 0.0)
+        norms = np.linalg.norm(r64, axis=1) * np.linalg.norm(g64, axis=1)
+        cos.extend(np.where(norms > 0, (r64 * g64).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0).tolist())
+        sig += float((r64 ** 2).sum())
+        err += float(((r64 - g64) ** 2).sum())
+        if r.ndim == 2 and r.shape[1] >= 2:
+            agree += int((r.argmax(axis=1) == g.argmax(axis=1)).sum())
+            rows += n
+    out["cosine"] = float(np.mean(cos)) if cos else 1.0
+    out["sqnr_db"] = _db(sig, err)
+    out["top1"] = agree / rows if rows else None
+    return out
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise <= 0:
+        return math.inf
+    return 10.0 * math.log10(max(signal, 1e-300) / noise)
+
+
+# ---------------------------------------------------------------- sensitivity
+
+def _with_outputs(model: ir.Model, names: list[str]) -> ir.Model:
+    """A copy of the model that also outputs the named tensors (those it computes)."""
+    m = model.clone()
+    values = {v.name: v for node in m.graph for v in node.outputs if v.name}
+    present = {v.name for v in m.graph.outputs}
+    for n in names:
+        if n in values and n not in present:
+            m.graph.outputs.append(values[n])
+            present.add(n)
+    return m
+
+
+def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe,
+                session: Callable[[ir.Model], Any]) -> list[dict]:
+    """Every planned op with the noise it adds itself, ranked (largest first).
+
+    `own_noise`: the op's quantized output against the float op applied to the very inputs it
+    received in the quantized model, relative to that output's power: its weight and input
+    rounding alone, whatever error arrived from upstream. `input_sqnr_db`/`output_sqnr_db`: the
+    fidelity it receives and passes on against fp32."""
+    outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
+    names = sorted({v.name for op in plan.ops for v in op.inputs} | set(outs.values()))
+    ref_s, q_s = session(_with_outputs(fp32, names)), session(_with_outputs(quantized, names))
+    wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
+    originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
+    singles: dict[str, Any] = {op_key(op): session(_single(fp32, originals[op_key(op)])) for op in plan.ops
+               if outs[op_key(op)] in wanted and op_key(op) in originals}
+    drift = {n: [0.0, 0.0] for n in wanted}  # against fp32: signal, error
+    own = {k: [0.0, 0.0] for k in singles}  # against the float op on the same inputs
+    for feed in probe.feeds:
+        ref = dict(zip(wanted, ref_s.run(wanted, feed)))
+        got = dict(zip(wanted, q_s.run(wanted, feed)))
+        for n in wanted:
+            _accumulate(drift[n], ref[n], got[n])
+        for key, single in singles.items():
+            names_in = [i.name for i in single.get_inputs()]
+            if all(n in got or n in feed for n in names_in):
+                exact = single.run(None, {n: got[n] if n in got else feed[n] for n in names_in})[0]
+                _accumulate(own[key], exact, got[outs[key]])
+    rows: list[dict[str, Any]] = []
+    for op in plan.ops:
+        key = op_key(op)
+        received = max((_ratio(drift.get(v.name)) for v in op.inputs), default=0.0)
+        rows.append({"node": key, "op_type": op.node.op_type, "kind": op.kind.value,
+                     "own_sqnr_db": _finite(_noise_db(_ratio(own.get(key)))),
+                     "input_sqnr_db": _finite(_noise_db(received)),
+                     "output_sqnr_db": _finite(_noise_db(_ratio(drift.get(outs[key])))),
+                     "own_noise": _finite(_ratio(own.get(key)))})
+    # the largest own noise first; ties by name, so the order is the same on every run
+    rows.sort(key=lambda r: (-(r["own_noise"] if r["own_noise"] is not None else math.inf), r["node"]))
+    return rows
+
+
+def _single(model: ir.Model, node: ir.Node) -> ir.Model:
+    """The node alone, in float, its constant inputs kept and its others as graph inputs."""
+    inputs: list[ir.Value] = []
+    inits: list[ir.Value] = []
+    for v in node.inputs:
+        if v is None or not v.name:
+            continue
+        # constants are copied into memory: a tensor memory-mapped from external data would make the
+        # single-node model unloadable from bytes
+        const = ir.tensor(v.const_value.numpy(), name=v.name) if v.const_value is not None else None
+        copy = ir.Value(name=v.name, shape=v.shape, type=v.type, const_value=const)
+        (inits if v.const_value is not None and not v.is_graph_input() else inputs).append(copy)
+    out = node.outputs[0]
+    result = ir.Value(name=out.name, shape=out.shape, type=out.type)
+    by_name = {v.name: v for v in [*inputs, *inits]}
+    clone = ir.node(node.op_type, inputs=[by_name.get(v.name) if v is not None and v.name else None
+                                          for v in node.inputs],
+                    attributes=dict(node.attributes), domain=node.domain,
+                    outputs=[result, *[ir.Value(name=o.name) for o in node.outputs[1:]]])
+    graph = ir.Graph(inputs, [result], nodes=[clone], initializers=inits, name="single")
+    graph.opset_imports.update(model.opset_imports)
+    return ir.Model(graph, ir_version=model.ir_version)
+
+
+def _accumulate(acc: list[float], ref: np.ndarray, got: np.ndarray) -> None:
+    r64, g64 = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    ok = np.isfinite(r64)
+    acc[0] += float((r64[ok] ** 2).sum())
+    d = (g64 - r64)[ok]
+    acc[1] += float((d ** 2).sum()) if np.isfinite(d).all() else math.inf
+
+
+def _ratio(acc: list[float] | None) -> float:
+    """Relative error power; 0 when there is nothing to compare (exact inputs)."""
+    if acc is None or acc[1] == 0:
+        return 0.0
+    return acc[1] / acc[0] if acc[0] > 0 else math.inf
+
+
+def _noise_db(relative_noise: float) -> float:
+    """Relative noise power as SQNR in dB (0 noise: infinite)."""
+    return math.inf if relative_noise <= 0 else -10.0 * math.log10(relative_noise)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def alternative(op: QuantizedOp, dynamic_refuses: Callable[[QuantizedOp], str | None]) -> str:
+    """Where an op goes when static int8 costs too much: dynamic int8 keeps its int8 weight."""
+    if op.kind != OpKind.EMBEDDING and dynamic_refuses(op) is None:
+        return SchemeName.DYNAMIC.value
+    return FLOAT
+
+
+# ---------------------------------------------------------------- search
+
+@dataclass
+class SearchResult:
+    overrides: dict[str, str] = field(default_factory=dict)  # node -> "dynamic" | "float"
+    met: bool = True
+    figures: list[dict] = field(default_factory=list)  # probe figures of the chosen placement
+    trials: list[dict] = field(default_factory=list)
+    shortfall: str | None = None
+
+
+def search(ranked: list[dict], choices: dict[str, str], target: Target,
+           evaluate: Callable[[dict[str, str]], list[dict]], status: Callable[[str], None],
+           max_upgrades: int = 8) -> SearchResult:
+    """1. The fewest top-ranked ops left float that meet the target: bisection over k (moving
+    more ops out of int8 is assumed not to hurt; the chosen k is measured, never inferred).
+    2. Those ops then go back to a cheaper alternative where one exists (dynamic int8: it keeps the
+    int8 weight) as long as the target still holds: all at once, else one by one, least
+    sensitive first, for at most `max_upgrades` probes."""
+    order = [r["node"] for r in ranked if r["node"] in choices]
+    result = SearchResult()
+
+    def measure(overrides: dict[str, str], what: str) -> str | None:
+        status(f"placement: scoring {what}")
+        figures = evaluate(overrides)
+        why = target.shortfall(figures)
+        result.trials.append({"moved": dict(overrides), "figures": figures, "meets_target": why is None,
+                              "shortfall": why})
+        if why is None or not result.figures:
+            result.overrides, result.figures, result.shortfall = dict(overrides), figures, why
+        return why
+
+    def floats(k: int) -> dict[str, str]:
+        return dict.fromkeys(order[:k], FLOAT)
+
+    if measure({}, "every op in static int8") is None:
+        return result
+    if not order or measure(floats(len(order)), f"all {len(order)} op(s) float") is not None:
+        result.met = False
+        return result
+    lo, hi = 0, len(order)  # lo misses the target, hi meets it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measure(floats(mid), f"the {mid} most sensitive op(s) float") is None:
+            hi = mid
+        else:
+            lo = mid
+    best = floats(hi)
+    result.overrides, result.shortfall = best, None
+    result.figures = next(t["figures"] for t in reversed(result.trials) if t["moved"] == best)
+    cheaper = [n for n in order[:hi] if choices[n] != FLOAT]
+    if cheaper and measure({**best, **{n: choices[n] for n in cheaper}}, "the float ops as dynamic int8") is None:
+        return result
+    result.overrides, result.figures = best, next(t["figures"] for t in result.trials if t["moved"] == best)
+    for n in list(reversed(cheaper))[:max_upgrades]:
+        measure({**result.overrides, n: choices[n]}, f"{n} as {choices[n]}")  # kept only if it meets
+    return result
+
+
+# ---------------------------------------------------------------- plan files
+
+@dataclass
+class PlanFile:
+    """A placement to replay: per-node schemes and the op groups the speed guard left float."""
+
+    nodes: dict[str, str]
+    speed_dropped: list[str]
+    model_sha256: str
+    target: str = ""
+
+    def save(self) -> dict:
+        return {"format": PLAN_FORMAT, **asdict(self)}
+
+    @classmethod
+    def load(cls, path: Path, model_sha256: str) -> PlanFile:
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.get("format") != PLAN_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            plan = cls(dict(data["nodes"]), list(data["speed_dropped"]), str(data["model_sha256"]),
+                       str(data.get("target", "")))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path} is not a quantkit plan ({e}); write one with --plan") from e
+        if plan.model_sha256 != model_sha256:
+            raise InputError(f"{path} was made for another model (sha256 {plan.model_sha256[:12]}...); "
+                             "run the search again with --plan for this model")
+        bad = {v for v in plan.nodes.values() if v not in (SchemeName.STATIC.value, SchemeName.DYNAMIC.value, FLOAT)}
+        if bad or not set(plan.speed_dropped) <= {k.value for k in OpKind}:
+            raise InputError(f"{path} names unknown schemes or op groups: {sorted(bad) or plan.speed_dropped}")
+        return plan

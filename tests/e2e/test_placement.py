@@ -1,0 +1,127 @@
+"""Accuracy-budgeted placement: sensitivity ranks the op that hurts first, targets are met or the
+run fails with exit 5, and a written plan replays to the same bytes without any search."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import cli
+
+from models import planted_outlier
+
+
+@pytest.fixture
+def outlier(tmp_path):
+    rng = np.random.default_rng(0)
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(planted_outlier(rng), str(model))
+    np.savez(calib, x=rng.normal(size=(64, 64)).astype(np.float32))
+    return model, calib
+
+
+def _run(*args):
+    r = CliRunner().invoke(cli, ["quantize", *map(str, args), "-q", "--no-speed-guard"])
+    return r
+
+
+def test_sensitivity_ranks_the_planted_outlier_layer_first(outlier, tmp_path):
+    model, calib = outlier
+    rep = tmp_path / "r.json"
+    r = _run(model, "--calib", calib, "-o", tmp_path / "q.onnx", "--report", rep)
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(rep.read_text())
+    ranked = report["sensitivity"]
+    assert [x["node"] for x in ranked][0] == "b"
+    assert {x["node"] for x in ranked} == {"a", "b", "c"}
+    # b adds several times the noise of the next op: the outlier channel eats its int8 levels
+    assert ranked[0]["own_noise"] > 3 * ranked[1]["own_noise"]
+
+
+def test_default_budget_moves_the_outlier_op_and_meets_it(outlier, tmp_path):
+    model, calib = outlier
+    rep = tmp_path / "r.json"
+    plain = _run(model, "--calib", calib, "-o", tmp_path / "p.onnx", "--json", "--min-cosine", "-1")
+    assert plain.exit_code == 0, plain.stderr
+    assert json.loads(plain.stdout)["placement"]["moved"] == {}  # a target that everything meets
+    assert _run(model, "--calib", calib, "-o", tmp_path / "q.onnx", "--report", rep).exit_code == 0
+    report = json.loads(rep.read_text())
+    placement = report["placement"]
+    assert placement["met"] and "default budget" in placement["target"]
+    assert placement["moved"].get("b") == "float"  # dynamic int8 cannot hold a per-channel outlier
+    assert "c" not in placement["moved"]
+    before = json.loads(plain.stdout)["outputs"][0]["cosine_mean"]
+    after = report["outputs"][0]["cosine_mean"]
+    assert before < 0.998 <= after
+    float_nodes = {f["node"]: f["reason"] for f in report["nodes"]["float"]}
+    assert "accuracy budget" in float_nodes["b"]
+
+
+def test_a_target_int8_cannot_reach_leaves_the_model_float_and_says_so(outlier, tmp_path):
+    model, calib = outlier
+    r = _run(model, "--calib", calib, "-o", tmp_path / "q.onnx", "--min-sqnr", "200", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert set(report["placement"]["moved"].values()) == {"float"} and len(report["placement"]["moved"]) == 3
+    assert any("int8 cannot reach this target" in n for n in report["notes"])
+    assert report["nodes"]["quantized"] == []
+
+
+def test_a_gate_missed_on_the_evaluation_data_exits_5(outlier, tmp_path):
+    """The search meets the target on calibration batches; the gate is checked on --eval data,
+    here shifted so that the same placement falls short."""
+    model, calib = outlier
+    shifted = tmp_path / "e.npz"
+    np.savez(shifted, x=(np.random.default_rng(5).normal(size=(64, 64)) * 4).astype(np.float32))
+    r = _run(model, "--calib", calib, "--eval", shifted, "-o", tmp_path / "q.onnx", "--min-sqnr", "38", "--json")
+    report = json.loads(r.stdout)
+    assert report["placement"]["met"]
+    assert r.exit_code == 5 and any("SQNR" in f for f in report["gates"]["failures"])
+    assert (tmp_path / "q.onnx").exists()  # written, so the failure can be inspected
+
+
+def test_a_reachable_sqnr_target_is_met(outlier, tmp_path):
+    model, calib = outlier
+    r = _run(model, "--calib", calib, "-o", tmp_path / "q.onnx", "--min-sqnr", "30", "--json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["placement"]["met"] and report["outputs"][0]["sqnr_db"] >= 30
+
+
+def test_from_plan_replays_to_identical_bytes_without_search(outlier, tmp_path):
+    model, calib = outlier
+    plan = tmp_path / "plan.json"
+    first = _run(model, "--calib", calib, "-o", tmp_path / "a.onnx", "--plan", plan)
+    assert first.exit_code == 0, first.stderr
+    saved = json.loads(plan.read_text())
+    assert saved["nodes"]["b"] == "float"
+    again = _run(model, "--calib", calib, "-o", tmp_path / "b.onnx", "--from-plan", plan, "--json")
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    placement = json.loads(again.stdout)["placement"]
+    assert placement["source"].startswith("replayed") and "trials" not in placement
+
+
+def test_a_plan_for_another_model_is_refused(outlier, tmp_path, samples):
+    model, calib = outlier
+    plan = tmp_path / "plan.json"
+    assert _run(model, "--calib", calib, "-o", tmp_path / "a.onnx", "--plan", plan).exit_code == 0
+    d = samples / "digits_cnn"
+    r = _run(d / "model.onnx", "--calib", d / "calib.npz", "-o", tmp_path / "c.onnx", "--from-plan", plan)
+    assert r.exit_code == 3 and "another model" in r.stderr
+
+
+def test_a_plan_with_the_speed_guard_replays_its_dropped_groups(samples, tmp_path):
+    d = samples / "digits_transformer"
+    plan = tmp_path / "plan.json"
+    args = [d / "model.onnx", "--calib", d / "calib.npz", "--calib-samples", "64", "-q"]
+    first = CliRunner().invoke(cli, ["quantize", *map(str, args), "-o", str(tmp_path / "a.onnx"), "--plan", str(plan)])
+    assert first.exit_code == 0, first.stderr
+    again = CliRunner().invoke(cli, ["quantize", *map(str, args), "-o", str(tmp_path / "b.onnx"),
+                                     "--from-plan", str(plan)])
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
