@@ -27,13 +27,16 @@ from quantkit.graph.canonicalize import already_quantized, canonicalize
 from quantkit.graph.masks import mask_tensors
 from quantkit.load.onnx import input_specs, load_onnx, model_bytes
 from quantkit.load.source import load_source, open_data
+from quantkit.options import effective_config
 from quantkit.output import check_destination, write_json, write_model
 from quantkit.quantize import dynamic, prepare, qdq, weight_only
 from quantkit.quantize.plan import make_plan
 from quantkit.quantize.speed import GuardReport, guard
 from quantkit.report.compare import OutputComparison
 from quantkit.report.gates import check_gates
+from quantkit.report.histograms import histograms
 from quantkit.report.latency import compare_latency
+from quantkit.report.weight_error import weight_errors
 
 DEFAULT_BATCH = 8
 SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster without this group quantized"
@@ -223,6 +226,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
                      eval_info={"source": str(scored.path), "on_calibration_data": evald is None,
                                 "samples": eval_samples},
                      bytes_after=model_bytes(q_path))
+    report["weight_error"] = weight_errors(model, cfg.quant, {s["node"] for s in report["nodes"]["float"]})
     failures = check_gates(outputs, cfg.gates, latency)
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
     report["seconds"] = time.perf_counter() - t_start
@@ -301,6 +305,7 @@ def _report(cfg, source, calibration, plan, rw, guard_report, outputs, latency, 
         "smoothquant": smoothing,
         "activations": {},
         "notes": notes,
+        "effective_config": effective_config(cfg),
     }
     if calibration is not None:
         obs, chosen = calibration["observers"], calibration["chosen"]
@@ -310,6 +315,7 @@ def _report(cfg, source, calibration, plan, rw, guard_report, outputs, latency, 
                                  "methods_chosen": _tally(chosen.values())}
         report["activations"] = {k: {**asdict(v), "method": chosen[k], "observed": list(obs[k].range()),
                                      "nonfinite": obs[k].nonfinite} for k, v in rw.activations.items()}
+        report["histograms"] = histograms(obs, report["activations"])
     m = report["model"]
     m["compression"] = m["bytes_before"] / m["bytes_after"] if m["bytes_after"] else None
     return report

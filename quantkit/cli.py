@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from quantkit import __version__
 from quantkit.errors import AccuracyGateError, QuantkitError
@@ -25,8 +26,22 @@ Exit codes:
      model and report are still written"""
 
 
-def _split(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
+# quantize parameters that only change how the run is shown, and click names that differ from the option keys
+CLI_ONLY = ("config_file", "as_json", "quiet", "verbose")
+CLI_KEYS = {"eval_": "eval", "fmt": "format", "inputs": "input"}
+
+
+def _given_options(ctx: click.Context, model: Path | None, o: dict) -> dict:
+    """The --config file's options, overridden by the flags given on the command line (defaults
+    are not 'given': they must not override the file)."""
+    from quantkit import options
+
+    base = options.read_toml(o["config_file"]) if o["config_file"] is not None else {}
+    given = {CLI_KEYS.get(k, k): v for k, v in o.items()
+             if k not in CLI_ONLY and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    if model is not None:
+        given["model"] = model
+    return {**base, **options.normalize(given)}
 
 
 @click.group(epilog=EXIT_CODES)
@@ -36,11 +51,13 @@ def cli() -> None:
 
 
 @cli.command(epilog=EXIT_CODES)
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML file of quantize options (keys as the long flags, e.g. calib_samples = 256); flags given on the command line override it.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration data: .npz keyed by input name, .npy (single input), or a directory of them.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Quantized model path [default: MODEL.int8.onnx].")
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Evaluation data (same formats; may hold 'labels'). Default: the calibration data.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the full report as JSON to this path.")
+@click.option("--html", type=click.Path(path_type=Path), help="Also write the report as one self-contained HTML page with charts (needs matplotlib: pip install 'quantkit[html]').")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (the table goes to stderr).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
 @click.option("--activations", type=click.Choice(["uint8", "int8", "dynamic", "none"]), help="uint8 asymmetric (default) or int8 symmetric static activations; dynamic (quantized at run time); none (weight-only; the default with --weights int4). dynamic and none need no --calib.")
@@ -68,43 +85,26 @@ def cli() -> None:
 @click.option("--model-class", metavar="PKG.MODULE:FACTORY", help="PyTorch checkpoint (state_dict .pt/.pth or .safetensors): the callable that builds the module.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a whole pickled torch module (this runs code from the file).")
 @click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE:DTYPE", help="PyTorch models: an input signature, e.g. x:Bx3x224x224:float32 (non-numeric dims are dynamic). Default: from the data.")
+@click.option("--output-names", metavar="A,B", help="PyTorch models: names for the exported model's outputs, in order (instead of the exporter's).")
 @click.option("--save-fp32", type=click.Path(path_type=Path), help="PyTorch models: also keep the exported fp32 ONNX here.")
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
-def quantize(model: Path, **o) -> None:
+def quantize(model: Path | None, **o) -> None:
     """Quantize MODEL (ONNX, or PyTorch: TorchScript, torch.export, checkpoint + --model-class) and
     report the accuracy kept."""
     try:
-        from quantkit.config import DataConfig, Gates, QuantConfig, RunConfig
-
-        output = o["output"] or model.with_name(f"{model.stem}.{o['weights']}.onnx")
-        cfg = RunConfig(
-            model=model, output=output, report=o["report"], force=o["force"], threads=o["threads"],
-            speed_guard=not o["no_speed_guard"], model_class=o["model_class"], allow_pickle=o["allow_pickle"],
-            inputs=o["inputs"], save_fp32=o["save_fp32"],
-            quant=QuantConfig(
-                per_channel=not o["per_tensor"], method=o["method"], percentile=o["percentile"],
-                activations=o["activations"] or ("none" if o["weights"] == "int4" else "uint8"),
-                weights=o["weights"], block_size=o["block_size"], symmetric=not o["asymmetric"],
-                algorithm=o["algorithm"], accuracy_level=o["accuracy_level"], format=o["fmt"],
-                keep_int8=_split(o["keep_int8"]), exclude=_split(o["exclude"]),
-                bias_correction=o["bias_correction"], smoothquant=o["smoothquant"]),
-            data=DataConfig(calib=o["calib"], eval=o["eval_"], calib_samples=o["calib_samples"],
-                            batch_size=o["batch_size"], stats_cache=o["stats_cache"], preprocess=o["preprocess"]),
-            gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
-                        require_speedup=o["require_speedup"]),
-        )
-        from quantkit.api import quantize as run
         from quantkit.report.render import render_text
+        from quantkit.run import run
 
+        options = _given_options(click.get_current_context(), model, o)
         quiet, as_json = o["quiet"], o["as_json"]
 
         def status(msg: str) -> None:
             if not quiet:
                 click.echo(f"quantkit: {msg}", err=True)
 
-        result = run(cfg, status=status, progress=None if quiet else TerminalProgress())
+        result = run(options, status=status, progress=None if quiet else TerminalProgress())
         if as_json:
             click.echo(json.dumps(result.report, indent=2))
         if not quiet:
@@ -124,6 +124,70 @@ def quantize(model: Path, **o) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         click.echo(f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", err=True)
         sys.exit(1)
+
+
+def _run_command(verbose: bool, body) -> None:
+    """Typed errors to their exit codes, as in quantize."""
+    try:
+        body()
+    except QuantkitError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+@cli.command("report", epilog=EXIT_CODES)
+@click.argument("report_json", type=click.Path(path_type=Path))
+@click.option("--html", type=click.Path(path_type=Path), help="Write the report as a self-contained HTML page here.")
+@click.option("--config-out", type=click.Path(path_type=Path), help="Write the run's effective configuration as TOML (replay it with quantize --config).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def report_command(report_json: Path, html: Path | None, config_out: Path | None, force: bool, verbose: bool) -> None:
+    """Render REPORT_JSON (written by quantize --report): the table, an HTML page, or the config to replay it."""
+    def body():
+        from quantkit import run
+        from quantkit.output import check_destination
+        from quantkit.report.render import render_text
+
+        report = run.load_report(report_json)
+        if html is not None:
+            from quantkit.report.html import require_matplotlib
+
+            require_matplotlib()
+            check_destination(html, force, "--html", [report_json])
+        if config_out is not None:
+            check_destination(config_out, force, "--config-out", [report_json])
+            run.write_config(report, config_out)
+        if html is not None:
+            run.write_html(report, html)
+        if html is None and config_out is None:
+            click.echo(render_text(report))
+
+    _run_command(verbose, body)
+
+
+@cli.command("inspect", epilog=EXIT_CODES)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path), help="Data to check against the model (and to type tensors shape inference leaves untyped).")
+@click.option("--activations", type=click.Choice(["uint8", "int8", "dynamic", "none"]), help="The scheme to plan for, as in quantize.")
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True, help="The weight type to plan for, as in quantize.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Node names or op types (glob) to keep float, as in quantize.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def inspect_command(model: Path, calib: Path | None, activations: str | None, weights: str, exclude: tuple[str, ...],
+                    as_json: bool, verbose: bool) -> None:
+    """What quantkit sees in MODEL before doing anything: inputs, ops, the placement it would choose, sizes."""
+    def body():
+        from quantkit import inspect as look
+        from quantkit import options
+
+        opts = options.normalize({"model": model, "calib": calib, "activations": activations, "weights": weights,
+                                  "exclude": exclude})
+        info = look.inspect(options.run_config(opts))
+        click.echo(json.dumps(info, indent=2) if as_json else look.render(info))
+
+    _run_command(verbose, body)
 
 
 class TerminalProgress:

@@ -117,3 +117,5 @@ class RunConfig:
     allow_pickle: bool = False  # allow torch.load of a whole pickled module (runs code from the file)
     inputs: tuple[str, ...] = ()  # NAME:SHAPE:DTYPE signatures; default: taken from the data
     save_fp32: Path | None = None  # keep the exported fp32 ONNX here
+    output_names: tuple[str, ...] = ()  # names for the exported model's outputs
+    html: Path | None = None  # also render the report as a self-contained HTML page here
