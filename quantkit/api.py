@@ -43,9 +43,10 @@ SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster withou
 
 
 class Progress:
-    """Progress over a known number of samples; the CLI draws it, the API default is silent."""
+    """Progress of a long stage (export, calibration, speed guard, evaluation) over a known number
+    of units (samples, placements, steps); the CLI draws it, the API default is silent."""
 
-    def start(self, label: str, total: int) -> None:
+    def start(self, label: str, total: int, unit: str = "samples") -> None:
         pass
 
     def advance(self, n: int) -> None:
@@ -104,7 +105,7 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
 
 
 def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start: float) -> Result:
-    source = load_source(cfg, workdir, status)
+    source = _load(cfg, workdir, status, progress)
     model = load_onnx(source.onnx_path)
     done = already_quantized(model)
     if done:
@@ -192,7 +193,9 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
         def session(m: ir.Model):
             return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
 
-        (qmodel, plan, rw), guard_report = guard(build, session, fp32, feed, kinds, status=status)
+        (qmodel, plan, rw), guard_report = guard(build, session, fp32, feed, kinds, status=_trials(status, progress, kinds))
+        progress.advance(1)
+        progress.finish()
     else:
         (qmodel, plan, rw), guard_report = build(set()), GuardReport()
     status(f"quantized {len(plan.ops)} node(s)")
@@ -209,7 +212,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
 
     status("evaluating fp32 against int8")
     comparisons, eval_samples = _evaluate(fp32, qsess, scored, batch, fixed,
-                                          None if evald else cfg.data.calib_samples, source.reference)
+                                          None if evald else cfg.data.calib_samples, source.reference, progress)
     if evald is None:
         notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
     latency = compare_latency(fp32, qsess, feed, runs=cfg.latency_runs)
@@ -328,14 +331,46 @@ def _tally(names) -> dict[str, int]:
     return out
 
 
+def _load(cfg: RunConfig, workdir: Path, status, progress: Progress):
+    """load_source, with the PyTorch export (the slow part) shown as a one-step stage."""
+    from quantkit.load.torch import is_torch_file
+
+    exporting = cfg.model.is_file() and is_torch_file(cfg.model)
+    if exporting:
+        progress.start("exporting the PyTorch model to ONNX", 1, unit="step")
+    source = load_source(cfg, workdir, status)
+    if exporting:
+        progress.advance(1)
+        progress.finish()
+    return source
+
+
+def _trials(status, progress: Progress, kinds: set[str]):
+    """The speed guard's status callback, also counting its trials (one per group) as progress."""
+    progress.start("speed guard", len(kinds), unit="placements")
+    started = False
+
+    def on_status(msg: str) -> None:
+        nonlocal started
+        if started:  # the previous trial is done when the next one starts
+            progress.advance(1)
+        started = True
+        status(msg)
+
+    return on_status
+
+
 def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, source: DataSource,
-              batch: int, fixed: bool, limit: int | None, reference: Callable | None = None):
+              batch: int, fixed: bool, limit: int | None, reference: Callable | None = None,
+              progress: Progress | None = None):
     """Compare the quantized model with the reference: the original ONNX model, or for PyTorch
     inputs the PyTorch model itself."""
     names = [o.name for o in ref_sess.get_outputs()]
     feeds = {i.name for i in ref_sess.get_inputs()}
     comparisons = [OutputComparison(n) for n in names]
     samples = 0
+    progress = progress or Progress()
+    progress.start("evaluating", min(source.samples, limit or source.samples))
     for b in complete_batches(source, batch, limit, fixed):
         feed = {k: v for k, v in b.items() if k in feeds}
         ref = reference(feed) if reference is not None else \
@@ -345,4 +380,6 @@ def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, sour
         for i, (c, r, x) in enumerate(zip(comparisons, ref, q)):
             c.update(r, x, labels if i == 0 else None)
         samples += len(next(iter(b.values())))
+        progress.advance(len(next(iter(b.values()))))
+    progress.finish()
     return comparisons, samples

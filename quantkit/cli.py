@@ -198,8 +198,8 @@ class TerminalProgress:
         self.tty = self.stream.isatty()
         self.bar = None
 
-    def start(self, label: str, total: int) -> None:
-        self.label, self.total, self.done = label, max(total, 1), 0
+    def start(self, label: str, total: int, unit: str = "samples") -> None:
+        self.label, self.total, self.done, self.unit = label, max(total, 1), 0, unit
         self.last_pct, self.last_t = -10, time.monotonic()
         if self.tty:
             self.bar = click.progressbar(length=self.total, label=f"quantkit: {label}", file=self.stream,
@@ -213,13 +213,16 @@ class TerminalProgress:
             return
         pct = 100 * self.done // self.total
         if pct >= self.last_pct + 10 or time.monotonic() - self.last_t > 10:
-            click.echo(f"quantkit: {self.label} {self.done}/{self.total} samples ({pct}%)", file=self.stream)
+            click.echo(f"quantkit: {self.label} {self.done}/{self.total} {self.unit} ({pct}%)", file=self.stream)
             self.last_pct, self.last_t = pct, time.monotonic()
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+        elif self.last_pct < 100 and self.done:  # a log shows where the stage ended
+            click.echo(f"quantkit: {self.label} {self.done}/{self.total} {self.unit} "
+                       f"({100 * self.done // self.total}%)", file=self.stream)
 
 
 def main() -> None:

@@ -125,6 +125,8 @@ def run_config(options: dict):
     if o["model"] is None:
         raise ConfigError("no model given: pass MODEL (or `model = \"...\"` in the --config file)")
     model = Path(o["model"])
+    if len(set(o["output_names"])) != len(o["output_names"]):
+        raise ConfigError(f"--output-names has a name twice: {','.join(o['output_names'])}")
     return RunConfig(
         model=model, output=o["output"] or model.with_name(f"{model.stem}.{o['weights']}.onnx"),
         report=o["report"], force=o["force"], threads=o["threads"], speed_guard=not o["no_speed_guard"],

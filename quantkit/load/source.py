@@ -45,6 +45,8 @@ def load_source(cfg: RunConfig, workdir: Path, status) -> Source:
     if not torch_load.is_torch_file(cfg.model):
         if cfg.save_fp32 is not None:
             raise ConfigError("--save-fp32 is for PyTorch models; this model is already ONNX")
+        if cfg.output_names:
+            raise ConfigError("--output-names is for PyTorch models; this model is already ONNX")
         return Source(cfg.model)
     status(f"loading PyTorch model {cfg.model}")
     module, kind = torch_load.load_module(cfg.model, cfg.model_class, cfg.allow_pickle)
@@ -65,7 +67,7 @@ def load_source(cfg: RunConfig, workdir: Path, status) -> Source:
         example = [np.ones([2 if d is None else d for d in s.shape], s.dtype) for s in specs]
     onnx_path = workdir / "exported.onnx"
     status(f"exporting {kind} model to ONNX")
-    info = torch_load.export(module, kind, specs, example, onnx_path)
+    info = torch_load.export(module, kind, specs, example, onnx_path, cfg.output_names)
     sess = runtime.session(onnx_path, workdir, tag="exported")
     got = runtime.run(sess, None, {s.name: a for s, a in zip(specs, example)}, "the export check batch")
     ref = torch_load.run_torch(module, example)
