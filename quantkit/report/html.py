@@ -9,6 +9,9 @@ from html import escape
 
 from quantkit.errors import ConfigError
 
+ACT_X_ACT = "MatMul (activation x activation)"  # the group name quantize/plan.py gives these
+FOLD = 20  # placement tables longer than this start folded
+
 STYLE = """
 body{font:14px/1.45 -apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#222;max-width:1120px;
 margin:24px auto;padding:0 20px}
@@ -21,7 +24,7 @@ table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
 th,td{border-bottom:1px solid #eee;padding:3px 10px 3px 0;text-align:left;vertical-align:top}
 td.n{text-align:right;font-variant-numeric:tabular-nums}th{color:#555;font-weight:600}
 .grid{display:flex;flex-wrap:wrap;gap:6px}.grid svg{width:345px;height:auto}
-svg{max-width:100%;height:auto}.note{color:#555}code{font-size:12px}
+svg{max-width:100%;height:auto}summary{cursor:pointer;color:#3465a4}.note{color:#555}code{font-size:12px}
 """
 
 
@@ -125,11 +128,16 @@ def _sensitivity(r: dict) -> str:
 def _placement(r: dict) -> str:
     n = r.get("nodes") or {}
     scheme = {w["node"]: w["scheme"] for w in r.get("weight_error") or []}
-    q = [[x["node"] or "(unnamed)", x["op_type"], x["kind"], scheme.get(x["node"], "-"),
-          "per-channel" if x.get("per_channel") else "per-tensor"] for x in n.get("quantized", [])]
+    act = (r.get("config") or {}).get("activations", "")
+    both = f"{act} x {act}" if act else "-"
+    q = [[x["node"] or "(unnamed)", x["op_type"], x["kind"], both if x["kind"] == ACT_X_ACT else scheme.get(x["node"], "-"),
+          "-" if x["kind"] == ACT_X_ACT else "per-channel" if x.get("per_channel") else "per-tensor"]
+         for x in n.get("quantized", [])]
     f = [[x["node"] or "(unnamed)", x["op_type"], x["reason"]] for x in n.get("float", [])]
-    out = [f"<h2>Placement</h2><p>{len(q)} node(s) quantized, {len(f)} weighted node(s) kept float.</p>",
-           _table(["node", "op type", "group", "scheme", "weight scales"], q)]
+    table = _table(["node", "op type", "group", "scheme", "weight scales"], q)
+    # a long list is folded (a <details> element: no script needed to open it)
+    fold = f"<details><summary>the {len(q)} quantized nodes</summary>{table}</details>" if len(q) > FOLD else table
+    out = [f"<h2>Placement</h2><p>{len(q)} node(s) quantized, {len(f)} weighted node(s) kept float.</p>", fold]
     if f:
         out.append("<h3>Kept float</h3>" + _table(["node", "op type", "why"], f))
     t = [[x["tensor"], x["reason"]] for x in r.get("float_tensors", [])]
