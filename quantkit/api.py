@@ -193,7 +193,8 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
         def session(m: ir.Model):
             return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
 
-        (qmodel, plan, rw), guard_report = guard(build, session, fp32, feed, kinds, status=_trials(status, progress, kinds))
+        trials = _trials(status, progress, kinds)
+        (qmodel, plan, rw), guard_report = guard(build, session, fp32, feed, kinds, status=trials)
         progress.advance(1)
         progress.finish()
     else:

@@ -118,4 +118,4 @@ class RunConfig:
     inputs: tuple[str, ...] = ()  # NAME:SHAPE:DTYPE signatures; default: taken from the data
     save_fp32: Path | None = None  # keep the exported fp32 ONNX here
     output_names: tuple[str, ...] = ()  # names for the exported model's outputs
-    html: Path | None = None  # also render the report as a self-contained HTML page here
+    html: Path | None = None  # the report as an HTML page here (written by quantkit.run: the CLI and quantkit.quantize)

@@ -56,6 +56,8 @@ def ranked_bars(rows: list[dict], value: str, xlabel: str, limit: int = 30) -> s
 
 def histogram(h: dict) -> str:
     """One activation histogram (log counts), the chosen range marked, the clipped tails shaded."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(3.6, 2.3, layout=None)  # fixed margins: a layout engine triples the drawing time here
     fig.subplots_adjust(left=0.15, right=0.97, top=0.88, bottom=0.25)
     ax = fig.add_subplot()
@@ -75,13 +77,14 @@ def histogram(h: dict) -> str:
     ax.set_xlabel(f"{h.get('method') or ''}: [{lo:.3g}, {hi:.3g}], {100 * h['clipped_share']:.2g}% clipped",
                   fontsize=8)
     ax.tick_params(labelsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(6))
     return _svg(fig)
 
 
 def speed_trials(trials: list[dict]) -> str:
     """Per guard trial: fp32, the placement with the group, and without it (ms per batch)."""
     trials = [t for t in trials if t.get("with_ms") is not None]
-    fig = _figure(7.5, 0.9 + 0.5 * max(len(trials), 1))
+    fig = _figure(7.5, 1.2 + 0.5 * max(len(trials), 1))
     ax = fig.add_subplot()
     series = (("fp32", "fp32_ms", GREY), ("quantized with the group", "with_ms", BLUE),
               ("without it", "without_ms", ORANGE))
@@ -93,7 +96,7 @@ def speed_trials(trials: list[dict]) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("ms per batch (median, interleaved)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    fig.legend(loc="outside upper center", ncols=3, fontsize=8, frameon=False)
     return _svg(fig)
 
 
@@ -102,10 +105,11 @@ def size_speed(report: dict) -> str:
     m, lat = report["model"], report.get("latency") or {}
     fig = _figure(7.5, 1.7)
     a, b = fig.subplots(1, 2)
-    a.barh([0, 1], [m["bytes_before"] / 1024, m["bytes_after"] / 1024], color=[GREY, GREEN])
+    unit, div = ("MiB", 1 << 20) if m["bytes_before"] >= 10 << 20 else ("KiB", 1 << 10)
+    a.barh([0, 1], [m["bytes_before"] / div, m["bytes_after"] / div], color=[GREY, GREEN])
     a.set_yticks([0, 1], ["fp32", "quantized"])
     a.invert_yaxis()
-    a.set_xlabel("size (KiB)")
+    a.set_xlabel(f"size ({unit})")
     if lat.get("fp32_ms") is not None:
         b.barh([0, 1], [lat["fp32_ms"], lat["quantized_ms"]], color=[GREY, GREEN])
         b.set_yticks([0, 1], ["fp32", "quantized"])

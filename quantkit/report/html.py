@@ -125,6 +125,11 @@ def _sensitivity(r: dict) -> str:
     return "".join(out)
 
 
+def _fold(table: str, rows: int, what: str) -> str:
+    """A long table starts folded: a <details> element, which opens without any script."""
+    return f"<details><summary>the {rows} {what}</summary>{table}</details>" if rows > FOLD else table
+
+
 def _placement(r: dict) -> str:
     n = r.get("nodes") or {}
     scheme = {w["node"]: w["scheme"] for w in r.get("weight_error") or []}
@@ -134,12 +139,10 @@ def _placement(r: dict) -> str:
           "-" if x["kind"] == ACT_X_ACT else "per-channel" if x.get("per_channel") else "per-tensor"]
          for x in n.get("quantized", [])]
     f = [[x["node"] or "(unnamed)", x["op_type"], x["reason"]] for x in n.get("float", [])]
-    table = _table(["node", "op type", "group", "scheme", "weight scales"], q)
-    # a long list is folded (a <details> element: no script needed to open it)
-    fold = f"<details><summary>the {len(q)} quantized nodes</summary>{table}</details>" if len(q) > FOLD else table
-    out = [f"<h2>Placement</h2><p>{len(q)} node(s) quantized, {len(f)} weighted node(s) kept float.</p>", fold]
+    out = [f"<h2>Placement</h2><p>{len(q)} node(s) quantized, {len(f)} weighted node(s) kept float.</p>",
+           _fold(_table(["node", "op type", "group", "scheme", "weight scales"], q), len(q), "quantized nodes")]
     if f:
-        out.append("<h3>Kept float</h3>" + _table(["node", "op type", "why"], f))
+        out.append("<h3>Kept float</h3>" + _fold(_table(["node", "op type", "why"], f), len(f), "nodes kept float"))
     t = [[x["tensor"], x["reason"]] for x in r.get("float_tensors", [])]
     if t:
         out.append("<h3>Tensors kept float</h3>" + _table(["tensor", "why"], t))
