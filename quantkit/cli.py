@@ -200,7 +200,7 @@ class TerminalProgress:
 
     def start(self, label: str, total: int, unit: str = "samples") -> None:
         self.label, self.total, self.done, self.unit = label, max(total, 1), 0, unit
-        self.last_pct, self.last_t = -10, time.monotonic()
+        self.last_pct, self.last_t, self.shown = -10, time.monotonic(), 0
         if self.tty:
             self.bar = click.progressbar(length=self.total, label=f"quantkit: {label}", file=self.stream,
                                          show_pos=True)
@@ -214,13 +214,13 @@ class TerminalProgress:
         pct = 100 * self.done // self.total
         if pct >= self.last_pct + 10 or time.monotonic() - self.last_t > 10:
             click.echo(f"quantkit: {self.label} {self.done}/{self.total} {self.unit} ({pct}%)", file=self.stream)
-            self.last_pct, self.last_t = pct, time.monotonic()
+            self.last_pct, self.last_t, self.shown = pct, time.monotonic(), self.done
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
-        elif self.last_pct < 100 and self.done:  # a log shows where the stage ended
+        elif self.done != self.shown:  # a log shows where the stage ended
             click.echo(f"quantkit: {self.label} {self.done}/{self.total} {self.unit} "
                        f"({100 * self.done // self.total}%)", file=self.stream)
 

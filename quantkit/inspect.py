@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +126,7 @@ def inspect(cfg: RunConfig, status=lambda s: None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="quantkit-") as tmp:
         workdir = Path(tmp)
-        source = load_source(replace(cfg, output=Path(tmp) / "unused.onnx"), workdir, status)
+        source = load_source(cfg, workdir, status)  # ONNX as is; PyTorch exported (needs --calib)
         model = load_onnx(source.onnx_path)
         total = model_bytes(source.onnx_path)
         specs = input_specs(model)

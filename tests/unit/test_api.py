@@ -100,3 +100,24 @@ def test_progress_reaches_export_calibration_speed_guard_and_evaluation(cnn, tmp
     assert by["calibrating"]["total"] == 64 and by["evaluating"]["total"] == 360
     trials = [t for t in q.report["speed_guard"]["trials"] if t["group"] != "(all dropped groups restored)"]
     assert by["speed guard"]["total"] == len(trials) and by["speed guard"]["unit"] == "placements"
+
+
+def test_terminal_progress_names_the_unit_and_shows_where_a_stage_ended():
+    import io
+
+    from quantkit.cli import TerminalProgress
+
+    out = io.StringIO()
+    p = TerminalProgress(out)
+    p.start("evaluating", 360)
+    for _ in range(45):
+        p.advance(8)
+    p.finish()
+    p.start("speed guard", 3, unit="placements")
+    p.advance(1)
+    p.finish()
+    lines = out.getvalue().splitlines()
+    evaluating = [ln for ln in lines if "evaluating" in ln]
+    assert evaluating[-1] == "quantkit: evaluating 360/360 samples (100%)" and len(evaluating) <= 12
+    assert lines[-1] == "quantkit: speed guard 1/3 placements (33%)"
+    assert len(set(lines)) == len(lines)  # the final line is not printed twice
