@@ -96,7 +96,8 @@ def load_report(path: Path) -> dict:
         raise InputError(f"report file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path} is not a JSON report: {str(e).splitlines()[0]}") from None
-    missing = [k for k in ("model", "outputs", "nodes", "notes") if not isinstance(report, dict) or k not in report]
+    needed = ("model", "outputs", "nodes", "notes", "latency", "evaluation", "gates")
+    missing = [k for k in needed if not isinstance(report, dict) or k not in report]
     if missing:
         raise InputError(f"{path} is not a quantkit report (no {', '.join(missing)}); write one with quantize --report")
     return report
