@@ -89,3 +89,12 @@ def test_text_output_and_errors(cnn, tmp_path):
     np.savez(tmp_path / "bad.npz", y=np.zeros((4, 1, 8, 8), np.float32))
     bad = inspect(cnn / "model.onnx", "--calib", tmp_path / "bad.npz")
     assert bad.exit_code == 3 and "'x'" in bad.output
+
+
+def test_pytorch_models_are_exported_first(cnn):
+    pytest.importorskip("torch")
+    r = inspect(cnn / "model.pt2", "--calib", cnn / "calib.npz", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["export"]["exporter"] == "dynamo" and info["export"]["max_abs_error"] < 1e-4
+    assert len(info["nodes"]["quantized"]) == 6 and info["op_counts"]["Conv"] == 4

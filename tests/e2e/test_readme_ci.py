@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 
 
 def _blocks(lang: str, readme: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", readme, flags=re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", readme, flags=re.DOTALL)
 
 
 def _jobs(readme: str) -> list[tuple[str, list[str]]]:

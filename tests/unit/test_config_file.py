@@ -11,6 +11,11 @@ from quantkit import options
 from quantkit.cli import CLI_KEYS, CLI_ONLY, cli
 from quantkit.errors import ConfigError
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
 
 def test_every_cli_option_is_in_the_table_with_the_same_default(monkeypatch):
     """The drift check: a flag added to the CLI without the table (or with another default) fails here."""
@@ -126,6 +131,4 @@ def test_effective_config_of_defaults_is_minimal():
 
 def test_toml_strings_are_escaped(tmp_path):
     text = options.to_toml({"exclude": ['a"b', "c\\d"], "model": "x\ny"})
-    import tomllib
-
     assert tomllib.loads(text) == {"exclude": ['a"b', "c\\d"], "model": "x\ny"}

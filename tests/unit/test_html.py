@@ -19,6 +19,11 @@ from quantkit.config import QuantConfig
 from quantkit.report.histograms import compact, histograms
 from quantkit.report.weight_error import weight_errors
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
 pytest.importorskip("matplotlib")
 
 
@@ -146,8 +151,6 @@ def test_report_command_renders_html_and_replays_the_config(report, tmp_path):
                                  "--config-out", str(tmp_path / "run.toml")])
     assert r.exit_code == 0, r.output
     assert _svgs((tmp_path / "p.html").read_text()) == 14
-    import tomllib
-
     assert tomllib.loads((tmp_path / "run.toml").read_text()) == rep["effective_config"]
     again = CliRunner().invoke(cli, ["report", str(out / "r.json"), "--html", str(tmp_path / "p.html")])
     assert again.exit_code == 2 and "--force" in again.output
