@@ -5,6 +5,7 @@ report written earlier. No script, no fonts or styles fetched: the page needs no
 
 from __future__ import annotations
 
+import re
 from html import escape
 
 from quantkit.errors import ConfigError
@@ -125,6 +126,11 @@ def _sensitivity(r: dict) -> str:
     return "".join(out)
 
 
+def _scheme_of(schemes: dict[str, str], node: str) -> str:
+    """weight_error names the float nodes; weight-only rewrites rename them <name>_int4 / _int8."""
+    return schemes.get(node) or schemes.get(re.sub(r"_int[48]$", "", node)) or "-"
+
+
 def _fold(table: str, rows: int, what: str) -> str:
     """A long table starts folded: a <details> element, which opens without any script."""
     return f"<details><summary>the {rows} {what}</summary>{table}</details>" if rows > FOLD else table
@@ -135,7 +141,7 @@ def _placement(r: dict) -> str:
     scheme = {w["node"]: w["scheme"] for w in r.get("weight_error") or []}
     act = (r.get("config") or {}).get("activations", "")
     both = f"{act} x {act}" if act else "-"
-    q = [[x["node"] or "(unnamed)", x["op_type"], x["kind"], both if x["kind"] == ACT_X_ACT else scheme.get(x["node"], "-"),
+    q = [[x["node"] or "(unnamed)", x["op_type"], x["kind"], both if x["kind"] == ACT_X_ACT else _scheme_of(scheme, x["node"]),
           "-" if x["kind"] == ACT_X_ACT else "per-channel" if x.get("per_channel") else "per-tensor"]
          for x in n.get("quantized", [])]
     f = [[x["node"] or "(unnamed)", x["op_type"], x["reason"]] for x in n.get("float", [])]

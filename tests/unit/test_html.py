@@ -170,3 +170,15 @@ def test_missing_matplotlib_is_a_usage_error(report, tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["report", str(report[1] / "r.json"), "--html", str(tmp_path / "p.html")])
     assert r.exit_code == 2 and "pip install 'quantkit[html]'" in r.output
     assert not (tmp_path / "p.html").exists()
+
+
+def test_placement_shows_each_nodes_scheme_also_for_renamed_weight_only_nodes(report):
+    from quantkit.report.html import render_html
+
+    rep = json.loads(json.dumps(report[0]))
+    first = next(n for n in rep["nodes"]["quantized"] if n["kind"] == "MatMul")
+    scheme = next(w["scheme"] for w in rep["weight_error"] if w["node"] == first["node"])
+    first["node"] += "_int4"  # what the weight-only rewrite calls its MatMulNBits node
+    page = render_html(rep)
+    assert re.search(rf"<td>{first['node']}</td><td>MatMul</td><td>MatMul</td><td>{scheme}</td>", page)
+    assert "<td>uint8 x uint8</td>" in page  # activation x activation MatMuls
