@@ -27,6 +27,7 @@ from quantkit.graph.canonicalize import already_quantized, canonicalize
 from quantkit.graph.masks import mask_tensors
 from quantkit.load.onnx import file_sha256, input_specs, load_onnx, model_bytes, model_files
 from quantkit.load.source import Source, load_source, open_data
+from quantkit.options import effective_config
 from quantkit.output import Outputs, check_destinations
 from quantkit.quantize import budget, subgraphs
 from quantkit.quantize.plan import OpKind, Plan, SchemeName
@@ -35,16 +36,19 @@ from quantkit.quantize.scheme import Placement, RewriteResult, placement_for
 from quantkit.quantize.speed import GuardReport, guard
 from quantkit.report.compare import OutputComparison
 from quantkit.report.gates import check_gates
+from quantkit.report.histograms import histograms
 from quantkit.report.latency import compare_latency
+from quantkit.report.weight_error import weight_errors
 
 DEFAULT_BATCH = 8
 SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster without this group quantized"
 
 
 class Progress(Protocol):
-    """Progress over a known number of samples; the CLI draws it, the API default is silent."""
+    """Progress of a long stage (export, calibration, speed guard, evaluation) over a known number
+    of units (samples, placements, steps); the CLI draws it, the API default is silent."""
 
-    def start(self, label: str, total: int) -> None: ...
+    def start(self, label: str, total: int, unit: str = "samples") -> None: ...
 
     def advance(self, n: int) -> None: ...
 
@@ -52,7 +56,7 @@ class Progress(Protocol):
 
 
 class Silent:
-    def start(self, label: str, total: int) -> None:
+    def start(self, label: str, total: int, unit: str = "samples") -> None:
         pass
 
     def advance(self, n: int) -> None:
@@ -87,8 +91,12 @@ def _batch_size(specs: list[InputSpec], asked: int | None) -> int:
 
 
 def _check_options(cfg: RunConfig) -> None:
+    if cfg.html is not None:
+        from quantkit.report.html import require_matplotlib
+
+        require_matplotlib()
     check_destinations({"output": cfg.output, "--report": cfg.report, "--save-fp32": cfg.save_fp32,
-                        "--plan": cfg.plan_out},
+                        "--plan": cfg.plan_out, "--html": cfg.html},
                        [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache, cfg.plan_in],
                        cfg.force)
     if (cfg.plan_out is not None or cfg.plan_in is not None) and not cfg.quant.activations.static:
@@ -159,7 +167,7 @@ class Outcome:
 
 
 def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start: float) -> Result:
-    inputs = _open(cfg, workdir, status)
+    inputs = _open(cfg, workdir, status, progress)
     model, notes = _canonicalize(inputs, workdir, status)
     placement = placement_for(cfg.quant)
     model = placement.prepare_model(model)
@@ -170,7 +178,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     notes += placement.tune(model, lambda m: _sqnr(m, inputs, workdir), status)
     placed = _budget(cfg, model, placement, inputs, workdir, status)
     notes += placed.get("notes", [])
-    (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status, placed)
+    (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status, placed, progress)
     notes += rw.notes
     inner = subgraphs.quantize_weights(qmodel)
     if inner:
@@ -185,11 +193,15 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
         qsess = runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads)
     except UnsupportedModelError as e:  # our own output failed to load: that is a bug
         raise RuntimeError(f"internal error: {e}") from e
-    outputs, latency, evaluation = _measure(cfg, inputs, qsess, guard_report, notes, status)
+    outputs, latency, evaluation = _measure(cfg, inputs, qsess, guard_report, notes, status, progress)
     report = _report(Outcome(cfg, inputs, placement, calibration, plan, rw, guard_report, outputs, latency,
                              evaluation, model_bytes(q_path), notes))
     _move_subgraph_nodes(report["nodes"], inner)
     report["sensitivity"] = placed.get("sensitivity", [])
+    report["weight_error"] = weight_errors(model, cfg.quant, {s["node"] for s in report["nodes"]["float"]})
+    report["effective_config"] = effective_config(cfg)
+    observers = {k: v for scheme in placement.schemes for k, v in getattr(scheme, "observers", {}).items()}
+    report["histograms"] = histograms(observers, report["activations"])
     report["placement"] = {k: v for k, v in placed.items() if k not in ("sensitivity", "notes")} or None
     failures = check_gates(outputs, cfg.gates, latency)
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
@@ -208,6 +220,10 @@ def _save(cfg: RunConfig, qmodel: ir.Model, report: dict, fp32_path: Path, plan_
             out.stage_json(report, cfg.report)
         if plan_file is not None:
             out.stage_json(plan_file, cfg.plan_out)
+        if cfg.html is not None:
+            from quantkit.report.html import render_html
+
+            out.stage_text(render_html(report), cfg.html)
         if cfg.save_fp32 is not None:
             out.stage_copy(fp32_path, cfg.save_fp32)
         out.commit()
@@ -222,10 +238,10 @@ def _move_subgraph_nodes(nodes: dict, inner: list[subgraphs.SubgraphWeight]) -> 
     nodes["subgraph_weights"] = [asdict(w) for w in inner]
 
 
-def _open(cfg: RunConfig, workdir: Path, status) -> Inputs:
+def _open(cfg: RunConfig, workdir: Path, status, progress: Progress) -> Inputs:
     """Load the model (exporting PyTorch first), open the data, fix the batch, make the fp32
     session and take one batch for timing."""
-    source = load_source(cfg, workdir, status)
+    source = _load(cfg, workdir, status, progress)
     model = load_onnx(source.onnx_path)
     done = already_quantized(model)
     if done:
@@ -340,7 +356,7 @@ def _plan_file(cfg: RunConfig, placement: Placement, guard_report: GuardReport, 
 
 
 def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs, workdir: Path, status,
-           plan_info: dict):
+           plan_info: dict, progress: Progress):
     """The rewritten model, its plan and rewrite result: every planned op, or with the speed guard
     the fastest placement of op groups (or the groups a replayed plan names)."""
     def build(drop):
@@ -355,20 +371,25 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
         def session(m: ir.Model):
             return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
 
-        built, report = guard(build, session, inputs.fp32, inputs.feed, kinds, status=status,
+        trials = _trials(status, progress, kinds)
+        built, report = guard(build, session, inputs.fp32, inputs.feed, kinds, status=trials,
                               for_speed=cfg.gates.require_speedup is not None)
+        progress.advance(1)
+        progress.finish()
     else:
         built, report = build(set()), GuardReport()
     status(f"quantized {len(built[1].ops)} node(s)")
     return built, report
 
 
-def _measure(cfg: RunConfig, inputs: Inputs, qsess, guard_report: GuardReport, notes: list[str], status):
+def _measure(cfg: RunConfig, inputs: Inputs, qsess, guard_report: GuardReport, notes: list[str], status,
+             progress: Progress):
     """Accuracy against the reference on the evaluation data, and latency against fp32."""
     status("evaluating fp32 against int8")
     scored, batch = inputs.scored, inputs.batch
     comparisons, eval_samples = _evaluate(inputs.fp32, qsess, scored, batch, inputs.fixed,
-                                          None if inputs.evald else cfg.data.calib_samples, inputs.source.reference)
+                                          None if inputs.evald else cfg.data.calib_samples, inputs.source.reference,
+                                          progress)
     if inputs.evald is None:
         notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
     latency = compare_latency(inputs.fp32, qsess, inputs.feed, runs=cfg.latency_runs)
@@ -422,13 +443,16 @@ def _report(o: Outcome) -> dict:
 
 
 def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, source: DataSource,
-              batch: int, fixed: bool, limit: int | None, reference: Callable | None = None):
+              batch: int, fixed: bool, limit: int | None, reference: Callable | None = None,
+              progress: Progress | None = None):
     """Compare the quantized model with the reference: the original ONNX model, or for PyTorch
     inputs the PyTorch model itself."""
     names = [o.name for o in ref_sess.get_outputs()]
     feeds = {i.name for i in ref_sess.get_inputs()}
     comparisons = [OutputComparison(n) for n in names]
     samples = 0
+    progress = progress or Silent()
+    progress.start("evaluating", min(source.samples, limit or source.samples))
     for b in complete_batches(source, batch, limit, fixed):
         feed = {k: v for k, v in b.items() if k in feeds}
         ref = reference(feed) if reference is not None else \
@@ -437,5 +461,37 @@ def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, sour
         labels = b.get(LABELS)
         for i, (c, r, x) in enumerate(zip(comparisons, ref, q)):
             c.update(r, x, labels if i == 0 else None)
-        samples += len(next(iter(b.values())))
+        n = len(next(iter(b.values())))
+        samples += n
+        progress.advance(n)
+    progress.finish()
     return comparisons, samples
+
+
+def _load(cfg: RunConfig, workdir: Path, status, progress: Progress) -> Source:
+    """load_source, with the PyTorch export (the slow part) shown as a one-step stage."""
+    from quantkit.load.torch import is_torch_file
+
+    exporting = cfg.model.is_file() and is_torch_file(cfg.model)
+    if exporting:
+        progress.start("exporting the PyTorch model to ONNX", 1, unit="step")
+    source = load_source(cfg, workdir, status)
+    if exporting:
+        progress.advance(1)
+        progress.finish()
+    return source
+
+
+def _trials(status, progress: Progress, kinds: set):
+    """The speed guard's status callback, also counting its trials (one per group) as progress."""
+    progress.start("speed guard", len(kinds), unit="placements")
+    started = False
+
+    def on_status(msg: str) -> None:
+        nonlocal started
+        if started:  # the previous trial is done when the next one starts
+            progress.advance(1)
+        started = True
+        status(msg)
+
+    return on_status

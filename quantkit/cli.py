@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from quantkit import __version__
 from quantkit.config import Activations, Algorithm, Format, Method, Weights
@@ -31,8 +32,22 @@ Exit codes:
      model and report are still written"""
 
 
-def _split(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
+# quantize parameters that only change how the run is shown, and click names that differ from the option keys
+CLI_ONLY = ("config_file", "as_json", "quiet", "verbose")
+CLI_KEYS = {"eval_": "eval", "fmt": "format", "inputs": "input"}
+
+
+def _given_options(ctx: click.Context, model: Path | None, o: dict) -> dict:
+    """The --config file's options, overridden by the flags given on the command line (defaults
+    are not 'given': they must not override the file)."""
+    from quantkit import options
+
+    base = options.read_toml(o["config_file"]) if o["config_file"] is not None else {}
+    given = {CLI_KEYS.get(k, k): v for k, v in o.items()
+             if k not in CLI_ONLY and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    if model is not None:
+        given["model"] = model
+    return {**base, **options.normalize(given)}
 
 
 @click.group(epilog=EXIT_CODES)
@@ -42,11 +57,13 @@ def cli() -> None:
 
 
 @cli.command(epilog=EXIT_CODES)
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML file of quantize options (keys as the long flags, e.g. calib_samples = 256); flags given on the command line override it.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration data: .npz keyed by input name, .npy (single input), or a directory of them.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Quantized model path [default: MODEL.int8.onnx].")
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Evaluation data (same formats; may hold 'labels'). Default: the calibration data.")
 @click.option("--report", type=click.Path(path_type=Path), help="Write the full report as JSON to this path.")
+@click.option("--html", type=click.Path(path_type=Path), help="Also write the report as one self-contained HTML page with charts (needs matplotlib: pip install 'quantkit[html]').")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (the table goes to stderr).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
 @click.option("--activations", type=click.Choice(Activations.values()), help="uint8 asymmetric (default) or int8 symmetric static activations; dynamic (quantized at run time); none (weight-only; the default with --weights int4). dynamic and none need no --calib.")
@@ -78,11 +95,12 @@ def cli() -> None:
 @click.option("--model-class", metavar="PKG.MODULE:FACTORY", help="PyTorch checkpoint (state_dict .pt/.pth or .safetensors): the callable that builds the module.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a whole pickled torch module (this runs code from the file).")
 @click.option("--input", "inputs", multiple=True, metavar="NAME:SHAPE:DTYPE", help="PyTorch models: an input signature, e.g. x:Bx3x224x224:float32 (non-numeric dims are dynamic). Default: from the data.")
+@click.option("--output-names", metavar="A,B", help="PyTorch models: names for the exported model's outputs, in order (instead of the exporter's).")
 @click.option("--save-fp32", type=click.Path(path_type=Path), help="PyTorch models: also keep the exported fp32 ONNX here.")
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
-def quantize(model: Path, **o) -> None:
+def quantize(model: Path | None, **o) -> None:
     """Quantize MODEL (ONNX, or PyTorch: TorchScript, torch.export, checkpoint + --model-class) and
     report the accuracy kept."""
     with _isolated_streams(o["verbose"]) as (out, err), _signals_interrupt():
@@ -90,44 +108,21 @@ def quantize(model: Path, **o) -> None:
     sys.exit(code)
 
 
-def _config(model: Path, o: dict):
-    from quantkit.config import DataConfig, Gates, QuantConfig, RunConfig, parse_batch_axes
-
-    output = o["output"] or model.with_name(f"{model.stem}.{o['weights']}.onnx")
-    return RunConfig(
-        model=model, output=output, report=o["report"], force=o["force"], threads=o["threads"],
-        speed_guard=not o["no_speed_guard"], model_class=o["model_class"], allow_pickle=o["allow_pickle"],
-        inputs=o["inputs"], save_fp32=o["save_fp32"],
-        quant=QuantConfig(
-            per_channel=not o["per_tensor"], method=o["method"], percentile=o["percentile"],
-            activations=Activations(o["activations"] or ("none" if o["weights"] == "int4" else "uint8")),
-            weights=o["weights"], block_size=o["block_size"], symmetric=not o["asymmetric"],
-            algorithm=o["algorithm"], accuracy_level=o["accuracy_level"], format=o["fmt"],
-            keep_int8=_split(o["keep_int8"]), exclude=_split(o["exclude"]),
-            bias_correction=o["bias_correction"], smoothquant=o["smoothquant"]),
-        data=DataConfig(calib=o["calib"], eval=o["eval_"], calib_samples=o["calib_samples"],
-                        batch_size=o["batch_size"], stats_cache=o["stats_cache"], preprocess=o["preprocess"],
-                        batch_axes=parse_batch_axes(_split(o["batch_axis"]))),
-        gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
-                    require_speedup=o["require_speedup"], min_sqnr=o["min_sqnr"]),
-        plan_out=o["plan"], plan_in=o["from_plan"],
-    )
-
-
-def _quantize(model: Path, o: dict, out, err) -> int:
+def _quantize(model: Path | None, o: dict, out, err) -> int:
     """Run one quantization; returns the exit code. Only `out` and `err` reach the terminal."""
     quiet, as_json, printed = o["quiet"], o["as_json"], False
     try:
-        cfg = _config(model, o)
-        from quantkit.api import quantize as run
         from quantkit.output import dumps
         from quantkit.report.render import render_text
+        from quantkit.run import run
+
+        options = _given_options(click.get_current_context(), model, o)
 
         def status(msg: str) -> None:
             if not quiet:
                 click.echo(f"quantkit: {msg}", file=err)
 
-        result = run(cfg, status=status, progress=None if quiet else TerminalProgress(err))
+        result = run(options, status=status, progress=None if quiet else TerminalProgress(err))
         if as_json:
             click.echo(dumps(result.report), file=out)
             printed = True
@@ -257,6 +252,70 @@ def _print_traceback(e: BaseException, file) -> None:
     traceback.print_exception(type(e), e, e.__traceback__, file=file)
 
 
+def _run_command(verbose: bool, body) -> None:
+    """Typed errors to their exit codes, as in quantize."""
+    try:
+        body()
+    except QuantkitError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+@cli.command("report", epilog=EXIT_CODES)
+@click.argument("report_json", type=click.Path(path_type=Path))
+@click.option("--html", type=click.Path(path_type=Path), help="Write the report as a self-contained HTML page here.")
+@click.option("--config-out", type=click.Path(path_type=Path), help="Write the run's effective configuration as TOML (replay it with quantize --config).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def report_command(report_json: Path, html: Path | None, config_out: Path | None, force: bool, verbose: bool) -> None:
+    """Render REPORT_JSON (written by quantize --report): the table, an HTML page, or the config to replay it."""
+    def body():
+        from quantkit import run
+        from quantkit.output import check_destinations
+        from quantkit.report.render import render_text
+
+        report = run.load_report(report_json)
+        if html is not None:
+            from quantkit.report.html import require_matplotlib
+
+            require_matplotlib()
+            check_destinations({"--html": html}, [report_json], force)
+        if config_out is not None:
+            check_destinations({"--config-out": config_out}, [report_json], force)
+            run.write_config(report, config_out, force)
+        if html is not None:
+            run.write_html(report, html, force)
+        if html is None and config_out is None:
+            click.echo(render_text(report))
+
+    _run_command(verbose, body)
+
+
+@cli.command("inspect", epilog=EXIT_CODES)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calib", type=click.Path(path_type=Path), help="Data to check against the model (and to type tensors shape inference leaves untyped).")
+@click.option("--activations", type=click.Choice(["uint8", "int8", "dynamic", "none"]), help="The scheme to plan for, as in quantize.")
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8", show_default=True, help="The weight type to plan for, as in quantize.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Node names or op types (glob) to keep float, as in quantize.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def inspect_command(model: Path, calib: Path | None, activations: str | None, weights: str, exclude: tuple[str, ...],
+                    as_json: bool, verbose: bool) -> None:
+    """What quantkit sees in MODEL before doing anything: inputs, ops, the placement it would choose, sizes."""
+    def body():
+        from quantkit import inspect as look
+        from quantkit import options
+
+        opts = options.normalize({"model": model, "calib": calib, "activations": activations, "weights": weights,
+                                  "exclude": exclude})
+        info = look.inspect(options.run_config(opts))
+        click.echo(json.dumps(info, indent=2) if as_json else look.render(info))
+
+    _run_command(verbose, body)
+
+
 class TerminalProgress:
     """A bar on a terminal; on a pipe or CI log, a plain line every 10% (or 10 s)."""
 
@@ -265,9 +324,9 @@ class TerminalProgress:
         self.tty = self.stream.isatty()
         self.bar = None
 
-    def start(self, label: str, total: int) -> None:
-        self.label, self.total, self.done = label, max(total, 1), 0
-        self.last_pct, self.last_t = -10, time.monotonic()
+    def start(self, label: str, total: int, unit: str = "samples") -> None:
+        self.label, self.total, self.done, self.unit = label, max(total, 1), 0, unit
+        self.last_pct, self.last_t, self.shown = -10, time.monotonic(), 0
         if self.tty:
             self.bar = click.progressbar(length=self.total, label=f"quantkit: {label}", file=self.stream,
                                          show_pos=True)
@@ -280,13 +339,16 @@ class TerminalProgress:
             return
         pct = 100 * self.done // self.total
         if pct >= self.last_pct + 10 or time.monotonic() - self.last_t > 10:
-            click.echo(f"quantkit: {self.label} {self.done}/{self.total} samples ({pct}%)", file=self.stream)
-            self.last_pct, self.last_t = pct, time.monotonic()
+            click.echo(f"quantkit: {self.label} {self.done}/{self.total} {self.unit} ({pct}%)", file=self.stream)
+            self.last_pct, self.last_t, self.shown = pct, time.monotonic(), self.done
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
             self.bar = None
+        elif self.done != self.shown:  # a log shows where the stage ended
+            click.echo(f"quantkit: {self.label} {self.done}/{self.total} {self.unit} "
+                       f"({100 * self.done // self.total}%)", file=self.stream)
 
 
 def main() -> None:

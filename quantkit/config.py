@@ -198,6 +198,8 @@ class RunConfig:
     allow_pickle: bool = False  # allow torch.load of a whole pickled module (runs code from the file)
     inputs: tuple[str, ...] = ()  # NAME:SHAPE:DTYPE signatures; default: taken from the data
     save_fp32: Path | None = None  # keep the exported fp32 ONNX here
+    output_names: tuple[str, ...] = ()  # names for the exported model's outputs
+    html: Path | None = None  # the report as an HTML page here (written by quantkit.run: the CLI and quantkit.quantize)
     plan_out: Path | None = None  # --plan: write the chosen per-node placement here
     plan_in: Path | None = None  # --from-plan: replay this placement, no search
 

@@ -148,9 +148,12 @@ class Outputs:
         self._pending.append((d / path.name, path))
 
     def stage_json(self, data: dict, path: Path) -> None:
+        self.stage_text(dumps(data) + "\n", path)
+
+    def stage_text(self, text: str, path: Path) -> None:
         path = Path(path)
         staged = self._stage_dir(path) / path.name
-        self._writing(path, lambda: staged.write_text(dumps(data) + "\n"))
+        self._writing(path, lambda: staged.write_text(text, encoding="utf-8"))
         self._pending.append((staged, path))
 
     def stage_copy(self, src: Path, path: Path) -> None:

@@ -43,7 +43,8 @@ def load_source(cfg: RunConfig, workdir: Path, status) -> Source:
     check_model_path(cfg.model)
     if not torch_load.is_torch_file(cfg.model):
         torch_only = {"--save-fp32": cfg.save_fp32 is not None, "--input": bool(cfg.inputs),
-                      "--model-class": cfg.model_class is not None, "--allow-pickle": cfg.allow_pickle}
+                      "--model-class": cfg.model_class is not None, "--allow-pickle": cfg.allow_pickle,
+                      "--output-names": bool(cfg.output_names)}
         given = [flag for flag, on in torch_only.items() if on]
         if given:
             raise ConfigError(f"{', '.join(given)} apply to PyTorch models; {cfg.model} is already ONNX")
@@ -73,7 +74,7 @@ def _export_torch(cfg: RunConfig, workdir: Path, status, torch_load) -> Source:
         example = [np.ones([2 if d is None else d for d in s.shape], s.dtype) for s in specs]
     onnx_path = workdir / "exported.onnx"
     status(f"exporting {kind} model to ONNX")
-    info = torch_load.export(module, kind, specs, example, onnx_path)
+    info = torch_load.export(module, kind, specs, example, onnx_path, cfg.output_names)
     sess = runtime.session(onnx_path, workdir, tag="exported")
     got = runtime.run(sess, None, {s.name: a for s, a in zip(specs, example)}, "the export check batch")
     ref = torch_load.run_torch(module, example)

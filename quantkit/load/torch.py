@@ -286,7 +286,8 @@ def run_torch(module, arrays: list[np.ndarray]) -> list[np.ndarray]:
     return [o.detach().cpu().numpy() for o in out]
 
 
-def export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray], path: Path) -> dict:
+def export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray], path: Path,
+           output_names: tuple[str, ...] = ()) -> dict:
     """torch -> ONNX, dynamo exporter first, TorchScript exporter as the fallback. The batch axis
     and the axes the signature marks dynamic are exported dynamic. The exporters' own chatter
     (progress lines on stdout, warnings) is kept off the terminal: stdout may carry --json."""
@@ -300,12 +301,26 @@ def export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray],
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
         try:
-            return _export(module, kind, specs, example, path)
+            info = _export(module, kind, specs, example, path, list(output_names) or None)
         finally:
             logging.disable(logging.NOTSET)
+    if output_names:
+        _check_output_names(path, output_names)
+    return info
 
 
-def _export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray], path: Path) -> dict:
+def _check_output_names(path: Path, names: tuple[str, ...]) -> None:
+    """The exporters give the first len(names) outputs those names and silently ignore extra ones."""
+    import onnx
+
+    got = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+    if len(got) != len(names) or list(names) != got:
+        raise ConfigError(f"--output-names gives {len(names)} name(s) but the exported model has {len(got)} "
+                          f"output(s) ({', '.join(got)}); give one name per output")
+
+
+def _export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray], path: Path,
+            output_names: list[str] | None) -> dict:
     torch = _torch()
     args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in example)
     names = [s.name for s in specs]
@@ -314,7 +329,8 @@ def _export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray]
     errors = []
     if kind != "torchscript":
         try:
-            prog = torch.onnx.export(module, args, input_names=names, dynamic_shapes=tuple(dyn), dynamo=True,
+            prog = torch.onnx.export(module, args, input_names=names, output_names=output_names,
+                                     dynamic_shapes=tuple(dyn), dynamo=True,
                                      optimize=True, verbose=False)
             prog.save(str(path))
             info["exporter"] = "dynamo"
@@ -325,7 +341,8 @@ def _export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray]
                 raise UnsupportedModelError(f"torch.onnx could not export the program: {errors[0]}") from e
     try:
         axes = {s.name: {i: f"{s.name}_dim{i}" for i in d} for s, d in zip(specs, dyn)}
-        torch.onnx.export(module, args, str(path), input_names=names, dynamic_axes=axes, dynamo=False,
+        torch.onnx.export(module, args, str(path), input_names=names, output_names=output_names,
+                          dynamic_axes=axes, dynamo=False,
                           opset_version=17, verbose=False)
     except Exception as e:
         errors.append(_first_line(e))

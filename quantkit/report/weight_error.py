@@ -1,0 +1,67 @@
+"""Per-node weight quantization error: each quantized node's float weight, rounded under the scheme
+it got, compared with itself. Cheap (one pass over the weights, no inference) and honest about
+what it is: how much the weights moved, not how much the model's output moved (that is
+sensitivity, which needs a run per layer).
+
+    weight_sqnr_db = 10 log10(sum w^2 / sum (w - dequant(quant(w)))^2)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from quantkit.config import QuantConfig
+from quantkit.graph.ir_edit import const_array, k_major_weight
+from quantkit.quantize import blockwise as bw
+from quantkit.quantize import qparams as qp
+from quantkit.quantize.plan import OpKind, make_plan
+from quantkit.quantize.weight_only import bits_for
+
+
+def _int8(w: np.ndarray, axis: int | None) -> np.ndarray:
+    q, scale, zp = qp.quantize_weight(w, axis)
+    return qp.dequantize(q, scale, zp, axis)
+
+
+def _rounded(op, quant: QuantConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    """(float weight, the weight after quantization, the scheme's name) for one planned op."""
+    node = op.node
+    channel = "per-channel" if op.weight_axis is not None else "per-tensor"
+    if quant.activations == "none" and node.op_type not in ("Conv", "ConvTranspose"):
+        bits = bits_for(node, quant)
+        w = const_array(node.inputs[0]).T if op.kind == OpKind.EMBEDDING else k_major_weight(node)
+        deq = bw.quantize_blockwise(w, bits, quant.block_size, quant.symmetric).dequantize()
+        sym = "symmetric" if quant.symmetric else "asymmetric"
+        return w, deq, f"int{bits} blocks of {quant.block_size}, {sym}, round to nearest"
+    if quant.activations == "dynamic" and op.kind != OpKind.EMBEDDING:
+        w = k_major_weight(node)
+        axis = 1 if quant.per_channel else None
+        return w, _int8(w, axis), f"int8 {'per-channel' if axis is not None else 'per-tensor'}"
+    w = const_array(node.inputs[op.weight_index])
+    return w, _int8(w, op.weight_axis), f"int8 {channel}"
+
+
+def sqnr_db(w: np.ndarray, deq: np.ndarray) -> float | None:
+    """None when the weight is reproduced exactly (infinite SQNR has no JSON form)."""
+    w = np.asarray(w, np.float64)
+    err = float(np.sum((w - np.asarray(deq, np.float64)) ** 2))
+    signal = float(np.sum(w**2))
+    if err == 0.0 or signal == 0.0:
+        return None
+    return 10 * math.log10(signal / err)
+
+
+def weight_errors(model: ir.Model, quant: QuantConfig, left_float: set[str]) -> list[dict]:
+    """Worst first, for every weighted node the plan quantizes and that did not end up float."""
+    rows = []
+    for op in make_plan(model, quant).ops:
+        if not op.weighted or (op.node.name or "") in left_float:
+            continue
+        w, deq, scheme = _rounded(op, quant)
+        rows.append({"node": op.node.name or "", "op_type": op.node.op_type, "scheme": scheme,
+                     "weight_sqnr_db": sqnr_db(w, deq), "weights": int(np.size(w))})
+    rows.sort(key=lambda r: math.inf if r["weight_sqnr_db"] is None else r["weight_sqnr_db"])
+    return rows
