@@ -1,9 +1,10 @@
-"""Calibration time of `--smoothquant --bias-correction --method auto` (static int8) and of
-`--weights int4 --algorithm gptq --smoothquant` on the benchmark encoder, for one or more quantkit
-source trees (e.g. the code before and after the single statistics pass).
+"""Calibration time of `--smoothquant --bias-correction --method auto` (static int8), of the same
+with the default min/max ranges, and of `--weights int4 --algorithm gptq --smoothquant` on the
+benchmark encoder, for one or more quantkit source trees (e.g. the code before and after the
+single statistics pass).
 
     python benchmarks/stats_pass.py [--tree before=/tmp/qk-before] [--tree after=.] [--runs 3]
-                                    [--configs static,gptq]
+                                    [--configs static,minmax,gptq]
 
 Each tree runs `python -m quantkit quantize` in its own process (PYTHONPATH set to the tree, run
 from inside it) on the encoder's 256 calibration samples, batch 8, with --no-speed-guard. The calibration window is read
@@ -34,6 +35,7 @@ START = re.compile(r"^quantkit: (smoothquant|calibrating|statistics|gptq)")
 END = re.compile(r"^quantkit: quantized \d+ node")
 CONFIGS = {
     "static": ("--smoothquant", "--bias-correction", "--method", "auto"),
+    "minmax": ("--smoothquant", "--bias-correction"),
     "gptq": ("--weights", "int4", "--algorithm", "gptq", "--smoothquant"),
 }
 
@@ -65,7 +67,7 @@ def main() -> None:
     ap.add_argument("--tree", action="append", metavar="LABEL=PATH",
                     help="a quantkit source tree to time (repeatable) [default: this checkout]")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--configs", default="static,gptq")
+    ap.add_argument("--configs", default="static,minmax,gptq")
     args = ap.parse_args()
     trees = [t.split("=", 1) for t in (args.tree or [f"this checkout={HERE.parent}"])]
     d = make()
