@@ -33,6 +33,8 @@ from _encoder import make
 HERE = Path(__file__).resolve().parent
 START = re.compile(r"^quantkit: (smoothquant|calibrating|statistics|gptq)")
 END = re.compile(r"^quantkit: quantized \d+ node")
+# one status line per streamed pass over the calibration data, in both the old and the new code
+PASS = re.compile(r"^quantkit: (smoothquant: collecting|calibrating \d+ |gptq: collecting)")
 CONFIGS = {
     "static": ("--smoothquant", "--bias-correction", "--method", "auto"),
     "minmax": ("--smoothquant", "--bias-correction"),
@@ -40,8 +42,8 @@ CONFIGS = {
 }
 
 
-def run_once(tree: Path, model: Path, calib: Path, out: Path, options: tuple[str, ...]) -> tuple[float, float, str]:
-    """(calibration window s, wall s, sha256 of the written model)."""
+def run_once(tree: Path, model: Path, calib: Path, out: Path, options: tuple[str, ...]) -> tuple:
+    """(calibration window s, wall s, sha256 of the written model, passes over the data)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "quantkit", "quantize", str(model), "--calib", str(calib), "-o", str(out),
            *options, "--no-speed-guard", "--force"]
@@ -49,7 +51,7 @@ def run_once(tree: Path, model: Path, calib: Path, out: Path, options: tuple[str
     # run from inside the tree: `python -m` puts the working directory first on sys.path
     proc = subprocess.Popen(cmd, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     start = end = None
-    lines = []
+    lines, passes = [], 0
     for line in proc.stderr:
         now = time.perf_counter()
         lines.append(line)
@@ -57,9 +59,10 @@ def run_once(tree: Path, model: Path, calib: Path, out: Path, options: tuple[str
             start = now
         if END.match(line):
             end = now
+        passes += bool(PASS.match(line))
     if proc.wait() != 0 or start is None or end is None:
         raise SystemExit(f"{tree}: quantize failed or printed no calibration status:\n{''.join(lines[-20:])}")
-    return end - start, time.perf_counter() - t0, hashlib.sha256(out.read_bytes()).hexdigest()[:16]
+    return end - start, time.perf_counter() - t0, hashlib.sha256(out.read_bytes()).hexdigest()[:16], passes
 
 
 def main() -> None:
@@ -71,8 +74,9 @@ def main() -> None:
     args = ap.parse_args()
     trees = [t.split("=", 1) for t in (args.tree or [f"this checkout={HERE.parent}"])]
     d = make()
-    print(f"| options | tree | calibration s (best of {args.runs}) | wall s (best) | model sha256 |")
-    print("| --- | --- | ---: | ---: | --- |")
+    print(f"| options | tree | passes over the data | calibration s (best of {args.runs}) | wall s (best) "
+          "| model sha256 |")
+    print("| --- | --- | ---: | ---: | ---: | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs.split(","):
             results: dict[str, list] = {label: [] for label, _ in trees}
@@ -83,7 +87,8 @@ def main() -> None:
                                                    CONFIGS[config]))
             for label, _ in trees:
                 r = results[label]
-                print(f"| `{' '.join(CONFIGS[config])}` | {label} | {min(x[0] for x in r):.2f} | "
+                passes = "/".join(str(p) for p in sorted({x[3] for x in r}))
+                print(f"| `{' '.join(CONFIGS[config])}` | {label} | {passes} | {min(x[0] for x in r):.2f} | "
                       f"{min(x[1] for x in r):.1f} | {', '.join(sorted({x[2] for x in r}))} |", flush=True)
 
 
