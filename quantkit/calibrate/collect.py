@@ -33,6 +33,9 @@ class StatRequest:
     tensor: str
     kind: str  # an observer name registered in calibrate/observers.py
     channel_axis: int | None = None  # also keep per-channel means along this axis
+    # Paired statistics: the observer also receives this tensor's values of the same batch
+    # (`update_pair(x, reference)`), e.g. a layer's output error against its float twin.
+    reference: str | None = None
 
 
 @dataclass
@@ -84,8 +87,9 @@ def collect(model: ir.Model, requests: list[StatRequest], batches: Iterable[dict
     stats = Statistics(_observers(requests))
     if not requests:
         return stats
-    names = list(dict.fromkeys(r.tensor for r in requests))
+    names = list(dict.fromkeys([r.tensor for r in requests] + [r.reference for r in requests if r.reference]))
     readers = {n: [o for (t, _), o in stats.observers.items() if t == n] for n in names}
+    pairs = [(stats.observers[(r.tensor, r.kind)], r.tensor, r.reference) for r in requests if r.reference]
     t0 = time.perf_counter()
     sess = runtime.session(with_outputs(model, names), workdir, tag="calibration")
     feeds = {i.name for i in sess.get_inputs()}
@@ -93,9 +97,13 @@ def collect(model: ir.Model, requests: list[StatRequest], batches: Iterable[dict
     t0 = time.perf_counter()
 
     def observe(outs):
-        for name, out in zip(names, outs):
+        values = dict(zip(names, outs))
+        for name, out in values.items():
             for obs in readers[name]:
-                obs.update(out)
+                if not any(obs is o for o, _, _ in pairs):
+                    obs.update(out)
+        for obs, name, ref in pairs:
+            obs.update_pair(values[name], values[ref])
 
     # Observers digest batch k on a worker thread while onnxruntime (which releases the GIL)
     # computes batch k+1: at most two batches of outputs are alive at once.

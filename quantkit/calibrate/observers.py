@@ -87,6 +87,9 @@ class Observer:
                     self.bulk_absmax = max(self.bulk_absmax, float(np.abs(rest).max()))
             self._update(x, lo, hi)
 
+    def update_pair(self, x: np.ndarray, reference: np.ndarray) -> None:
+        raise TypeError(f"the {self.name} statistic is not computed against a reference tensor")
+
     def mask_like(self) -> str | None:
         """Why this tensor's range is unusable for quantization, or None. A few -inf or huge
         values among ordinary ones are the signature of an additive attention mask."""
@@ -258,3 +261,26 @@ class GramObserver(Observer):
 
     def hessian(self) -> np.ndarray | None:
         return None if self.gram is None else 2.0 * self.gram / max(self.rows, 1)
+
+
+@register("output_error")
+class OutputErrorObserver(Observer):
+    """A paired statistic: squared error of a tensor against a reference tensor of the same
+    shape (e.g. a fake-quantized layer output against its float twin), and the reference's
+    power, so per-layer SQNR can rank layers without keeping any batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error = 0.0
+        self.signal = 0.0
+
+    def update_pair(self, x: np.ndarray, reference: np.ndarray) -> None:
+        self.update(x)
+        ref = np.asarray(reference, np.float64)
+        self.error += float(np.sum((np.asarray(x, np.float64) - ref) ** 2))
+        self.signal += float(np.sum(ref**2))
+
+    def sqnr_db(self) -> float | None:
+        if not self.count or self.error == 0:
+            return None
+        return 10.0 * float(np.log10(max(self.signal, 1e-30) / self.error))

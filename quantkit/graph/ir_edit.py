@@ -93,13 +93,7 @@ class Editor:
 
     def replace_node(self, node: ir.Node, new: ir.Node) -> ir.Node:
         """Put `new` where `node` was: same output name, type and shape, every reader rewired."""
-        out = node.outputs[0]
-        new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
-        self.graph.insert_before(node, new)
-        name = out.name
-        out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-        self.graph.remove(node, safe=True)
-        new.outputs[0].name = name
+        ir.convenience.replace_nodes_and_values(self.graph, node, [node], [new], node.outputs[:1], new.outputs[:1])
         return new
 
     def dequantized(self, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int | None,

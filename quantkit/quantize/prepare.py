@@ -7,9 +7,11 @@ layer's input. They share the first pass.
 
 SmoothQuant changes the graph with what that pass found, so what it changes cannot be measured
 in it: the smoothed tensors X / s (the MatMul inputs it rescales) get their histograms in a
-second pass over the smoothed graph, cut down to the nodes computing them. Gram matrices need no
-second pass: that of X / s is that of X divided by s s^T. Tensors after the smoothed MatMuls are
-unchanged (X' W' = X W up to float rounding) and keep their first-pass statistics.
+second pass over the smoothed graph, cut down to the nodes computing them. Min/max ranges, channel
+means and Gram matrices need no second pass: min(X / s) is min over channels of min(X_j) / s_j,
+mean(X / s) = mean(X) / s and the Gram matrix of X / s is that of X divided by s s^T. Tensors after
+the smoothed MatMuls are unchanged (X' W' = X W up to float rounding) and keep their first-pass
+statistics.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import onnx_ir as ir
 from quantkit.calibrate import cache
 from quantkit.calibrate.collect import RANGE_KINDS, Statistics, StatRequest, StatsCache, gather
 from quantkit.calibrate.data import DataSource, complete_batches
-from quantkit.calibrate.observers import GramObserver
+from quantkit.calibrate.observers import EXTREME, ChannelObserver, GramObserver, MinMaxObserver
 from quantkit.config import QuantConfig, RunConfig
 from quantkit.errors import ConfigError
 from quantkit.quantize import smoothquant
@@ -105,17 +107,20 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
         raise ConfigError("--smoothquant needs --calib: the smoothing factors come from calibration activations")
     groups = smoothquant.find_groups(model) if quant.smoothquant is not None else []
     smoothed = {g.source.name for g in groups}
-    # ranges of tensors SmoothQuant may rescale wait for the second pass
-    first = [r for r in placement.requests(model) if not (r.tensor in smoothed and r.kind in RANGE_KINDS)]
-    first += smoothquant.requests(groups)
+    # ranges of tensors SmoothQuant may rescale are derived from its statistics or wait for a second pass
+    before = placement.requests(model)
+    first = [r for r in before if not (r.tensor in smoothed and r.kind in RANGE_KINDS)]
+    first += smoothquant.requests(groups, {r.tensor: r.channel_axis for r in before
+                                           if r.tensor in smoothed and r.channel_axis is not None})
     result = Calibration(source=str(data.source.path) if data else None, batch=data.batch if data else 0)
     stats = _pass(model, first, data, workdir, status, progress) if first and data else Statistics()
     if quant.smoothquant is not None:
         status(f"smoothquant: choosing the smoothing of {len(groups)} LayerNorm output(s)")
         alpha = None if quant.smoothquant == "auto" else float(quant.smoothquant)
         result.smoothing, scaled = smoothquant.smooth(model, groups, stats, alpha) if groups else ([], {})
-        _derive_grams(stats, scaled)
         final = placement.requests(model)
+        _derive_grams(stats, scaled)
+        _derive_minmax(stats, scaled, final)
         stats.retain({r.tensor for r in final})
         missing = [r for r in final if not stats.satisfies(r)]
         if missing and data is not None:
@@ -124,6 +129,28 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
     result.samples, result.passes, result.timings = stats.samples, stats.passes, stats.timings
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _derive_minmax(stats: Statistics, scaled: dict[str, tuple[str, np.ndarray]], requests: list[StatRequest]) -> None:
+    """Min/max ranges (and channel means) of X / s from SmoothQuant's per-channel min/max of X: for
+    s > 0 the smallest x / s_j is min(X_j) / s_j (computed as x * (1/s_j), as the graph does). Only
+    for --method minmax (a histogram of X / s cannot be rebuilt from X's), and only when every value
+    is finite and none reaches the mask-like magnitude."""
+    wanted = {r.tensor: r for r in requests if r.kind == "minmax"}
+    for new, (old, s) in scaled.items():
+        r, ch = wanted.get(new), stats.get(old, "channel")
+        if r is None or not isinstance(ch, ChannelObserver) or ch.ch_min is None or ch.nonfinite or ch.extreme:
+            continue
+        inv = (1.0 / s).astype(np.float32)
+        lo, hi = float((ch.ch_min * inv).min()), float((ch.ch_max * inv).max())
+        mean = ch.channel_mean()
+        if max(-lo, hi) >= EXTREME or (r.channel_axis is not None and mean is None):
+            continue
+        obs = MinMaxObserver()
+        obs.lo, obs.hi, obs.count, obs.bulk_absmax = lo, hi, ch.count, max(0.0, -lo, hi)
+        if r.channel_axis is not None:
+            obs.channel_axis, obs.channel_sum, obs.channel_n = r.channel_axis, ch.channel_sum * inv, ch.channel_n
+        stats.observers[(new, "minmax")] = obs
 
 
 def _derive_grams(stats: Statistics, scaled: dict[str, tuple[str, np.ndarray]]) -> None:

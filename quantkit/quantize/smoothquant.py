@@ -75,9 +75,10 @@ def choose_scales(obs: ChannelObserver, weights: list[np.ndarray],
     return best
 
 
-def requests(groups: list[Group]) -> list[StatRequest]:
-    """Per-channel ranges and sampled rows of every group's LayerNorm output."""
-    return [StatRequest(g.source.name, "channel") for g in groups]
+def requests(groups: list[Group], channel_axes: dict[str, int] | None = None) -> list[StatRequest]:
+    """Per-channel ranges and sampled rows of every group's LayerNorm output (and its channel
+    means where bias correction will want those of the smoothed tensor)."""
+    return [StatRequest(g.source.name, "channel", (channel_axes or {}).get(g.source.name)) for g in groups]
 
 
 def smooth(model: ir.Model, groups: list[Group], stats: Statistics, alpha: float | None) -> tuple[list[dict], dict]:

@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from onnx import numpy_helper
 
 from quantkit import runtime
@@ -56,6 +57,22 @@ def test_every_kind_of_statistic_from_a_single_pass(tmp_path, monkeypatch):
     np.testing.assert_allclose(stats.get("r", "channel").ch_max, r.max(axis=0), rtol=1e-6)
     np.testing.assert_allclose(stats.get("r", "gram").hessian(), 2 * r.T.astype(np.float64) @ r / len(r),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_paired_statistics_see_both_tensors_of_each_batch(tmp_path):
+    """The hook for per-layer output errors: an observer fed a tensor and its reference."""
+    rng = np.random.default_rng(1)
+    model = _model(rng)
+    batches = [{"x": rng.normal(size=(3, 4)).astype(np.float32)} for _ in range(3)]
+    stats = collect(model, [StatRequest("r", "output_error", reference="h"), StatRequest("h", "minmax")],
+                    iter(batches), tmp_path)
+    w1 = model.graph.initializers["w1"].const_value.numpy()
+    h = np.concatenate([b["x"] for b in batches]).astype(np.float64) @ w1
+    obs = stats.get("r", "output_error")
+    np.testing.assert_allclose(obs.error, np.sum(np.minimum(h, 0) ** 2), rtol=1e-5)  # Relu(h) - h = -min(h, 0)
+    np.testing.assert_allclose(obs.signal, np.sum(h**2), rtol=1e-5)
+    assert obs.sqnr_db() == pytest.approx(10 * np.log10(np.sum(h**2) / np.sum(np.minimum(h, 0) ** 2)), rel=1e-5)
+    assert stats.get("h", "minmax").range() == pytest.approx((h.min(), h.max()), rel=1e-5)
 
 
 def test_the_probe_model_keeps_only_what_computes_the_requested_tensors():

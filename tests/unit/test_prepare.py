@@ -73,7 +73,7 @@ def test_static_without_smoothquant_is_one_pass(tmp_path, monkeypatch):
 
 def test_static_with_smoothquant_measures_only_the_rescaled_tensors_again(tmp_path, monkeypatch):
     model, placement, calibration, fetched, x = _run(tmp_path, monkeypatch, smoothquant="auto",
-                                                     bias_correction=True)
+                                                     bias_correction=True, method="percentile")
     assert calibration.passes == 2 and calibration.smoothing[0]["applied"].startswith("Mul")
     second = set(fetched[-1])
     assert second == {"h_smoothed"}  # the Mul output: the only tensor whose values changed
@@ -83,10 +83,28 @@ def test_static_with_smoothquant_measures_only_the_rescaled_tensors_again(tmp_pa
     direct = _direct(model, requests, x, tmp_path)
     assert set(static.ranges) == {r.tensor for r in requests}
     for r in requests:
-        np.testing.assert_allclose(static.ranges[r.tensor], direct.get(r.tensor, "minmax").range(), rtol=1e-5)
+        seen, want = static.observers[r.tensor], direct.get(r.tensor, r.kind)
+        np.testing.assert_allclose(seen.range(), want.range(), rtol=1e-5)
+        np.testing.assert_allclose(seen.counts, want.counts, rtol=0.01, atol=1)  # same histogram up to rounding
         if r.channel_axis is not None:
-            np.testing.assert_allclose(static.channel_means[r.tensor],
-                                       direct.get(r.tensor, "minmax").channel_mean(), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(static.channel_means[r.tensor], want.channel_mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_minmax_with_smoothquant_is_one_pass_with_the_same_ranges(tmp_path, monkeypatch):
+    """min/max of X / s come from SmoothQuant's per-channel min/max: x * (1/s) is what the Mul
+    computes, element by element, so the range is the one a second pass would observe."""
+    model, placement, calibration, fetched, x = _run(tmp_path, monkeypatch, smoothquant="auto",
+                                                     bias_correction=True, method="minmax")
+    assert calibration.passes == 1 and len(fetched) == 8
+    assert calibration.smoothing[0]["applied"].startswith("Mul")
+    static = placement.schemes[0]
+    requests = placement.requests(model)
+    direct = _direct(model, requests, x, tmp_path)
+    assert static.ranges["h_smoothed"] == direct.get("h_smoothed", "minmax").range()
+    for r in requests:
+        np.testing.assert_allclose(static.ranges[r.tensor], direct.get(r.tensor, "minmax").range(), rtol=1e-5)
+    np.testing.assert_allclose(static.channel_means["h_smoothed"], direct.get("h_smoothed", "minmax").channel_mean(),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_gptq_with_smoothquant_shares_one_pass_and_derives_the_smoothed_hessians(tmp_path, monkeypatch):
