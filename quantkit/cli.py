@@ -158,5 +158,91 @@ class TerminalProgress:
             self.bar = None
 
 
+# ---- model updates: `quantkit delta` and `quantkit apply` (quantkit/delta/) -------------------------
+
+
+def _fail(e: Exception, verbose: bool) -> None:
+    """The quantize command's error handling: typed errors become their exit code, the rest exit 1."""
+    if verbose:
+        traceback.print_exc()
+    if isinstance(e, QuantkitError):
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    click.echo(f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", err=True)
+    sys.exit(1)
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The update file to write (.qkd).")
+@click.option("--method", type=click.Choice(["auto", "int8", "int4", "sign", "topk", "lowrank"]), default="auto", show_default=True, help="Encoding of the float weight deltas; auto: per tensor the cheapest that meets the target on --eval.")
+@click.option("--density", type=float, default=0.01, show_default=True, help="--method topk: fraction of each tensor's delta entries sent.")
+@click.option("--rank", type=int, default=8, show_default=True, help="--method lowrank: rank of each matrix's delta.")
+@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Data (.npz/.npy, may hold 'labels') to measure apply(BASE, update) against NEW; needed by --method auto.")
+@click.option("--batch-size", type=int, help="Batch size for the evaluation [default: 8, or the model's fixed batch].")
+@click.option("--residual", type=click.Path(path_type=Path), metavar="STATE", help="Error feedback: add what the last update did not send (kept in STATE, .npz) to this one, and update STATE.")
+@click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Target for auto, and gate (exit 5): top-1 accuracy of the applied model at most this far below NEW's.")
+@click.option("--min-cosine", type=float, help="Target for auto, and gate (exit 5): mean cosine of each output to NEW's at least this [auto's default target: 0.999].")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the full report as JSON to this path.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (the table goes to stderr).")
+@click.option("--threads", type=int, help="onnxruntime threads for the evaluation.")
+@click.option("--force", is_flag=True, help="Overwrite existing output, report and files.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def delta(base: Path, new: Path, **o) -> None:
+    """Write the update that turns BASE into NEW (two ONNX models, state_dicts or .safetensors files
+    of the same architecture), compressed, with a report of its size and of the applied model's accuracy."""
+    try:
+        from quantkit.config import Gates
+        from quantkit.delta.make import DeltaConfig, make_delta
+        from quantkit.delta.render import render_delta
+
+        cfg = DeltaConfig(base=base, new=new, output=o["output"], method=o["method"], density=o["density"],
+                          rank=o["rank"], eval=o["eval_"], batch_size=o["batch_size"], residual=o["residual"],
+                          gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"]),
+                          report=o["report"], force=o["force"], threads=o["threads"])
+        quiet = o["quiet"]
+        result = make_delta(cfg, status=lambda m: None if quiet else click.echo(f"quantkit: {m}", err=True))
+        if o["as_json"]:
+            click.echo(json.dumps(result.report, indent=2))
+        if not quiet:
+            click.echo(render_delta(result.report), err=o["as_json"])
+        if result.gate_failures:
+            raise AccuracyGateError("; ".join(result.gate_failures))
+    except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+        raise
+    except Exception as e:  # noqa: BLE001 - typed errors exit with their code, the rest exit 1
+        _fail(e, o["verbose"])
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("update", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the updated model (same form as BASE).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def apply(base: Path, update: Path, output: Path, force: bool, quiet: bool, verbose: bool) -> None:
+    """Apply UPDATE (from `quantkit delta`) to BASE and write the new model. Needs numpy and onnx only;
+    refuses an update made against another base or a corrupted one (exit 3)."""
+    try:
+        from quantkit.delta.apply import ApplyConfig
+        from quantkit.delta.apply import apply as run
+
+        info = run(ApplyConfig(base=base, update=update, output=output, force=force))
+        if not quiet:
+            click.echo(f"quantkit: wrote {info['output']} ({info['tensors_changed']} of {info['tensors']} "
+                       f"tensor(s) updated from {info['update_bytes']} bytes)", err=True)
+    except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+        raise
+    except Exception as e:  # noqa: BLE001 - typed errors exit with their code, the rest exit 1
+        _fail(e, verbose)
+
+
+# ---- end of model updates ------------------------------------------------------------------------
+
+
 def main() -> None:
     cli()
