@@ -145,10 +145,10 @@ def varint_decode(data: np.ndarray) -> np.ndarray:
 
 # ---- low rank: truncated SVD of the delta as a matrix --------------------------------------
 
-def top_singular(m: np.ndarray, rank: int, power_iters: int = 4, seed: int = 0):
-    """U S V^T truncated to `rank`. Exact SVD for matrices up to 2048 on the short side; above,
-    a randomized range finder with power iterations (Halko et al.), as PowerSGD does."""
-    if min(m.shape) <= 2048:
+def top_singular(m: np.ndarray, rank: int, power_iters: int = 4, seed: int = 0, exact_up_to: int = 2048):
+    """U S V^T truncated to `rank`. Exact SVD for matrices up to `exact_up_to` on the short side;
+    above, a randomized range finder with power iterations (Halko et al.), as PowerSGD does."""
+    if min(m.shape) <= exact_up_to:
         u, s, vt = np.linalg.svd(m, full_matrices=False)
         return u[:, :rank], s[:rank], vt[:rank]
     rng = np.random.default_rng(seed)
