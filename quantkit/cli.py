@@ -179,7 +179,9 @@ def _fail(e: Exception, verbose: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The update file to write (.qkd).")
 @click.option("--method", type=click.Choice(["auto", "int8", "int4", "sign", "topk", "lowrank"]), default="auto", show_default=True, help="Encoding of the float weight deltas; auto: per tensor the cheapest that meets the target on --eval.")
 @click.option("--density", type=float, default=0.01, show_default=True, help="--method topk: fraction of each tensor's delta entries sent.")
+@click.option("--topk-values", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True, help="--method topk: the kept values in float32 (exact there) or int8 with a scale per tensor.")
 @click.option("--rank", type=int, default=8, show_default=True, help="--method lowrank: rank of each matrix's delta.")
+@click.option("--exact-below", type=int, default=1024, show_default=True, metavar="N", help="Float tensors with fewer elements (biases, norms, small convolutions) are sent bit-exact; 0 encodes every float tensor.")
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Data (.npz/.npy, may hold 'labels') to measure apply(BASE, update) against NEW; needed by --method auto.")
 @click.option("--batch-size", type=int, help="Batch size for the evaluation [default: 8, or the model's fixed batch].")
 @click.option("--residual", type=click.Path(path_type=Path), metavar="STATE", help="Error feedback: add what the last update did not send (kept in STATE, .npz) to this one, and update STATE.")
@@ -200,7 +202,8 @@ def delta(base: Path, new: Path, **o) -> None:
         from quantkit.delta.render import render_delta
 
         cfg = DeltaConfig(base=base, new=new, output=o["output"], method=o["method"], density=o["density"],
-                          rank=o["rank"], eval=o["eval_"], batch_size=o["batch_size"], residual=o["residual"],
+                          topk_values=o["topk_values"], rank=o["rank"], exact_below=o["exact_below"],
+                          eval=o["eval_"], batch_size=o["batch_size"], residual=o["residual"],
                           gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"]),
                           report=o["report"], force=o["force"], threads=o["threads"])
         quiet = o["quiet"]

@@ -9,7 +9,7 @@ quantized models) and small float tensors (biases, norms, scales) bit for bit.
 Error bounds (what the unit tests check):
   int8/int4  blockwise symmetric, |err| <= max|d in block| / (2 * qmax) per element (qmax 127 / 7)
   sign       d ~ scale_row * sign(d), scale_row = mean |d| over the row (the L2-optimal scale)
-  topk       exact at the k kept indices, zero elsewhere
+  topk       exact at the k kept indices (or int8 values: within max|kept| / 254), zero elsewhere
   lowrank    ||err||_F = sqrt(sum of the dropped singular values squared) of d as a matrix
 """
 
@@ -104,19 +104,31 @@ def decode_sign(enc: Encoded, shape: tuple[int, ...]) -> np.ndarray:
 
 # ---- top-k sparse: gaps between sorted indices as varints ----------------------------------
 
-def encode_topk(d: np.ndarray, density: float) -> Encoded:
+def encode_topk(d: np.ndarray, density: float, values: str = "fp32") -> Encoded:
+    """The k = density * size entries of largest magnitude. Values in float32 (exact at the kept
+    indices) or int8 with one scale per tensor (|err| <= max|kept| / 254 there, half the bytes)."""
     flat = d.reshape(-1)
     k = max(1, min(flat.size, round(density * flat.size)))
     idx = np.sort(np.argpartition(-np.abs(flat), k - 1)[:k]) if k < flat.size else np.arange(flat.size)
     gaps = np.diff(idx, prepend=-1).astype(np.uint64)  # >= 1; small numbers the lossless stage codes well
-    return Encoded("topk", {"k": int(k), "density": density},
-                   {"gaps": varint_encode(gaps), "values": flat[idx].astype(np.float32)})
+    arrays = {"gaps": varint_encode(gaps)}
+    if values == "int8":
+        top = float(np.abs(flat[idx]).max())
+        scale = np.array([top / 127 if top > 0 else 1.0], np.float32)
+        arrays["values"] = np.clip(np.rint(flat[idx] / float(scale[0])), -127, 127).astype(np.int8)
+        arrays["scale"] = scale
+    else:
+        arrays["values"] = flat[idx].astype(np.float32)
+    return Encoded("topk", {"k": int(k), "density": density, "values": values}, arrays)
 
 
 def decode_topk(enc: Encoded, shape: tuple[int, ...]) -> np.ndarray:
     out = np.zeros(int(np.prod(shape, dtype=np.int64)), np.float64)
     idx = np.cumsum(varint_decode(enc.arrays["gaps"]).astype(np.int64)) - 1
-    out[idx] = enc.arrays["values"].astype(np.float64)
+    vals = enc.arrays["values"].astype(np.float64)
+    if enc.params.get("values") == "int8":
+        vals = vals * float(enc.arrays["scale"][0])
+    out[idx] = vals
     return out.reshape(shape)
 
 
@@ -159,10 +171,13 @@ def top_singular(m: np.ndarray, rank: int, power_iters: int = 4, seed: int = 0, 
     return (q @ u)[:, :rank], s[:rank], vt[:rank]
 
 
-def encode_lowrank(d: np.ndarray, rank: int) -> Encoded:
+def encode_lowrank(d: np.ndarray, rank: int, factors=None) -> Encoded:
+    """`factors`: a (u, s, vt) of d as a matrix already computed to at least this rank, so that
+    several ranks of one tensor cost one decomposition."""
     rows, cols = as_matrix(d.shape)
     r = max(1, min(rank, rows, cols))
-    u, s, vt = top_singular(d.reshape(rows, cols).astype(np.float64), r)
+    u, s, vt = factors if factors is not None else top_singular(d.reshape(rows, cols).astype(np.float64), r)
+    u, s, vt = u[:, :r], s[:r], vt[:r]
     return Encoded("lowrank", {"rank": int(r)}, {"a": (u * s).astype(np.float32), "b": vt.astype(np.float32)})
 
 
@@ -195,7 +210,7 @@ def reconstruct_exact(base: np.ndarray, enc: Encoded) -> np.ndarray:
 
 # ---- one entry point per direction ---------------------------------------------------------
 
-def encode(d: np.ndarray, method: str, density: float = 0.01, rank: int = 8) -> Encoded:
+def encode(d: np.ndarray, method: str, density: float = 0.01, rank: int = 8, values: str = "fp32") -> Encoded:
     if method == "int8":
         return encode_blockwise(d, 8)
     if method == "int4":
@@ -203,7 +218,7 @@ def encode(d: np.ndarray, method: str, density: float = 0.01, rank: int = 8) -> 
     if method == "sign":
         return encode_sign(d)
     if method == "topk":
-        return encode_topk(d, density)
+        return encode_topk(d, density, values)
     if method == "lowrank":
         return encode_lowrank(d, rank)
     raise ValueError(f"not a lossy delta encoding: {method!r}")

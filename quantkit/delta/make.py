@@ -37,7 +37,9 @@ class DeltaConfig:
     output: Path
     method: str = "auto"
     density: float = 0.01
+    topk_values: str = "fp32"  # or int8: top-k values as int8 with one scale per tensor
     rank: int = 8
+    exact_below: int = select.MIN_LOSSY  # float tensors with fewer elements are sent bit-exact
     eval: Path | None = None
     batch_size: int | None = None
     residual: Path | None = None
@@ -45,14 +47,19 @@ class DeltaConfig:
     report: Path | None = None
     force: bool = False
     threads: int | None = None
+    zip_baseline: bool = True  # measure a zipped fp32 delta for the report (deflate over every weight)
 
     def __post_init__(self) -> None:
         if self.method not in ("auto", *enc.LOSSY):
             raise ConfigError(f"--method must be auto or one of {', '.join(enc.LOSSY)}, got {self.method!r}")
+        if self.topk_values not in ("fp32", "int8"):
+            raise ConfigError(f"--topk-values must be fp32 or int8, got {self.topk_values!r}")
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"--density must be in (0, 1], got {self.density}")
         if self.rank < 1:
             raise ConfigError(f"--rank must be at least 1, got {self.rank}")
+        if self.exact_below < 0:
+            raise ConfigError(f"--exact-below must be >= 0, got {self.exact_below}")
         if self.method == "auto" and self.eval is None:
             raise ConfigError("--method auto measures each choice on data: pass --eval (or pick a --method)")
         if self.eval is None and (self.gates.min_cosine is not None or self.gates.max_accuracy_drop is not None):
@@ -98,10 +105,10 @@ def make_delta(cfg: DeltaConfig, status: Callable[[str], None] = lambda s: None)
         return _run(cfg, base, new, evaluator, status, t0)
 
 
-def _deltas(base, new, carried: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _deltas(base, new, carried: dict[str, np.ndarray], exact_below: int) -> dict[str, np.ndarray]:
     out = {}
     for name, b in base.arrays.items():
-        if select.lossy_eligible(b):
+        if select.lossy_eligible(b, exact_below):
             d = new.arrays[name].astype(np.float64) - b.astype(np.float64)
             out[name] = d + carried[name] if name in carried else d
     return out
@@ -109,7 +116,7 @@ def _deltas(base, new, carried: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _run(cfg: DeltaConfig, base, new, evaluator, status, t0: float) -> Result:
     carried = residual.load(cfg.residual, base.arrays)
-    deltas = _deltas(base, new, carried)
+    deltas = _deltas(base, new, carried, cfg.exact_below)
     target = cfg.gates if cfg.gates != Gates() else DEFAULT_TARGET
     auto_log, outputs = None, None
     if cfg.method == "auto":
@@ -123,7 +130,8 @@ def _run(cfg: DeltaConfig, base, new, evaluator, status, t0: float) -> Result:
 
         choices, outputs, auto_log = select.search(menus, passes, status)
     else:
-        choices = {n: select.encode_fixed(d, cfg.method, cfg.density, cfg.rank) for n, d in deltas.items()}
+        choices = {n: select.encode_fixed(d, cfg.method, cfg.density, cfg.rank, cfg.topk_values)
+                   for n, d in deltas.items()}
     records = _records(base, new, choices)
     update = container.Update(base.kind, tensors.fingerprint(base), records,
                               {"quantkit_version": __version__, "method": cfg.method})
@@ -181,7 +189,7 @@ def zipped_fp32_delta(base, new) -> int:
 
 def _report(cfg, base, new, records, choices, deltas, update_bytes, outputs, evaluator, auto_log, target) -> dict:
     new_bytes = tensors.file_bytes(cfg.new)
-    zipped = zipped_fp32_delta(base, new)
+    zipped = zipped_fp32_delta(base, new) if cfg.zip_baseline else None
     rows = []
     for r in records:
         a = base.arrays[r.name]
@@ -194,11 +202,11 @@ def _report(cfg, base, new, records, choices, deltas, update_bytes, outputs, eva
     return {
         "quantkit_version": __version__, "command": "delta", "kind": base.kind,
         "base": str(cfg.base), "new": str(cfg.new), "output": str(cfg.output),
-        "method": cfg.method, "density": cfg.density, "rank": cfg.rank,
+        "method": cfg.method, "density": cfg.density, "topk_values": cfg.topk_values, "rank": cfg.rank, "exact_below": cfg.exact_below,
         "residual": str(cfg.residual) if cfg.residual is not None else None,
         "bytes": {"update": update_bytes, "new_model": new_bytes, "zipped_fp32_delta": zipped,
                   "times_smaller_than_new": new_bytes / update_bytes,
-                  "times_smaller_than_zipped_delta": zipped / update_bytes},
+                  "times_smaller_than_zipped_delta": zipped / update_bytes if zipped else None},
         "encodings": tally, "tensors": rows,
         "auto": {"target": asdict(target), "tried": auto_log} if auto_log is not None else None,
         "evaluation": {"source": str(cfg.eval), "samples": evaluator.samples} if evaluator is not None else None,

@@ -1,6 +1,6 @@
 """Which encoding each tensor gets.
 
-Float tensors of at least MIN_LOSSY elements take a lossy encoding of their delta; everything
+Float tensors of at least MIN_LOSSY elements (`--exact-below`) take a lossy encoding of their delta; everything
 else (integer weights and scales of quantized models, biases, norms, small convolutions) goes
 bit-exact, which costs little since those tensors are small or change little.
 
@@ -28,8 +28,8 @@ RANKS = (1, 2, 4, 8, 16, 32, 64)
 TAUS = (0.95, 0.85, 0.7, 0.55, 0.4, 0.3, 0.2, 0.12, 0.06, 0.03, 0.01, 0.0)
 
 
-def lossy_eligible(a: np.ndarray) -> bool:
-    return a.dtype in (np.float16, np.float32, np.float64) and a.size >= MIN_LOSSY
+def lossy_eligible(a: np.ndarray, exact_below: int = MIN_LOSSY) -> bool:
+    return a.dtype in (np.float16, np.float32, np.float64) and a.size >= max(exact_below, 1)
 
 
 @dataclass
@@ -49,12 +49,12 @@ def relative_error(d: np.ndarray, e: enc.Encoded) -> float:
     return float(np.linalg.norm(d - enc.decode(e, d.shape))) / norm if norm else 0.0
 
 
-def encode_fixed(d: np.ndarray, method: str, density: float, rank: int) -> enc.Encoded:
+def encode_fixed(d: np.ndarray, method: str, density: float, rank: int, values: str = "fp32") -> enc.Encoded:
     if not np.any(d):
         return enc.Encoded("unchanged")
     if method == "lowrank" and d.ndim < 2:
         return enc.encode(d, "int8")  # a vector has no rank to cut: int8 blocks instead
-    return enc.encode(d, method, density=density, rank=rank)
+    return enc.encode(d, method, density=density, rank=rank, values=values)
 
 
 def menu(d: np.ndarray, base: np.ndarray, new: np.ndarray | None) -> list[Candidate]:
@@ -63,10 +63,12 @@ def menu(d: np.ndarray, base: np.ndarray, new: np.ndarray | None) -> list[Candid
     if not np.any(d):
         return [Candidate(enc.Encoded("unchanged"), 0, 0.0)]
     tried = [enc.encode(d, "sign"), enc.encode(d, "int4"), enc.encode(d, "int8")]
-    tried += [enc.encode(d, "topk", density=p) for p in DENSITIES]
+    tried += [enc.encode(d, "topk", density=p, values=v) for p in DENSITIES for v in ("int8", "fp32")]
     rows, cols = enc.as_matrix(d.shape)
-    if d.ndim >= 2:
-        tried += [enc.encode(d, "lowrank", rank=r) for r in RANKS if r * (rows + cols) < rows * cols // 4]
+    ranks = [r for r in RANKS if r * (rows + cols) < rows * cols // 4] if d.ndim >= 2 else []
+    if ranks:
+        factors = enc.top_singular(d.reshape(rows, cols), max(ranks))
+        tried += [enc.encode_lowrank(d, r, factors) for r in ranks]
     cands = [Candidate(e, estimated_bytes(e), relative_error(d, e)) for e in tried]
     if new is not None:
         exact = enc.encode_exact(base, new)

@@ -65,6 +65,18 @@ def test_topk_is_exact_at_the_k_largest_entries_and_zero_elsewhere():
     assert e.arrays["gaps"].dtype == np.uint8 and e.arrays["gaps"].nbytes < 2 * k  # varints, not int64
 
 
+def test_topk_int8_values_keep_the_indices_and_half_a_step_of_the_largest_value():
+    d = _delta((50, 70))
+    exact = enc.encode(d, "topk", density=0.05)
+    e = enc.encode(d, "topk", density=0.05, values="int8")
+    got, ref = enc.decode(e, d.shape).reshape(-1), enc.decode(exact, d.shape).reshape(-1)
+    kept = np.flatnonzero(ref)
+    assert np.array_equal(e.arrays["gaps"], exact.arrays["gaps"]) and e.arrays["values"].dtype == np.int8
+    step = np.abs(ref[kept]).max() / 127
+    assert np.abs(got[kept] - ref[kept]).max() <= step / 2 * (1 + 1e-6)
+    assert np.count_nonzero(got[np.setdiff1d(np.arange(d.size), kept)]) == 0
+
+
 def test_varints_round_trip_small_and_large_values():
     v = np.array([1, 127, 128, 300, 16383, 16384, 2**35 + 7, 1], np.uint64)
     b = enc.varint_encode(v)
