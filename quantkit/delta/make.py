@@ -106,9 +106,11 @@ def make_delta(cfg: DeltaConfig, status: Callable[[str], None] = lambda s: None)
 
 
 def _deltas(base, new, carried: dict[str, np.ndarray], exact_below: int) -> dict[str, np.ndarray]:
-    out = {}
+    """Float deltas of the tensors that take a lossy encoding: float, large enough, and not part
+    of a quantized weight (scales of int4 blocks can be large; they still go exact)."""
+    out, quantized = {}, tensors.quantized_weights(base)
     for name, b in base.arrays.items():
-        if select.lossy_eligible(b, exact_below):
+        if select.lossy_eligible(b, exact_below) and name not in quantized:
             d = new.arrays[name].astype(np.float64) - b.astype(np.float64)
             out[name] = d + carried[name] if name in carried else d
     return out

@@ -23,6 +23,10 @@ from onnx import numpy_helper
 from quantkit.errors import InputError, UnsupportedModelError
 
 INLINE_LIMIT = 1_500_000_000  # protobuf's 2 GiB ceiling, with a margin (as in quantkit.runtime)
+# ops of quantized models: every initializer they read (integer weights, scales, zero points) is
+# part of a quantized weight and is sent bit-exact, whatever its size
+QUANTIZED_OPS = {"DequantizeLinear", "QuantizeLinear", "MatMulNBits", "GatherBlockQuantized", "DynamicQuantizeMatMul",
+                 "QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear"}
 
 
 @dataclass
@@ -116,6 +120,17 @@ def _graph_signature(proto: onnx.ModelProto) -> list[tuple[str, bytes]]:
         copy.name = ""
         sig.append((n.name or f"#{i} {n.op_type}", copy.SerializeToString(deterministic=True)))
     return sig
+
+
+def quantized_weights(tensors: ModelTensors) -> set[str]:
+    """Initializers read by quantized ops (ONNX only): what `quantize` wrote, to be kept exact."""
+    if tensors.proto is None:
+        return set()
+    names = set()
+    for n in tensors.proto.graph.node:
+        if n.op_type in QUANTIZED_OPS:
+            names.update(i for i in n.input if i in tensors.arrays)
+    return names
 
 
 def check_same_architecture(base: ModelTensors, new: ModelTensors, base_path: Path, new_path: Path) -> None:

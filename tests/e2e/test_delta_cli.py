@@ -214,28 +214,32 @@ def test_mismatched_models_name_the_first_tensor_that_differs(samples, pair, tmp
     assert not (tmp_path / "u.qkd").exists()
 
 
-@pytest.fixture(scope="module")
-def int8_pair(tmp_path_factory):
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized_pair(request, tmp_path_factory):
     from conftest import ROOT
     d, cal = ROOT / "sample_models" / "digits_delta", ROOT / "sample_models" / "digits_cnn" / "calib.npz"
-    tmp = tmp_path_factory.mktemp("int8")
+    tmp = tmp_path_factory.mktemp(request.param)
+    data = ["--calib", cal, "--calib-samples", "64"] if request.param == "int8" else \
+        ["--weights", "int4", "--eval", d / "eval.npz"]
     for name in ("base", "new"):
-        r = run("quantize", d / f"{name}.onnx", "--calib", cal, "-o", tmp / f"{name}.int8.onnx",
-                "--no-speed-guard", "-q", "--calib-samples", "64")
+        r = run("quantize", d / f"{name}.onnx", *data, "-o", tmp / f"{name}.q.onnx", "--no-speed-guard", "-q")
         assert r.exit_code == 0, r.output
-    return tmp / "base.int8.onnx", tmp / "new.int8.onnx"
+    return tmp / "base.q.onnx", tmp / "new.q.onnx"
 
 
-def test_delta_between_int8_models_sends_integer_weights_exactly(int8_pair, tmp_path):
-    base, new = int8_pair
-    upd, out = tmp_path / "u.qkd", tmp_path / "applied.int8.onnx"
-    r = run("delta", base, new, "-o", upd, "--method", "int8", "--json", "-q")
+def test_delta_between_quantized_models_sends_integer_weights_and_scales_exactly(quantized_pair, tmp_path):
+    base, new = quantized_pair
+    upd, out = tmp_path / "u.qkd", tmp_path / "applied.q.onnx"
+    r = run("delta", base, new, "-o", upd, "--method", "sign", "--json", "-q")
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     wb, wn = _weights(base), _weights(new)
     by_name = {t["name"]: t for t in report["tensors"]}
     ints = [k for k, v in wn.items() if v.dtype in (np.int8, np.uint8, np.int32)]
-    assert ints and all(by_name[k]["encoding"] in ("exact", "unchanged") for k in ints)
+    assert ints and set(by_name) == set(wn)
+    # every tensor of a quantized weight (integers, and scales however large: int4 block scales
+    # of head.1 have 2,048 values) is exact or unchanged, never a 1-bit sign delta
+    assert all(by_name[k]["encoding"] in ("exact", "unchanged") for k in wn)
     assert any(by_name[k]["encoding"] == "unchanged" for k in wn)  # e.g. the weights' zero points
     assert all(by_name[k]["encoding"] == "unchanged" for k in wn if np.array_equal(wb[k], wn[k]))
     assert report["bytes"]["update"] < report["bytes"]["zipped_fp32_delta"]
