@@ -211,6 +211,12 @@ def test_mismatched_models_name_the_first_tensor_that_differs(samples, pair, tmp
     onnx.save(m, str(tmp_path / "f64.onnx"))
     r = run("delta", base, tmp_path / "f64.onnx", "-o", tmp_path / "u.qkd", "--method", "int8")
     assert r.exit_code == 3 and f"'{t.name}' is float32" in r.output and "float64" in r.output
+    m = onnx.load(str(new))
+    relu = next(n for n in m.graph.node if n.op_type == "Relu")
+    relu.op_type = "Sigmoid"  # same weights, another graph
+    onnx.save(m, str(tmp_path / "sigmoid.onnx"))
+    r = run("delta", base, tmp_path / "sigmoid.onnx", "-o", tmp_path / "u.qkd", "--method", "int8")
+    assert r.exit_code == 3 and f"node '{relu.name}' differs" in r.output
     assert not (tmp_path / "u.qkd").exists()
 
 
