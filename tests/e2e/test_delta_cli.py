@@ -148,6 +148,10 @@ def _rounds(tmp_path, feedback: bool, rounds: int = 10, density: float = 0.1):
         with np.load(state) as z:
             assert set(z.files) == {"w"}
             np.testing.assert_allclose(np.linalg.norm(z["w"]), errors[-1] * np.linalg.norm(rounds * g), rtol=1e-3)
+        _matmul_model(tmp_path / "other.onnx", np.zeros((64, 32)))  # a state for another model is refused
+        r = run("delta", tmp_path / "other.onnx", tmp_path / "other.onnx", "-o", tmp_path / "x.qkd",
+                "--method", "topk", "--residual", state)
+        assert r.exit_code == 3 and "residual state" in r.output
     return errors
 
 
