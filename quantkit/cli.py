@@ -198,6 +198,7 @@ def delta(base: Path, new: Path, **o) -> None:
     of the same architecture), compressed, with a report of its size and of the applied model's accuracy."""
     try:
         from quantkit.config import Gates
+        from quantkit.delta.files import dumps
         from quantkit.delta.make import DeltaConfig, make_delta
         from quantkit.delta.render import render_delta
 
@@ -209,7 +210,7 @@ def delta(base: Path, new: Path, **o) -> None:
         quiet = o["quiet"]
         result = make_delta(cfg, status=lambda m: None if quiet else click.echo(f"quantkit: {m}", err=True))
         if o["as_json"]:
-            click.echo(json.dumps(result.report, indent=2))
+            click.echo(dumps(result.report))
         if not quiet:
             click.echo(render_delta(result.report), err=o["as_json"])
         if result.gate_failures:

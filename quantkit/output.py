@@ -8,12 +8,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import onnx_ir as ir
+
+from quantkit import runtime
 from quantkit.errors import ConfigError
-
-if TYPE_CHECKING:  # onnx_ir and onnxruntime stay unimported for `quantkit apply` (numpy + onnx only)
-    import onnx_ir as ir
 
 
 def check_destination(path: Path, force: bool, what: str, inputs: list[Path]) -> None:
@@ -29,8 +28,6 @@ def check_destination(path: Path, force: bool, what: str, inputs: list[Path]) ->
 
 def write_model(model: ir.Model, path: Path) -> list[Path]:
     """Save atomically; a model too large to inline gets `<name>.data` beside it."""
-    from quantkit import runtime
-
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -81,18 +78,3 @@ def write_copy(src: Path, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def write_bytes(data: bytes, path: Path) -> None:
-    """Write bytes into place atomically (a temporary file beside it, then a rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

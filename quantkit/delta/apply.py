@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from quantkit.delta import container, tensors
+from quantkit.delta import container, files, tensors
 from quantkit.delta.encodings import METHODS, reconstruct
 from quantkit.errors import ConfigError, InputError
-from quantkit.output import check_destination
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def apply(cfg: ApplyConfig) -> dict:
     for p, what in ((cfg.base, "base model"), (cfg.update, "update")):
         if not Path(p).is_file():
             raise InputError(f"{what} {p} does not exist")
-    check_destination(cfg.output, cfg.force, "output", [cfg.base, cfg.update])
+    files.check_destinations({"output": cfg.output}, [cfg.base, cfg.update], cfg.force)
     base = tensors.read(cfg.base)
     if cfg.output.suffix == ".onnx" and base.kind != "onnx":
         raise ConfigError(f"the base is a {base.kind} file and the output is written in that form: "
@@ -61,7 +60,7 @@ def apply(cfg: ApplyConfig) -> dict:
     check_base(base, header, cfg.base, cfg.update)
     update = container.unpack(data, cfg.update)
     arrays = apply_records(base, update, cfg.update)
-    tensors.write(base, arrays, cfg.output)
+    tensors.write(base, arrays, cfg.output, cfg.force)
     changed = sum(1 for r in update.records if r.encoded.method != "unchanged")
     return {"base": str(cfg.base), "update": str(cfg.update), "output": str(cfg.output), "kind": base.kind,
             "tensors_changed": changed, "tensors": len(arrays), "update_bytes": len(data)}

@@ -18,11 +18,10 @@ import numpy as np
 
 from quantkit import __version__
 from quantkit.config import Gates
-from quantkit.delta import container, residual, select, tensors
+from quantkit.delta import container, files, residual, select, tensors
 from quantkit.delta import encodings as enc
 from quantkit.delta.apply import apply_records
 from quantkit.errors import ConfigError
-from quantkit.output import check_destination, write_bytes, write_json
 from quantkit.report.gates import check_gates
 
 DEFAULT_TARGET = Gates(min_cosine=0.999)  # what `auto` aims for when no gate is given
@@ -75,15 +74,10 @@ class Result:
 
 
 def _check_files(cfg: DeltaConfig) -> None:
-    inputs = [cfg.base, cfg.new, cfg.eval]
-    check_destination(cfg.output, cfg.force, "output", inputs)
-    if cfg.report is not None:
-        check_destination(cfg.report, cfg.force, "report", [*inputs, cfg.output])
-    if cfg.residual is not None:
-        if not Path(cfg.residual).parent.is_dir():
-            raise ConfigError(f"--residual directory {Path(cfg.residual).parent} does not exist; create it first")
-        if Path(cfg.residual).resolve() in {Path(p).resolve() for p in [*inputs, cfg.output] if p is not None}:
-            raise ConfigError(f"--residual {cfg.residual} is one of the other files; choose another path")
+    files.check_destinations({"output": cfg.output, "report": cfg.report}, [cfg.base, cfg.new, cfg.eval], cfg.force)
+    if cfg.residual is not None:  # read, then rewritten: it may exist, but may not be any other file
+        files.check_destinations({"--residual": cfg.residual},
+                                 [cfg.base, cfg.new, cfg.eval, cfg.output, cfg.report], force=True)
 
 
 def make_delta(cfg: DeltaConfig, status: Callable[[str], None] = lambda s: None) -> Result:
@@ -138,7 +132,7 @@ def _run(cfg: DeltaConfig, base, new, evaluator, status, t0: float) -> Result:
     update = container.Update(base.kind, tensors.fingerprint(base), records,
                               {"quantkit_version": __version__, "method": cfg.method})
     data = container.pack(update)
-    write_bytes(data, cfg.output)
+    files.write_bytes(data, cfg.output, cfg.force)
     status(f"wrote {cfg.output} ({len(data)} bytes)")
     if evaluator is not None and outputs is None:
         outputs = evaluator.compare(base, apply_records(base, update, cfg.output))
@@ -150,7 +144,7 @@ def _run(cfg: DeltaConfig, base, new, evaluator, status, t0: float) -> Result:
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
     report["seconds"] = time.perf_counter() - t0
     if cfg.report is not None:
-        write_json(report, cfg.report)
+        files.write_json(report, cfg.report, cfg.force)
     return Result(report, failures)
 
 

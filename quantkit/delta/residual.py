@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from quantkit.delta.files import write_bytes
 from quantkit.errors import InputError
-from quantkit.output import write_bytes
 
 
 def load(path: Path | None, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -40,4 +40,4 @@ def load(path: Path | None, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarr
 def save(path: Path, residuals: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **{k: v.astype(np.float32) for k, v in residuals.items()})
-    write_bytes(buf.getvalue(), Path(path))
+    write_bytes(buf.getvalue(), Path(path), force=True)  # the state is ours to replace each round

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from quantkit.delta.files import place
 from quantkit.errors import InputError, UnsupportedModelError
 
 INLINE_LIMIT = 1_500_000_000  # protobuf's 2 GiB ceiling, with a margin (as in quantkit.runtime)
@@ -168,7 +169,7 @@ def fingerprint(tensors: ModelTensors) -> str:
     return h.hexdigest()
 
 
-def write(tensors: ModelTensors, arrays: dict[str, np.ndarray], path: Path) -> None:
+def write(tensors: ModelTensors, arrays: dict[str, np.ndarray], path: Path, force: bool) -> None:
     """Write `arrays` in the form `tensors` came in, atomically: into a temporary file beside
     the destination, then renamed."""
     path = Path(path)
@@ -185,9 +186,8 @@ def write(tensors: ModelTensors, arrays: dict[str, np.ndarray], path: Path) -> N
             torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, target)
         for f in sorted(tmp.iterdir()):  # the data file first, so the .onnx never points at nothing
             if f.name != path.name:
-                os.replace(f, path.parent / f.name)
-        os.chmod(target, _umask_mode())
-        os.replace(target, path)
+                place(f, path.parent / f.name, force)
+        place(target, path, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -201,12 +201,6 @@ def build_onnx(proto: onnx.ModelProto, arrays: dict[str, np.ndarray], target: Pa
         onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data")
     else:
         onnx.save(model, str(target))
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def file_bytes(path: Path) -> int:
