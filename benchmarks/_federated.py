@@ -116,7 +116,7 @@ def run(scheme: Scheme, clients: int, rounds: int, lr: float, epochs: int) -> di
         tmp = Path(tmp)
         for c, (x, y) in enumerate(shards):
             np.savez(tmp / f"eval{c}.npz", x=x, labels=y)
-        for r in range(rounds):
+        for _ in range(rounds):
             g_path = tmp / "global.onnx"
             save_onnx(w, g_path)
             base = tensors.read(g_path)

@@ -117,7 +117,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the measured rows here")
     a = ap.parse_args()
     out = {"threads": os.environ.get("OMP_NUM_THREADS")}
-    header = ("| method | update MB | vs new model | vs zipped fp32 delta | accuracy % | drop vs new (points) | cosine | s |\n"
+    header = ("| method | update MB | vs new model | vs zipped fp32 delta | accuracy % | drop vs new (points) "
+              "| cosine | s |\n"
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     if a.part in ("sample", "all"):
         print(f"sample_models/digits_delta\n{header}")

@@ -89,7 +89,8 @@ def read_header(data: bytes, path: Path) -> tuple[dict, bytes]:
 
 def unpack(data: bytes, path: Path) -> Update:
     header, payload = read_header(data, path)
-    if len(payload) != header.get("payload_bytes") or hashlib.sha256(payload).hexdigest() != header.get("payload_sha256"):
+    digest = hashlib.sha256(payload).hexdigest()
+    if len(payload) != header.get("payload_bytes") or digest != header.get("payload_sha256"):
         raise InputError(f"{path} is corrupted: the payload checksum does not match; fetch the update again")
     raw = lzma.decompress(payload)
     (n,) = struct.unpack("<I", raw[:4])

@@ -40,7 +40,8 @@ def check_destinations(outputs: dict[str, Path | None], inputs: list[Path | None
         except FileNotFoundError:
             st = None
         if st is not None and not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{what} {path} is not a regular file (a symlink, directory or device); choose a file path")
+            raise ConfigError(f"{what} {path} is not a regular file (a symlink, directory or device); "
+                              "choose a file path")
         if not path.parent.is_dir():
             raise ConfigError(f"{what} directory {path.parent} does not exist; create it first")
         ident = _identity(path)

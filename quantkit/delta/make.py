@@ -189,7 +189,8 @@ def _report(cfg, base, new, records, choices, deltas, update_bytes, outputs, eva
     rows = []
     for r in records:
         a = base.arrays[r.name]
-        err = select.relative_error(deltas[r.name], r.encoded) if r.name in deltas and r.encoded.method != "exact" else 0.0
+        lossy = r.name in deltas and r.encoded.method != "exact"
+        err = select.relative_error(deltas[r.name], r.encoded) if lossy else 0.0
         rows.append({"name": r.name, "shape": list(a.shape), "dtype": a.dtype.name, "encoding": r.encoded.method,
                      "params": r.encoded.params, "payload_bytes": r.encoded.nbytes, "relative_error": err})
     tally: dict[str, int] = {}
@@ -198,7 +199,8 @@ def _report(cfg, base, new, records, choices, deltas, update_bytes, outputs, eva
     return {
         "quantkit_version": __version__, "command": "delta", "kind": base.kind,
         "base": str(cfg.base), "new": str(cfg.new), "output": str(cfg.output),
-        "method": cfg.method, "density": cfg.density, "topk_values": cfg.topk_values, "rank": cfg.rank, "exact_below": cfg.exact_below,
+        "method": cfg.method, "density": cfg.density, "topk_values": cfg.topk_values, "rank": cfg.rank,
+        "exact_below": cfg.exact_below,
         "residual": str(cfg.residual) if cfg.residual is not None else None,
         "bytes": {"update": update_bytes, "new_model": new_bytes, "zipped_fp32_delta": zipped,
                   "times_smaller_than_new": new_bytes / update_bytes,

@@ -7,9 +7,11 @@ from quantkit.report.render import _fmt, _size
 
 def render_delta(report: dict) -> str:
     b = report["bytes"]
-    lines = [f"quantkit {report['quantkit_version']}: delta {report['base']} -> {report['new']} = {report['output']}", ""]
+    lines = [f"quantkit {report['quantkit_version']}: delta {report['base']} -> {report['new']} "
+             f"= {report['output']}", ""]
     zipped = "" if b["zipped_fp32_delta"] is None else (
-        f"; {b['times_smaller_than_zipped_delta']:.1f}x smaller than a zipped fp32 delta {_size(b['zipped_fp32_delta'])}")
+        f"; {b['times_smaller_than_zipped_delta']:.1f}x smaller than a zipped fp32 delta "
+        f"{_size(b['zipped_fp32_delta'])}")
     lines.append(f"  update    {_size(b['update'])}  ({b['times_smaller_than_new']:.1f}x smaller than the new model "
                  f"{_size(b['new_model'])}{zipped})")
     lines.append("  encodings " + ", ".join(f"{k} {v}" for k, v in sorted(report["encodings"].items())))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,5 +40,6 @@ def load(path: Path | None, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 def save(path: Path, residuals: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
-    np.savez(buf, **{k: v.astype(np.float32) for k, v in residuals.items()})
+    arrays: dict[str, Any] = {k: v.astype(np.float32) for k, v in residuals.items()}
+    np.savez(buf, **arrays)
     write_bytes(buf.getvalue(), Path(path), force=True)  # the state is ours to replace each round

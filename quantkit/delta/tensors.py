@@ -66,7 +66,8 @@ def _read_onnx(path: Path) -> ModelTensors:
     try:
         proto = onnx.load(str(path))
     except Exception as e:  # noqa: BLE001 - DecodeError, OSError, a missing external data file
-        raise InputError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(f"{path} is not a readable ONNX model ({type(e).__name__}: {why})") from None
     if not proto.graph.node:
         raise InputError(f"{path} is not a readable ONNX model: its graph has no nodes")
     arrays = {}
@@ -82,7 +83,8 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         from safetensors.numpy import load_file
     except ImportError:
-        raise UnsupportedModelError(".safetensors files need the safetensors package: pip install 'quantkit[delta]'") from None
+        raise UnsupportedModelError(".safetensors files need the safetensors package: "
+                                    "pip install 'quantkit[delta]'") from None
     try:
         return dict(load_file(str(path)))
     except Exception as e:  # noqa: BLE001 - SafetensorError, a dtype numpy lacks (bf16)
@@ -93,11 +95,13 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
-        raise UnsupportedModelError("PyTorch state_dict files need torch: pip install torch==2.13.0 (the CPU wheel)") from None
+        raise UnsupportedModelError("PyTorch state_dict files need torch: "
+                                    "pip install torch==2.13.0 (the CPU wheel)") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError "Weights only load failed", a corrupt archive
-        raise InputError(f"{path} could not be read as a state_dict with weights_only=True: {str(e).splitlines()[0]}") from None
+        raise InputError(f"{path} could not be read as a state_dict with weights_only=True: "
+                         f"{str(e).splitlines()[0]}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -107,7 +111,8 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
         if not isinstance(v, torch.Tensor):
             raise InputError(f"{path}: entry '{k}' is a {type(v).__name__}, not a tensor; save model.state_dict()")
         if v.dtype == torch.bfloat16:
-            raise UnsupportedModelError(f"{path}: tensor '{k}' is bfloat16, which numpy cannot hold; save it as float32")
+            raise UnsupportedModelError(f"{path}: tensor '{k}' is bfloat16, which numpy cannot hold; "
+                                        "save it as float32")
         out[k] = v.detach().cpu().contiguous().numpy()
     return out
 
@@ -127,7 +132,7 @@ def quantized_weights(tensors: ModelTensors) -> set[str]:
     """Initializers read by quantized ops (ONNX only): what `quantize` wrote, to be kept exact."""
     if tensors.proto is None:
         return set()
-    names = set()
+    names: set[str] = set()
     for n in tensors.proto.graph.node:
         if n.op_type in QUANTIZED_OPS:
             names.update(i for i in n.input if i in tensors.arrays)
@@ -137,13 +142,15 @@ def quantized_weights(tensors: ModelTensors) -> set[str]:
 def check_same_architecture(base: ModelTensors, new: ModelTensors, base_path: Path, new_path: Path) -> None:
     """One line naming the first tensor (or node) that differs: a delta needs the same weights."""
     if base.kind != new.kind:
-        raise InputError(f"{base_path} is a {base.kind} file but {new_path} is a {new.kind} file; give two of the same form")
+        raise InputError(f"{base_path} is a {base.kind} file but {new_path} is a {new.kind} file; "
+                         "give two of the same form")
     for name, a in base.arrays.items():
         b = new.arrays.get(name)
         if b is None:
             raise InputError(f"tensor '{name}' of {base_path} is not in {new_path} (renamed, or another architecture)")
         if a.shape != b.shape:
-            raise InputError(f"tensor '{name}' has shape {list(a.shape)} in {base_path} but {list(b.shape)} in {new_path}")
+            raise InputError(f"tensor '{name}' has shape {list(a.shape)} in {base_path} "
+                             f"but {list(b.shape)} in {new_path}")
         if a.dtype != b.dtype:
             raise InputError(f"tensor '{name}' is {a.dtype.name} in {base_path} but {b.dtype.name} in {new_path}")
     extra = [n for n in new.arrays if n not in base.arrays]

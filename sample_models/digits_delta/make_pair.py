@@ -21,8 +21,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from digits_models import DigitsCNN
-from train import data, export, train
+from digits_models import DigitsCNN  # noqa: E402
+from train import data, export, train  # noqa: E402
 
 
 def shifted(x: np.ndarray) -> np.ndarray:
