@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -103,65 +104,87 @@ def cli() -> None:
 def quantize(model: Path | None, **o) -> None:
     """Quantize MODEL (ONNX, or PyTorch: TorchScript, torch.export, checkpoint + --model-class) and
     report the accuracy kept."""
-    with _isolated_streams(o["verbose"]) as (out, err), _signals_interrupt():
-        code = _quantize(model, o, out, err)
+    _command(o, lambda run: _quantize(model, o, run))
+
+
+def _quantize(model: Path | None, o: dict, run: _Run) -> None:
+    from quantkit.report.render import render_text
+    from quantkit.run import run as pipeline
+
+    options = _given_options(click.get_current_context(), model, o)
+    result = pipeline(options, status=run.status, progress=None if o["quiet"] else TerminalProgress(run.err))
+    run.emit(result.report, render_text)
+    if result.gate_failures:
+        raise AccuracyGateError("; ".join(result.gate_failures))
+
+
+class _Run:
+    """One command's terminal: its own stdout/stderr (see _isolated_streams) and its flags."""
+
+    def __init__(self, o: dict, out, err):
+        self.o, self.out, self.err = o, out, err
+        self.printed = False  # a JSON document is already on stdout
+
+    def status(self, msg: str) -> None:
+        if not self.o.get("quiet"):
+            click.echo(f"quantkit: {msg}", file=self.err)
+
+    def echo(self, text: str) -> None:
+        click.echo(text, file=self.out)
+
+    def emit(self, report: dict, render: Callable[[dict], str]) -> None:
+        """The report: JSON on stdout with --json (the table then on stderr), else the table."""
+        from quantkit.output import dumps
+
+        if self.o.get("as_json"):
+            click.echo(dumps(report), file=self.out)
+            self.printed = True
+        if not self.o.get("quiet"):
+            click.echo(render(report), file=self.err if self.o.get("as_json") else self.out)
+
+
+def _command(o: dict, body: Callable[[_Run], None]) -> None:
+    """Run a command body with only quantkit's own output on the terminal, signals that unwind
+    (and remove temporary files), and every outcome mapped to its exit code."""
+    with _isolated_streams(bool(o.get("verbose"))) as (out, err), _signals_interrupt():
+        run = _Run(o, out, err)
+        code = _guarded(run, body)
     sys.exit(code)
 
 
-def _quantize(model: Path | None, o: dict, out, err) -> int:
-    """Run one quantization; returns the exit code. Only `out` and `err` reach the terminal."""
-    quiet, as_json, printed = o["quiet"], o["as_json"], False
+def _guarded(run: _Run, body: Callable[[_Run], None]) -> int:
     try:
-        from quantkit.output import dumps
-        from quantkit.report.render import render_text
-        from quantkit.run import run
-
-        options = _given_options(click.get_current_context(), model, o)
-
-        def status(msg: str) -> None:
-            if not quiet:
-                click.echo(f"quantkit: {msg}", file=err)
-
-        result = run(options, status=status, progress=None if quiet else TerminalProgress(err))
-        if as_json:
-            click.echo(dumps(result.report), file=out)
-            printed = True
-        if not quiet:
-            click.echo(render_text(result.report), file=err if as_json else out)
-        if result.gate_failures:
-            raise AccuracyGateError("; ".join(result.gate_failures))
+        body(run)
         return 0
     except QuantkitError as e:
-        return _fail(e, str(e), e.exit_code, o, out, err, printed)
+        return _fail(run, e, str(e), e.exit_code)
     except Interrupted as e:
-        return _fail(e, f"interrupted by {e.name}; temporary files removed, nothing written", e.exit_code, o,
-                     out, err, printed)
+        return _fail(run, e, f"interrupted by {e.name}; temporary files removed, nothing written", e.exit_code)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return _internal(e, o, out, err, printed)
+            return _internal(run, e)
         where = f" writing {e.filename}" if e.filename else ""
-        return _fail(e, f"no space left on the device{where}; free space (or point TMPDIR at a larger disk) and "
-                     "rerun: nothing was written", 3, o, out, err, printed)
+        return _fail(run, e, f"no space left on the device{where}; free space (or point TMPDIR at a larger disk) "
+                     "and rerun: nothing was written", 3)
     except Exception as e:
-        return _internal(e, o, out, err, printed)
+        return _internal(run, e)
 
 
-def _internal(e: Exception, o: dict, out, err, printed: bool) -> int:
+def _internal(run: _Run, e: Exception) -> int:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return _fail(e, f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", 1,
-                 o, out, err, printed, prefix="")
+    return _fail(run, e, f"internal error: {type(e).__name__}: {first} (rerun with --verbose and report it)", 1,
+                 prefix="")
 
 
-def _fail(exc: BaseException, message: str, code: int, o: dict, out, err, printed: bool,
-          prefix: str = "error: ") -> int:
+def _fail(run: _Run, exc: BaseException, message: str, code: int, prefix: str = "error: ") -> int:
     """One line on stderr (the whole chained traceback with -v); with --json and no report printed
     yet, a JSON error document on stdout, so stdout always holds exactly one JSON document."""
-    if o["verbose"]:
-        _print_traceback(exc, err)
-    click.echo(f"{prefix}{message}", file=err)
-    if o["as_json"] and not printed:
+    if run.o.get("verbose"):
+        _print_traceback(exc, run.err)
+    click.echo(f"{prefix}{message}", file=run.err)
+    if run.o.get("as_json") and not run.printed:
         click.echo(json.dumps({"error": {"message": message, "exit_code": code, "type": type(exc).__name__}},
-                              indent=2), file=out)
+                              indent=2), file=run.out)
     return code
 
 
@@ -252,17 +275,6 @@ def _print_traceback(e: BaseException, file) -> None:
     traceback.print_exception(type(e), e, e.__traceback__, file=file)
 
 
-def _run_command(verbose: bool, body) -> None:
-    """Typed errors to their exit codes, as in quantize."""
-    try:
-        body()
-    except QuantkitError as e:
-        if verbose:
-            traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-
-
 @cli.command("report", epilog=EXIT_CODES)
 @click.argument("report_json", type=click.Path(path_type=Path))
 @click.option("--html", type=click.Path(path_type=Path), help="Write the report as a self-contained HTML page here.")
@@ -271,7 +283,7 @@ def _run_command(verbose: bool, body) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
 def report_command(report_json: Path, html: Path | None, config_out: Path | None, force: bool, verbose: bool) -> None:
     """Render REPORT_JSON (written by quantize --report): the table, an HTML page, or the config to replay it."""
-    def body():
+    def body(out: _Run):
         from quantkit import run
         from quantkit.output import check_destinations
         from quantkit.report.render import render_text
@@ -288,9 +300,9 @@ def report_command(report_json: Path, html: Path | None, config_out: Path | None
         if html is not None:
             run.write_html(report, html, force)
         if html is None and config_out is None:
-            click.echo(render_text(report))
+            out.echo(render_text(report))
 
-    _run_command(verbose, body)
+    _command({"verbose": verbose}, body)
 
 
 @cli.command("inspect", epilog=EXIT_CODES)
@@ -304,16 +316,18 @@ def report_command(report_json: Path, html: Path | None, config_out: Path | None
 def inspect_command(model: Path, calib: Path | None, activations: str | None, weights: str, exclude: tuple[str, ...],
                     as_json: bool, verbose: bool) -> None:
     """What quantkit sees in MODEL before doing anything: inputs, ops, the placement it would choose, sizes."""
-    def body():
+    def body(out: _Run):
         from quantkit import inspect as look
         from quantkit import options
 
         opts = options.normalize({"model": model, "calib": calib, "activations": activations, "weights": weights,
                                   "exclude": exclude})
         info = look.inspect(options.run_config(opts))
-        click.echo(json.dumps(info, indent=2) if as_json else look.render(info))
+        if as_json:
+            out.printed = True
+        out.echo(json.dumps(info, indent=2) if as_json else look.render(info))
 
-    _run_command(verbose, body)
+    _command({"verbose": verbose, "as_json": as_json}, body)
 
 
 class TerminalProgress:
@@ -349,6 +363,75 @@ class TerminalProgress:
         elif self.done != self.shown:  # a log shows where the stage ended
             click.echo(f"quantkit: {self.label} {self.done}/{self.total} {self.unit} "
                        f"({100 * self.done // self.total}%)", file=self.stream)
+
+
+# ---- model updates: `quantkit delta` and `quantkit apply` (quantkit/delta/) -------------------------
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The update file to write (.qkd).")
+@click.option("--method", type=click.Choice(["auto", "int8", "int4", "sign", "topk", "lowrank"]), default="auto", show_default=True, help="Encoding of the float weight deltas; auto: per tensor the cheapest that meets the target on --eval.")
+@click.option("--density", type=float, default=0.01, show_default=True, help="--method topk: fraction of each tensor's delta entries sent.")
+@click.option("--topk-values", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True, help="--method topk: the kept values in float32 (exact there) or int8 with a scale per tensor.")
+@click.option("--rank", type=int, default=8, show_default=True, help="--method lowrank: rank of each matrix's delta.")
+@click.option("--exact-below", type=int, default=1024, show_default=True, metavar="N", help="Float tensors with fewer elements (biases, norms, small convolutions) are sent bit-exact; 0 encodes every float tensor.")
+@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Data (.npz/.npy, may hold 'labels') to measure apply(BASE, update) against NEW; needed by --method auto.")
+@click.option("--batch-size", type=int, help="Batch size for the evaluation [default: 8, or the model's fixed batch].")
+@click.option("--residual", type=click.Path(path_type=Path), metavar="STATE", help="Error feedback: add what the last update did not send (kept in STATE, .npz) to this one, and update STATE.")
+@click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Target for auto, and gate (exit 5): top-1 accuracy of the applied model at most this far below NEW's.")
+@click.option("--min-cosine", type=float, help="Target for auto, and gate (exit 5): mean cosine of each output to NEW's at least this [auto's default target: 0.999].")
+@click.option("--report", type=click.Path(path_type=Path), help="Write the full report as JSON to this path.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report JSON on stdout (the table goes to stderr).")
+@click.option("--threads", type=int, help="onnxruntime threads for the evaluation.")
+@click.option("--force", is_flag=True, help="Overwrite existing output, report and files.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def delta(base: Path, new: Path, **o) -> None:
+    """Write the update that turns BASE into NEW (two ONNX models, state_dicts or .safetensors files
+    of the same architecture), compressed, with a report of its size and of the applied model's accuracy."""
+    _command(o, lambda run: _delta(base, new, o, run))
+
+
+def _delta(base: Path, new: Path, o: dict, run: _Run) -> None:
+    from quantkit.config import Gates
+    from quantkit.delta.make import DeltaConfig, make_delta
+    from quantkit.delta.render import render_delta
+
+    cfg = DeltaConfig(base=base, new=new, output=o["output"], method=o["method"], density=o["density"],
+                      topk_values=o["topk_values"], rank=o["rank"], exact_below=o["exact_below"],
+                      eval=o["eval_"], batch_size=o["batch_size"], residual=o["residual"],
+                      gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"]),
+                      report=o["report"], force=o["force"], threads=o["threads"])
+    result = make_delta(cfg, status=run.status)
+    run.emit(result.report, render_delta)
+    if result.gate_failures:
+        raise AccuracyGateError("; ".join(result.gate_failures))
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("update", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Where to write the updated model (same form as BASE).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+def apply(base: Path, update: Path, output: Path, force: bool, quiet: bool, verbose: bool) -> None:
+    """Apply UPDATE (from `quantkit delta`) to BASE and write the new model. Needs numpy and onnx only;
+    refuses an update made against another base or a corrupted one (exit 3)."""
+    def body(run: _Run) -> None:
+        from quantkit.delta.apply import ApplyConfig
+        from quantkit.delta.apply import apply as apply_update
+
+        info = apply_update(ApplyConfig(base=base, update=update, output=output, force=force))
+        run.status(f"wrote {info['output']} ({info['tensors_changed']} of {info['tensors']} "
+                   f"tensor(s) updated from {info['update_bytes']} bytes)")
+
+    _command({"verbose": verbose, "quiet": quiet}, body)
+
+
+# ---- end of model updates ------------------------------------------------------------------------
 
 
 def main() -> None:

@@ -20,12 +20,14 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx_ir as ir
-
-from quantkit import runtime
 from quantkit.errors import ConfigError, InputError
+
+if TYPE_CHECKING:  # `quantkit apply` writes through here on devices without onnx-ir or onnxruntime
+    import onnx_ir as ir
 
 
 def _identity(path: Path) -> tuple:
@@ -54,10 +56,10 @@ def check_destinations(outputs: dict[str, Path | None], inputs: list[Path | None
     given = {what: Path(p) for what, p in outputs.items() if p is not None}
     taken = {_identity(p): f"input {p}" for p in _expand(inputs)}
     for what, path in given.items():
-        _check_one(what, path, force)
         ident = _identity(path)
         if ident in taken:
             raise ConfigError(f"{what} {path} is the same file as the {taken[ident]}; choose another path")
+        _check_one(what, path, force)
         taken[ident] = f"{what} {path}"
     for path in {p.parent.resolve() for p in given.values()}:
         _probe_writable(path)
@@ -137,30 +139,34 @@ class Outputs:
             why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise InputError(f"could not write {path}: {why}; nothing was written") from e
 
-    def stage_model(self, model: ir.Model, path: Path) -> None:
-        """A model too large to inline gets `<name>.data` beside it (staged too)."""
+    def stage_written(self, path: Path, write: Callable[[Path], None]) -> None:
+        """`write(staged_path)` writes the file, and maybe sidecar files beside it (an ONNX
+        model's external data): all of them are staged, the sidecars placed first."""
         path = Path(path)
         d = self._stage_dir(path)
-        self._writing(path, lambda: runtime.save(model, d / path.name))
+        self._writing(path, lambda: write(d / path.name))
         for f in sorted(d.iterdir()):  # the data file first, so the .onnx never points at nothing
             if f.name != path.name:
                 self._pending.append((f, path.parent / f.name))
         self._pending.append((d / path.name, path))
 
+    def stage_model(self, model: ir.Model, path: Path) -> None:
+        """A model too large to inline gets `<name>.data` beside it (staged too)."""
+        from quantkit import runtime
+
+        self.stage_written(path, lambda p: runtime.save(model, p))
+
     def stage_json(self, data: dict, path: Path) -> None:
         self.stage_text(dumps(data) + "\n", path)
 
     def stage_text(self, text: str, path: Path) -> None:
-        path = Path(path)
-        staged = self._stage_dir(path) / path.name
-        self._writing(path, lambda: staged.write_text(text, encoding="utf-8"))
-        self._pending.append((staged, path))
+        self.stage_bytes(text.encode("utf-8"), path)
+
+    def stage_bytes(self, data: bytes, path: Path) -> None:
+        self.stage_written(path, lambda p: p.write_bytes(data))
 
     def stage_copy(self, src: Path, path: Path) -> None:
-        path = Path(path)
-        staged = self._stage_dir(path) / path.name
-        self._writing(path, lambda: shutil.copyfile(src, staged))
-        self._pending.append((staged, path))
+        self.stage_written(path, lambda p: shutil.copyfile(src, p))
 
     def commit(self) -> list[Path]:
         placed: list[Path] = []

@@ -192,12 +192,12 @@ def test_unwritable_destination_is_found_before_any_work(run, tmp_path):
 def test_a_full_disk_leaves_neither_model_nor_report(run, tmp_path, monkeypatch):
     import errno
 
-    from quantkit import output
+    from quantkit import runtime
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(output.runtime, "save", full)
+    monkeypatch.setattr(runtime, "save", full)
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     r = run(CNN / "model.onnx", "--calib", CNN / "calib.npz", "-o", out, "--report", rep, *FAST, expect=3)
     assert "no space left" in r.stderr and "nothing was written" in r.stderr
