@@ -199,9 +199,9 @@ def table(kind: str, meta: dict, runs: dict, timing: dict) -> str:
         lines.append(f"| {name} | {vals} | {r['size_ratio']:.2f}x | {r['ms']:.1f} | {r['speedup']:.2f}x | {q} |")
     dropped = runs.get("quantkit static", {}).get("speed_guard_dropped")
     if dropped:
-        lines += ["", f"quantkit static: the speed guard left float: {', '.join(dropped)}"]
-    lines += [f"{name}: {r['note']}" for name, r in runs.items() if r.get("note")]
-    return "\n".join(lines)
+        lines += ["", f"- quantkit static: the speed guard left float: {', '.join(dropped)}"]
+    notes = [f"- {name}: {r['note']}" for name, r in runs.items() if r.get("note")]
+    return "\n".join(lines + ([""] if notes and not dropped else []) + notes)
 
 
 def bench(kind: str, rounds: int) -> str:
@@ -219,7 +219,7 @@ def bench(kind: str, rounds: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, choices=[*KINDS, "all"])
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved timing runs per repetition")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved timing runs per repetition")
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     for kind in KINDS if args.model == "all" else (args.model,):
