@@ -32,6 +32,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def interleaved_best_ms(paths: dict[str, Path], feed: dict, rounds: int, reps: i
 
 
 def run_tool(cmd: list[str], path: Path, env: dict) -> dict:
-    m = run_measured(cmd, env=env)
+    # in a scratch directory: onnxruntime's quantizer leaves files in its working directory when it fails
+    with tempfile.TemporaryDirectory() as scratch:
+        m = run_measured(cmd, env=env, cwd=Path(scratch))
     ok = m.returncode == 0 and path.exists()
     last = (m.stderr.strip().splitlines() or ["?"])[-1][:120]
     return {"seconds": m.seconds, "peak_rss_mb": m.peak_rss_mb, "path": str(path) if ok else None,
