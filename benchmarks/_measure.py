@@ -28,14 +28,16 @@ class Measured:
     stderr: str
 
 
-def run_measured(cmd: list[str], env: dict | None = None, memory_limit_gb: float | None = None) -> Measured:
+def run_measured(cmd: list[str], env: dict | None = None, memory_limit_gb: float | None = None,
+                 cwd: Path | None = None) -> Measured:
     """Run to completion; with memory_limit_gb the command gets that address-space limit, so a
-    tool that would exhaust the machine fails instead (and the failure is what gets reported)."""
+    tool that would exhaust the machine fails instead (and the failure is what gets reported).
+    cwd (default: the repository root) is where the command runs and may leave stray files."""
     with tempfile.TemporaryDirectory() as tmp:
         out, err, usage = (Path(tmp) / n for n in ("out", "err", "usage.json"))
         launcher = [sys.executable, __file__, str(usage), str(out), str(err), str(memory_limit_gb or 0), *map(str, cmd)]
         t = time.perf_counter()
-        subprocess.run(launcher, env={**os.environ, **(env or {})}, cwd=ROOT, check=True)
+        subprocess.run(launcher, env={**os.environ, **(env or {})}, cwd=cwd or ROOT, check=True)
         seconds = time.perf_counter() - t
         u = json.loads(usage.read_text())
         return Measured(seconds, u["maxrss_kb"] / 1024.0, u["returncode"], out.read_text(), err.read_text())

