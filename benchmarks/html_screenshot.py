@@ -44,9 +44,9 @@ def crop(png: Path, margin: int = 24) -> tuple[int, int]:
 
 
 def main() -> None:
-    from _encoder import make
-
     import quantkit
+
+    from _encoder import make
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "report.png")

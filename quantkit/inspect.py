@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.config import QuantConfig, RunConfig
+from quantkit.config import Activations, QuantConfig, RunConfig, Weights
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import canonicalize
 from quantkit.graph.ir_edit import const_array
@@ -114,7 +114,7 @@ def _describe(model: ir.Model, quant: QuantConfig, total: int) -> dict:
         "bytes": total,
         "expected_bytes": {
             "int8": _expected_size(model, total, QuantConfig()),
-            "int4": _expected_size(model, total, QuantConfig(weights="int4", activations="none")),
+            "int4": _expected_size(model, total, QuantConfig(weights=Weights.INT4, activations=Activations.NONE)),
         },
     }
 

@@ -139,7 +139,7 @@ class Outputs:
             why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise InputError(f"could not write {path}: {why}; nothing was written") from e
 
-    def stage_written(self, path: Path, write: Callable[[Path], None]) -> None:
+    def stage_written(self, path: Path, write: Callable[[Path], object]) -> None:
         """`write(staged_path)` writes the file, and maybe sidecar files beside it (an ONNX
         model's external data): all of them are staged, the sidecars placed first."""
         path = Path(path)

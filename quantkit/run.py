@@ -50,7 +50,7 @@ def quantize(model, *, check_gates: bool = True, status: Callable[[str], None] |
     result = run(given, status=status, progress=progress)
     if check_gates and result.gate_failures:
         err = AccuracyGateError("; ".join(result.gate_failures))
-        err.result = result
+        err.result = result  # type: ignore[attr-defined]  # the written result, for callers that want it
         raise err
     return result
 

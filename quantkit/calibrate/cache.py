@@ -80,7 +80,7 @@ def save(path: Path, key: dict, observers: dict[str, HistogramObserver]) -> None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
     os.close(fd)
     try:
-        np.savez_compressed(tmp, **arrays)
+        np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -86,9 +86,9 @@ class Preprocess:
         if isinstance(self.resize, int):
             w, h = img.size
             f = self.resize / min(w, h)
-            img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
+            img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.BILINEAR)
         elif self.resize is not None:
-            img = img.resize((self.resize[1], self.resize[0]), Image.BILINEAR)
+            img = img.resize((self.resize[1], self.resize[0]), Image.Resampling.BILINEAR)
         if self.crop is not None:
             ch, cw = self.crop
             w, h = img.size

@@ -195,6 +195,7 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             ) from None
         shape = None
         if v.shape is not None:
-            shape = tuple(d if isinstance(d, int) else None for d in v.shape)
+            # a symbolic dim, or -1/0 as some converters write for "any size", is dynamic
+            shape = tuple(d if isinstance(d, int) and d > 0 else None for d in v.shape)
         specs.append(InputSpec(v.name, dtype, shape))
     return specs

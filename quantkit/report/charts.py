@@ -15,7 +15,7 @@ BLUE, ORANGE, GREY, RED, GREEN = "#3465a4", "#f57900", "#888a85", "#cc0000", "#4
 def _figure(width: float, height: float, layout: str | None = "constrained"):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=96, layout=layout)
+    return Figure(figsize=(width, height), dpi=96, layout=layout)  # type: ignore[arg-type]
 
 
 def _svg(fig) -> str:

@@ -40,7 +40,7 @@ def _num(x, spec: str = ".4g", none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
-def _size(n: int | None) -> str:
+def _size(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -50,10 +50,11 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
-def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+def _table(header: list[str], rows: list[list], numeric: frozenset[int] | set[int] = frozenset()) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td class=n>{escape(str(c))}</td>" if i in numeric else f"<td>{escape(str(c))}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td class=n>{escape(str(c))}</td>" if i in numeric
+                                    else f"<td>{escape(str(c))}</td>" for i, c in enumerate(r)) + "</tr>"
+                   for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -66,13 +67,15 @@ def _summary(r: dict) -> str:
 
     m, lat, g = r["model"], r.get("latency") or {}, r.get("gates") or {}
     first = (r.get("outputs") or [{}])[0]
-    cards = [_card(f"{_num(m.get('compression'), '.2f')}x", f"smaller: {_size(m['bytes_before'])} -> {_size(m['bytes_after'])}")]
+    cards = [_card(f"{_num(m.get('compression'), '.2f')}x",
+                   f"smaller: {_size(m['bytes_before'])} -> {_size(m['bytes_after'])}")]
     if lat.get("speedup") is not None:
         verdict = "faster" if lat["speedup"] >= 1 else "SLOWER"
         cards.append(_card(f"{lat['speedup']:.2f}x", f"{verdict}: {lat['fp32_ms']:.3f} -> {lat['quantized_ms']:.3f} ms "
                            f"per batch of {lat.get('batch_size')}", "" if lat["speedup"] >= 1 else "fail"))
     if first.get("accuracy_drop_points") is not None:
-        cards.append(_card(f"{first['accuracy_drop_points']:+.2f} pts", f"accuracy drop: {first['accuracy_fp32']:.2f}% -> "
+        cards.append(_card(f"{first['accuracy_drop_points']:+.2f} pts",
+                           f"accuracy drop: {first['accuracy_fp32']:.2f}% -> "
                            f"{first['accuracy_quantized']:.2f}%"))
     if first.get("cosine_mean") is not None:
         cards.append(_card(f"{first['cosine_mean']:.4f}", f"mean cosine of '{first['name']}' to fp32"))
@@ -144,7 +147,8 @@ def _placement(r: dict) -> str:
     scheme = {w["node"]: w["scheme"] for w in r.get("weight_error") or []}
     act = (r.get("config") or {}).get("activations", "")
     both = f"{act} x {act}" if act else "-"
-    q = [[x["node"] or "(unnamed)", x["op_type"], x["kind"], both if x["kind"] == ACT_X_ACT else _scheme_of(scheme, x["node"]),
+    q = [[x["node"] or "(unnamed)", x["op_type"], x["kind"],
+          both if x["kind"] == ACT_X_ACT else _scheme_of(scheme, x["node"]),
           "-" if x["kind"] == ACT_X_ACT else "per-channel" if x.get("per_channel") else "per-tensor"]
          for x in n.get("quantized", [])]
     f = [[x["node"] or "(unnamed)", x["op_type"], x["reason"]] for x in n.get("float", [])]

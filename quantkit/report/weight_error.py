@@ -9,6 +9,7 @@ sensitivity, which needs a run per layer).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -56,7 +57,7 @@ def sqnr_db(w: np.ndarray, deq: np.ndarray) -> float | None:
 
 def weight_errors(model: ir.Model, quant: QuantConfig, left_float: set[str]) -> list[dict]:
     """Worst first, for every weighted node the plan quantizes and that did not end up float."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for op in make_plan(model, quant).ops:
         if not op.weighted or (op.node.name or "") in left_float:
             continue

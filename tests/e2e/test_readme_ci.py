@@ -41,7 +41,8 @@ def test_both_ci_jobs_run_as_written(samples, tmp_path, monkeypatch, request):
     (toml,) = _blocks("toml", readme)
     cnn = samples / "digits_cnn"
     toml = (toml.replace('"model.onnx"', f'"{cnn / "model.onnx"}"')
-                .replace('"data/calib.npz"', f'"{cnn / "calib.npz"}"').replace('"data/eval.npz"', f'"{cnn / "eval.npz"}"'))
+                .replace('"data/calib.npz"', f'"{cnn / "calib.npz"}"')
+                .replace('"data/eval.npz"', f'"{cnn / "eval.npz"}"'))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "quantkit.toml").write_text(toml)
     assert options.read_toml(tmp_path / "quantkit.toml")["html"].name == "report.html"

@@ -46,7 +46,8 @@ def test_all_zero_tensor_gets_a_finite_scale():
 
 def test_per_channel_matches_per_tensor_on_each_channel():
     rng = np.random.default_rng(1)
-    w = rng.normal(0, 1, (4, 3, 2, 2)).astype(np.float32) * np.array([0.01, 0.1, 1, 10], np.float32)[:, None, None, None]
+    w = (rng.normal(0, 1, (4, 3, 2, 2)).astype(np.float32)
+         * np.array([0.01, 0.1, 1, 10], np.float32)[:, None, None, None])
     lo, hi = qp.weight_ranges(w, axis=0)
     scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
     q = qp.quantize(w, scale, zp, qp.INT8, axis=0)
