@@ -555,3 +555,14 @@ def test_a_model_with_corrupted_strings_is_bad_input(run, tmp_path):
     np.savez(calib, x=np.zeros((8, 3, 8, 8), np.float32))
     r = run(bad, "--calib", calib, "-o", tmp_path / "o.onnx", inputs=[bad], expect=3)
     assert "not a readable ONNX model" in r.stderr
+
+
+def test_a_negative_dim_written_by_a_converter_is_dynamic(run, tmp_path):
+    """Converters write -1 for 'any size' ([-1, 3, 8, 8]): that is a dynamic axis, not a batch of -1."""
+    m = conv_bn_relu_gemm(np.random.default_rng(0))
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(1).normal(size=(20, 3, 8, 8)).astype(np.float32))
+    r = run(tmp_path / "m.onnx", "--calib", calib, "-o", tmp_path / "q.onnx", "--json", "-q", *FAST, expect=0)
+    assert json.loads(r.stdout)["evaluation"]["samples"] == 20
