@@ -22,10 +22,17 @@ def tensor_bytes(model: ir.Model) -> int:
 def save(model: ir.Model, path: Path) -> None:
     """Save, moving weights to `<name>.data` beside the file when the model is too big to inline."""
     path = Path(path)
-    if tensor_bytes(model) > INLINE_LIMIT:
+    if tensor_bytes(model) > INLINE_LIMIT or _references_files(model):
+        # mapped weights are written out too: their old location is relative to another folder
         ir.save(model, path, external_data=path.name + ".data")
     else:
         ir.save(model, path)
+
+
+def _references_files(model: ir.Model) -> bool:
+    """Weights still memory-mapped from an external data file: serialized to bytes they would
+    point at a path onnxruntime resolves against its working directory, not the model's."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -37,12 +44,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: int | None = None):
-    """An InferenceSession for an in-memory model (serialized, or saved to workdir when large)
-    or for a file on disk."""
+    """An InferenceSession for an in-memory model (serialized, or saved to workdir when large or
+    when its weights are still in an external file) or for a file on disk."""
     try:
         if isinstance(model, (str, os.PathLike)):
             source = str(model)
-        elif tensor_bytes(model) > INLINE_LIMIT:
+        elif tensor_bytes(model) > INLINE_LIMIT or _references_files(model):
             path = Path(workdir) / f"{tag}.onnx"
             save(model, path)
             source = str(path)

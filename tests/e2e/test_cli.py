@@ -284,3 +284,26 @@ def test_quantizing_an_onnx_model_never_imports_torch(samples, tmp_path):
             "assert r.exit_code == 0, r.output\nprint('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("mode", [[], ["--weights", "int4"]])
+def test_weights_left_in_external_data_reach_onnxruntime_from_any_working_directory(tmp_path, monkeypatch, mode):
+    """Weights kept memory-mapped from `m.weights` while the candidates are small enough to
+    serialize: from bytes, onnxruntime would look for `m.weights` in the working directory
+    ("escapes working directory"); such candidates go through a file in the work dir."""
+    from quantkit.load import onnx as load_onnx
+
+    monkeypatch.setattr(load_onnx, "INLINE_LIMIT", 1000)  # keep the weights mapped, not loaded
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save(conv_bn_relu_gemm(rng), str(folder / "m.onnx"), save_as_external_data=True, location="m.weights",
+              size_threshold=0)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    r = quantize(folder / "m.onnx", "--calib", tmp_path / "c.npz", "--eval", tmp_path / "c.npz",
+                 "-o", tmp_path / "q.onnx", "--no-speed-guard", *mode)
+    assert r.exit_code == 0, r.output
+    assert list(elsewhere.iterdir()) == []
