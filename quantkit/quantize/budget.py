@@ -276,16 +276,20 @@ class SearchResult:
 
 def search(ranked: list[dict], choices: dict[str, str], target: Target,
            evaluate: Callable[[dict[str, str]], list[dict]], status: Callable[[str], None],
-           max_upgrades: int = 8) -> SearchResult:
-    """1. The fewest top-ranked ops left float that meet the target: bisection over k (moving
-    more ops out of int8 is assumed not to hurt; the chosen k is measured, never inferred).
-    2. Those ops then go back to a cheaper alternative where one exists (dynamic int8: it keeps the
-    int8 weight) as long as the target still holds: all at once, else one by one, least
-    sensitive first, for at most `max_upgrades` probes."""
+           max_restores: int = 8) -> SearchResult:
+    """Ops leave static int8 down a ladder, in sensitivity order, measuring as few candidates as
+    bisection allows (moving more ops off static int8 is assumed not to hurt; every chosen
+    placement is measured, never inferred):
+
+    A. the top k ops go to their alternative (dynamic int8 where it has a kernel: it keeps the
+       int8 weight; float otherwise): the smallest k that meets the target;
+    B. if even every op on its alternative misses, every op stays there and the top j go float:
+       the smallest j that meets it; then the least sensitive ops go back to static int8 one by
+       one (at most `max_restores` probes), each kept only where the target still holds."""
     order = [r["node"] for r in ranked if r["node"] in choices]
     result = SearchResult()
 
-    def measure(overrides: dict[str, str], what: str) -> str | None:
+    def measure(overrides: dict[str, str], what: str) -> bool:
         status(f"placement: scoring {what}")
         figures = evaluate(overrides)
         why = target.shortfall(figures)
@@ -293,32 +297,41 @@ def search(ranked: list[dict], choices: dict[str, str], target: Target,
                               "shortfall": why})
         if why is None or not result.figures:
             result.overrides, result.figures, result.shortfall = dict(overrides), figures, why
-        return why
+        return why is None
 
-    def floats(k: int) -> dict[str, str]:
-        return dict.fromkeys(order[:k], FLOAT)
+    def smallest(build: Callable[[int], dict[str, str]], n: int, what: str) -> bool:
+        """Bisection for the smallest k in 1..n whose placement meets the target (n is known to)."""
+        lo, hi = 0, n
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if measure(build(mid), f"{what} ({mid} op(s))"):
+                hi = mid
+            else:
+                lo = mid
+        best = build(hi)
+        result.overrides, result.shortfall = best, None
+        result.figures = next(t["figures"] for t in reversed(result.trials) if t["moved"] == best)
+        return True
 
-    if measure({}, "every op in static int8") is None:
+    def alternatives(k: int) -> dict[str, str]:
+        return {n: choices[n] for n in order[:k]}
+
+    def floats(j: int) -> dict[str, str]:
+        return {**alternatives(len(order)), **dict.fromkeys(order[:j], FLOAT)}
+
+    if measure({}, "every op in static int8") or not order:
+        result.met = result.shortfall is None
         return result
-    if not order or measure(floats(len(order)), f"all {len(order)} op(s) float") is not None:
-        result.met = False
+    if measure(alternatives(len(order)), "every op on its alternative"):
+        smallest(alternatives, len(order), "the most sensitive ops on their alternative")
         return result
-    lo, hi = 0, len(order)  # lo misses the target, hi meets it
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if measure(floats(mid), f"the {mid} most sensitive op(s) float") is None:
-            hi = mid
-        else:
-            lo = mid
-    best = floats(hi)
-    result.overrides, result.shortfall = best, None
-    result.figures = next(t["figures"] for t in reversed(result.trials) if t["moved"] == best)
-    cheaper = [n for n in order[:hi] if choices[n] != FLOAT]
-    if cheaper and measure({**best, **{n: choices[n] for n in cheaper}}, "the float ops as dynamic int8") is None:
+    if any(v != FLOAT for v in choices.values()) and measure(floats(len(order)), "every op float"):
+        smallest(floats, len(order), "the most sensitive ops float, the rest on their alternative")
+        # B moves every other op off static int8: give back the least sensitive ones where it holds
+        for n in [n for n in reversed(order) if result.overrides.get(n) not in (None, FLOAT)][:max_restores]:
+            measure({k: v for k, v in result.overrides.items() if k != n}, f"{n} back in static int8")
         return result
-    result.overrides, result.figures = best, next(t["figures"] for t in result.trials if t["moved"] == best)
-    for n in list(reversed(cheaper))[:max_upgrades]:
-        measure({**result.overrides, n: choices[n]}, f"{n} as {choices[n]}")  # kept only if it meets
+    result.met = False
     return result
 
 
