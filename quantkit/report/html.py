@@ -159,7 +159,28 @@ def _placement(r: dict) -> str:
     t = [[x["tensor"], x["reason"]] for x in r.get("float_tensors", [])]
     if t:
         out.append("<h3>Tensors kept float</h3>" + _table(["tensor", "why"], t))
+    out.append(_placement_trials(r.get("placement") or {}))
     return "".join(out)
+
+
+def _placement_trials(p: dict) -> str:
+    """The candidates the accuracy budget scored: how many ops left static int8, and what it cost."""
+    trials = p.get("trials") or []
+    if not trials:
+        return ""
+    rows = []
+    for t in trials:
+        moved = t.get("moved") or {}
+        floats = sum(v == "float" for v in moved.values())
+        worst = min(t.get("figures") or [{}], key=lambda f: f.get("cosine", 1.0))
+        rows.append([len(moved) - floats, floats, _num(worst.get("cosine"), ".5f"), _num(worst.get("sqnr_db"), ".1f"),
+                     "meets" if t.get("meets_target") else (t.get("shortfall") or "misses")])
+    intro = (f'<p class="note">Target: {escape(str(p.get("target", "")))} (searched for '
+             f'{escape(str(p.get("searched_for", "")))} on {p.get("probe_samples", "?")} calibration samples). '
+             "Each row is one candidate placement the search scored, in order.</p>")
+    return ("<h3>Placement search</h3>" + intro
+            + _table(["ops to dynamic int8", "ops to float", "worst cosine", "worst SQNR dB", "target"], rows,
+                     {0, 1, 2, 3}))
 
 
 def _histograms(r: dict) -> str:

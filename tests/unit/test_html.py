@@ -104,6 +104,7 @@ def test_page_has_every_section_from_the_json_alone(report):
                   "Activation ranges", "Speed guard", "Notes"):
         assert f"<h2>{title}</h2>" in page
     assert "own SQNR dB of each op" in page  # static int8 runs measure per-op sensitivity
+    assert "<h3>Placement search</h3>" in page and page.count("meets") + page.count("misses") >= 1
     without = render_html({**json.loads(json.dumps(rep)), "sensitivity": []})
     assert "was not measured in this run" in without and "weight SQNR dB" in without
     assert len(rep["histograms"]) == 12
