@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantkit.report.render import _fmt, _size
+from quantkit.report.render import _fmt, _size, output_table
 
 
 def render_delta(report: dict) -> str:
@@ -36,17 +36,7 @@ def render_delta(report: dict) -> str:
         lines.append(f"  ({unchanged} unchanged tensor(s) not listed)")
     if report["outputs"]:
         lines.append("")
-        lines.append(f"  {'output':<20} {'cosine':>8} {'min cos':>8} {'SQNR dB':>8} {'max err':>9} {'top-1':>7} "
-                     f"{'acc new':>9} {'acc appl':>9}")
-        for o in report["outputs"]:
-            if "exact_match" in o:
-                lines.append(f"  {o['name'][:20]:<20} exact match {o['exact_match']:.4f}")
-                continue
-            lines.append(
-                f"  {o['name'][:20]:<20} {_fmt(o['cosine_mean']):>8} {_fmt(o['cosine_min']):>8} "
-                f"{_fmt(o['sqnr_db'], '.1f', 'inf'):>8} {_fmt(o['max_abs_error'], '.3g'):>9} "
-                f"{_fmt(o.get('top1_agreement'), '.3f'):>7} {_fmt(o.get('accuracy_fp32'), '.2f'):>9} "
-                f"{_fmt(o.get('accuracy_quantized'), '.2f'):>9}")
+        lines += output_table(report["outputs"], "acc new", "acc appl")
     for n in report["notes"]:
         lines.append(f"  note: {n}")
     if report["gates"]["failures"]:

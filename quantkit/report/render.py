@@ -15,6 +15,24 @@ def _size(n: float) -> str:
     return str(n)
 
 
+def output_table(outputs: list[dict], reference: str, candidate: str) -> list[str]:
+    """The per-output comparison rows (quantize's and delta's reports share them)."""
+    lines = [f"  {'output':<20} {'cosine':>8} {'min cos':>8} {'SQNR dB':>8} {'max err':>9} {'top-1':>7} "
+             f"{reference:>9} {candidate:>9}"]
+    for o in outputs:
+        if "exact_match" in o:
+            lines.append(f"  {o['name'][:20]:<20} exact match {o['exact_match']:.4f}")
+            continue
+        lines.append(
+            f"  {o['name'][:20]:<20} {_fmt(o['cosine_mean']):>8} {_fmt(o['cosine_min']):>8} "
+            f"{_fmt(o['sqnr_db'], '.1f', '-inf' if o.get('nonfinite') else 'inf'):>8} "
+            f"{_fmt(o['max_abs_error'], '.3g'):>9} "
+            f"{_fmt(o.get('top1_agreement'), '.3f'):>7} {_fmt(o.get('accuracy_fp32'), '.2f'):>9} "
+            f"{_fmt(o.get('accuracy_quantized'), '.2f'):>9}"
+        )
+    return lines
+
+
 def render_text(report: dict) -> str:
     m, lat = report["model"], report["latency"]
     lines = [f"quantkit {report['quantkit_version']}: {m['input']} -> {m['output']}", ""]
@@ -37,20 +55,7 @@ def render_text(report: dict) -> str:
     where = "calibration data" if ev["on_calibration_data"] else ev["source"]
     lines.append(f"  eval      {ev['samples']} sample(s) from {where}")
     lines.append("")
-    header = (f"  {'output':<20} {'cosine':>8} {'min cos':>8} {'SQNR dB':>8} {'max err':>9} {'top-1':>7} "
-              f"{'acc fp32':>9} {'acc int8':>9}")
-    lines.append(header)
-    for o in report["outputs"]:
-        if "exact_match" in o:
-            lines.append(f"  {o['name'][:20]:<20} exact match {o['exact_match']:.4f}")
-            continue
-        lines.append(
-            f"  {o['name'][:20]:<20} {_fmt(o['cosine_mean']):>8} {_fmt(o['cosine_min']):>8} "
-            f"{_fmt(o['sqnr_db'], '.1f', '-inf' if o.get('nonfinite') else 'inf'):>8} "
-            f"{_fmt(o['max_abs_error'], '.3g'):>9} "
-            f"{_fmt(o.get('top1_agreement'), '.3f'):>7} {_fmt(o.get('accuracy_fp32'), '.2f'):>9} "
-            f"{_fmt(o.get('accuracy_quantized'), '.2f'):>9}"
-        )
+    lines += output_table(report["outputs"], "acc fp32", "acc int8")
     for o in report["outputs"]:
         if o.get("nonfinite"):
             lines.append(f"  NON-FINITE: output '{o['name']}' has {o['nonfinite']} NaN/Inf value(s) where fp32 "
