@@ -30,7 +30,9 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.errors import InputError
+from quantkit.graph.ir_edit import with_outputs
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
+from quantkit.report.compare import OutputComparison
 
 PLAN_FORMAT = "quantkit-plan-1"
 DEFAULT_MIN_COSINE = 0.998  # with no target: every float output keeps this mean cosine on the probe
@@ -122,49 +124,27 @@ class Probe:
 
 
 def _figures(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
-    out: dict = {"name": name, "nonfinite": 0}
-    if not np.issubdtype(ref[0].dtype, np.floating):
-        same = all(np.array_equal(r, g) for r, g in zip(ref, got))
-        return {**out, "cosine": 1.0 if same else 0.0, "sqnr_db": math.inf if same else -math.inf}
-    cos, sig, err, agree, rows = [], 0.0, 0.0, 0, 0
+    """The target's figures for one output, from the report's own comparison (report/compare.py)."""
+    c = OutputComparison(name)
     for r, g in zip(ref, got):
-        n = r.shape[0] if r.ndim else 1
-        r64, g64 = r.reshape(n, -1).astype(np.float64), g.reshape(n, -1).astype(np.float64)
-        bad = np.isfinite(r64) & ~np.isfinite(g64)
-        out["nonfinite"] += int(bad.sum())
-        g64 = np.where(np.isfinite(g64), g64, 0.0)
-        r64 = np.where(np.isfinite(r64), r64, 0.0)
-        norms = np.linalg.norm(r64, axis=1) * np.linalg.norm(g64, axis=1)
-        cos.extend(np.where(norms > 0, (r64 * g64).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0).tolist())
-        sig += float((r64 ** 2).sum())
-        err += float(((r64 - g64) ** 2).sum())
-        if r.ndim == 2 and r.shape[1] >= 2:
-            agree += int((r.argmax(axis=1) == g.argmax(axis=1)).sum())
-            rows += n
-    out["cosine"] = float(np.mean(cos)) if cos else 1.0
-    out["sqnr_db"] = _db(sig, err)
-    out["top1"] = agree / rows if rows else None
-    return out
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise <= 0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-300) / noise)
+        c.update(r, g)
+    res = c.result()
+    if "exact_match" in res:  # a non-float output: all or nothing
+        same = res["exact_match"] == 1.0
+        return {"name": name, "nonfinite": 0, "cosine": 1.0 if same else 0.0,
+                "sqnr_db": math.inf if same else -math.inf, "top1": None}
+    nonfinite = res["nonfinite"]
+    sqnr = res["sqnr_db"] if res["sqnr_db"] is not None else (-math.inf if nonfinite else math.inf)
+    return {"name": name, "nonfinite": nonfinite, "cosine": res["cosine_mean"], "sqnr_db": sqnr,
+            "top1": res.get("top1_agreement")}
 
 
 # ---------------------------------------------------------------- sensitivity
 
-def _with_outputs(model: ir.Model, names: list[str]) -> ir.Model:
-    """A copy of the model that also outputs the named tensors (those it computes)."""
-    m = model.clone()
-    values = {v.name: v for node in m.graph for v in node.outputs if v.name}
-    present = {v.name for v in m.graph.outputs}
-    for n in names:
-        if n in values and n not in present:
-            m.graph.outputs.append(values[n])
-            present.add(n)
-    return m
+def _exposing(model: ir.Model, names: list[str]) -> ir.Model:
+    """A copy whose outputs are the named tensors that nodes of the model compute."""
+    produced = {v.name for node in model.graph for v in node.outputs if v.name}
+    return with_outputs(model, [n for n in names if n in produced])
 
 
 def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe,
@@ -177,7 +157,7 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe,
     fidelity it receives and passes on against fp32."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
     names = sorted({v.name for op in plan.ops for v in op.inputs} | set(outs.values()))
-    ref_s, q_s = session(_with_outputs(fp32, names)), session(_with_outputs(quantized, names))
+    ref_s, q_s = session(_exposing(fp32, names)), session(_exposing(quantized, names))
     wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
     originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
     singles: dict[str, Any] = {op_key(op): session(_single(fp32, originals[op_key(op)])) for op in plan.ops
