@@ -28,7 +28,10 @@ def train(model, ids, mask, labels, epochs: int, train_len: int = 64):
     ids, mask, labels = (torch.from_numpy(a) for a in (ids[:, :train_len], mask[:, :train_len], labels))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
     steps = epochs * math.ceil(len(ids) / 32)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps))
+    def warmup_then_decay(s):
+        return min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay)
     g = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(epochs):

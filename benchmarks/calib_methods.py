@@ -85,7 +85,8 @@ def main() -> None:
                     continue
                 cal = min(passes)
                 ratio = cal / (fwd * n / 256)
-                print(f"| {method} | quantkit | {n} | {min(r.seconds for r in runs_m):.1f} | {cal:.2f} ({ratio:.2f}x) | "
+                wall = min(r.seconds for r in runs_m)
+                print(f"| {method} | quantkit | {n} | {wall:.1f} | {cal:.2f} ({ratio:.2f}x) | "
                       f"{max(r.peak_rss_mb for r in runs_m):.0f} | {_figures(name, score(model, out, evald))} |")
                 if method in ORT_METHODS and n == 256:
                     out = tmp / f"ort_{method}.onnx"

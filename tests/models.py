@@ -36,7 +36,8 @@ def conv_bn_relu_gemm(rng: np.random.Generator, weights_as_constants: bool = Fal
     ]
     inits = []
     if weights_as_constants:
-        consts = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in tensors.items()]
+        consts = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k))
+                  for k, v in tensors.items()]
         nodes = consts + nodes
     else:
         inits = [_init(k, v) for k, v in tensors.items()]

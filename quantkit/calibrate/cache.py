@@ -45,7 +45,8 @@ def load(path: Path, key: dict) -> tuple[dict[str, HistogramObserver], str | Non
             return {name: HistogramObserver.from_state({k: z[f"{i}/{k}"] for k in _FIELDS})
                     for i, name in enumerate(meta["tensors"])}, None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        raise InputError(f"{path} is not a quantkit stats cache; remove it or choose another --stats-cache path") from None
+        raise InputError(f"{path} is not a quantkit stats cache; remove it or choose another "
+                         "--stats-cache path") from None
 
 
 _FIELDS = ("counts", "origin", "width", "lo", "hi", "nonfinite", "count", "extreme", "bulk_absmax", "channel_sum",
@@ -60,7 +61,7 @@ def save(path: Path, key: dict, observers: dict[str, HistogramObserver]) -> None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
     os.close(fd)
     try:
-        np.savez_compressed(tmp, **arrays)
+        np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]  # the stub binds **arrays to allow_pickle
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -51,7 +51,7 @@ class _Member:
 
     def open(self):
         if not self.key:
-            f = open(self.path, "rb")
+            f = open(self.path, "rb")  # noqa: SIM115 (returned open to the caller, who closes it)
         else:
             zf = zipfile.ZipFile(self.path)
             f = zf.open(self.key + ".npy")

@@ -69,13 +69,14 @@ class Preprocess:
     def apply(self, img) -> np.ndarray:
         from PIL import Image
 
+        bilinear = getattr(Image, "Resampling", Image).BILINEAR  # moved in Pillow 9.1
         img = img.convert(self.mode)
         if isinstance(self.resize, int):
             w, h = img.size
             f = self.resize / min(w, h)
-            img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
+            img = img.resize((max(1, round(w * f)), max(1, round(h * f))), bilinear)
         elif self.resize is not None:
-            img = img.resize((self.resize[1], self.resize[0]), Image.BILINEAR)
+            img = img.resize((self.resize[1], self.resize[0]), bilinear)
         if self.crop is not None:
             ch, cw = self.crop
             w, h = img.size

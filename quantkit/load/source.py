@@ -56,7 +56,8 @@ def load_source(cfg: RunConfig, workdir: Path, status) -> Source:
         specs = [image_spec(data, first_name, Preprocess.parse(cfg.data.preprocess))] if is_image_data(data) \
             else peek_specs(data, first_name)
     else:
-        raise ConfigError("a PyTorch model needs its input signature: pass --calib/--eval data or --input NAME:SHAPE:DTYPE")
+        raise ConfigError("a PyTorch model needs its input signature: pass --calib/--eval data "
+                          "or --input NAME:SHAPE:DTYPE")
     specs = torch_load.order_inputs(specs, module)
     if data is not None:
         first = next(open_data(data, specs, cfg.data.preprocess).batches(2))

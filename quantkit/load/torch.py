@@ -105,7 +105,8 @@ def _load_state_dict(path: Path, kind: str) -> dict:
                 continue
             start, end = meta["data_offsets"]
             buf = bytearray(raw[base + start : base + end])
-            t = torch.frombuffer(buf, dtype=dtypes[meta["dtype"]]) if buf else torch.empty(0, dtype=dtypes[meta["dtype"]])
+            dtype = dtypes[meta["dtype"]]
+            t = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
             out[key] = t.reshape(meta["shape"])
         return out
     try:

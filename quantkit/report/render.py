@@ -7,7 +7,7 @@ def _fmt(x, spec=".4f", none="-"):
     return none if x is None else format(x, spec)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -37,7 +37,8 @@ def render_text(report: dict) -> str:
     where = "calibration data" if ev["on_calibration_data"] else ev["source"]
     lines.append(f"  eval      {ev['samples']} sample(s) from {where}")
     lines.append("")
-    header = f"  {'output':<20} {'cosine':>8} {'min cos':>8} {'SQNR dB':>8} {'max err':>9} {'top-1':>7} {'acc fp32':>9} {'acc int8':>9}"
+    header = (f"  {'output':<20} {'cosine':>8} {'min cos':>8} {'SQNR dB':>8} {'max err':>9} {'top-1':>7} "
+              f"{'acc fp32':>9} {'acc int8':>9}")
     lines.append(header)
     for o in report["outputs"]:
         if "exact_match" in o:

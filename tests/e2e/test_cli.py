@@ -11,8 +11,9 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from models import conv_bn_relu_gemm
 from quantkit.cli import cli
+
+from models import conv_bn_relu_gemm
 
 
 @pytest.fixture

@@ -159,7 +159,8 @@ def test_qdq_format_is_standard_onnx_and_runs(encoder, tmp_path):
 
 def test_int4_options_are_checked(encoder, tmp_path):
     path, d = encoder
-    r = quantize(path, "--weights", "int4", "--activations", "uint8", "--calib", d / "calib.npz", "-o", tmp_path / "x.onnx")
+    r = quantize(path, "--weights", "int4", "--activations", "uint8", "--calib", d / "calib.npz",
+                 "-o", tmp_path / "x.onnx")
     assert r.exit_code == 2 and "weight-only" in r.stderr
     r = quantize(path, "--weights", "int4", "--block-size", "48", "--eval", d / "eval.npz", "-o", tmp_path / "x.onnx")
     assert r.exit_code == 2 and "power of two" in r.stderr

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from models import run
 from quantkit.quantize import blockwise as bw
+
+from models import run
 
 
 def test_pack_unpack_roundtrip_odd_length():
@@ -43,7 +44,8 @@ def _matmul_nbits_model(qb: bw.Blockwise, n: int, with_zp: bool):
                             block_size=qb.block)
     graph = helper.make_graph([node], "mm", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, qb.k])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 @pytest.mark.parametrize("bits,symmetric,block", [(4, True, 32), (4, False, 16), (4, False, 64), (8, False, 32)])

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from models import run
 from quantkit.quantize import qparams as qp
+
+from models import run
 
 
 def test_asymmetric_uint8_maps_range_ends_onto_0_and_255():
@@ -45,7 +46,8 @@ def test_all_zero_tensor_gets_a_finite_scale():
 
 def test_per_channel_matches_per_tensor_on_each_channel():
     rng = np.random.default_rng(1)
-    w = rng.normal(0, 1, (4, 3, 2, 2)).astype(np.float32) * np.array([0.01, 0.1, 1, 10], np.float32)[:, None, None, None]
+    spread = np.array([0.01, 0.1, 1, 10], np.float32)[:, None, None, None]
+    w = rng.normal(0, 1, (4, 3, 2, 2)).astype(np.float32) * spread
     lo, hi = qp.weight_ranges(w, axis=0)
     scale, zp = qp.qparams(lo, hi, qp.INT8, symmetric=True)
     q = qp.quantize(w, scale, zp, qp.INT8, axis=0)

@@ -2,9 +2,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from models import run
 from quantkit.calibrate.observers import ChannelObserver
 from quantkit.quantize import smoothquant
+
+from models import run
 
 
 def _ln_model(extra_reader: bool):
