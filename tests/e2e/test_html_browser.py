@@ -59,7 +59,8 @@ def test_page_loads_without_console_messages_and_renders_every_chart(page):
     charts = 1 + bool(report["weight_error"]) + len(report["histograms"]) + 1
     assert report["histograms"] and report["speed_guard"]["trials"]
     assert len(re.findall(r"<svg[\s>]", dom)) == charts
-    assert dom.count("<path") > 100 and "ms per batch (median, interleaved)" in dom
+    # real drawing inside every chart (axes, bars, lines are paths); how many follows the charts drawn
+    assert dom.count("<path") > 5 * charts and "ms per batch (median, interleaved)" in dom
 
 
 def test_screenshot_shows_the_charts(page, tmp_path):
