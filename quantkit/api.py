@@ -313,7 +313,8 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
 
     status("placement: measuring how much error each quantized op adds")
     probe = budget.Probe.take(inputs.fp32, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed))
-    ranked = budget.sensitivity(model, full_model, full_plan, probe, session)
+    ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
+                                lambda m: runtime.session(m, workdir, tag="single op", lean=True))
     dynamic = next(iter(placement.alternates), None)
     choices = {budget.op_key(op): budget.alternative(op, dynamic.refuse if dynamic else lambda op: "none")
                for op in full_plan.ops}

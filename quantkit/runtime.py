@@ -35,15 +35,19 @@ def _references_files(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, lean: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if lean:  # many small sessions alive at once: no arena or memory pattern kept per session
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     if threads:
         so.intra_op_num_threads = threads
     return so
 
 
-def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: int | None = None):
+def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: int | None = None,
+            lean: bool = False):
     """An InferenceSession for an in-memory model (serialized, or saved to workdir when large or
     when its weights are still in an external file) or for a file on disk."""
     try:
@@ -56,7 +60,7 @@ def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: 
         else:
             source = ir.serde.serialize_model(model).SerializeToString()
         return ort.InferenceSession(
-            source, sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+            source, sess_options=session_options(threads, lean), providers=["CPUExecutionProvider"]
         )
     except Exception as e:  # onnxruntime raises several unrelated exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -147,8 +147,8 @@ def _exposing(model: ir.Model, names: list[str]) -> ir.Model:
     return with_outputs(model, [n for n in names if n in produced])
 
 
-def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe,
-                session: Callable[[ir.Model], Any]) -> list[dict]:
+def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, session: Callable[[ir.Model], Any],
+                lean_session: Callable[[ir.Model], Any] | None = None) -> list[dict]:
     """Every planned op with the noise it adds itself, ranked (largest first).
 
     `own_noise`: the op's quantized output against the float op applied to the very inputs it
@@ -160,7 +160,8 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe,
     ref_s, q_s = session(_exposing(fp32, names)), session(_exposing(quantized, names))
     wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
     originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
-    singles: dict[str, Any] = {op_key(op): session(_single(fp32, originals[op_key(op)])) for op in plan.ops
+    small = lean_session or session  # one per op, all alive at once: keep each small
+    singles: dict[str, Any] = {op_key(op): small(_single(fp32, originals[op_key(op)])) for op in plan.ops
                if outs[op_key(op)] in wanted and op_key(op) in originals}
     drift = {n: [0.0, 0.0] for n in wanted}  # against fp32: signal, error
     own = {k: [0.0, 0.0] for k in singles}  # against the float op on the same inputs
