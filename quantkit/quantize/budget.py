@@ -6,8 +6,8 @@ target, found from measurements on calibration data, never from timings.
    received. The difference is the noise the op adds itself (its input and weight rounding),
    apart from any error that arrived from upstream. An op fed by outlier-heavy activations (the
    GELU output before an encoder's FFN down-projection) adds orders of magnitude more than a
-   benign one. The cost is one run of the model per batch plus one tiny single-node session per
-   op.
+   benign one. The cost is one run of the model per batch and per chunk of ops (chunks sized to
+   hold about 256 MB of tensors), plus one tiny single-node session per op.
 2. Search. Ops leave static int8 in rank order, each for its cheapest alternative (dynamic int8
    for MatMul/Gemm with a constant weight, which keeps the 4x smaller weight and handles per-token
    outliers; float otherwise). The fewest that meet the target are found by bisection over the
@@ -39,6 +39,9 @@ DEFAULT_MIN_COSINE = 0.998  # with no target: every float output keeps this mean
 PROBE_SAMPLES = 64
 SQNR_MARGIN_DB = 1.0  # the search aims this far above --min-sqnr...
 COSINE_MARGIN = 0.8  # ...and at 80% of the cosine error (or top-1 disagreement) allowed
+# the sensitivity step exposes a chunk of ops' tensors at a time: the first chunk has FIRST_CHUNK ops, later
+# ones as many as keep one batch of their tensors (both models) near CHUNK_BYTES, between 1 and MAX_CHUNK
+FIRST_CHUNK, MAX_CHUNK, CHUNK_BYTES = 4, 64, 64 << 20
 FLOAT = "float"
 
 
@@ -154,27 +157,18 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     `own_noise`: the op's quantized output against the float op applied to the very inputs it
     received in the quantized model, relative to that output's power: its weight and input
     rounding alone, whatever error arrived from upstream. `input_sqnr_db`/`output_sqnr_db`: the
-    fidelity it receives and passes on against fp32."""
+    fidelity it receives and passes on against fp32. Ops are measured a chunk at a time, so only
+    their tensors of one batch (and their single-op sessions) are held at once."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
-    names = sorted({v.name for op in plan.ops for v in op.inputs} | set(outs.values()))
-    ref_s, q_s = session(_exposing(fp32, names)), session(_exposing(quantized, names))
-    wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
     originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
-    small = lean_session or session  # one per op, all alive at once: keep each small
-    singles: dict[str, Any] = {op_key(op): small(_single(fp32, originals[op_key(op)])) for op in plan.ops
-               if outs[op_key(op)] in wanted and op_key(op) in originals}
-    drift = {n: [0.0, 0.0] for n in wanted}  # against fp32: signal, error
-    own = {k: [0.0, 0.0] for k in singles}  # against the float op on the same inputs
-    for feed in probe.feeds:
-        ref = dict(zip(wanted, ref_s.run(wanted, feed)))
-        got = dict(zip(wanted, q_s.run(wanted, feed)))
-        for n in wanted:
-            _accumulate(drift[n], ref[n], got[n])
-        for key, single in singles.items():
-            names_in = [i.name for i in single.get_inputs()]
-            if all(n in got or n in feed for n in names_in):
-                exact = single.run(None, {n: got[n] if n in got else feed[n] for n in names_in})[0]
-                _accumulate(own[key], exact, got[outs[key]])
+    drift: dict[str, list[float]] = {}  # against fp32: signal, error
+    own: dict[str, list[float]] = {}  # against the float op on the same inputs
+    i, size = 0, FIRST_CHUNK
+    while i < len(plan.ops):
+        ops = plan.ops[i:i + size]
+        held = _measure_chunk(ops, fp32, quantized, originals, probe, session, lean_session or session, drift, own)
+        i += len(ops)
+        size = max(1, min(MAX_CHUNK, int(CHUNK_BYTES * len(ops) / max(held, 1))))
     rows: list[dict[str, Any]] = []
     for op in plan.ops:
         key = op_key(op)
@@ -187,6 +181,35 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     # the largest own noise first; ties by name, so the order is the same on every run
     rows.sort(key=lambda r: (-(r["own_noise"] if r["own_noise"] is not None else math.inf), r["node"]))
     return rows
+
+
+def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, originals: dict[str, ir.Node],
+                   probe: Probe, session: Callable[[ir.Model], Any], small: Callable[[ir.Model], Any],
+                   drift: dict[str, list[float]], own: dict[str, list[float]]) -> int:
+    """Drift against fp32 of the ops' tensors, and each op's own noise, over the probe batches.
+    Returns the bytes one batch of the exposed tensors took (both models)."""
+    outs = {op_key(op): op.node.outputs[0].name for op in ops}
+    names = sorted({v.name for op in ops for v in op.inputs} | set(outs.values()))
+    ref_s, q_s = session(_exposing(fp32, names)), session(_exposing(quantized, names))
+    wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
+    singles = {k: small(_single(fp32, originals[k])) for k in outs if outs[k] in wanted and k in originals}
+    chunk_drift = {n: [0.0, 0.0] for n in wanted}
+    chunk_own = {k: [0.0, 0.0] for k in singles}
+    held = 0
+    for feed in probe.feeds:
+        ref = dict(zip(wanted, ref_s.run(wanted, feed)))
+        got = dict(zip(wanted, q_s.run(wanted, feed)))
+        held = max(held, sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values()))
+        for n in wanted:
+            _accumulate(chunk_drift[n], ref[n], got[n])
+        for key, single in singles.items():
+            names_in = [i.name for i in single.get_inputs()]
+            if all(n in got or n in feed for n in names_in):
+                exact = single.run(None, {n: got[n] if n in got else feed[n] for n in names_in})[0]
+                _accumulate(chunk_own[key], exact, got[outs[key]])
+    drift.update(chunk_drift)  # a tensor shared by two chunks is measured alike in both
+    own.update(chunk_own)
+    return held
 
 
 def _single(model: ir.Model, node: ir.Node) -> ir.Model:
