@@ -9,6 +9,15 @@ Exit codes (documented in README.md):
   5  gate failed: the quantized model fell short of --max-accuracy-drop / --min-cosine
 """
 
+from __future__ import annotations
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line
+    errors that quote a library's complaint."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
 
 class QuantkitError(Exception):
     exit_code = 1

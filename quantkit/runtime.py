@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from quantkit.errors import InputError, UnsupportedModelError
+from quantkit.errors import InputError, UnsupportedModelError, first_line
 
 # protobuf cannot serialize a model of 2 GiB or more; stay well below with a margin.
 INLINE_LIMIT = 1_500_000_000
@@ -63,8 +63,7 @@ def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: 
             source, sess_options=session_options(threads, lean), providers=["CPUExecutionProvider"]
         )
     except Exception as e:  # onnxruntime raises several unrelated exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedModelError(f"onnxruntime cannot load the {tag} model: {first}") from e
+        raise UnsupportedModelError(f"onnxruntime cannot load the {tag} model: {first_line(e)}") from e
 
 
 def run(sess, names: list[str] | None, feed: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
@@ -75,5 +74,4 @@ def run(sess, names: list[str] | None, feed: dict[str, np.ndarray], what: str) -
     except Exception as e:  # onnxruntime's Fail / InvalidArgument / RuntimeException
         if not type(e).__module__.startswith("onnxruntime"):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"onnxruntime could not run the model on {what}: {first}") from e
+        raise InputError(f"onnxruntime could not run the model on {what}: {first_line(e)}") from e

@@ -95,15 +95,9 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
     except ImportError:
         raise UnsupportedModelError("PyTorch state_dict files need torch: "
                                     "pip install torch==2.13.0 (the CPU wheel)") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError "Weights only load failed", a corrupt archive
-        raise InputError(f"{path} could not be read as a state_dict with weights_only=True: "
-                         f"{str(e).splitlines()[0]}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise InputError(f"{path} holds a {type(obj).__name__}, not a state_dict")
+    from quantkit.load.torch import load_state_dict
+
+    obj = load_state_dict(path, "pickle")  # weights_only: a pickle that is more than tensors is refused
     out = {}
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):

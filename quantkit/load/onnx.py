@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from quantkit.calibrate.data import InputSpec
-from quantkit.errors import InputError, UnsupportedModelError
+from quantkit.errors import InputError, UnsupportedModelError, first_line
 from quantkit.runtime import INLINE_LIMIT
 
 # Per-channel DequantizeLinear (the `axis` attribute) exists from opset 13.
@@ -26,7 +26,7 @@ def load_onnx(path: Path) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # DecodeError, UnicodeDecodeError on corrupted strings, OSError, ...
-        raise InputError(f"{path} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from e
+        raise InputError(f"{path} is not a readable ONNX model ({type(e).__name__}: {first_line(e, 300)})") from e
     if not proto.graph.node:
         raise InputError(f"{path} is not a readable ONNX model: its graph has no nodes")
     if all(i.name in {t.name for t in proto.graph.initializer} for i in proto.graph.input):
@@ -40,7 +40,7 @@ def load_onnx(path: Path) -> ir.Model:
     except (UnsupportedModelError, InputError):
         raise
     except Exception as e:  # a protobuf that parses but is not a consistent ONNX model
-        raise InputError(f"{path} is not a valid ONNX model: {_first_line(e)}") from e
+        raise InputError(f"{path} is not a valid ONNX model: {first_line(e, 300)}") from e
     if opset >= MIN_OPSET:
         ir.external_data.set_base_dir(model.graph, str(path.parent))
         if model_bytes(path) <= INLINE_LIMIT:
@@ -57,11 +57,6 @@ def check_model_path(path: Path) -> None:
         raise InputError(f"model file {path} does not exist")
     if not path.is_file():
         raise InputError(f"{path} is not a regular file; give the model file (.onnx, or a PyTorch file)")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
@@ -83,7 +78,7 @@ def _upgrade_opset(path: Path, opset: int) -> onnx.ModelProto:
     except Exception as e:  # the converter raises bare RuntimeErrors and more
         raise UnsupportedModelError(
             f"{path} uses opset {opset} and converting it to opset {MIN_OPSET} failed "
-            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); re-export it with opset >= {MIN_OPSET}"
+            f"({first_line(e)}); re-export it with opset >= {MIN_OPSET}"
         ) from None
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from quantkit.calibrate.data import InputSpec
-from quantkit.errors import ConfigError, InputError, UnsupportedModelError
+from quantkit.errors import ConfigError, InputError, UnsupportedModelError, first_line
 from quantkit.load import archive
 
 PICKLE_REFUSAL = ("{path} is a pickled torch module: loading it runs arbitrary code from the file. "
@@ -122,7 +122,7 @@ def _torch():
     return torch
 
 
-def _load_state_dict(path: Path, kind: str) -> dict:
+def load_state_dict(path: Path, kind: str) -> dict:
     torch = _torch()
     if kind == "safetensors":
         try:
@@ -133,13 +133,13 @@ def _load_state_dict(path: Path, kind: str) -> dict:
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # SafetensorError, and OSError for unreadable files
-            raise InputError(f"{path} is not a readable .safetensors file: {_first_line(e)}") from e
+            raise InputError(f"{path} is not a readable .safetensors file: {first_line(e, 300)}") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError with "Weights only load failed"
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise InputError(PICKLE_REFUSAL.format(path=path)) from e
-        raise InputError(f"{path} could not be read as a torch checkpoint: {_first_line(e)}") from e
+        raise InputError(f"{path} could not be read as a torch checkpoint: {first_line(e, 300)}") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -170,7 +170,7 @@ def _factory(spec: str):
             raise ConfigError(f"--model-class: cannot import {mod_name!r} ({e}); run from the directory "
                               "that holds it or put it on PYTHONPATH") from e
         except BaseException as e:  # the module's own code failed, or called exit()
-            raise InputError(f"--model-class: importing {mod_name!r} failed: {_first_line(e)}") from e
+            raise InputError(f"--model-class: importing {mod_name!r} failed: {first_line(e, 300)}") from e
     fn = getattr(module, attr, None)
     if fn is None:
         raise ConfigError(f"--model-class: {mod_name} has no {attr!r}")
@@ -183,7 +183,7 @@ def _build(spec: str):
     try:
         module = factory()
     except (Exception, SystemExit) as e:  # user code: anything, including exit()
-        raise InputError(f"--model-class {spec}: calling it failed: {_first_line(e)}") from e
+        raise InputError(f"--model-class {spec}: calling it failed: {first_line(e, 300)}") from e
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"--model-class {spec} returned a {type(module).__name__}, not a torch.nn.Module")
     return module
@@ -198,7 +198,7 @@ def _load_archive(path: Path, kind: str, allow_pickle: bool):
             return torch.jit.load(str(path), map_location="cpu").eval()
         return torch.export.load(str(path))
     except Exception as e:  # torch raises RuntimeError, KeyError, ValueError... on broken archives
-        raise InputError(f"{path} is not a readable {what}: {_first_line(e)}") from e
+        raise InputError(f"{path} is not a readable {what}: {first_line(e, 300)}") from e
 
 
 def load_module(path: Path, model_class: str | None, allow_pickle: bool):
@@ -209,7 +209,7 @@ def load_module(path: Path, model_class: str | None, allow_pickle: bool):
     if kind in ("torchscript", "export"):
         return _load_archive(path, kind, allow_pickle), kind
     if model_class is not None:
-        state = _load_state_dict(path, kind)
+        state = load_state_dict(path, kind)
         module = _build(model_class)
         missing, unexpected = module.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -223,7 +223,7 @@ def load_module(path: Path, model_class: str | None, allow_pickle: bool):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights only" not in str(e).lower() and "weights_only" not in str(e).lower():
-            raise InputError(f"{path} could not be read as a torch file: {_first_line(e)}") from e
+            raise InputError(f"{path} could not be read as a torch file: {first_line(e, 300)}") from e
         if not allow_pickle:
             raise InputError(PICKLE_REFUSAL.format(path=path)) from e
         obj = _unpickle(path)
@@ -241,10 +241,10 @@ def _unpickle(path: Path):
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except (ModuleNotFoundError, AttributeError) as e:
-            raise InputError(f"{path}: the pickled module's class cannot be imported ({_first_line(e)}); run "
+            raise InputError(f"{path}: the pickled module's class cannot be imported ({first_line(e, 300)}); run "
                              "from the directory that holds its module or put it on PYTHONPATH") from e
         except Exception as e:
-            raise InputError(f"{path} could not be unpickled: {_first_line(e)}") from e
+            raise InputError(f"{path} could not be unpickled: {first_line(e, 300)}") from e
 
 
 def forward_names(module) -> list[str] | None:
@@ -336,7 +336,7 @@ def _export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray]
             info["exporter"] = "dynamo"
             return info
         except Exception as e:  # the exporter raises many exception types
-            errors.append(_first_line(e) + (" (pip install onnxscript)" if "onnxscript" in str(e) else ""))
+            errors.append(first_line(e, 300) + (" (pip install onnxscript)" if "onnxscript" in str(e) else ""))
             if kind == "export":
                 raise UnsupportedModelError(f"torch.onnx could not export the program: {errors[0]}") from e
     try:
@@ -345,14 +345,9 @@ def _export(module, kind: str, specs: list[InputSpec], example: list[np.ndarray]
                           dynamic_axes=axes, dynamo=False,
                           opset_version=17, verbose=False)
     except Exception as e:
-        errors.append(_first_line(e))
+        errors.append(first_line(e, 300))
         raise UnsupportedModelError(f"torch.onnx could not export the model: {' / '.join(errors)}") from e
     info["exporter"] = "torchscript"
     if errors:
         info["fallback_reason"] = f"the dynamo exporter failed ({errors[0]}); used the TorchScript exporter"
     return info
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from quantkit.calibrate.collect import Statistics, StatRequest
 from quantkit.calibrate.observers import GramObserver
 from quantkit.config import Algorithm, Format, QuantConfig, Weights
-from quantkit.errors import UnsupportedModelError
+from quantkit.errors import UnsupportedModelError, first_line
 from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
@@ -53,9 +53,8 @@ def opset_at_least(model: ir.Model, version: int) -> ir.Model:
     try:
         proto = onnx.version_converter.convert_version(ir.serde.serialize_model(model), version)
     except Exception as e:  # the converter raises bare RuntimeErrors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(f"--format qdq needs opset {version} and converting from opset {current} "
-                                    f"failed ({first}); use --format ort") from e
+                                    f"failed ({first_line(e)}); use --format ort") from e
     return ir.serde.deserialize_model(proto)
 
 
