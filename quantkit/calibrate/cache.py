@@ -5,8 +5,6 @@ forward passes. A cache is only used for the same model file and calibration dat
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 from quantkit.calibrate.observers import HistogramObserver
 from quantkit.errors import InputError
 from quantkit.load.onnx import file_sha256
+from quantkit.output import Outputs
 
 FORMAT = "quantkit-stats-3"
 
@@ -77,11 +76,11 @@ def save(path: Path, key: dict, observers: dict[str, HistogramObserver]) -> None
     for i, obs in enumerate(observers.values()):
         for k, v in obs.state().items():
             arrays[f"{i}/{k}"] = np.asarray(v)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def write(staged: Path) -> None:
+        with open(staged, "wb") as f:  # a file object: numpy would append ".npz" to a bare path
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwargs
+
+    with Outputs(force=True) as out:  # the cache the user named is ours to update in place
+        out.stage_written(path, write)
+        out.commit()
