@@ -315,9 +315,8 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     probe = budget.Probe.take(inputs.fp32, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed))
     ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
                                 lambda m: runtime.session(m, workdir, tag="single op", lean=True))
-    dynamic = next(iter(placement.alternates), None)
-    choices = {budget.op_key(op): budget.alternative(op, dynamic.refuse if dynamic else lambda op: "none")
-               for op in full_plan.ops}
+    refusals = {s.name.value: s.refuse for s in placement.alternates}
+    choices = {budget.op_key(op): budget.alternatives(op, refusals) for op in full_plan.ops}
     g = cfg.gates
     target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
 
@@ -423,7 +422,8 @@ def _report(o: Outcome) -> dict:
         "latency": o.latency,
         "speed_guard": asdict(o.guard) if cfg.speed_guard else None,
         "nodes": {
-            "quantized": [{"node": op.node.name, "op_type": op.node.op_type, "kind": op.kind.label,
+            "quantized": [{"node": op.key, "op_type": op.node.op_type, "kind": op.kind.label,
+                           "scheme": op.scheme.value if op.scheme else None,
                            "per_channel": op.weight_axis is not None} for op in o.plan.ops],
             "float": [asdict(s) for s in o.plan.skipped],
             "float_bias": o.rw.float_bias,

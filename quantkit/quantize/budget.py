@@ -4,24 +4,29 @@ target, found from measurements on calibration data, never from timings.
 1. Sensitivity. The fully quantized model runs on a few calibration batches with every quantized
    op's inputs and output exposed; each op is then also run alone, in float, on the very inputs it
    received. The difference is the noise the op adds itself (its input and weight rounding),
-   apart from any error that arrived from upstream. An op fed by outlier-heavy activations (the
-   GELU output before an encoder's FFN down-projection) adds orders of magnitude more than a
-   benign one. The cost is one run of the model per batch and per chunk of ops (chunks sized to
-   hold about 256 MB of tensors), plus one tiny single-node session per op.
-2. Search. Ops leave static int8 in rank order, each for its cheapest alternative (dynamic int8
-   for MatMul/Gemm with a constant weight, which keeps the 4x smaller weight and handles per-token
-   outliers; float otherwise). The fewest that meet the target are found by bisection over the
+   apart from any error that arrived from upstream, weighed per output channel against that
+   channel's own power: an op fed by outlier-heavy activations (the GELU output before an
+   encoder's FFN down-projection) spreads its rounding over every channel of an output whose power
+   sits in one outlier channel, and the next normalization brings those channels back to unit
+   scale. The cost is one run of the model per batch and per chunk of ops (chunks sized to hold
+   about 64 MB of tensors), plus one tiny single-node session per op.
+2. Search. Ops leave static int8 in rank order, each for an alternative, level by level: dynamic
+   int8 (int8 weight, activations quantized per run), then weight-only int8 (int8 weight in
+   blocks, float activations: the file stays as small at float speed), then float. At the first
+   level where the target can be met, the fewest ops that meet it are found by bisection over the
    ranking, each probe one candidate model scored on the same calibration batches: log2(n) + 1
-   candidates for n ops. The same inputs give the same placement.
+   candidates for n ops, plus at most a few that give the least sensitive chosen ops back one
+   level. The same inputs give the same placement.
 3. Plans. The result is a mapping node -> scheme that `--plan` writes and `--from-plan` replays
    without any search.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +52,7 @@ FLOAT = "float"
 
 def op_key(op: QuantizedOp) -> str:
     """A node's stable name in plans: its name, or its first output's when it has none."""
-    return op.node.name or op.node.outputs[0].name
+    return op.key
 
 
 @dataclass(frozen=True)
@@ -174,10 +179,10 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
         key = op_key(op)
         received = max((_ratio(drift.get(v.name)) for v in op.inputs), default=0.0)
         rows.append({"node": key, "op_type": op.node.op_type, "kind": op.kind.value,
-                     "own_sqnr_db": _finite(_noise_db(_ratio(own.get(key)))),
+                     "own_sqnr_db": _finite(_noise_db(_channel_ratio(own.get(key)))),
                      "input_sqnr_db": _finite(_noise_db(received)),
                      "output_sqnr_db": _finite(_noise_db(_ratio(drift.get(outs[key])))),
-                     "own_noise": _finite(_ratio(own.get(key)))})
+                     "own_noise": _finite(_channel_ratio(own.get(key)))})
     # the largest own noise first; ties by name, so the order is the same on every run
     rows.sort(key=lambda r: (-(r["own_noise"] if r["own_noise"] is not None else math.inf), r["node"]))
     return rows
@@ -194,7 +199,7 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
     singles = {k: small(_single(fp32, originals[k])) for k in outs if outs[k] in wanted and k in originals}
     chunk_drift = {n: [0.0, 0.0] for n in wanted}
-    chunk_own = {k: [0.0, 0.0] for k in singles}
+    chunk_own: dict[str, list] = {k: [0.0, 0.0] for k in singles}
     held = 0
     for feed in probe.feeds:
         ref = dict(zip(wanted, ref_s.run(wanted, feed)))
@@ -206,7 +211,7 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
             names_in = [i.name for i in single.get_inputs()]
             if all(n in got or n in feed for n in names_in):
                 exact = single.run(None, {n: got[n] if n in got else feed[n] for n in names_in})[0]
-                _accumulate(chunk_own[key], exact, got[outs[key]])
+                _accumulate_channels(chunk_own[key], exact, got[outs[key]], channel_axis(originals[key]))
     drift.update(chunk_drift)  # a tensor shared by two chunks is measured alike in both
     own.update(chunk_own)
     return held
@@ -244,6 +249,42 @@ def _accumulate(acc: list[float], ref: np.ndarray, got: np.ndarray) -> None:
     acc[1] += float((d ** 2).sum()) if np.isfinite(d).all() else math.inf
 
 
+def channel_axis(node: ir.Node) -> int:
+    """The axis of a node's output that holds its channels: 1 for convolutions (NCHW), the last
+    for MatMul, Gemm and embedding lookups."""
+    return 1 if node.op_type in ("Conv", "ConvTranspose") else -1
+
+
+def _accumulate_channels(acc: list, ref: np.ndarray, got: np.ndarray, axis: int) -> None:
+    """Per output channel: signal power and error power (summed over every other axis)."""
+    r64, g64 = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if r64.ndim == 0:
+        r64, g64 = r64.reshape(1), g64.reshape(1)
+    r64, g64 = np.moveaxis(r64, axis, -1), np.moveaxis(g64, axis, -1)
+    r2 = r64.reshape(-1, r64.shape[-1])
+    d = (g64 - r64).reshape(-1, r64.shape[-1])
+    ok = np.isfinite(r2)
+    d = np.where(ok, d, 0.0)
+    acc[0] = acc[0] + (np.where(ok, r2, 0.0) ** 2).sum(0)
+    acc[1] = (acc[1] + (d ** 2).sum(0)) if np.isfinite(d).all() else math.inf
+
+
+def _channel_ratio(acc: list | None) -> float:
+    """Relative error power averaged over output channels, each against its own power: an op
+    whose output is dominated by one outlier channel (an encoder's FFN down-projection) shows
+    the error it spreads over every other channel, which the next normalization brings back.
+    Channels with almost no signal (below 1e-3 of the mean) are measured against that floor."""
+    if acc is None or np.isscalar(acc[1]) and acc[1] == 0:
+        return 0.0
+    if not np.all(np.isfinite(acc[1])):
+        return math.inf
+    power, err = np.asarray(acc[0], np.float64), np.asarray(acc[1], np.float64)
+    floor = 1e-3 * float(power.mean()) if power.size else 0.0
+    if floor <= 0:
+        return 0.0 if not err.any() else math.inf
+    return float(np.mean(err / np.maximum(power, floor)))
+
+
 def _ratio(acc: list[float] | None) -> float:
     """Relative error power; 0 when there is nothing to compare (exact inputs)."""
     if acc is None or acc[1] == 0:
@@ -260,36 +301,40 @@ def _finite(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def alternative(op: QuantizedOp, dynamic_refuses: Callable[[QuantizedOp], str | None]) -> str:
-    """Where an op goes when static int8 costs too much: dynamic int8 keeps its int8 weight."""
-    if op.kind != OpKind.EMBEDDING and dynamic_refuses(op) is None:
-        return SchemeName.DYNAMIC.value
-    return FLOAT
+def alternatives(op: QuantizedOp, refusals: Mapping[str, Callable[[QuantizedOp], str | None]]) -> list[str]:
+    """Where an op may go when static int8 costs too much, cheapest first: dynamic int8 (int8
+    weight, activations quantized per run, as fast), weight-only int8 (int8 weight in blocks,
+    float activations: the size kept at float speed), float. Embedding tables only go float:
+    their weight-only rows already carry almost no error."""
+    out = []
+    if op.kind != OpKind.EMBEDDING:
+        out += [name for name in (SchemeName.DYNAMIC.value, SchemeName.WEIGHT_ONLY.value)
+                if name in refusals and refusals[name](op) is None]
+    return [*out, FLOAT]
 
 
 # ---------------------------------------------------------------- search
 
 @dataclass
 class SearchResult:
-    overrides: dict[str, str] = field(default_factory=dict)  # node -> "dynamic" | "float"
+    overrides: dict[str, str] = field(default_factory=dict)  # node -> "dynamic" | "weight_only" | "float"
     met: bool = True
     figures: list[dict] = field(default_factory=list)  # probe figures of the chosen placement
     trials: list[dict] = field(default_factory=list)
     shortfall: str | None = None
 
 
-def search(ranked: list[dict], choices: dict[str, str], target: Target,
+def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
            evaluate: Callable[[dict[str, str]], list[dict]], status: Callable[[str], None],
            max_restores: int = 8) -> SearchResult:
-    """Ops leave static int8 down a ladder, in sensitivity order, measuring as few candidates as
-    bisection allows (moving more ops off static int8 is assumed not to hurt; every chosen
+    """Ops leave static int8 in sensitivity order, level by level, measuring as few candidates
+    as bisection allows (moving more ops off static int8 is assumed not to hurt; every chosen
     placement is measured, never inferred):
 
-    A. the top k ops go to their alternative (dynamic int8 where it has a kernel: it keeps the
-       int8 weight; float otherwise): the smallest k that meets the target;
-    B. if even every op on its alternative misses, every op stays there and the top j go float:
-       the smallest j that meets it; then the least sensitive ops go back to static int8 one by
-       one (at most `max_restores` probes), each kept only where the target still holds."""
+    for level 0, 1, ... each op's level-th alternative (its last one when it has fewer): if the
+    top ops all on that alternative meet the target, the smallest such top-k is bisected for and
+    the search stops there; then the chosen ops least sensitive first go back one level (to
+    static int8 from level 0) where the target still holds, at most `max_restores` probes."""
     order = [r["node"] for r in ranked if r["node"] in choices]
     result = SearchResult()
 
@@ -303,40 +348,50 @@ def search(ranked: list[dict], choices: dict[str, str], target: Target,
             result.overrides, result.figures, result.shortfall = dict(overrides), figures, why
         return why is None
 
-    def smallest(build: Callable[[int], dict[str, str]], n: int, what: str) -> bool:
-        """Bisection for the smallest k in 1..n whose placement meets the target (n is known to)."""
-        lo, hi = 0, n
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if measure(build(mid), f"{what} ({mid} op(s))"):
-                hi = mid
-            else:
-                lo = mid
-        best = build(hi)
-        result.overrides, result.shortfall = best, None
-        result.figures = next(t["figures"] for t in reversed(result.trials) if t["moved"] == best)
-        return True
-
-    def alternatives(k: int) -> dict[str, str]:
-        return {n: choices[n] for n in order[:k]}
-
-    def floats(j: int) -> dict[str, str]:
-        return {**alternatives(len(order)), **dict.fromkeys(order[:j], FLOAT)}
+    def at(level: int, k: int) -> dict[str, str]:
+        return {n: choices[n][min(level, len(choices[n]) - 1)] for n in order[:k]}
 
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
         return result
-    if measure(alternatives(len(order)), "every op on its alternative"):
-        smallest(alternatives, len(order), "the most sensitive ops on their alternative")
-        return result
-    if any(v != FLOAT for v in choices.values()) and measure(floats(len(order)), "every op float"):
-        smallest(floats, len(order), "the most sensitive ops float, the rest on their alternative")
-        # B moves every other op off static int8: give back the least sensitive ones where it holds
-        for n in [n for n in reversed(order) if result.overrides.get(n) not in (None, FLOAT)][:max_restores]:
-            measure({k: v for k, v in result.overrides.items() if k != n}, f"{n} back in static int8")
-        return result
+    levels = max(len(c) for c in choices.values())
+    for level in range(levels):
+        if level and at(level, len(order)) == at(level - 1, len(order)):
+            continue
+        if measure(at(level, len(order)), f"every op on alternative {level + 1}"):
+            _smallest(functools.partial(at, level), len(order), measure, result)
+            _restore(result, choices, order, level, max_restores, measure)
+            return result
     result.met = False
     return result
+
+
+def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: SearchResult) -> None:
+    """Bisection for the smallest k in 1..n whose placement meets the target (n is known to)."""
+    lo, hi = 0, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measure(build(mid), f"the {mid} most sensitive op(s) moved"):
+            hi = mid
+        else:
+            lo = mid
+    best = build(hi)
+    result.overrides, result.shortfall = best, None
+    result.figures = next(t["figures"] for t in reversed(result.trials) if t["moved"] == best)
+
+
+def _restore(result: SearchResult, choices: dict[str, list[str]], order: list[str], level: int,
+             max_restores: int, measure) -> None:
+    """Move the chosen ops, least sensitive first, one level back where the target still holds."""
+    if level == 0:
+        return
+    moved = [n for n in reversed(order) if n in result.overrides][:max_restores]
+    for n in moved:
+        at = choices[n].index(result.overrides[n]) if result.overrides[n] in choices[n] else 0
+        back = {k: v for k, v in result.overrides.items() if k != n}
+        if at > 0:
+            back[n] = choices[n][at - 1]
+        measure(back, f"{n} back to {back.get(n, 'static int8')}")
 
 
 # ---------------------------------------------------------------- plan files
@@ -366,7 +421,7 @@ class PlanFile:
         if plan.model_sha256 != model_sha256:
             raise InputError(f"{path} was made for another model (sha256 {plan.model_sha256[:12]}...); "
                              "run the search again with --plan for this model")
-        bad = {v for v in plan.nodes.values() if v not in (SchemeName.STATIC.value, SchemeName.DYNAMIC.value, FLOAT)}
+        bad = {v for v in plan.nodes.values() if v not in (*(s.value for s in SchemeName), FLOAT)}
         if bad or not set(plan.speed_dropped) <= {k.value for k in OpKind}:
             raise InputError(f"{path} names unknown schemes or op groups: {sorted(bad) or plan.speed_dropped}")
         return plan

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
+from quantkit.graph.ir_edit import Editor, k_major_weight
+from quantkit.quantize import embedding
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import OpKind, QuantizedOp, SchemeName
 from quantkit.quantize.scheme import RewriteResult, Scheme
@@ -39,11 +40,11 @@ class DynamicScheme(Scheme):
         if MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
         cache: dict[str, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        tables: dict[str, tuple[ir.Value, ir.Value]] = {}
         for op in ops:
             node = op.node
             if op.kind == OpKind.EMBEDDING:  # weight-only, one scale per row, as in static mode
-                q, scale, zp = qp.quantize_weight(const_array(node.inputs[0]), 0)
-                node.replace_input_with(0, edit.dequantized(node.inputs[0].name, q, scale, zp, 0, node))
+                embedding.quantize_table(edit, node, tables)
                 result.quantized_nodes.append(node.name or "")
                 continue
             new = self._matmul(edit, op, cache)

@@ -79,9 +79,11 @@ class QuantizedOp:
     output: ir.Value | None = None  # tensor that gets output QDQ (after any fused Relu), None if kept float
     scheme: SchemeName | None = None  # set when a scheme claims the op
     kind: OpKind = field(init=False)  # the speed guard's group, fixed when planned
+    key: str = field(init=False)  # the planned node's name (its first output's when unnamed), kept after rewriting
 
     def __post_init__(self) -> None:
         self.kind = _kind(self.node, self.weighted)
+        self.key = self.node.name or self.node.outputs[0].name
 
 
 def _kind(node: ir.Node, weighted: bool) -> OpKind:
@@ -176,6 +178,12 @@ def _weight_axis(node: ir.Node, per_channel: bool) -> int | None:
 
 
 def _output_tensor(node: ir.Node) -> ir.Value | None:
+    if node.op_type == "MatMul":
+        # onnxruntime runs DequantizeLinear -> MatMul as MatMulIntegerToFloat, as fast as QLinearMatMul.
+        # An output QDQ would only round what a float consumer reads (the residual Add after an
+        # encoder's FFN, whose outlier channel sets a scale 100x the typical value); a quantized
+        # consumer quantizes the same tensor as its own input anyway.
+        return None
     out = node.outputs[0]
     while not out.is_graph_output():
         users = out.uses()

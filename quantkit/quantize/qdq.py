@@ -20,6 +20,7 @@ from quantkit.calibrate.observers import Observer
 from quantkit.calibrate.ranges import Levels, observer_kind, select_range
 from quantkit.config import Activations, QuantConfig
 from quantkit.graph.ir_edit import Editor, const_array, drop_unused
+from quantkit.quantize import embedding
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import Plan, QuantizedOp, SchemeName, activation_tensors
 from quantkit.quantize.scheme import ActivationQParams, Findings, RewriteResult, Scheme
@@ -164,8 +165,11 @@ class StaticScheme(Scheme):
             a = result.activations[value.name]
             _insert_qdq(edit, value, np.float32(a.scale), np.asarray(a.zero_point, dtype=self.act_type.dtype))
         weights: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray, np.ndarray]] = {}
+        tables: dict[str, tuple[ir.Value, ir.Value]] = {}
         for op in ops:
-            if op.weighted:
+            if op.weighted and not op.inputs:  # embedding table: weight-only, rows dequantized after the lookup
+                embedding.quantize_table(edit, op.node, tables)
+            elif op.weighted:
                 self._weight(edit, op, weights, result)
             result.quantized_nodes.append(op.node.name or "")
         model.graph.sort()
@@ -184,8 +188,6 @@ class StaticScheme(Scheme):
             cache[key] = (dq, scale, qp.dequantize(q, scale, zp, op.weight_axis))
         dq, w_scale, w_dq = cache[key]
         node.replace_input_with(op.weight_index, dq)
-        if not op.inputs:  # embedding table: weight-only
-            return
         mean_in = self.channel_means.get(op.inputs[0].name)
         if mean_in is not None and _correct_bias(edit, op, w, w_dq, mean_in):
             result.bias_corrected.append(node.name or "")

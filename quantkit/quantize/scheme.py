@@ -30,6 +30,8 @@ from quantkit.config import QuantConfig
 from quantkit.graph.ir_edit import Editor, drop_unused
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName, make_plan
 
+WEIGHT_ONLY_INT8_BLOCK = 128  # block along K of the weight-only int8 alternative (one float scale per 128 weights)
+
 
 @dataclass
 class ActivationQParams:
@@ -208,7 +210,7 @@ class Placement:
 
 def placement_for(config: QuantConfig) -> Placement:
     """The schemes the config asks for (one per run today; a per-node search may give several)."""
-    from quantkit.config import Activations
+    from quantkit.config import Activations, Weights
     from quantkit.quantize.dynamic import DynamicScheme
     from quantkit.quantize.qdq import StaticScheme
     from quantkit.quantize.weight_only import WeightOnlyScheme
@@ -216,5 +218,10 @@ def placement_for(config: QuantConfig) -> Placement:
     scheme = {Activations.DYNAMIC: DynamicScheme, Activations.NONE: WeightOnlyScheme}.get(
         config.activations, StaticScheme)
     # static int8 may hand single ops to dynamic int8 when the accuracy budget asks for it
-    alternates: list[Scheme] = [DynamicScheme(config)] if scheme is StaticScheme else []
+    alternates: list[Scheme] = []
+    if scheme is StaticScheme:
+        # int8 weights in blocks along K with float activations (MatMulNBits, 8 bits), rounded to nearest
+        int8_blocks = QuantConfig(activations=Activations.NONE, weights=Weights.INT8, block_size=WEIGHT_ONLY_INT8_BLOCK,
+                                  exclude=config.exclude, accuracy_level=config.accuracy_level, format=config.format)
+        alternates = [DynamicScheme(config), WeightOnlyScheme(int8_blocks)]
     return Placement(config, [scheme(config)], alternates)

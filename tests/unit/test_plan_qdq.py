@@ -225,3 +225,49 @@ def test_bias_correction_removes_the_mean_output_shift():
     (without,) = run(ir.serde.serialize_model(plain), {"x": x})
     (with_bc,) = run(ir.serde.serialize_model(model), {"x": x})
     assert np.abs((with_bc - ref).mean(axis=0)).mean() < np.abs((without - ref).mean(axis=0)).mean()
+
+
+def test_matmul_output_stays_float_and_its_float_consumer_reads_it_unrounded():
+    """No QDQ on a MatMul's output: onnxruntime runs DQ -> MatMul as MatMulIntegerToFloat, and a
+    float consumer (the residual Add of an encoder) reads the exact product."""
+    rng = np.random.default_rng(0)
+    proto = mlp_with_attention_matmul(rng)
+    x = rng.normal(size=(3, 4, 16)).astype(np.float32)
+    model, plan, _ = _quantize(proto, {"x": x})
+    assert all(op.output is None for op in plan.ops if op.node.op_type == "MatMul")
+    proj = next(n for n in model.graph if n.name == "proj")
+    assert {u.node.op_type for u in proj.outputs[0].uses()} != {"QuantizeLinear"}
+    assert proj.outputs[0].name not in {v.name for v in plan.activation_tensors()} - {i.name for op in plan.ops
+                                                                                      for i in op.inputs}
+
+
+def _embedding_model(rng, vocab=5000, dim=8):
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = rng.normal(size=(vocab, dim)).astype(np.float32) * rng.uniform(0.01, 3, size=(vocab, 1)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"], name="embed")], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, dim])],
+                          [numpy_helper.from_array(table, "table")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), table
+
+
+def test_embedding_rows_are_gathered_int8_then_scaled_exactly():
+    """The table is stored int8 with one scale per row and only the looked-up rows are turned back
+    into float (no DequantizeLinear over the whole table on every run); negative ids work."""
+    rng = np.random.default_rng(1)
+    proto, table = _embedding_model(rng)
+    ids = np.array([[0, 17, 4999], [-1, 3, 17]], dtype=np.int64)
+    model, plan, _ = _quantize(proto, {"ids": ids})
+    assert [op.kind for op in plan.ops] == [OpKind.EMBEDDING]
+    assert _ops(model)["DequantizeLinear"] == 0
+    gathers = [n for n in model.graph if n.op_type == "Gather"]
+    assert sorted(n.inputs[0].const_value.dtype.name for n in gathers) == ["FLOAT", "INT8"]
+    scales = next(n.inputs[0].const_value.numpy() for n in gathers if n.inputs[0].const_value.dtype.name == "FLOAT")
+    assert scales.shape == (5000, 1)
+    (got,) = run(ir.serde.serialize_model(model), {"ids": ids})
+    # each row within half a step of its own scale: per-row, not per-table, resolution
+    rows = table[ids]
+    step = np.abs(table).max(1)[ids] / 127
+    assert np.all(np.abs(got - rows) <= step[..., None] * 0.5 + 1e-7)
+    assert not np.array_equal(got, rows)

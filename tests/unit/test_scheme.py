@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from quantkit.calibrate.collect import collect
 from quantkit.config import QuantConfig
@@ -67,3 +68,21 @@ def test_two_schemes_in_one_model(tmp_path):
     cos = float(ref.ravel() @ got.ravel() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cos > 0.999
     assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+def test_own_noise_is_weighed_per_channel_so_an_outlier_channel_cannot_hide_it():
+    """Uniform rounding noise on an output whose power sits in one outlier channel is small
+    against the total power but large against every other channel, which a following
+    normalization brings back to unit scale: the per-channel average shows it."""
+    from quantkit.quantize.budget import _accumulate_channels, _channel_ratio
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 16))
+    ref[:, 0] *= 100.0
+    noisy = ref + rng.normal(size=ref.shape) * 0.1
+    acc: list = [0.0, 0.0]
+    _accumulate_channels(acc, ref, noisy, -1)
+    whole = ((noisy - ref) ** 2).sum() / (ref ** 2).sum()
+    per_channel = _channel_ratio(acc)
+    assert per_channel > 5 * whole
+    assert per_channel == pytest.approx(np.mean(((noisy - ref) ** 2).sum(0) / (ref ** 2).sum(0)), rel=1e-9)
