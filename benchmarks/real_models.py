@@ -58,6 +58,8 @@ def tool_commands(kind: str, d: Path, out: Path) -> dict[str, tuple[list[str], P
           "quantkit dynamic": ["--activations", "dynamic", "--eval", calib],
           # a target the placement meets (static int8 ops moved out in sensitivity order)
           "quantkit static --min-sqnr 20": ["--calib", calib, "--min-sqnr", 20]}
+    if kind in TRANSFORMERS:  # SmoothQuant (alpha searched per layer) for LayerNorm -> MatMul, default budget
+        qk["quantkit static --smoothquant"] = ["--calib", calib, "--smoothquant"]
     if kind in TRANSFORMERS:
         qk["quantkit int4"] = ["--weights", "int4", "--eval", calib]
     cmds = {}

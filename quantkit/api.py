@@ -166,19 +166,39 @@ class Outcome:
     notes: list[str]
 
 
+class _Laps:
+    """Wall-clock seconds of each stage of a run, for the report."""
+
+    def __init__(self, start: float) -> None:
+        self.last = start
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self.last, 3)
+        self.last = now
+
+
 def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start: float) -> Result:
+    laps = _Laps(t_start)
     inputs = _open(cfg, workdir, status, progress)
+    laps.lap("load")
     model, notes = _canonicalize(inputs, workdir, status)
+    laps.lap("canonicalize")
     placement = placement_for(cfg.quant)
     model = placement.prepare_model(model)
     placement.float_tensors.update(mask_tensors(model))  # calibration may add more from observed ranges
     data = CalibrationData.of(cfg, inputs.calib, inputs.batch, inputs.fixed)
     calibration = calibrate(model, placement, cfg.quant, data, workdir, status, progress)
     notes += calibration.notes
+    laps.lap("calibrate")
     notes += placement.tune(model, lambda m: _sqnr(m, inputs, workdir), status)
+    laps.lap("tune")
     placed = _budget(cfg, model, placement, inputs, workdir, status)
     notes += placed.get("notes", [])
+    laps.lap("placement")
     (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status, placed, progress)
+    laps.lap("rewrite_and_speed_guard")
     notes += rw.notes
     inner = subgraphs.quantize_weights(qmodel)
     if inner:
@@ -194,6 +214,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     except UnsupportedModelError as e:  # our own output failed to load: that is a bug
         raise RuntimeError(f"internal error: {e}") from e
     outputs, latency, evaluation = _measure(cfg, inputs, qsess, guard_report, notes, status, progress)
+    laps.lap("evaluate")
     report = _report(Outcome(cfg, inputs, placement, calibration, plan, rw, guard_report, outputs, latency,
                              evaluation, model_bytes(q_path), notes))
     _move_subgraph_nodes(report["nodes"], inner)
@@ -205,7 +226,9 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     report["placement"] = {k: v for k, v in placed.items() if k not in ("sensitivity", "notes")} or None
     failures = check_gates(outputs, cfg.gates, latency)
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
+    laps.lap("report")
     report["seconds"] = time.perf_counter() - t_start
+    report["stage_seconds"] = laps.seconds
 
     plan_file = _plan_file(cfg, placement, guard_report, placed) if cfg.plan_out is not None else None
     _save(cfg, qmodel, report, inputs.source.onnx_path, plan_file)

@@ -39,6 +39,8 @@ def _inputs(model: ir.Model) -> list[dict]:
 
 
 def _scheme(op, quant: QuantConfig) -> str:
+    if op.kind == OpKind.INT8_REGION:
+        return f"{quant.activations} in and out (integer kernel, no weight)"
     if not op.weighted:
         return f"{quant.activations} x {quant.activations} (activation x activation)"
     chan = "per-channel" if op.weight_axis is not None else "per-tensor"

@@ -190,3 +190,32 @@ def planted_outlier(rng: np.random.Generator) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "outlier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def residual_cnn(rng: np.random.Generator) -> onnx.ModelProto:
+    """x[N,8,8,8] -> Conv+Relu (a), Conv+Relu (b); Add(a, b) -> MaxPool; Mul(a, Sigmoid(b)) ->
+    GlobalAveragePool; Concat of both pooled paths is read by a 1x1 Conv; Add(x, 1.0) reads a
+    constant and stays float. Every op of the int8 region has int8 inputs except that last Add."""
+    w = {k: rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32) for k in ("wa", "wb")}
+    w["wc"] = rng.normal(0, 0.3, (8, 16, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["ca"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["ca"], ["a"], name="relu_a"),
+        helper.make_node("Conv", ["x", "wb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["cb"], ["b"], name="relu_b"),
+        helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+        helper.make_node("MaxPool", ["s"], ["p1"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Sigmoid", ["b"], ["g"], name="sigmoid"),
+        helper.make_node("Mul", ["a", "g"], ["m"], name="gate"),
+        helper.make_node("AveragePool", ["m"], ["p2"], name="avgpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Concat", ["p1", "p2"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "wc"], ["y0"], name="conv_c"),
+        helper.make_node("Add", ["y0", "one"], ["y"], name="add_const"),
+    ]
+    graph = helper.make_graph(
+        nodes, "residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 4, 4])],
+        [_init(k, v) for k, v in w.items()] + [_init("one", np.float32(1.0))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -11,7 +11,7 @@ from enum import Enum
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.config import QuantConfig
+from quantkit.config import Activations, QuantConfig
 from quantkit.graph.ir_edit import const_array
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -23,6 +23,13 @@ ACT_X_ACT = "both inputs are computed at run time (activation x activation)"
 # Conv they cost a DequantizeLinear, the activation and a QuantizeLinear over the whole tensor.
 MIN_EMBEDDING = 4096  # smaller tables (position ids, tiny vocabularies) are not worth a DequantizeLinear
 NO_INT8_KERNEL = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Softplus", "Gelu", "Mish")
+# Ops without weights that onnxruntime runs on uint8/int8 tensors when they sit between
+# DequantizeLinear and QuantizeLinear (QLinearAdd, QLinearMul, QLinearConcat, QLinearSigmoid,
+# QLinearLeakyRelu, QLinearAveragePool, QLinearGlobalAveragePool; MaxPool and Resize on the int8
+# tensor itself). Taken into the int8 region only where every activation input already comes out
+# of it, so the op trades a DequantizeLinear -> float op -> QuantizeLinear for an integer kernel.
+INT8_REGION_OPS = ("Add", "Mul", "Concat", "Sigmoid", "LeakyRelu", "MaxPool", "AveragePool",
+                   "GlobalAveragePool", "Resize")
 
 
 class OpKind(str, Enum):
@@ -37,6 +44,7 @@ class OpKind(str, Enum):
     MATMUL = "matmul"
     CONV = "conv"
     EMBEDDING = "embedding"
+    INT8_REGION = "int8_region"
 
     def __str__(self) -> str:
         return self.label
@@ -55,6 +63,7 @@ _LABELS = {
     OpKind.MATMUL: "MatMul",
     OpKind.CONV: "Conv",
     OpKind.EMBEDDING: "Gather (embedding table)",
+    OpKind.INT8_REGION: "Add/Mul/Concat/Sigmoid/pooling/Resize between int8 ops",
 }
 _BY_OP_TYPE = {"Conv": OpKind.CONV, "ConvTranspose": OpKind.CONV_TRANSPOSE, "Gemm": OpKind.GEMM,
                "MatMul": OpKind.MATMUL, "Gather": OpKind.EMBEDDING}
@@ -87,6 +96,8 @@ class QuantizedOp:
 
 
 def _kind(node: ir.Node, weighted: bool) -> OpKind:
+    if node.op_type in INT8_REGION_OPS:
+        return OpKind.INT8_REGION
     if not weighted:
         return OpKind.ATTENTION_MATMUL
     if node.op_type == "Conv":
@@ -273,4 +284,34 @@ def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
         plan.ops.append(QuantizedOp(node, [node.inputs[0]], weighted=True,
                                     weight_axis=_weight_axis(node, config.per_channel),
                                     bias=_bias_ok(node, w), output=_output_tensor(node)))
+    if config.activations in (Activations.UINT8, Activations.INT8):
+        plan.ops += _int8_region(model, plan.ops, config)
     return plan
+
+
+def _activation_inputs(node: ir.Node) -> list[ir.Value]:
+    """The inputs computed at run time (constants and shape-like inputs of Resize excluded)."""
+    ins = node.inputs[:1] if node.op_type == "Resize" else node.inputs
+    return [v for v in ins if v is not None and const_array(v) is None]
+
+
+def _int8_region(model: ir.Model, ops: list[QuantizedOp], config: QuantConfig) -> list[QuantizedOp]:
+    """Ops of INT8_REGION_OPS whose every activation input is already int8 (an output QDQ of a
+    planned op, or of an op taken here before it in graph order), all float32 and none a graph
+    output: their output gets a QDQ so onnxruntime runs them on the integer tensors."""
+    int8 = {id(op.output) for op in ops if op.output is not None}
+    taken = []
+    for node in model.graph:
+        if node.op_type not in INT8_REGION_OPS or node.domain != "" or _excluded(node, config.exclude):
+            continue
+        acts = _activation_inputs(node)
+        out = node.outputs[0]
+        if (not acts or any(id(v) not in int8 or not _is_float32(v) for v in acts)
+                or len(acts) != len([v for v in node.inputs if v is not None]) and node.op_type != "Resize"
+                or out.is_graph_output() or not _is_float32(out)
+                or any(o.uses() or o.is_graph_output() for o in node.outputs[1:])):
+            continue
+        op = QuantizedOp(node, acts, weighted=False, output=out)
+        taken.append(op)
+        int8.add(id(out))
+    return taken

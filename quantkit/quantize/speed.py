@@ -24,8 +24,8 @@ REPEATS = 3  # ...in every one of this many separate measurements (stopping at t
 COMPRESSION_ONLY = (OpKind.EMBEDDING,)  # weight storage only: dropped for speed only when asked
 # Groups tried in this order: the likeliest to lose time first, so later trials start from the
 # faster placement.
-ORDER = (OpKind.CONV_UNFUSED_ACTIVATION, OpKind.ATTENTION_MATMUL, OpKind.DEPTHWISE_CONV, OpKind.CONV_TRANSPOSE,
-         OpKind.GEMM, OpKind.MATMUL, OpKind.CONV, OpKind.EMBEDDING)
+ORDER = (OpKind.INT8_REGION, OpKind.CONV_UNFUSED_ACTIVATION, OpKind.ATTENTION_MATMUL, OpKind.DEPTHWISE_CONV,
+         OpKind.CONV_TRANSPOSE, OpKind.GEMM, OpKind.MATMUL, OpKind.CONV, OpKind.EMBEDDING)
 
 
 @dataclass

@@ -3,7 +3,9 @@
 from collections import Counter
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 from quantkit.calibrate.observers import MinMaxObserver
@@ -13,7 +15,7 @@ from quantkit.graph.canonicalize import canonicalize
 from quantkit.quantize.plan import OpKind, make_plan
 from quantkit.quantize.qdq import rewrite
 
-from models import conv_bn_relu_gemm, if_with_matmul, mlp_with_attention_matmul, run
+from models import conv_bn_relu_gemm, if_with_matmul, mlp_with_attention_matmul, residual_cnn, run
 
 
 def _quantize(proto, feed, config=None):
@@ -271,3 +273,25 @@ def test_embedding_rows_are_gathered_int8_then_scaled_exactly():
     step = np.abs(table).max(1)[ids] / 127
     assert np.all(np.abs(got - rows) <= step[..., None] * 0.5 + 1e-7)
     assert not np.array_equal(got, rows)
+
+
+def test_ops_between_int8_ops_join_the_int8_region_and_run_on_integer_kernels(tmp_path):
+    """Add, Mul, Sigmoid, MaxPool, AveragePool and Concat whose inputs all come out of int8 ops
+    get a QDQ on their output; onnxruntime then runs them as QLinear* kernels. An Add reading a
+    constant stays float."""
+    rng = np.random.default_rng(3)
+    proto = residual_cnn(rng)
+    x = rng.normal(size=(4, 8, 8, 8)).astype(np.float32)
+    model, plan, _ = _quantize(proto, {"x": x})
+    region = [op.node.name for op in plan.ops if op.kind == OpKind.INT8_REGION]
+    assert region == ["add", "maxpool", "sigmoid", "gate", "avgpool", "concat"]
+    quantized = ir.serde.serialize_model(model)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(quantized.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    fused = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert fused["QLinearAdd"] == 1 and fused["QLinearMul"] == 1 and fused["QLinearSigmoid"] == 1
+    assert fused["QLinearConcat"] == 1 and fused["QLinearAveragePool"] == 1 and fused["Add"] == 1
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(quantized, {"x": x})
+    assert _cos(ref, got) > 0.995
