@@ -197,9 +197,13 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     names = sorted({v.name for op in ops for v in op.inputs} | set(outs.values()))
     ref_s, q_s = session(_exposing(fp32, names)), session(_exposing(quantized, names))
     wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
-    singles = {k: small(_single(fp32, originals[k])) for k in outs if outs[k] in wanted and k in originals}
+    available = set(wanted) | set(probe.feeds[0])
+    measured = [k for k in outs if outs[k] in wanted and k in originals
+                and all(v.name in available for v in _run_time_inputs(originals[k]))]
+    alone = small(_alone(fp32, [originals[k] for k in measured])) if measured else None
+    alone_in = [i.name for i in alone.get_inputs()] if alone is not None else []
     chunk_drift = {n: [0.0, 0.0] for n in wanted}
-    chunk_own: dict[str, list] = {k: [0.0, 0.0] for k in singles}
+    chunk_own: dict[str, list] = {k: [0.0, 0.0] for k in measured}
     held = 0
     for feed in probe.feeds:
         ref = dict(zip(wanted, ref_s.run(wanted, feed)))
@@ -207,36 +211,47 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
         held = max(held, sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values()))
         for n in wanted:
             _accumulate(chunk_drift[n], ref[n], got[n])
-        for key, single in singles.items():
-            names_in = [i.name for i in single.get_inputs()]
-            if all(n in got or n in feed for n in names_in):
-                exact = single.run(None, {n: got[n] if n in got else feed[n] for n in names_in})[0]
-                _accumulate_channels(chunk_own[key], exact, got[outs[key]], channel_axis(originals[key]))
+        if alone is None:
+            continue
+        exact = alone.run([outs[k] + ALONE for k in measured], {n: got[n] if n in got else feed[n] for n in alone_in})
+        for key, e in zip(measured, exact):
+            _accumulate_channels(chunk_own[key], e, got[outs[key]], channel_axis(originals[key]))
     drift.update(chunk_drift)  # a tensor shared by two chunks is measured alike in both
     own.update(chunk_own)
     return held
 
 
-def _single(model: ir.Model, node: ir.Node) -> ir.Model:
-    """The node alone, in float, its constant inputs kept and its others as graph inputs."""
+ALONE = "::float_alone"  # suffix of the outputs of the ops recomputed in float on the quantized model's tensors
+
+
+def _run_time_inputs(node: ir.Node) -> list[ir.Value]:
+    return [v for v in node.inputs if v is not None and v.name and (v.const_value is None or v.is_graph_input())]
+
+
+def _alone(model: ir.Model, nodes: list[ir.Node]) -> ir.Model:
+    """The nodes side by side, each alone and in float: constant inputs kept, the others graph
+    inputs (fed from the quantized model's tensors), each output renamed with ALONE so that one op
+    never reads another's float recomputation. One session for a whole chunk of ops."""
+    values: dict[str, ir.Value] = {}
     inputs: list[ir.Value] = []
     inits: list[ir.Value] = []
-    for v in node.inputs:
-        if v is None or not v.name:
-            continue
-        # constants are copied into memory: a tensor memory-mapped from external data would make the
-        # single-node model unloadable from bytes
-        const = ir.tensor(v.const_value.numpy(), name=v.name) if v.const_value is not None else None
-        copy = ir.Value(name=v.name, shape=v.shape, type=v.type, const_value=const)
-        (inits if v.const_value is not None and not v.is_graph_input() else inputs).append(copy)
-    out = node.outputs[0]
-    result = ir.Value(name=out.name, shape=out.shape, type=out.type)
-    by_name = {v.name: v for v in [*inputs, *inits]}
-    clone = ir.node(node.op_type, inputs=[by_name.get(v.name) if v is not None and v.name else None
-                                          for v in node.inputs],
-                    attributes=dict(node.attributes), domain=node.domain,
-                    outputs=[result, *[ir.Value(name=o.name) for o in node.outputs[1:]]])
-    graph = ir.Graph(inputs, [result], nodes=[clone], initializers=inits, name="single")
+    clones, outputs = [], []
+    for node in nodes:
+        for v in node.inputs:
+            if v is None or not v.name or v.name in values:
+                continue
+            # constants are copied into memory: a tensor memory-mapped from external data would make the
+            # model unloadable from bytes
+            const = ir.tensor(v.const_value.numpy(), name=v.name) if v.const_value is not None else None
+            copy = ir.Value(name=v.name, shape=v.shape, type=v.type, const_value=const)
+            values[v.name] = copy
+            (inputs if const is None or v.is_graph_input() else inits).append(copy)
+        outs = [ir.Value(name=o.name + ALONE, shape=o.shape, type=o.type) for o in node.outputs]
+        clones.append(ir.node(node.op_type, inputs=[values[v.name] if v is not None and v.name else None
+                                                    for v in node.inputs],
+                              attributes=dict(node.attributes), domain=node.domain, outputs=outs))
+        outputs.append(outs[0])
+    graph = ir.Graph(inputs, outputs, nodes=clones, initializers=inits, name="alone")
     graph.opset_imports.update(model.opset_imports)
     return ir.Model(graph, ir_version=model.ir_version)
 
@@ -257,16 +272,17 @@ def channel_axis(node: ir.Node) -> int:
 
 def _accumulate_channels(acc: list, ref: np.ndarray, got: np.ndarray, axis: int) -> None:
     """Per output channel: signal power and error power (summed over every other axis)."""
-    r64, g64 = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    if r64.ndim == 0:
-        r64, g64 = r64.reshape(1), g64.reshape(1)
-    r64, g64 = np.moveaxis(r64, axis, -1), np.moveaxis(g64, axis, -1)
-    r2 = r64.reshape(-1, r64.shape[-1])
-    d = (g64 - r64).reshape(-1, r64.shape[-1])
-    ok = np.isfinite(r2)
-    d = np.where(ok, d, 0.0)
-    acc[0] = acc[0] + (np.where(ok, r2, 0.0) ** 2).sum(0)
-    acc[1] = (acc[1] + (d ** 2).sum(0)) if np.isfinite(d).all() else math.inf
+    ref, got = np.atleast_1d(ref), np.atleast_1d(got)
+    axes = tuple(i for i in range(ref.ndim) if i != axis % ref.ndim)
+    finite = np.isfinite(ref)
+    if not finite.all() or np.abs(ref).max(initial=0.0) > 1e18:  # rare: the exact path, in float64
+        ref64 = np.where(finite, ref.astype(np.float64), 0.0)
+        diff = np.where(finite, got.astype(np.float64) - ref64, 0.0)
+    else:  # squares in float32 (no overflow below 1e18), sums in float64
+        ref64, diff = ref, got - ref
+    acc[0] = acc[0] + np.sum(np.square(ref64), axis=axes, dtype=np.float64)
+    err = np.sum(np.square(diff), axis=axes, dtype=np.float64)
+    acc[1] = (acc[1] + err) if np.isfinite(err).all() else math.inf
 
 
 def _channel_ratio(acc: list | None) -> float:
@@ -333,8 +349,9 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
 
     for level 0, 1, ... each op's level-th alternative (its last one when it has fewer): if the
     top ops all on that alternative meet the target, the smallest such top-k is bisected for and
-    the search stops there; then the chosen ops least sensitive first go back one level (to
-    static int8 from level 0) where the target still holds, at most `max_restores` probes."""
+    the search stops there; of those k, the smallest top-j that must stay at that level is
+    bisected for too, the rest going one level back; then the chosen ops least sensitive first go
+    back one more level where the target still holds, at most `max_restores` probes."""
     order = [r["node"] for r in ranked if r["node"] in choices]
     result = SearchResult()
 
@@ -351,6 +368,10 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     def at(level: int, k: int) -> dict[str, str]:
         return {n: choices[n][min(level, len(choices[n]) - 1)] for n in order[:k]}
 
+    def split(level: int, k: int, j: int) -> dict[str, str]:
+        """The top j of the top k at `level`, the other k - j one level back."""
+        return {**at(level - 1, k), **at(level, j)}
+
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
         return result
@@ -359,14 +380,16 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
         if level and at(level, len(order)) == at(level - 1, len(order)):
             continue
         if measure(at(level, len(order)), f"every op on alternative {level + 1}"):
-            _smallest(functools.partial(at, level), len(order), measure, result)
+            k = _smallest(functools.partial(at, level), len(order), measure, result)
+            if level:  # of those k, only the most sensitive need this level: the rest one level back
+                _smallest(functools.partial(split, level, k), k, measure, result)
             _restore(result, choices, order, level, max_restores, measure)
             return result
     result.met = False
     return result
 
 
-def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: SearchResult) -> None:
+def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: SearchResult) -> int:
     """Bisection for the smallest k in 1..n whose placement meets the target (n is known to)."""
     lo, hi = 0, n
     while hi - lo > 1:
@@ -378,6 +401,7 @@ def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: S
     best = build(hi)
     result.overrides, result.shortfall = best, None
     result.figures = next(t["figures"] for t in reversed(result.trials) if t["moved"] == best)
+    return hi
 
 
 def _restore(result: SearchResult, choices: dict[str, list[str]], order: list[str], level: int,

@@ -1,0 +1,55 @@
+"""The placement search on a synthetic error model: which ops leave static int8, for what, and in
+how many probes."""
+
+from __future__ import annotations
+
+import math
+
+from quantkit.quantize.budget import FLOAT, Target, search
+
+# noise each op adds on each choice (relative power); static default
+NOISE = {
+    "down0": {"static": 1e-2, "dynamic": 8e-3, "weight_only": 1e-5, FLOAT: 0.0},
+    "down1": {"static": 6e-3, "dynamic": 5e-3, "weight_only": 1e-5, FLOAT: 0.0},
+    "up0": {"static": 8e-4, "dynamic": 2e-4, "weight_only": 1e-5, FLOAT: 0.0},
+    "up1": {"static": 6e-4, "dynamic": 1e-4, "weight_only": 1e-5, FLOAT: 0.0},
+    "qkv": {"static": 1e-4, "dynamic": 5e-5, "weight_only": 1e-5, FLOAT: 0.0},
+    "attn": {"static": 5e-5, FLOAT: 0.0},
+}
+CHOICES = {n: [c for c in ("dynamic", "weight_only") if c in v] + [FLOAT] for n, v in NOISE.items()}
+RANKED = [{"node": n} for n in sorted(NOISE, key=lambda n: -NOISE[n]["static"])]
+
+
+def _evaluate(probes: list):
+    def evaluate(overrides: dict[str, str]) -> list[dict]:
+        probes.append(dict(overrides))
+        noise = 1e-9 + sum(v[overrides.get(n, "static")] for n, v in NOISE.items())  # 1e-9: float's own rounding
+        sqnr = -10 * math.log10(noise)
+        return [{"name": "y", "nonfinite": 0, "cosine": 1 - noise / 2, "sqnr_db": sqnr, "top1": None}]
+    return evaluate
+
+
+def test_the_outlier_ops_go_weight_only_the_next_ones_dynamic_the_rest_stay_static():
+    probes: list = []
+    found = search(RANKED, CHOICES, Target(min_sqnr=25.0), _evaluate(probes), lambda s: None)
+    assert found.met
+    # 25 dB allows 3.2e-3 of noise: both down-projections need weight-only (dynamic keeps 1.3e-2)...
+    assert found.overrides["down0"] == "weight_only" and found.overrides["down1"] == "weight_only"
+    # ...and nothing else has to leave static int8 for float
+    assert FLOAT not in found.overrides.values()
+    assert found.figures[0]["sqnr_db"] >= 25.0
+    assert len(probes) <= 2 + 2 * math.ceil(math.log2(len(NOISE))) + 8
+
+
+def test_a_loose_target_keeps_everything_static_after_one_probe():
+    probes: list = []
+    found = search(RANKED, CHOICES, Target(min_sqnr=10.0), _evaluate(probes), lambda s: None)
+    assert found.met and found.overrides == {} and probes == [{}]
+
+
+def test_an_impossible_target_is_reported_unmet():
+    probes: list = []
+    found = search(RANKED, CHOICES, Target(min_sqnr=100.0), _evaluate(probes), lambda s: None)
+    assert not found.met and found.shortfall
+    # every level was tried once, the last one (everything float) included
+    assert probes[-1] == dict.fromkeys(NOISE, FLOAT)
