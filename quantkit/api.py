@@ -108,6 +108,9 @@ def _check_options(cfg: RunConfig) -> None:
     if cfg.data.stats_cache is not None and not Path(cfg.data.stats_cache).parent.is_dir():
         raise ConfigError(f"--stats-cache directory {Path(cfg.data.stats_cache).parent} does not exist")
     q = cfg.quant
+    if cfg.prune.enabled and cfg.data.calib is None:
+        raise ConfigError("--prune needs --calib: channels and weights are ranked (and consumers refitted) on "
+                          "calibration data")
     if cfg.data.calib is None:
         if q.activations.static:
             raise ConfigError("--calib is required: static int8 needs calibration data to set activation ranges "
@@ -169,6 +172,7 @@ class Outcome:
 def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start: float) -> Result:
     inputs = _open(cfg, workdir, status, progress)
     model, notes = _canonicalize(inputs, workdir, status)
+    pruning = _prune(cfg, model, inputs, workdir, status)
     placement = placement_for(cfg.quant)
     model = placement.prepare_model(model)
     placement.float_tensors.update(mask_tensors(model))  # calibration may add more from observed ranges
@@ -203,6 +207,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     observers = {k: v for scheme in placement.schemes for k, v in getattr(scheme, "observers", {}).items()}
     report["histograms"] = histograms(observers, report["activations"])
     report["placement"] = {k: v for k, v in placed.items() if k not in ("sensitivity", "notes")} or None
+    report["pruning"] = pruning
     failures = check_gates(outputs, cfg.gates, latency)
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
     report["seconds"] = time.perf_counter() - t_start
@@ -283,6 +288,17 @@ def _canonicalize(inputs: Inputs, workdir: Path, status) -> tuple[ir.Model, list
         n = shapes.fill_from_run(model, inputs.feed, workdir)
         notes.append(f"shape inference left {n} tensor(s) untyped; typed them from one real run")
     return model, notes
+
+
+def _prune(cfg: RunConfig, model: ir.Model, inputs: Inputs, workdir: Path, status) -> dict | None:
+    """--prune: channels, heads or weights removed in place before quantization (quantkit/prune)."""
+    if not cfg.prune.enabled:
+        return None
+    from quantkit.prune import prune
+
+    status(f"pruning {cfg.prune.ratio:.0%} ({cfg.prune.structure})")
+    return prune(model, cfg.prune, lambda: complete_batches(inputs.calib, inputs.batch, cfg.data.calib_samples,
+                                                            inputs.fixed), inputs.feed, workdir)
 
 
 def _sqnr(model: ir.Model, inputs: Inputs, workdir: Path) -> float:

@@ -1,0 +1,33 @@
+"""Pruning before quantization: structured (channels, FFN neurons, attention heads; the
+consumers refitted on calibration data) and sparse (unstructured, 2:4)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from quantkit.config import PruneConfig, PruneStructure
+from quantkit.errors import ConfigError
+from quantkit.prune.report import cost, summary
+
+Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
+
+
+def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, np.ndarray], workdir: Path) -> dict:
+    """Prune `model` in place as `cfg` says; returns the report section `pruning`."""
+    before = cost(model, feed)
+    if cfg.structure == PruneStructure.CHANNEL:
+        from quantkit.prune.structured import prune_channels
+
+        section = prune_channels(model, cfg.ratio, batches, workdir)
+        for layer in section["layers"]:
+            layer["before"], layer["after"] = layer["channels_before"], layer["channels_after"]
+    else:
+        raise ConfigError(f"--prune-structure {cfg.structure} is not available yet")
+    section = {"structure": cfg.structure.value, "ratio": cfg.ratio,
+               "method": cfg.method.value if cfg.method is not None else None,
+               **summary(before, cost(model, feed)), **section}
+    return section

@@ -1,0 +1,137 @@
+"""The maths of structured pruning, pure numpy: channel statistics, importance, and the
+least-squares refit of a consumer layer.
+
+A consumer computes y = x W + b with x the C channels of the pruned group (a MatMul's K, a 1x1
+Conv's input channels). The statistics are the Gram matrix of [x, 1] over every calibration
+position, accumulated batch by batch (memory: one batch plus a (C+1)^2 matrix). Removing the
+channels outside S, the kept weights are re-solved so the block output is preserved:
+
+    min_{W', b'} ||X_S W' + b' - (X W + b)||^2 + lam ||W' - W_S||^2
+
+whose normal equations only need the Gram: (G_SS + lam I) [W'; b'] = G_S,all [W; b] + lam [W_S; b].
+The ridge pulls towards plain removal (W' = W_S), not towards zero, so a small calibration set
+cannot drive the refit far from the trained weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RIDGE = 1e-1  # lam as a fraction of the mean diagonal of G_SS
+
+
+def _augmented(x: np.ndarray, axis: int) -> np.ndarray:
+    rows = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
+    return np.concatenate([rows, np.ones((len(rows), 1))], axis=1)
+
+
+class Gram:
+    """Sum of [x, 1]^T [x, 1] over all positions of the channels of one tensor.
+
+    Pruned layer by layer, x is the input in the model pruned so far and x0 the same tensor in
+    the original model; the refit then aims at the original output x0 W + b, so each layer also
+    makes up for the error of the layers pruned before it: `cross` = sum [x, 1]^T [x0, 1] and
+    `reference` = sum [x0, 1]^T [x0, 1]. Without x0 both are `matrix`."""
+
+    def __init__(self, channels: int):
+        self.matrix = np.zeros((channels + 1, channels + 1))
+        self.cross: np.ndarray | None = None
+        self.reference: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray, axis: int, x0: np.ndarray | None = None) -> None:
+        """x holds the channels on `axis`; every other axis is a position."""
+        aug = _augmented(x, axis)
+        self.matrix += aug.T @ aug
+        if x0 is not None:
+            ref = _augmented(x0, axis)
+            if self.cross is None:
+                self.cross, self.reference = np.zeros_like(self.matrix), np.zeros_like(self.matrix)
+            self.cross += aug.T @ ref
+            self.reference += ref.T @ ref
+        self.count += len(aug)
+
+    def targets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cross, reference) Gram matrices: the original model's, or `matrix` twice."""
+        if self.cross is None:
+            return self.matrix, self.matrix
+        return self.cross, self.reference
+
+    @property
+    def channels(self) -> int:
+        return self.matrix.shape[0] - 1
+
+    def rms(self) -> np.ndarray:
+        """Root mean square of each channel over the positions."""
+        return np.sqrt(np.diag(self.matrix)[:-1] / max(self.count, 1))
+
+    def mean(self) -> np.ndarray:
+        return self.matrix[-1, :-1] / max(self.count, 1)
+
+
+def importance(rms: np.ndarray, w_rows: np.ndarray) -> np.ndarray:
+    """Channel importance for one consumer: activation RMS x the norm of the weights it feeds
+    (the expected size of the channel's contribution to the consumer's output). w_rows [C, ...]."""
+    return rms * np.linalg.norm(w_rows.reshape(len(w_rows), -1), axis=1)
+
+
+def keep_count(channels: int, ratio: float) -> int:
+    """Channels kept when pruning `ratio` of them: at least one; wide layers keep a multiple of 8
+    (the nearest) so the pruned GEMMs stay on the kernels' vector widths."""
+    keep = channels - int(round(channels * ratio))
+    if channels >= 64:
+        keep = min(channels, max(8, int(round(keep / 8)) * 8))
+    return max(1, keep)
+
+
+def select(score: np.ndarray, keep: int) -> np.ndarray:
+    """Indices of the `keep` highest scores, in channel order (ties: the lower index)."""
+    order = np.argsort(-score, kind="stable")[:keep]
+    return np.sort(order)
+
+
+def refit(gram: Gram, w: np.ndarray, b: np.ndarray | None, keep: np.ndarray,
+          ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least-squares weights for the kept input channels of y = x w + b (w [C, N], b [N] or None:
+    then no bias is fitted). Returns (w' [len(keep), N], b' or None)."""
+    c = gram.channels
+    g = gram.matrix
+    full = np.concatenate([w, (b if b is not None else np.zeros(w.shape[1]))[None, :]], axis=0).astype(np.float64)
+    idx = np.concatenate([keep, [c]]) if b is not None else keep
+    start = full[idx] if b is not None else w[keep].astype(np.float64)
+    a = g[np.ix_(idx, idx)]
+    lam = ridge * max(float(np.mean(np.diag(a))), 1e-12)
+    rhs = gram.targets()[0][idx] @ full + lam * start
+    try:
+        sol = np.linalg.solve(a + lam * np.eye(len(idx)), rhs)
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(a + lam * np.eye(len(idx)), rhs, rcond=None)[0]
+    if b is not None:
+        return sol[:-1].astype(w.dtype), sol[-1].astype(b.dtype)
+    return sol.astype(w.dtype), None
+
+
+def removal_bias(gram: Gram, w_sum: np.ndarray, b: np.ndarray | None, keep: np.ndarray) -> np.ndarray:
+    """The bias that makes up for the mean of the removed channels under plain removal, for
+    spatial kernels where the full refit does not apply: b + sum_removed mean_c * w_c, with
+    w_sum [C, N] each channel's kernel summed over its taps (exact away from the padded border)."""
+    removed = np.setdiff1d(np.arange(gram.channels), keep)
+    base = np.zeros(w_sum.shape[1]) if b is None else b.astype(np.float64)
+    return base + gram.mean()[removed] @ w_sum[removed].astype(np.float64)
+
+
+def output_error(gram: Gram, w: np.ndarray, b: np.ndarray | None, keep: np.ndarray,
+                 w_new: np.ndarray, b_new: np.ndarray | None) -> float:
+    """Mean squared error of the consumer output after pruning against the original output,
+    from the Gram matrices alone: E||[x0,1] full - [x,1] new||^2, with `new` the kept rows
+    replaced by the new weights (zero elsewhere)."""
+    c = gram.channels
+    zero = np.zeros(w.shape[1])
+    full = np.concatenate([w, (b if b is not None else zero)[None, :]], axis=0).astype(np.float64)
+    new = np.zeros_like(full)
+    new[keep] = w_new
+    new[c] = b_new if b_new is not None else (b if b is not None else zero)
+    cross, ref = gram.targets()
+    err = (np.einsum("in,ij,jn->", full, ref, full) - 2 * np.einsum("in,ij,jn->", new, cross, full)
+           + np.einsum("in,ij,jn->", new, gram.matrix, new))
+    return float(max(err, 0.0) / max(gram.count, 1) / w.shape[1])
