@@ -135,3 +135,36 @@ def output_error(gram: Gram, w: np.ndarray, b: np.ndarray | None, keep: np.ndarr
     err = (np.einsum("in,ij,jn->", full, ref, full) - 2 * np.einsum("in,ij,jn->", new, cross, full)
            + np.einsum("in,ij,jn->", new, gram.matrix, new))
     return float(max(err, 0.0) / max(gram.count, 1) / w.shape[1])
+
+
+def obs_select(layers: list[tuple[Gram, np.ndarray]], keep: int, damp: float = 0.01) -> np.ndarray:
+    """Channels to keep, removed one at a time by the optimal-brain-surgeon rule for whole input
+    rows (as in ZipLM): with H = G + damp*mean(diag) I over [x, 1] and its inverse Hinv, removing
+    channel c and re-solving the others costs sum_n w[c, n]^2 / Hinv[c, c] of output error; after
+    each removal w and Hinv get the rank-one updates of the re-solved problem. `layers` is every
+    consumer of the group as (Gram, w [C, N]); their costs add up. The bias row is never removed."""
+    state = []
+    for gram, w in layers:
+        h = gram.matrix.copy()
+        h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+        full = np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0).astype(np.float64)
+        state.append([np.linalg.inv(h), full])
+    channels = layers[0][0].channels
+    alive = np.ones(channels, dtype=bool)
+    removals = channels - keep
+    step = max(1, removals // 32)  # wide layers: several channels per update (each costs ~ C^2 N)
+    while removals > 0:
+        cost = np.zeros(channels)
+        for hinv, w in state:
+            d = np.maximum(np.diag(hinv)[:channels], 1e-30)
+            cost += np.sum(w[:channels] ** 2, axis=1) / d
+        cost[~alive] = np.inf
+        q = np.argsort(cost, kind="stable")[:min(step, removals)]
+        alive[q] = False
+        removals -= len(q)
+        for item in state:  # the block form of the rank-one updates: remove all of q at once
+            hinv, w = item
+            cols = hinv[:, q] @ np.linalg.inv(hinv[np.ix_(q, q)])
+            item[1] = w - cols @ w[q]
+            item[0] = hinv - cols @ hinv[q]
+    return np.flatnonzero(alive)

@@ -139,6 +139,15 @@ def channel_score(group: Group, stats: dict[str, rf.Gram]) -> np.ndarray:
     return score
 
 
+def choose(group: Group, stats: dict[str, rf.Gram], keep: int) -> np.ndarray:
+    """The channels to keep: by the optimal-brain-surgeon cost when every consumer is a plain
+    y = x w + b (MatMul, Gemm, 1x1 Conv), else by activation RMS x weight norm."""
+    consumers = [Consumer.of(n) for n in group.consumers]
+    if any(c.spatial for c in consumers):
+        return rf.select(channel_score(group, stats), keep)
+    return rf.obs_select([(stats[c.node.inputs[0].name], c.w) for c in consumers], keep)
+
+
 def prune_group(group: Group, keep: np.ndarray, stats: dict[str, rf.Gram], refit: bool = True) -> list[dict]:
     """Remove every channel of `group` outside `keep`; returns the consumers' error records."""
     records = []
@@ -179,7 +188,7 @@ def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit:
     for step in steps:
         stats = grams(model, requests(step), batches(), workdir, reference)
         for g in step:
-            keep = rf.select(channel_score(g, stats), rf.keep_count(g.channels, ratio))
+            keep = choose(g, stats, rf.keep_count(g.channels, ratio))
             records = prune_group(g, keep, stats, refit)
             layers.append({"layer": g.name, "producers": [p.name for p in g.producers],
                            "consumers": records or [c.name for c in g.consumers],
