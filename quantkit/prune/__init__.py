@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from quantkit.config import PruneConfig, PruneStructure
 from quantkit.errors import ConfigError
+from quantkit.prune.fold import fold_constant_shapes
 from quantkit.prune.report import cost, summary
 
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
@@ -19,6 +20,7 @@ Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, np.ndarray], workdir: Path) -> dict:
     """Prune `model` in place as `cfg` says; returns the report section `pruning`."""
     before = cost(model, feed)
+    fold_constant_shapes(model)
     if cfg.structure == PruneStructure.CHANNEL:
         from quantkit.prune.structured import prune_channels
 
