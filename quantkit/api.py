@@ -191,6 +191,10 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     if not plan.ops:
         notes.append("no node could be quantized; the output is the canonicalized float model")
 
+    if pruning is not None and cfg.prune.sparse:  # zeros stored as a bitmask, rebuilt when ORT loads the model
+        from quantkit.prune.storage import store_sparse, summarize
+
+        pruning["storage"] = summarize(store_sparse(qmodel))
     q_path = workdir / "quantized.onnx"
     runtime.save(qmodel, q_path)
     try:

@@ -226,6 +226,11 @@ class PruneConfig:
     def enabled(self) -> bool:
         return self.ratio is not None
 
+    @property
+    def sparse(self) -> bool:
+        """Single weights zeroed (the file then stores them as a bitmask)."""
+        return self.enabled and self.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI)
+
 
 @dataclass(frozen=True)
 class RunConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.config import PruneConfig, PruneStructure
+from quantkit.config import PruneConfig, PruneMethod, PruneStructure
 from quantkit.errors import ConfigError
 from quantkit.prune.fold import fold_constant_shapes
 from quantkit.prune.report import cost, summary
@@ -19,17 +19,24 @@ Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 
 def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, np.ndarray], workdir: Path) -> dict:
     """Prune `model` in place as `cfg` says; returns the report section `pruning`."""
-    before = cost(model, feed)
+    before = cost(model, feed, workdir)
     fold_constant_shapes(model)
     if cfg.structure == PruneStructure.CHANNEL:
         from quantkit.prune.structured import prune_channels
 
         section = prune_channels(model, cfg.ratio, batches, workdir)
         for layer in section["layers"]:
-            layer["before"], layer["after"] = layer["channels_before"], layer["channels_after"]
+            layer["detail"] = f"{layer['channels_before']} -> {layer['channels_after']} channels"
+    elif cfg.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI):
+        from quantkit.prune.sparse import prune_sparse
+
+        method = (cfg.method or PruneMethod.WANDA).value
+        section = prune_sparse(model, cfg.ratio, cfg.structure == PruneStructure.SEMI, method, batches, workdir)
+        for layer in section["layers"]:
+            layer["detail"] = f"{layer['weights']:,} weights, {layer['method']}"
     else:
         raise ConfigError(f"--prune-structure {cfg.structure} is not available yet")
     section = {"structure": cfg.structure.value, "ratio": cfg.ratio,
                "method": cfg.method.value if cfg.method is not None else None,
-               **summary(before, cost(model, feed)), **section}
+               **summary(before, cost(model, feed, workdir)), **section}
     return section

@@ -21,20 +21,22 @@ RIDGE = 1e-1  # lam as a fraction of the mean diagonal of G_SS
 
 
 def _augmented(x: np.ndarray, axis: int) -> np.ndarray:
-    rows = np.moveaxis(np.asarray(x, np.float64), axis, -1).reshape(-1, x.shape[axis])
-    return np.concatenate([rows, np.ones((len(rows), 1))], axis=1)
+    rows = np.moveaxis(np.asarray(x, np.float32), axis, -1).reshape(-1, x.shape[axis])
+    return np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1)
 
 
 class Gram:
-    """Sum of [x, 1]^T [x, 1] over all positions of the channels of one tensor.
+    """Sum of [x, 1]^T [x, 1] over all positions of the channels of one tensor (per-batch products
+    in float32, summed in float64); with full=False only the per-channel sums and squares.
 
     Pruned layer by layer, x is the input in the model pruned so far and x0 the same tensor in
     the original model; the refit then aims at the original output x0 W + b, so each layer also
     makes up for the error of the layers pruned before it: `cross` = sum [x, 1]^T [x0, 1] and
     `reference` = sum [x0, 1]^T [x0, 1]. Without x0 both are `matrix`."""
 
-    def __init__(self, channels: int):
-        self.matrix = np.zeros((channels + 1, channels + 1))
+    def __init__(self, channels: int, full: bool = True):
+        self.matrix = np.zeros((channels + 1, channels + 1)) if full else None
+        self.sq, self.sum = np.zeros(channels), np.zeros(channels)
         self.cross: np.ndarray | None = None
         self.reference: np.ndarray | None = None
         self.count = 0
@@ -42,6 +44,12 @@ class Gram:
     def update(self, x: np.ndarray, axis: int, x0: np.ndarray | None = None) -> None:
         """x holds the channels on `axis`; every other axis is a position."""
         aug = _augmented(x, axis)
+        rows = aug[:, :-1].astype(np.float64)
+        self.sq += np.sum(rows * rows, axis=0)
+        self.sum += np.sum(rows, axis=0)
+        self.count += len(aug)
+        if self.matrix is None:
+            return
         self.matrix += aug.T @ aug
         if x0 is not None:
             ref = _augmented(x0, axis)
@@ -49,7 +57,6 @@ class Gram:
                 self.cross, self.reference = np.zeros_like(self.matrix), np.zeros_like(self.matrix)
             self.cross += aug.T @ ref
             self.reference += ref.T @ ref
-        self.count += len(aug)
 
     def targets(self) -> tuple[np.ndarray, np.ndarray]:
         """(cross, reference) Gram matrices: the original model's, or `matrix` twice."""
@@ -59,14 +66,14 @@ class Gram:
 
     @property
     def channels(self) -> int:
-        return self.matrix.shape[0] - 1
+        return len(self.sq)
 
     def rms(self) -> np.ndarray:
         """Root mean square of each channel over the positions."""
-        return np.sqrt(np.diag(self.matrix)[:-1] / max(self.count, 1))
+        return np.sqrt(self.sq / max(self.count, 1))
 
     def mean(self) -> np.ndarray:
-        return self.matrix[-1, :-1] / max(self.count, 1)
+        return self.sum / max(self.count, 1)
 
 
 def importance(rms: np.ndarray, w_rows: np.ndarray) -> np.ndarray:

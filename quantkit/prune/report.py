@@ -2,60 +2,49 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-import onnx
 import onnx_ir as ir
+
+from quantkit import runtime
+from quantkit.errors import QuantkitError
+from quantkit.graph.ir_edit import with_outputs
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
 
 
-def cost(model: ir.Model, feed: dict[str, np.ndarray]) -> dict:
-    """Parameters (elements of every float initializer) and multiply-accumulates of the Conv /
-    MatMul / Gemm nodes for one sample of `feed`'s shapes (shapes inferred by onnx with the
-    inputs fixed to those shapes)."""
-    params = sum(int(np.prod(v.const_value.shape.numpy())) for v in model.graph.initializers.values()
-                 if v.const_value is not None and v.const_value.dtype.is_floating_point())
-    proto = ir.serde.serialize_model(model)
-    for t in proto.graph.initializer:  # shapes need no weights: keep the copy small
-        t.ClearField("raw_data")
-        t.ClearField("float_data")
-        t.data_location = onnx.TensorProto.DEFAULT
-        t.ClearField("external_data")
-    del proto.graph.value_info[:]
-    for i in proto.graph.input:
-        if i.name in feed:
-            dims = i.type.tensor_type.shape.dim
-            for d, n in zip(dims, (1, *feed[i.name].shape[1:])):
-                d.Clear()
-                d.dim_value = int(n)
+def cost(model: ir.Model, feed: dict[str, np.ndarray], workdir: Path | None = None) -> dict:
+    """Parameters (elements of every float initializer; and how many are not zero) and the
+    multiply-accumulates of the Conv / MatMul / Gemm nodes for one sample of `feed`, their
+    shapes taken from one onnxruntime run on that sample."""
+    floats = [v.const_value.numpy() for v in model.graph.initializers.values()
+              if v.const_value is not None and v.const_value.dtype.is_floating_point()]
+    params = sum(int(a.size) for a in floats)
+    nonzero = sum(int(np.count_nonzero(a)) for a in floats)
+    return {"params": params, "nonzero": nonzero, "macs": _macs(model, feed, workdir)}
+
+
+def _macs(model: ir.Model, feed: dict[str, np.ndarray], workdir: Path | None) -> int | None:
+    nodes = [n for n in model.graph if n.op_type in WEIGHT_OPS and n.domain in ("", "ai.onnx")
+             and n.inputs[1] is not None and n.inputs[1].const_value is not None]
+    if not nodes:
+        return 0
+    names = list(dict.fromkeys(v.name for n in nodes for v in (n.inputs[0], n.outputs[0])))
+    one = {k: v[:1] for k, v in feed.items()}
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # onnx raises several types; the cost is then reported as unknown
-        return {"params": params, "macs": None}
-    return {"params": params, "macs": _macs(inferred)}
-
-
-def _dims(vi) -> list[int] | None:
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-    return None if any(d is None for d in dims) else dims
-
-
-def _macs(proto: onnx.ModelProto) -> int | None:
-    shapes = {vi.name: _dims(vi) for vi in [*proto.graph.value_info, *proto.graph.output, *proto.graph.input]}
-    shapes.update({t.name: list(t.dims) for t in proto.graph.initializer})
+        sess = runtime.session(with_outputs(model, names), workdir or Path("."), tag="cost")
+        shapes = dict(zip(names, (o.shape for o in runtime.run(sess, names, one, "one sample"))))
+    except QuantkitError:
+        return None
     total = 0
-    for node in proto.graph.node:
-        if node.op_type not in WEIGHT_OPS:
-            continue
-        out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
-        a = shapes.get(node.input[0])
-        if out is None or w is None or a is None:
-            return None
-        if node.op_type == "Conv":
+    for n in nodes:
+        out, a = shapes[n.outputs[0].name], shapes[n.inputs[0].name]
+        w = n.inputs[1].const_value.shape.numpy()
+        if n.op_type == "Conv":
             total += int(np.prod(out)) * int(np.prod(w[1:]))
-        elif node.op_type == "Gemm":
-            trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
-            total += int(np.prod(out)) * a[0 if trans_a else -1]
+        elif n.op_type == "Gemm":
+            total += int(np.prod(out)) * a[0 if n.attributes.get_int("transA", 0) else -1]
         else:
             total += int(np.prod(out)) * a[-1]
     return total
@@ -66,6 +55,7 @@ def summary(before: dict, after: dict) -> dict:
         return None if a is None or b in (None, 0) else a / b
 
     return {"params_before": before["params"], "params_after": after["params"],
+            "nonzero_before": before["nonzero"], "nonzero_after": after["nonzero"],
             "macs_before": before["macs"], "macs_after": after["macs"],
             "params_ratio": ratio(after["params"], before["params"]),
             "macs_ratio": ratio(after["macs"], before["macs"])}
@@ -77,13 +67,18 @@ def render_lines(section: dict | None) -> list[str]:
         return []
     lines = [f"  pruning   {section['structure']} {section['ratio']:.0%}"
              + (f" ({section['method']})" if section.get("method") else "")
-             + f": params {section['params_before']:,} -> {section['params_after']:,}"]
+             + f": params {section['params_before']:,} -> {section['params_after']:,}"
+             + (f", nonzero {section['nonzero_before']:,} -> {section['nonzero_after']:,}"
+                if section["nonzero_after"] != section["params_after"] else "")]
     if section.get("macs_before") and section.get("macs_after"):
         lines.append(f"            MACs/sample {section['macs_before']:,} -> {section['macs_after']:,} "
                      f"({section['macs_after'] / section['macs_before']:.2f}x)")
+    st = section.get("storage")
+    if st and st["tensors"]:
+        lines.append(f"            stored sparse: {st['tensors']} tensor(s), {st['dense_bytes']:,} -> "
+                     f"{st['stored_bytes']:,} bytes (bitmask + kept values)")
     for layer in section["layers"]:
-        lines.append(f"    {layer['layer']:<44} {layer.get('before', '')} -> {layer.get('after', '')}"
-                     f"  ({layer['ratio']:.0%} pruned)")
+        lines.append(f"    {layer['layer']:<44} {layer['detail']}  ({layer['ratio']:.0%} pruned)")
     for s in section["skipped"]:
         lines.append(f"    left whole: {s['layer']}: {s['reason']}")
     return lines

@@ -16,10 +16,11 @@ from quantkit.prune.refit import Gram
 
 
 def grams(model: ir.Model, requests: dict[str, tuple[int, int]], batches: Iterable[dict[str, np.ndarray]],
-          workdir: Path, reference: ir.Model | None = None) -> dict[str, Gram]:
+          workdir: Path, reference: ir.Model | None = None, full: bool = True) -> dict[str, Gram]:
     """requests: tensor name -> (channels, channel axis). Returns tensor name -> Gram; with a
-    reference model (the unpruned original), also the cross statistics against its tensors."""
-    out = {name: Gram(c) for name, (c, _) in requests.items()}
+    reference model (the unpruned original), also the cross statistics against its tensors;
+    full=False: per-channel sums and squares only."""
+    out = {name: Gram(c, full) for name, (c, _) in requests.items()}
     if not requests:
         return out
     names = list(requests)
