@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from quantkit.graph.ir_edit import Editor, const_array
 
-MIN_ELEMENTS = 4096  # smaller tensors are not worth the decode nodes
+MIN_ELEMENTS = 2048  # smaller tensors are not worth the ~20 decode nodes
 MIN_FILL = 0.35  # store sparse when at least this fraction of the elements is the fill value
 NIBBLE_INPUTS = {("com.microsoft", "MatMulNBits"): 1, ("com.microsoft", "GatherBlockQuantized"): 0}
 SCALE_INPUTS = {("com.microsoft", "MatMulNBits"): 2, ("com.microsoft", "GatherBlockQuantized"): 2}

@@ -60,3 +60,38 @@ def test_prune_needs_calibration_data(samples, tmp_path):
     r = quantize(d / "model.onnx", "--activations", "dynamic", "--eval", d / "eval.npz", "-o", tmp_path / "x.onnx",
                  "--prune", "0.3")
     assert r.exit_code == 2 and "--prune needs --calib" in r.output
+
+
+def test_unstructured_half_then_int4_stores_the_zeros_almost_free(samples, tmp_path):
+    d = samples / "digits_transformer"
+    dense, sparse_out, rep = tmp_path / "dense.onnx", tmp_path / "sparse.onnx", tmp_path / "r.json"
+    common = ["--weights", "int4", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "--no-speed-guard"]
+    assert quantize(d / "model.onnx", *common, "-o", dense).exit_code == 0
+    r = quantize(d / "model.onnx", *common, "-o", sparse_out, "--report", rep, "--prune", "0.5",
+                 "--prune-structure", "unstructured", "--prune-method", "sparsegpt")
+    assert r.exit_code == 0, r.output
+    p = json.loads(rep.read_text())["pruning"]
+    assert p["nonzero_after"] < 0.6 * p["nonzero_before"] and p["params_after"] == p["params_before"]
+    assert p["storage"]["tensors"] >= 1 and p["storage"]["stored_bytes"] < 0.85 * p["storage"]["dense_bytes"]
+    assert all(layer["ratio"] == pytest.approx(0.5, abs=0.01) for layer in p["layers"] if layer["op_type"] == "MatMul")
+    saved = p["storage"]["dense_bytes"] - p["storage"]["stored_bytes"]
+    assert saved > 0.25 * p["storage"]["dense_bytes"]
+    assert sparse_out.stat().st_size < dense.stat().st_size  # tiny tensors here: the decode nodes eat most of it
+    onnx.checker.check_model(str(sparse_out), full_check=True)
+    data = np.load(d / "eval.npz")
+    sess = ort.InferenceSession(str(sparse_out), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    assert np.isfinite(sess.run(None, {name: data[name][:4]})[0]).all()
+
+
+def test_two_four_then_int8_on_the_digits_cnn(samples, tmp_path):
+    d = samples / "digits_cnn"
+    out, rep = tmp_path / "cnn24.onnx", tmp_path / "r.json"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out, "--report", rep,
+                 "--prune-structure", "2:4", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    p = report["pruning"]
+    assert p["ratio"] == 0.5 and p["method"] is None
+    assert all(layer["ratio"] == 0.5 for layer in p["layers"])
+    assert report["outputs"][0]["top1_agreement"] > 0.5  # half of every weight group gone, no retraining
