@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.config import PruneConfig, PruneMethod, PruneStructure
-from quantkit.errors import ConfigError
+from quantkit.errors import UnsupportedModelError
 from quantkit.prune.fold import fold_constant_shapes
 from quantkit.prune.report import cost, summary
 
@@ -35,7 +35,18 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
         for layer in section["layers"]:
             layer["detail"] = f"{layer['weights']:,} weights, {layer['method']}"
     else:
-        raise ConfigError(f"--prune-structure {cfg.structure} is not available yet")
+        from quantkit.graph import shapes
+        from quantkit.prune.heads import prune_attention
+
+        section = prune_attention(model, cfg.ratio, batches, workdir)
+        shapes.infer(model)
+        for layer in section["layers"]:
+            layer["detail"] = f"{layer['heads_before']} -> {layer['heads_after']} heads"
+        if not section["layers"]:
+            why = "; ".join(f"{s['layer']}: {s['reason']}" for s in section["skipped"][:3]) or \
+                "no MatMul -> Reshape -> Transpose ... Softmax ... output projection pattern"
+            raise UnsupportedModelError(f"--prune-structure head found no attention block it can prune ({why}); "
+                                        "use --prune-structure channel")
     section = {"structure": cfg.structure.value, "ratio": cfg.ratio,
                "method": cfg.method.value if cfg.method is not None else None,
                **summary(before, cost(model, feed, workdir)), **section}

@@ -175,3 +175,26 @@ def obs_select(layers: list[tuple[Gram, np.ndarray]], keep: int, damp: float = 0
             item[1] = w - cols @ w[q]
             item[0] = hinv - cols @ hinv[q]
     return np.flatnonzero(alive)
+
+
+def obs_select_groups(gram: Gram, w: np.ndarray, groups: list[np.ndarray], keep: int,
+                      damp: float = 0.01) -> np.ndarray:
+    """Which of the row `groups` (e.g. attention heads) to keep: removed one group at a time by
+    the block optimal-brain-surgeon cost sum_n w_g,n^T (Hinv_gg)^-1 w_g,n, with the updates of
+    w and Hinv after each removal. Returns the indices of the kept groups."""
+    h = gram.matrix.copy()
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    hinv = np.linalg.inv(h)
+    w = np.concatenate([w, np.zeros((1, w.shape[1]))], axis=0).astype(np.float64)
+    alive = list(range(len(groups)))
+    while len(alive) > keep:
+        costs = []
+        for g in alive:
+            q = groups[g]
+            block = np.linalg.inv(hinv[np.ix_(q, q)])
+            costs.append(float(np.einsum("in,ij,jn->", w[q], block, w[q])))
+        q = groups[alive.pop(int(np.argmin(costs)))]
+        cols = hinv[:, q] @ np.linalg.inv(hinv[np.ix_(q, q)])
+        w = w - cols @ w[q]
+        hinv = hinv - cols @ hinv[q]
+    return np.array(alive, dtype=np.int64)
