@@ -78,3 +78,37 @@ def ffn_block(rng: np.random.Generator, d: int = 16, hidden: int = 64) -> onnx.M
     return _graph(nodes, "ffn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", d]),
                    helper.make_tensor_value_info("q", TensorProto.FLOAT, ["N", "T", 2, d // 2])], t)
+
+
+def attention_block(rng: np.random.Generator, d: int = 16, heads: int = 4,
+                    shared_shape: bool = True) -> onnx.ModelProto:
+    """Self-attention as torch.onnx writes it, with explicit head counts in the Reshape shapes
+    ([0, 0, H, dh] shared by Q, K, V when `shared_shape`, [0, 0, H*dh] to merge), an additive
+    mask [N, 1, 1, T] and a residual add after the output projection."""
+    dh = d // heads
+    t = {f"w{p}": _f(rng, d, d) for p in "qkvo"} | {f"b{p}": _f(rng, d, scale=0.1) for p in "qkvo"}
+    t |= {"scale": np.float32(1 / np.sqrt(dh)), "merge_shape": np.array([0, 0, d], np.int64)}
+    splits = {p: "split_shape" if shared_shape else f"split_shape_{p}" for p in "qkv"}
+    for name in set(splits.values()):
+        t[name] = np.array([0, 0, heads, dh], np.int64)
+    n = helper.make_node
+    nodes = []
+    for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [n("MatMul", ["x", f"w{p}"], [f"{p}0"], name=f"{p}_proj"),
+                  n("Add", [f"{p}0", f"b{p}"], [f"{p}1"], name=f"{p}_bias"),
+                  n("Reshape", [f"{p}1", splits[p]], [f"{p}2"], name=f"{p}_split"),
+                  n("Transpose", [f"{p}2"], [f"{p}3"], name=f"{p}_t", perm=perm)]
+    nodes += [n("MatMul", ["q3", "k3"], ["s0"], name="scores"),
+              n("Mul", ["s0", "scale"], ["s1"], name="scale_mul"),
+              n("Add", ["s1", "mask"], ["s2"], name="mask_add"),
+              n("Softmax", ["s2"], ["p"], name="softmax", axis=-1),
+              n("MatMul", ["p", "v3"], ["c0"], name="context"),
+              n("Transpose", ["c0"], ["c1"], name="c_t", perm=[0, 2, 1, 3]),
+              n("Reshape", ["c1", "merge_shape"], ["c2"], name="merge"),
+              n("MatMul", ["c2", "wo"], ["o0"], name="o_proj"),
+              n("Add", ["o0", "bo"], ["o1"], name="o_bias"),
+              n("Add", ["o1", "x"], ["y"], name="residual")]
+    return _graph(nodes, "attention",
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d]),
+                   helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, 1, "T"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", d])], t)

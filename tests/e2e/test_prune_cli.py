@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from prune_models import attention_block
 
 from quantkit.cli import cli
 
@@ -95,3 +96,29 @@ def test_two_four_then_int8_on_the_digits_cnn(samples, tmp_path):
     assert p["ratio"] == 0.5 and p["method"] is None
     assert all(layer["ratio"] == 0.5 for layer in p["layers"])
     assert report["outputs"][0]["top1_agreement"] > 0.5  # half of every weight group gone, no retraining
+
+
+def test_head_pruning_then_int8_on_an_exported_attention_block(tmp_path):
+    rng = np.random.default_rng(0)
+    model = tmp_path / "att.onnx"
+    onnx.save(attention_block(rng), str(model))
+    x = rng.normal(0, 1, (64, 6, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x, mask=np.zeros((64, 1, 1, 6), np.float32))
+    out, rep = tmp_path / "att.pruned.onnx", tmp_path / "r.json"
+    r = quantize(model, "--calib", tmp_path / "calib.npz", "-o", out, "--report", rep, "--prune", "0.5",
+                 "--prune-structure", "head", "--no-speed-guard", "--batch-axis", "mask=0")
+    assert r.exit_code == 0, r.output
+    p = json.loads(rep.read_text())["pruning"]
+    (layer,) = p["layers"]
+    assert (layer["heads_before"], layer["heads_after"]) == (4, 2)
+    assert p["macs_after"] < 0.75 * p["macs_before"]
+    assert "4 -> 2 heads" in r.output
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": x[:3], "mask": np.zeros((3, 1, 1, 6), np.float32)})[0].shape == (3, 6, 16)
+
+
+def test_head_pruning_on_a_model_without_attention_says_so(samples, tmp_path):
+    d = samples / "digits_cnn"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "-o", tmp_path / "x.onnx", "--prune", "0.3",
+                 "--prune-structure", "head")
+    assert r.exit_code == 4 and "found no attention block" in r.output
