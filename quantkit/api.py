@@ -172,7 +172,7 @@ class Outcome:
 def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start: float) -> Result:
     inputs = _open(cfg, workdir, status, progress)
     model, notes = _canonicalize(inputs, workdir, status)
-    pruning = _prune(cfg, model, inputs, workdir, status)
+    model, pruning = _prune(cfg, model, inputs, workdir, status)
     placement = placement_for(cfg.quant)
     model = placement.prepare_model(model)
     placement.float_tensors.update(mask_tensors(model))  # calibration may add more from observed ranges
@@ -294,15 +294,24 @@ def _canonicalize(inputs: Inputs, workdir: Path, status) -> tuple[ir.Model, list
     return model, notes
 
 
-def _prune(cfg: RunConfig, model: ir.Model, inputs: Inputs, workdir: Path, status) -> dict | None:
-    """--prune: channels, heads or weights removed in place before quantization (quantkit/prune)."""
+def _prune(cfg: RunConfig, model: ir.Model, inputs: Inputs, workdir: Path, status) -> tuple[ir.Model, dict | None]:
+    """--prune: channels, heads or weights removed before quantization (quantkit/prune); with an
+    accuracy target, the largest ratio up to --prune that leaves quantization half the budget."""
     if not cfg.prune.enabled:
-        return None
-    from quantkit.prune import prune
+        return model, None
+    from quantkit.prune import prune, prune_to_target
 
-    status(f"pruning {cfg.prune.ratio:.0%} ({cfg.prune.structure})")
-    return prune(model, cfg.prune, lambda: complete_batches(inputs.calib, inputs.batch, cfg.data.calib_samples,
-                                                            inputs.fixed), inputs.feed, workdir)
+    def batches():
+        return complete_batches(inputs.calib, inputs.batch, cfg.data.calib_samples, inputs.fixed)
+
+    g = cfg.gates
+    if g.min_cosine is None and g.min_sqnr is None and g.max_accuracy_drop is None:
+        status(f"pruning {cfg.prune.ratio:.0%} ({cfg.prune.structure})")
+        return model, prune(model, cfg.prune, batches, inputs.feed, workdir)
+    target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
+    probe = budget.Probe.take(inputs.fp32, batches())
+    return prune_to_target(model, cfg.prune, batches, inputs.feed, workdir, target,
+                           lambda m: probe.score(runtime.session(m, workdir, tag="pruned candidate")), status)
 
 
 def _sqnr(model: ir.Model, inputs: Inputs, workdir: Path) -> float:

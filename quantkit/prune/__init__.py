@@ -51,3 +51,26 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
                "method": cfg.method.value if cfg.method is not None else None,
                **summary(before, cost(model, feed, workdir)), **section}
     return section
+
+
+def prune_to_target(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, np.ndarray], workdir: Path,
+                    target, score, status=lambda s: None) -> tuple[ir.Model, dict | None]:
+    """Prune as much as `target` allows, up to cfg.ratio (prune/target.py). Returns the model to
+    quantize (the original when no ratio meets half the target) and the report section."""
+    from dataclasses import replace
+
+    from quantkit.prune.target import half_budget, search
+
+    def prune_at(ratio: float):
+        candidate = model.clone()
+        return candidate, prune(candidate, replace(cfg, ratio=ratio), batches, feed, workdir)
+
+    goal = half_budget(target)
+    found = search(cfg.ratio, prune_at, score, goal, status)
+    info = {"target": target.describe(), "pruning_target": goal.describe(), "max_ratio": cfg.ratio,
+            "chosen_ratio": found.ratio, "trials": found.trials}
+    if found.model is None:
+        return model, {"structure": cfg.structure.value, "ratio": 0.0, "layers": [], "skipped": [],
+                       "search": info, "note": f"no pruning ratio up to {cfg.ratio:g} keeps {goal.describe()}"}
+    found.section["search"] = info
+    return found.model, found.section

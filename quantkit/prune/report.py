@@ -65,6 +65,9 @@ def render_lines(section: dict | None) -> list[str]:
     """The pruning block of the text report."""
     if not section:
         return []
+    search = section.get("search")
+    if search and not section["layers"]:
+        return [f"  pruning   none: {section['note']}"]
     lines = [f"  pruning   {section['structure']} {section['ratio']:.0%}"
              + (f" ({section['method']})" if section.get("method") else "")
              + f": params {section['params_before']:,} -> {section['params_after']:,}"
@@ -73,6 +76,10 @@ def render_lines(section: dict | None) -> list[str]:
     if section.get("macs_before") and section.get("macs_after"):
         lines.append(f"            MACs/sample {section['macs_before']:,} -> {section['macs_after']:,} "
                      f"({section['macs_after'] / section['macs_before']:.2f}x)")
+    if search:
+        lines.append(f"            ratio {search['chosen_ratio']:.1%} of at most {search['max_ratio']:.0%}: "
+                     f"the largest keeping {search['pruning_target']} ({len(search['trials'])} trials; "
+                     f"quantization gets the rest of {search['target']})")
     st = section.get("storage")
     if st and st["tensors"]:
         lines.append(f"            stored sparse: {st['tensors']} tensor(s), {st['dense_bytes']:,} -> "

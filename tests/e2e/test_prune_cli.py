@@ -122,3 +122,17 @@ def test_head_pruning_on_a_model_without_attention_says_so(samples, tmp_path):
     r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "-o", tmp_path / "x.onnx", "--prune", "0.3",
                  "--prune-structure", "head")
     assert r.exit_code == 4 and "found no attention block" in r.output
+
+
+def test_with_a_target_the_ratio_is_searched_and_the_gate_holds(samples, tmp_path):
+    d = samples / "digits_cnn"
+    out, rep = tmp_path / "t.onnx", tmp_path / "r.json"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out, "--report", rep,
+                 "--prune", "0.6", "--min-cosine", "0.99", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    search = report["pruning"]["search"]
+    assert 0 < search["chosen_ratio"] < 0.6 and search["pruning_target"] == "mean cosine >= 0.995"
+    assert not search["trials"][0]["met"] and any(t["met"] for t in search["trials"])
+    assert report["pruning"]["ratio"] == search["chosen_ratio"]
+    assert report["outputs"][0]["cosine_mean"] >= 0.99 and report["gates"]["passed"]
