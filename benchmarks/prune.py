@@ -38,10 +38,15 @@ def runs_for(kind: str, d: Path) -> dict[str, list]:
         # dynamic int8 is quantkit's fast int8 on this model (static int8 keeps most MatMuls float to
         # meet its default accuracy budget; see BENCHMARKS.md, real models)
         int8 = ["--activations", "dynamic", "--calib", calib]
+        int4 = ["--weights", "int4", "--block-size", "128", "--calib", calib]
         return {"int8 (dynamic)": int8,
                 "prune 10% FFN + int8": [*int8, "--prune", "0.1"],
-                "prune 20% FFN + int8": [*int8, "--prune", "0.2"],
-                "prune 30% FFN + int8": [*int8, "--prune", "0.3"]}
+                "prune 30% FFN + int8": [*int8, "--prune", "0.3"],
+                "prune 25% heads + int8": [*int8, "--prune", "0.25", "--prune-structure", "head"],
+                "int4 (block 128)": int4,
+                "unstructured 50% wanda + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured"],
+                "unstructured 50% sparsegpt + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured",
+                                                      "--prune-method", "sparsegpt"]}
     int8 = ["--calib", calib]
     return {"int8 (static)": int8,
             "prune 30% channels + int8": [*int8, "--prune", "0.3"],
@@ -76,7 +81,7 @@ def bench(kind: str, cache: Path, rounds: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     runs: dict[str, dict] = {"fp32": {"path": str(d / "model.onnx")}}
-    runs["pruned 30% fp32"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
+    runs["pruned 30% fp32 (no quantization)"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
     for name, args in runs_for(kind, d).items():
         path = out / (name.replace(" ", "_").replace("%", "").replace("+", "").replace("(", "").replace(")", "")
                       + ".onnx")
@@ -88,8 +93,8 @@ def bench(kind: str, cache: Path, rounds: int) -> dict:
         if runs[name]["path"]:
             p = json.loads(report.read_text()).get("pruning")
             if p:
-                runs[name]["pruning"] = {k: p[k] for k in ("params_before", "params_after", "macs_before",
-                                                           "macs_after")}
+                runs[name]["pruning"] = {k: p.get(k) for k in ("params_before", "params_after", "macs_before",
+                                                               "macs_after", "nonzero_before", "nonzero_after")}
     return evaluate(kind, d, runs, rounds)
 
 
@@ -123,11 +128,12 @@ def table(kind: str, result: dict) -> str:
     runs, timing = result["runs"], result["timing"]
     cols = list(runs["fp32"]["metrics"])
     int8 = next(k for k in runs if k.startswith("int8"))
+    fp32_bytes = Path(runs["fp32"]["path"]).stat().st_size
     lines = [f"### {kind}", "",
              f"speed at 1 thread, batch {timing['speed_batch']}, best of 3 medians of {timing['rounds']} interleaved "
              f"runs; load average {timing['load_before'][0]:.1f} before, {timing['load_after'][0]:.1f} after.", "",
-             "| model | " + " | ".join(cols) + " | size ratio | ms | vs fp32 | vs int8 | MACs after/before |",
-             "| --- |" + " ---: |" * (len(cols) + 5)]
+             "| model | " + " | ".join(cols) + " | MB | size ratio | ms | vs fp32 | vs int8 | MACs after/before |",
+             "| --- |" + " ---: |" * (len(cols) + 6)]
     for name, r in runs.items():
         if "metrics" not in r:
             lines.append(f"| {name} | failed: {r.get('error')} |" + " |" * (len(cols) + 4))
@@ -136,7 +142,8 @@ def table(kind: str, result: dict) -> str:
         p = r.get("pruning")
         macs = f"{p['macs_after'] / p['macs_before']:.2f}" if p and p.get("macs_before") and p.get("macs_after") \
             else "-"
-        lines.append(f"| {name} | {vals} | {r['size_ratio']:.2f}x | {r['ms']:.1f} | {r['speedup']:.2f}x | "
+        mb = fp32_bytes / r["size_ratio"] / 1e6
+        lines.append(f"| {name} | {vals} | {mb:.2f} | {r['size_ratio']:.2f}x | {r['ms']:.1f} | {r['speedup']:.2f}x | "
                      f"{runs[int8]['ms'] / r['ms']:.2f}x | {macs} |")
     lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in runs.values() if r.get("command")]
     return "\n".join(lines)
