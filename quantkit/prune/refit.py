@@ -27,42 +27,22 @@ def _augmented(x: np.ndarray, axis: int) -> np.ndarray:
 
 class Gram:
     """Sum of [x, 1]^T [x, 1] over all positions of the channels of one tensor (per-batch products
-    in float32, summed in float64); with full=False only the per-channel sums and squares.
-
-    Pruned layer by layer, x is the input in the model pruned so far and x0 the same tensor in
-    the original model; the refit then aims at the original output x0 W + b, so each layer also
-    makes up for the error of the layers pruned before it: `cross` = sum [x, 1]^T [x0, 1] and
-    `reference` = sum [x0, 1]^T [x0, 1]. Without x0 both are `matrix`."""
+    in float32, summed in float64); with full=False only the per-channel sums and squares."""
 
     def __init__(self, channels: int, full: bool = True):
         self.matrix = np.zeros((channels + 1, channels + 1)) if full else None
         self.sq, self.sum = np.zeros(channels), np.zeros(channels)
-        self.cross: np.ndarray | None = None
-        self.reference: np.ndarray | None = None
         self.count = 0
 
-    def update(self, x: np.ndarray, axis: int, x0: np.ndarray | None = None) -> None:
+    def update(self, x: np.ndarray, axis: int) -> None:
         """x holds the channels on `axis`; every other axis is a position."""
         aug = _augmented(x, axis)
         rows = aug[:, :-1].astype(np.float64)
         self.sq += np.sum(rows * rows, axis=0)
         self.sum += np.sum(rows, axis=0)
         self.count += len(aug)
-        if self.matrix is None:
-            return
-        self.matrix += aug.T @ aug
-        if x0 is not None:
-            ref = _augmented(x0, axis)
-            if self.cross is None:
-                self.cross, self.reference = np.zeros_like(self.matrix), np.zeros_like(self.matrix)
-            self.cross += aug.T @ ref
-            self.reference += ref.T @ ref
-
-    def targets(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cross, reference) Gram matrices: the original model's, or `matrix` twice."""
-        if self.cross is None:
-            return self.matrix, self.matrix
-        return self.cross, self.reference
+        if self.matrix is not None:
+            self.matrix += aug.T @ aug
 
     @property
     def channels(self) -> int:
@@ -108,7 +88,7 @@ def refit(gram: Gram, w: np.ndarray, b: np.ndarray | None, keep: np.ndarray,
     start = full[idx] if b is not None else w[keep].astype(np.float64)
     a = g[np.ix_(idx, idx)]
     lam = ridge * max(float(np.mean(np.diag(a))), 1e-12)
-    rhs = gram.targets()[0][idx] @ full + lam * start
+    rhs = g[idx] @ full + lam * start
     try:
         sol = np.linalg.solve(a + lam * np.eye(len(idx)), rhs)
     except np.linalg.LinAlgError:
@@ -129,19 +109,16 @@ def removal_bias(gram: Gram, w_sum: np.ndarray, b: np.ndarray | None, keep: np.n
 
 def output_error(gram: Gram, w: np.ndarray, b: np.ndarray | None, keep: np.ndarray,
                  w_new: np.ndarray, b_new: np.ndarray | None) -> float:
-    """Mean squared error of the consumer output after pruning against the original output,
-    from the Gram matrices alone: E||[x0,1] full - [x,1] new||^2, with `new` the kept rows
-    replaced by the new weights (zero elsewhere)."""
+    """Mean squared error of the consumer output after pruning, from the Gram alone:
+    E||[x, 1] (full - new)||^2, with `new` the kept rows replaced by the new weights (zero elsewhere)."""
     c = gram.channels
     zero = np.zeros(w.shape[1])
     full = np.concatenate([w, (b if b is not None else zero)[None, :]], axis=0).astype(np.float64)
     new = np.zeros_like(full)
     new[keep] = w_new
     new[c] = b_new if b_new is not None else (b if b is not None else zero)
-    cross, ref = gram.targets()
-    err = (np.einsum("in,ij,jn->", full, ref, full) - 2 * np.einsum("in,ij,jn->", new, cross, full)
-           + np.einsum("in,ij,jn->", new, gram.matrix, new))
-    return float(max(err, 0.0) / max(gram.count, 1) / w.shape[1])
+    d = full - new
+    return float(np.einsum("in,ij,jn->", d, gram.matrix, d) / max(gram.count, 1) / w.shape[1])
 
 
 def obs_select(layers: list[tuple[Gram, np.ndarray]], keep: int, damp: float = 0.01) -> np.ndarray:

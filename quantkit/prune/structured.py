@@ -173,25 +173,19 @@ def requests(groups: list[Group]) -> dict[str, tuple[int, int]]:
     return {n.inputs[0].name: (g.channels, g.axis) for g in groups for n in g.consumers}
 
 
-def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit: bool = True,
-                   select=None, sequential: bool = False) -> dict:
-    """Prune `ratio` of the channels of every safe group in place. `batches()` yields the
-    calibration batches (called once per pass). `select(group)` may narrow the groups (e.g. only
-    FFN neurons). Sequential: one group at a time, each refit against the original model's
-    output on the inputs of the model pruned so far. Returns the report records."""
+def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit: bool = True) -> dict:
+    """Prune `ratio` of the channels of every safe group in place (`batches()` yields the
+    calibration batches; refit=False: plain removal, for comparison). Returns the report records."""
     groups = find_groups(model)
-    safe = [g for g in groups if g.reason is None and g.consumers and (select is None or select(g))]
-    reference = model.clone() if sequential and refit else None
-    steps = [[g] for g in safe] if reference is not None else [safe]
+    safe = [g for g in groups if g.reason is None and g.consumers]
+    stats = grams(model, requests(safe), batches(), workdir)
     layers, skipped = [], [{"layer": g.name, "channels": g.channels, "reason": g.reason}
                            for g in groups if g.reason is not None]
-    for step in steps:
-        stats = grams(model, requests(step), batches(), workdir, reference)
-        for g in step:
-            keep = choose(g, stats, rf.keep_count(g.channels, ratio))
-            records = prune_group(g, keep, stats, refit)
-            layers.append({"layer": g.name, "producers": [p.name for p in g.producers],
-                           "consumers": records or [c.name for c in g.consumers],
-                           "channels_before": g.channels, "channels_after": int(len(keep)),
-                           "ratio": 1 - len(keep) / g.channels})
+    for g in safe:
+        keep = choose(g, stats, rf.keep_count(g.channels, ratio))
+        records = prune_group(g, keep, stats, refit)
+        layers.append({"layer": g.name, "producers": [p.name for p in g.producers],
+                       "consumers": records or [c.name for c in g.consumers],
+                       "channels_before": g.channels, "channels_after": int(len(keep)),
+                       "ratio": 1 - len(keep) / g.channels})
     return {"structure": "channel", "layers": layers, "skipped": skipped}

@@ -133,3 +133,15 @@ def test_keep_count_rounds_wide_layers_to_multiples_of_eight():
     assert rf.keep_count(16, 0.5) == 8
     assert rf.keep_count(3, 0.9) == 1
     assert rf.select(np.array([0.1, 3.0, 2.0, 0.5]), 2).tolist() == [1, 2]
+
+
+def test_obs_selection_drops_a_duplicate_channel_that_rms_times_norm_would_keep():
+    rng = np.random.default_rng(6)
+    base = rng.normal(0, 1, (1000, 3))
+    x = np.concatenate([base, base[:, :1], 0.3 * rng.normal(0, 1, (1000, 1))], axis=1)  # channel 3 = channel 0
+    w = np.array([[2.0], [1.0], [1.0], [2.0], [0.5]])
+    gram = rf.Gram(5)
+    gram.update(x, axis=-1)
+    assert rf.select(rf.importance(gram.rms(), w), 4).tolist() == [0, 1, 2, 3]  # drops the quiet unique one
+    keep = rf.obs_select([(gram, w)], 4)
+    assert len(keep) == 4 and 4 in keep and len({0, 3} & set(keep.tolist())) == 1  # drops a duplicate
