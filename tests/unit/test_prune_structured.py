@@ -138,7 +138,7 @@ def test_keep_count_rounds_wide_layers_to_multiples_of_eight():
 def test_obs_selection_drops_a_duplicate_channel_that_rms_times_norm_would_keep():
     rng = np.random.default_rng(6)
     base = rng.normal(0, 1, (1000, 3))
-    x = np.concatenate([base, base[:, :1], 0.3 * rng.normal(0, 1, (1000, 1))], axis=1)  # channel 3 = channel 0
+    x = np.concatenate([base, base[:, :1], rng.normal(0, 1, (1000, 1))], axis=1)  # channel 3 = channel 0
     w = np.array([[2.0], [1.0], [1.0], [2.0], [0.5]])
     gram = rf.Gram(5)
     gram.update(x, axis=-1)
