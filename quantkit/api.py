@@ -108,6 +108,9 @@ def _check_options(cfg: RunConfig) -> None:
     if cfg.data.stats_cache is not None and not Path(cfg.data.stats_cache).parent.is_dir():
         raise ConfigError(f"--stats-cache directory {Path(cfg.data.stats_cache).parent} does not exist")
     q = cfg.quant
+    if cfg.prune.enabled and cfg.data.calib is None:
+        raise ConfigError("--prune needs --calib: channels and weights are ranked (and consumers refitted) on "
+                          "calibration data")
     if cfg.data.calib is None:
         if q.activations.static:
             raise ConfigError("--calib is required: static int8 needs calibration data to set activation ranges "
@@ -185,6 +188,8 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     laps.lap("load")
     model, notes = _canonicalize(inputs, workdir, status)
     laps.lap("canonicalize")
+    model, pruning = _prune(cfg, model, inputs, workdir, status)
+    laps.lap("prune")
     placement = placement_for(cfg.quant)
     model = placement.prepare_model(model)
     placement.float_tensors.update(mask_tensors(model))  # calibration may add more from observed ranges
@@ -207,6 +212,10 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     if not plan.ops:
         notes.append("no node could be quantized; the output is the canonicalized float model")
 
+    if pruning is not None and cfg.prune.sparse:  # zeros stored as a bitmask, rebuilt when ORT loads the model
+        from quantkit.prune.storage import store_sparse, summarize
+
+        pruning["storage"] = summarize(store_sparse(qmodel))
     q_path = workdir / "quantized.onnx"
     runtime.save(qmodel, q_path)
     try:
@@ -224,6 +233,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     observers = {k: v for scheme in placement.schemes for k, v in getattr(scheme, "observers", {}).items()}
     report["histograms"] = histograms(observers, report["activations"])
     report["placement"] = {k: v for k, v in placed.items() if k not in ("sensitivity", "notes")} or None
+    report["pruning"] = pruning
     failures = check_gates(outputs, cfg.gates, latency)
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
     laps.lap("report")
@@ -306,6 +316,26 @@ def _canonicalize(inputs: Inputs, workdir: Path, status) -> tuple[ir.Model, list
         n = shapes.fill_from_run(model, inputs.feed, workdir)
         notes.append(f"shape inference left {n} tensor(s) untyped; typed them from one real run")
     return model, notes
+
+
+def _prune(cfg: RunConfig, model: ir.Model, inputs: Inputs, workdir: Path, status) -> tuple[ir.Model, dict | None]:
+    """--prune: channels, heads or weights removed before quantization (quantkit/prune); with an
+    accuracy target, the largest ratio up to --prune that leaves quantization half the budget."""
+    if not cfg.prune.enabled:
+        return model, None
+    from quantkit.prune import prune, prune_to_target
+
+    def batches():
+        return complete_batches(inputs.calib, inputs.batch, cfg.data.calib_samples, inputs.fixed)
+
+    g = cfg.gates
+    if g.min_cosine is None and g.min_sqnr is None and g.max_accuracy_drop is None:
+        status(f"pruning {cfg.prune.ratio:.0%} ({cfg.prune.structure})")
+        return model, prune(model, cfg.prune, batches, inputs.feed, workdir)
+    target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
+    probe = budget.Probe.take(inputs.fp32, batches())
+    return prune_to_target(model, cfg.prune, batches, inputs.feed, workdir, target,
+                           lambda m: probe.score(runtime.session(m, workdir, tag="pruned candidate")), status)
 
 
 def _sqnr(model: ir.Model, inputs: Inputs, workdir: Path) -> float:

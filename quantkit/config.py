@@ -181,6 +181,57 @@ class Gates:
             raise ConfigError("--require-speedup must be > 0 (e.g. 1.0: not slower than fp32)")
 
 
+class PruneStructure(Choice):
+    CHANNEL = "channel"  # output channels / FFN neurons, with the consumers refitted
+    HEAD = "head"  # whole attention heads
+    UNSTRUCTURED = "unstructured"  # single weights zeroed
+    SEMI = "2:4"  # two of every four consecutive input weights zeroed
+
+
+class PruneMethod(Choice):
+    MAGNITUDE = "magnitude"  # |w|
+    WANDA = "wanda"  # |w| x input activation norm
+    SPARSEGPT = "sparsegpt"  # OBS-style: zero and compensate the rest of the row
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """--prune RATIO: the fraction of channels / heads / weights removed before quantization."""
+
+    ratio: float | None = None  # None: no pruning
+    structure: PruneStructure = PruneStructure.CHANNEL
+    method: PruneMethod | None = None  # unstructured / 2:4 only; default wanda
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "structure", PruneStructure.parse(self.structure, "--prune-structure"))
+        if self.method is not None:
+            object.__setattr__(self, "method", PruneMethod.parse(self.method, "--prune-method"))
+        sparse = self.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI)
+        if self.structure == PruneStructure.SEMI and self.ratio is None:
+            object.__setattr__(self, "ratio", 0.5)
+        if self.ratio is None:
+            if self.structure != PruneStructure.CHANNEL or self.method is not None:
+                raise ConfigError("--prune-structure and --prune-method need --prune RATIO (e.g. --prune 0.3)")
+            return
+        if not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"--prune must be a fraction in (0, 1), got {self.ratio}")
+        if self.structure == PruneStructure.SEMI and self.ratio != 0.5:
+            raise ConfigError(f"--prune-structure 2:4 removes exactly half the weights: use --prune 0.5, "
+                              f"not {self.ratio}")
+        if self.method is not None and not sparse:
+            raise ConfigError(f"--prune-method applies to --prune-structure unstructured or 2:4; {self.structure} "
+                              "ranks channels by calibration statistics")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ratio is not None
+
+    @property
+    def sparse(self) -> bool:
+        """Single weights zeroed (the file then stores them as a bitmask)."""
+        return self.enabled and self.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: Path
@@ -202,6 +253,7 @@ class RunConfig:
     html: Path | None = None  # the report as an HTML page here (written by quantkit.run: the CLI and quantkit.quantize)
     plan_out: Path | None = None  # --plan: write the chosen per-node placement here
     plan_in: Path | None = None  # --from-plan: replay this placement, no search
+    prune: PruneConfig = field(default_factory=PruneConfig)  # --prune: before quantization
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

@@ -63,6 +63,10 @@ OPTIONS = {o.key: o for o in (
     Option("output_names", "list", ()),
     Option("save_fp32", "path"),
     Option("force", "bool", False),
+    # pruning before quantization (quantkit/prune)
+    Option("prune", "float"),
+    Option("prune_structure", "str", "channel"),
+    Option("prune_method", "str"),
 )}
 
 
@@ -123,7 +127,7 @@ def normalize(options: dict, where: str = "option") -> dict:
 
 def run_config(options: dict):
     """The RunConfig for these (normalized) options; anything not given takes its default."""
-    from quantkit.config import Activations, DataConfig, Gates, QuantConfig, RunConfig, parse_batch_axes
+    from quantkit.config import Activations, DataConfig, Gates, PruneConfig, QuantConfig, RunConfig, parse_batch_axes
 
     o = {k: opt.default for k, opt in OPTIONS.items()} | {k: v for k, v in options.items() if v is not None}
     if o["model"] is None:
@@ -150,6 +154,7 @@ def run_config(options: dict):
                         batch_axes=parse_batch_axes(o["batch_axis"])),
         gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
                     require_speedup=o["require_speedup"], min_sqnr=o["min_sqnr"]),
+        prune=PruneConfig(ratio=o["prune"], structure=o["prune_structure"], method=o["prune_method"]),
     )
 
 
@@ -170,6 +175,8 @@ def effective_config(cfg) -> dict:
         "no_speed_guard": not cfg.speed_guard, "model_class": cfg.model_class, "allow_pickle": cfg.allow_pickle,
         "input": cfg.inputs, "output_names": cfg.output_names, "save_fp32": cfg.save_fp32,
         "force": cfg.force,
+        "prune": cfg.prune.ratio, "prune_structure": cfg.prune.structure.value,
+        "prune_method": cfg.prune.method.value if cfg.prune.method is not None else None,
     }
     out = {}
     for key, value in values.items():

@@ -52,6 +52,9 @@ def render_text(report: dict) -> str:
     guard = report.get("speed_guard")
     if guard and guard["dropped"]:
         lines.append(f"  speed     left float because faster that way: {', '.join(guard['dropped'])}")
+    from quantkit.prune.report import render_lines
+
+    lines += render_lines(report.get("pruning"))
     where = "calibration data" if ev["on_calibration_data"] else ev["source"]
     lines.append(f"  eval      {ev['samples']} sample(s) from {where}")
     lines.append("")

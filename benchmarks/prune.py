@@ -1,0 +1,165 @@
+"""Pruning + quantization on real pretrained models: accuracy against fp32 on held-out data,
+size and single-thread speed of pruned + int8 models against int8 alone and fp32.
+
+    python benchmarks/prune.py --model minilm|ocr_rec|ocr_cls [--cache DIR] [--rounds N]
+
+The models and data are the ones benchmarks/real_models.py prepares (benchmarks/_real_data.py)
+under DIR (default benchmarks/.cache/real; `QUANTKIT_REAL_CACHE` overrides). Every quantkit run is
+the CLI in its own process; outputs go to benchmarks/.cache/prune/<model>/. The "pruned fp32"
+row is the pruning step alone (quantkit.prune through the API, no quantization) to separate the
+two sources of error. Speed: 1 intra-op thread, one fixed batch, all models interleaved round by
+round, best of 3 medians (benchmarks/real_models.py:interleaved_best_ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from real_models import SPEED_BATCH, interleaved_best_ms, metrics, run_eval, run_tool  # noqa: E402
+
+from _measure import ROOT, quantkit_cmd  # noqa: E402
+
+DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
+
+
+def runs_for(kind: str, d: Path) -> dict[str, list]:
+    """Each row: the quantkit arguments after MODEL (output, threads and force added)."""
+    calib = d / "calib.npz"
+    if kind == "minilm":
+        # dynamic int8 is quantkit's fast int8 on this model (static int8 keeps most MatMuls float to
+        # meet its default accuracy budget; see BENCHMARKS.md, real models)
+        int8 = ["--activations", "dynamic", "--calib", calib]
+        int4 = ["--weights", "int4", "--block-size", "128", "--calib", calib]
+        return {"int8 (dynamic)": int8,
+                "prune 10% FFN + int8": [*int8, "--prune", "0.1"],
+                "prune 30% FFN + int8": [*int8, "--prune", "0.3"],
+                "prune 25% heads + int8": [*int8, "--prune", "0.25", "--prune-structure", "head"],
+                "int4 (block 128)": int4,
+                "unstructured 50% wanda + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured"],
+                "unstructured 50% sparsegpt + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured",
+                                                      "--prune-method", "sparsegpt"]}
+    int8 = ["--calib", calib]
+    return {"int8 (static)": int8,
+            "prune 30% channels + int8": [*int8, "--prune", "0.3"],
+            "prune 50% channels + int8": [*int8, "--prune", "0.5"]}
+
+
+def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
+    """The pruning step alone, through the API: the model canonicalized and pruned, not quantized."""
+    from quantkit import runtime
+    from quantkit.calibrate.data import assign_batch_axes
+    from quantkit.config import PruneConfig
+    from quantkit.graph import shapes
+    from quantkit.graph.canonicalize import canonicalize
+    from quantkit.load.onnx import input_specs, load_onnx
+    from quantkit.load.source import open_data
+    from quantkit.prune import prune
+
+    model = load_onnx(d / "model.onnx")
+    canonicalize(model)
+    shapes.infer(model)
+    calib = open_data(d / "calib.npz", assign_batch_axes(input_specs(model), {}), None)
+    feed = next(calib.batches(8))
+    with tempfile.TemporaryDirectory() as tmp:
+        prune(model, PruneConfig(ratio=ratio), lambda: calib.batches(8), feed, Path(tmp))
+    runtime.save(model, out)
+    return out
+
+
+def bench(kind: str, cache: Path, rounds: int) -> dict:
+    d = cache / kind
+    out = ROOT / "benchmarks" / ".cache" / "prune" / kind
+    out.mkdir(parents=True, exist_ok=True)
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    runs: dict[str, dict] = {"fp32": {"path": str(d / "model.onnx")}}
+    runs["pruned 30% fp32 (no quantization)"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
+    for name, args in runs_for(kind, d).items():
+        path = out / (name.replace(" ", "_").replace("%", "").replace("+", "").replace("(", "").replace(")", "")
+                      + ".onnx")
+        report = path.with_suffix(".json")
+        print(f"[{kind}] {name} ...", file=sys.stderr, flush=True)
+        cmd = quantkit_cmd("quantize", d / "model.onnx", *args, "-o", path, "--report", report,
+                           "--threads", 1, "--force", "-q")
+        runs[name] = {**run_tool(cmd, path, env), "command": " ".join(map(str, cmd[2:]))}
+        if runs[name]["path"]:
+            p = json.loads(report.read_text()).get("pruning")
+            if p:
+                runs[name]["pruning"] = {k: p.get(k) for k in ("params_before", "params_after", "macs_before",
+                                                               "macs_after", "nonzero_before", "nonzero_after")}
+    return evaluate(kind, d, runs, rounds)
+
+
+def evaluate(kind: str, d: Path, runs: dict, rounds: int) -> dict:
+    with np.load(d / "eval.npz") as z:
+        data = {k: z[k] for k in z.files if k != "labels"}
+    truth = json.loads((d / "eval_truth.json").read_text()) if (d / "eval_truth.json").exists() else []
+    alphabet = None
+    if kind == "ocr_rec":
+        from _real_data import rec_alphabet
+
+        alphabet = rec_alphabet(d / "model.onnx")
+    paths = {k: Path(r["path"]) for k, r in runs.items() if r.get("path")}
+    ref = run_eval(kind, paths["fp32"], data)
+    for name, p in paths.items():
+        print(f"[{kind}] evaluating {name} ...", file=sys.stderr, flush=True)
+        q = ref if name == "fp32" else run_eval(kind, p, data)
+        runs[name].update(metrics=metrics(kind, ref, q, data, truth, alphabet),
+                          size_ratio=paths["fp32"].stat().st_size / p.stat().st_size)
+    b = SPEED_BATCH[kind]
+    feed = {k: v[:b] for k, v in data.items()}
+    load_before = os.getloadavg()
+    ms = interleaved_best_ms(paths, feed, rounds)
+    for name in paths:
+        runs[name].update(ms=ms[name], speedup=ms["fp32"] / ms[name])
+    timing = {"load_before": load_before, "load_after": os.getloadavg(), "speed_batch": b, "rounds": rounds}
+    return {"timing": timing, "runs": runs}
+
+
+def table(kind: str, result: dict) -> str:
+    runs, timing = result["runs"], result["timing"]
+    cols = list(runs["fp32"]["metrics"])
+    int8 = next(k for k in runs if k.startswith("int8"))
+    fp32_bytes = Path(runs["fp32"]["path"]).stat().st_size
+    lines = [f"### {kind}", "",
+             f"speed at 1 thread, batch {timing['speed_batch']}, best of 3 medians of {timing['rounds']} interleaved "
+             f"runs; load average {timing['load_before'][0]:.1f} before, {timing['load_after'][0]:.1f} after.", "",
+             "| model | " + " | ".join(cols) + " | MB | size ratio | ms | vs fp32 | vs int8 | MACs after/before |",
+             "| --- |" + " ---: |" * (len(cols) + 6)]
+    for name, r in runs.items():
+        if "metrics" not in r:
+            lines.append(f"| {name} | failed: {r.get('error')} |" + " |" * (len(cols) + 4))
+            continue
+        vals = " | ".join(f"{r['metrics'][c]:.4f}" if "cosine" in c else f"{r['metrics'][c]:.1f}" for c in cols)
+        p = r.get("pruning")
+        macs = f"{p['macs_after'] / p['macs_before']:.2f}" if p and p.get("macs_before") and p.get("macs_after") \
+            else "-"
+        mb = fp32_bytes / r["size_ratio"] / 1e6
+        lines.append(f"| {name} | {vals} | {mb:.2f} | {r['size_ratio']:.2f}x | {r['ms']:.1f} | {r['speedup']:.2f}x | "
+                     f"{runs[int8]['ms'] / r['ms']:.2f}x | {macs} |")
+    lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in runs.values() if r.get("command")]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, choices=["minilm", "ocr_rec", "ocr_cls"])
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the prepared real models")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved timing runs per repetition")
+    args = ap.parse_args()
+    result = bench(args.model, args.cache, args.rounds)
+    out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / "results.json"
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(table(args.model, result))
+
+
+if __name__ == "__main__":
+    main()
