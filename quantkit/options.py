@@ -90,14 +90,14 @@ def _check(key: str, value, kind: str):
             raise bad("a number")
         return float(value)
     if kind == "alpha":
-        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        if value in ("auto", "off") or (isinstance(value, (int, float)) and not isinstance(value, bool)):
             return value
         if isinstance(value, str):
             try:
                 return float(value)
             except ValueError:
                 pass
-        raise bad('a number or "auto"')
+        raise bad('a number, "auto" or "off"')
     if kind == "list":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
@@ -148,7 +148,7 @@ def run_config(options: dict):
             weights=o["weights"], block_size=o["block_size"], symmetric=not o["asymmetric"],
             algorithm=o["algorithm"], accuracy_level=o["accuracy_level"], format=o["format"],
             keep_int8=o["keep_int8"], exclude=o["exclude"], bias_correction=o["bias_correction"],
-            smoothquant=o["smoothquant"]),
+            smoothquant=_smoothquant(o["smoothquant"], o["activations"], o["weights"])),
         data=DataConfig(calib=o["calib"], eval=o["eval"], calib_samples=o["calib_samples"],
                         batch_size=o["batch_size"], stats_cache=o["stats_cache"], preprocess=o["preprocess"],
                         batch_axes=parse_batch_axes(o["batch_axis"])),
@@ -156,6 +156,25 @@ def run_config(options: dict):
                     require_speedup=o["require_speedup"], min_sqnr=o["min_sqnr"]),
         prune=PruneConfig(ratio=o["prune"], structure=o["prune_structure"], method=o["prune_method"]),
     )
+
+
+def _smoothquant(value, activations: str | None, weights: str):
+    """--smoothquant: on by default ("auto", alpha searched per LayerNorm -> MatMul group; nothing
+    to do on models without one) for static activations, where outlier channels of a LayerNorm
+    output cost the most; "off" turns it off."""
+    if value == "off":
+        return None
+    if value is None and activations in (None, "uint8", "int8") and weights != "int4":
+        return "auto"
+    return value
+
+
+def _smoothquant_option(q) -> str | float | None:
+    """The --smoothquant value that gives `q.smoothquant` back (None: the default)."""
+    static = q.activations in ("uint8", "int8")  # Activations is a str enum
+    if static:
+        return "off" if q.smoothquant is None else (None if q.smoothquant == "auto" else q.smoothquant)
+    return q.smoothquant
 
 
 def effective_config(cfg) -> dict:
@@ -166,7 +185,7 @@ def effective_config(cfg) -> dict:
         "html": cfg.html, "per_tensor": not q.per_channel, "activations": q.activations, "weights": q.weights,
         "block_size": q.block_size, "asymmetric": not q.symmetric, "algorithm": q.algorithm,
         "accuracy_level": q.accuracy_level, "format": q.format, "keep_int8": q.keep_int8, "method": q.method,
-        "percentile": q.percentile, "stats_cache": d.stats_cache, "smoothquant": q.smoothquant,
+        "percentile": q.percentile, "stats_cache": d.stats_cache, "smoothquant": _smoothquant_option(q),
         "bias_correction": q.bias_correction, "exclude": q.exclude, "preprocess": d.preprocess,
         "calib_samples": d.calib_samples, "batch_size": d.batch_size, "max_accuracy_drop": g.max_accuracy_drop,
         "min_cosine": g.min_cosine, "require_speedup": g.require_speedup, "min_sqnr": g.min_sqnr,

@@ -132,3 +132,19 @@ def test_effective_config_of_defaults_is_minimal():
 def test_toml_strings_are_escaped(tmp_path):
     text = options.to_toml({"exclude": ['a"b', "c\\d"], "model": "x\ny"})
     assert tomllib.loads(text) == {"exclude": ['a"b', "c\\d"], "model": "x\ny"}
+
+
+@pytest.mark.parametrize(("given", "activations", "weights", "expected", "written"), [
+    (None, None, "int8", "auto", None),  # static: on by default, searched; the default is not written out
+    ("off", None, "int8", None, "off"),
+    (0.5, "int8", "int8", 0.5, 0.5),
+    (None, "dynamic", "int8", None, None),  # no calibration activations to smooth
+    (None, None, "int4", None, None),
+])
+def test_smoothquant_is_on_by_default_for_static_int8_and_off_turns_it_off(given, activations, weights, expected,
+                                                                          written):
+    o = options.normalize({"model": "m.onnx", "calib": "c.npz", "smoothquant": given, "activations": activations,
+                           "weights": weights})
+    cfg = options.run_config(o)
+    assert cfg.quant.smoothquant == expected
+    assert options.effective_config(cfg).get("smoothquant") == written
