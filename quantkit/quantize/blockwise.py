@@ -69,11 +69,23 @@ def quantize_codes(wb: np.ndarray, scale: np.ndarray, zp: np.ndarray, bits: int)
     return np.clip(q, 0, 2**bits - 1).astype(np.uint8)
 
 
+CHUNK_ELEMENTS = 1 << 22  # columns are quantized a slice at a time: float temporaries stay ~16 MB
+
+
 def quantize_blockwise(w: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = True) -> Blockwise:
-    """Round-to-nearest blockwise quantization of a (K, N) weight."""
-    wb = _blocks(np.asarray(w, np.float32), block)
-    scale, zp = block_params(wb, bits, symmetric)
-    return Blockwise(quantize_codes(wb, scale, zp, bits), scale, zp, w.shape[0], bits, block, symmetric)
+    """Round-to-nearest blockwise quantization of a (K, N) weight. Blocks never span columns, so
+    slices of columns are quantized independently (the same result, bounded temporaries)."""
+    k, n = w.shape
+    kb = -(-k // block)
+    codes = np.empty((n, kb, block), np.uint8)
+    scales = np.empty((n, kb), np.float32)
+    zps = np.empty((n, kb), np.uint8)
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    for j in range(0, n, step):
+        wb = _blocks(np.asarray(w[:, j:j + step], np.float32), block)
+        scale, zp = block_params(wb, bits, symmetric)
+        codes[j:j + step], scales[j:j + step], zps[j:j + step] = quantize_codes(wb, scale, zp, bits), scale, zp
+    return Blockwise(codes, scales, zps, k, bits, block, symmetric)
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
