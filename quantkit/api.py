@@ -450,6 +450,8 @@ def _report(o: Outcome) -> dict:
         "activations": activations,
         "notes": o.notes,
     }
+    if calibration is None and o.calibration.passes:  # statistics without activation ranges (GPTQ)
+        calibration = {"method": None}
     if calibration is not None:
         c = o.calibration
         report["calibration"] = {"source": c.source, "samples": c.samples, "batch_size": c.batch,

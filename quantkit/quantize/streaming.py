@@ -41,11 +41,15 @@ from quantkit.quantize import subgraphs
 from quantkit.quantize.prepare import CalibrationData, calibrate
 from quantkit.quantize.scheme import placement_for
 from quantkit.quantize.speed import GuardReport
+from quantkit.quantize.weight_only import WeightOnlyScheme
 from quantkit.report import lm
 from quantkit.report.compare import OutputComparison
 
 # external-data models at least this large take this path
 MIN_BYTES = 256 << 20
+# GPTQ: Gram matrices gathered a group at a time within this share of the model's bytes
+GRAM_SHARE = 0.05
+GRAM_MIN_BYTES = 16 << 20
 LATENCY_RUNS = 5  # at most: each run of a large model is long, and the two models are timed apart
 NOTE = ("large model with external data: weights streamed one tensor at a time and sessions created one at a "
         "time; no speed guard and no per-node accuracy budget (use --exclude to keep layers float)")
@@ -178,7 +182,11 @@ def quantize(cfg, workdir: Path, status, progress, t_start: float) -> api.Result
     model = placement.prepare_model(model)
     placement.float_tensors.update(mask_tensors(model))
     data = CalibrationData.of(cfg, inputs.calib, inputs.batch, inputs.fixed)
-    calibration = calibrate(model, placement, cfg.quant, data, workdir, status, progress)
+    budget = max(GRAM_MIN_BYTES, int(GRAM_SHARE * model_bytes(inputs.source.onnx_path)))
+    for scheme in placement.schemes:
+        if isinstance(scheme, WeightOnlyScheme):  # GPTQ's rounded layers wait on disk
+            scheme.spill = workdir
+    calibration = calibrate(model, placement, cfg.quant, data, workdir, status, progress, gram_budget=budget)
     notes += calibration.notes + [NOTE]
     notes += placement.tune(model, lambda m: reference.sqnr(m, workdir), status)
     qmodel, plan, rw = placement.build(model, set(), "")
