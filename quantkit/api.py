@@ -113,8 +113,9 @@ def _check_options(cfg: RunConfig) -> None:
         if q.activations.static:
             raise ConfigError("--calib is required: static int8 needs calibration data to set activation ranges "
                               "(or use --activations dynamic, or weight-only --activations none)")
-        if q.activations == Activations.NONE and q.algorithm == Algorithm.GPTQ:
-            raise ConfigError("--algorithm gptq needs --calib: it rounds against the layers' calibration inputs")
+        if q.activations == Activations.NONE and q.algorithm in (Algorithm.GPTQ, Algorithm.AWQ):
+            raise ConfigError(f"--algorithm {q.algorithm} needs --calib: it rounds against the layers' "
+                              "calibration inputs")
         if cfg.data.eval is None:
             raise ConfigError(f"--activations {q.activations} needs no calibration, but the accuracy report needs "
                               "data: pass --eval")

@@ -23,6 +23,7 @@ from quantkit.calibrate.observers import GramObserver
 from quantkit.config import Algorithm, Format, QuantConfig, Weights
 from quantkit.errors import UnsupportedModelError, first_line
 from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
+from quantkit.quantize import awq
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.gptq import gptq_blockwise
@@ -72,6 +73,8 @@ class WeightOnlyScheme(Scheme):
         self.rounded: dict[tuple[str, int], bw.Blockwise | Path] = {}
         self.consumers: dict[str, list[QuantizedOp]] = {}  # GPTQ: input tensor -> the layers reading it
         self.spill: Path | None = None  # where rounded weights go instead of memory (large models)
+        self.awq: dict[str, tuple[float, np.ndarray]] = {}  # AWQ: input tensor -> (alpha, channel scales)
+        self._awq_scale: dict[int, np.ndarray] = {}  # id(node) -> its weight's row scales, during a rewrite
 
     def refuse(self, op: QuantizedOp) -> str | None:
         if not op.weighted:
@@ -85,15 +88,16 @@ class WeightOnlyScheme(Scheme):
         return opset_at_least(model, 21) if self.config.format == Format.QDQ else model
 
     def requests(self, plan: Plan) -> list[StatRequest]:
-        """GPTQ: X^T X of every weighted MatMul/Gemm input."""
-        if self.config.algorithm != Algorithm.GPTQ:
+        """GPTQ: X^T X of every weighted MatMul/Gemm input; AWQ: its mean |x| per channel."""
+        if self.config.algorithm not in (Algorithm.GPTQ, Algorithm.AWQ):
             return []
         ops = [op for op in plan.ops
                if op.scheme == self.name and op.weighted and op.node.op_type in ("MatMul", "Gemm")]
         self.consumers = {}
         for op in ops:
             self.consumers.setdefault(op.inputs[0].name, []).append(op)
-        return [StatRequest(name, "gram") for name in self.consumers]
+        kind = "abs_mean" if self.config.algorithm == Algorithm.AWQ else "gram"
+        return [StatRequest(name, kind) for name in self.consumers]
 
     def use(self, stats: Statistics) -> Findings:
         """Round every layer whose input Gram matrix these statistics hold (may be called once per
@@ -105,7 +109,38 @@ class WeightOnlyScheme(Scheme):
             for op in self.consumers.get(name, []):
                 self._round(op, h)
             obs.gram = None
-        return Findings()
+        for name, obs in stats.of_kind("abs_mean").items():
+            act = obs.mean() if isinstance(obs, awq.AbsMeanObserver) else None
+            ops = self.consumers.get(name, [])
+            if act is None or not ops:
+                continue
+            cfg = self.config
+            self.awq[name] = awq.search([k_major_weight(op.node) for op in ops], act, bits_for(ops[0].node, cfg),
+                                        cfg.block_size, cfg.symmetric)
+        if not self.awq:
+            return Findings()
+        scaled = [a for a, _ in self.awq.values() if a > 0]
+        return Findings(notes=[f"awq: {len(scaled)} of {len(self.awq)} layer input(s) scaled before rounding "
+                               f"(alpha {min(scaled, default=0):.1f}..{max(scaled, default=0):.1f}; 0 = plain RTN)"])
+
+    def _scale_inputs(self, ops: list[QuantizedOp], edit: Editor) -> None:
+        """AWQ: one Mul(x, 1/s) per scaled input tensor, read by the layers whose weights get s."""
+        groups: dict[str, list[QuantizedOp]] = {}
+        for op in ops:
+            if op.node.op_type in ("MatMul", "Gemm") and op.node.inputs[0] is not None:
+                groups.setdefault(op.node.inputs[0].name, []).append(op)
+        for name, members in groups.items():
+            alpha, s = self.awq.get(name, (0.0, None))
+            if s is None or alpha == 0:
+                continue
+            x = members[0].node.inputs[0]
+            mul = edit.node("Mul", [x, edit.initializer(f"{name}_awq_inv_scale", (1.0 / s).astype(np.float32))],
+                            name=f"{name}_awq", output=f"{name}_awq")
+            mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
+            edit.graph.insert_before(members[0].node, mul)
+            for op in members:
+                self._awq_scale[id(op.node)] = s
+                op.node.replace_input_with(0, mul.outputs[0])
 
     def _round(self, op: QuantizedOp, hessian: np.ndarray) -> None:
         bits = bits_for(op.node, self.config)
@@ -152,13 +187,16 @@ class WeightOnlyScheme(Scheme):
     def with_config(self, config: QuantConfig) -> WeightOnlyScheme:
         """The same scheme (and Hessians) under another config, for tuning trials."""
         other = WeightOnlyScheme(config)
-        other.rounded, other.consumers, other.spill = self.rounded, self.consumers, self.spill
+        other.rounded, other.consumers, other.spill, other.awq = self.rounded, self.consumers, self.spill, self.awq
         return other
 
     def rewrite(self, model: ir.Model, ops: list[QuantizedOp], edit: Editor) -> RewriteResult:
         result = RewriteResult()
         if self.config.format != Format.QDQ and MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
+        self._awq_scale = {}
+        if self.awq and self.config.algorithm == Algorithm.AWQ:
+            self._scale_inputs(ops, edit)
         for op in ops:
             name = op.node.name or op.node.outputs[0].name
             if op.node.op_type in ("Conv", "ConvTranspose"):
@@ -200,6 +238,9 @@ class WeightOnlyScheme(Scheme):
         w_name = node.inputs[1].name
         h = self._gptq(w_name, bits)  # rounded by GPTQ when the calibration pass saw its input
         w = k_major_weight(node) if h is None else None
+        s = self._awq_scale.get(id(node))
+        if s is not None and w is not None:  # the input was divided by s: the weight rows carry it
+            w = w * s[:, None]
         qb = h if h is not None else bw.quantize_blockwise(w, bits, cfg.block_size, cfg.symmetric)
         if cfg.format == Format.QDQ:
             trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1

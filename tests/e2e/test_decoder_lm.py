@@ -118,3 +118,22 @@ def test_streamed_gptq_gathers_one_gram_per_pass_and_beats_rtn(decoder, tmp_path
     # distinct MatMul inputs per layer: q/k/v share one, o, gate/up share one, down; plus lm_head's
     assert rep["calibration"]["passes"] == 2 * 4 + 1 and len(rep["nodes"]["gptq"]) == 15
     assert kl["gptq"] < kl["rtn"]
+
+
+def test_awq_divides_each_scaled_input_once_and_keeps_the_outputs(decoder, tmp_path):
+    model, folder = decoder
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    r = _quantize(folder / "model.onnx", "--weights", "int4", "--algorithm", "awq", "--calib", folder / "calib.npz",
+                  "--eval", folder / "eval.npz", "--no-speed-guard", "-o", out, "--report", report)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(report.read_text())
+    note = next(n for n in rep["notes"] if n.startswith("awq:"))
+    scaled = int(note.split()[1])
+    m = onnx.load(str(out))
+    muls = [n for n in m.graph.node if n.op_type == "Mul" and n.name.endswith("_awq")]
+    # one Mul per scaled input: q/k/v share one, gate/up share one; each feeds only MatMulNBits
+    assert len(muls) == scaled and 0 < scaled <= 9
+    readers = [n.op_type for n in m.graph.node for mul in muls if mul.output[0] in n.input]
+    assert readers and set(readers) == {"MatMulNBits"}
+    assert rep["evaluation"]["language_model"]["top1_agreement"] >= 0.8
+    assert all(o["cosine_mean"] > 0.98 for o in rep["outputs"])
