@@ -8,7 +8,7 @@ big: a Llama-architecture decoder (tests/tiny_llama.py: RMSNorm, rotary, grouped
 32/4 heads, SwiGLU, untied embeddings, past key/value inputs) with RANDOM weights, ~1.1B parameters
 by default, exported here with torch.onnx's dynamo exporter to ONNX with external data: peak memory,
 time and size (accuracy figures on random weights mean little and are printed for completeness).
-trained: a byte-level decoder of the same architecture (~3M parameters) trained here for a few
+trained: a byte-level decoder of the same architecture (~0.5M parameters: 2 layers, dim 128) trained here for a few
 minutes on Python standard-library docstrings (benchmarks/_real_data.sentences), scored on held-out
 text: next-token top-1 agreement with fp32, mean KL divergence, perplexity.
 
@@ -54,10 +54,29 @@ def export_big(a) -> None:
     prog = torch.onnx.export(model, (ids, pos, *kv), dynamo=True, optimize=False, dynamic_shapes=shapes,
                              input_names=["input_ids", "position_ids", *cache_names(s, "past")],
                              output_names=["logits", *cache_names(s, "present")])
-    prog.save(str(folder / "model.onnx"), external_data=True)
+    (folder / "exported").mkdir(exist_ok=True)
+    prog.save(str(folder / "exported" / "model.onnx"), external_data=True)
+    del prog
+    fold(folder)
     make_data(model, folder / "calib.npz", 8, past=8, seq=16, seed=1)
     make_data(model, folder / "eval.npz", 8, past=8, seq=16, seed=2)
     print(sum(x.numel() for x in model.parameters()))
+
+
+def fold(folder: Path) -> None:
+    """The exporter (optimize=False, which keeps its memory near the model's size) writes Linear layers
+    as MatMul(x, Transpose(W)): fold the transposes into the weights, tensor by tensor (quantkit's own
+    canonicalize pass and streamed writer), so both quantizers see MatMuls with constant weights."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    from quantkit.graph.canonicalize import fold_weight_transposes
+    from quantkit.load.external import write_model
+    from quantkit.load.onnx import load_onnx
+
+    model = load_onnx(folder / "exported" / "model.onnx", keep_on_disk=True)
+    print("folded transposes:", fold_weight_transposes(model))
+    RemoveUnusedNodesPass()(model)
+    write_model(model, folder / "model.onnx")
 
 
 def _windows(data: np.ndarray, n: int, seq: int, rng) -> dict[str, np.ndarray]:
@@ -77,11 +96,12 @@ def train_small(a) -> None:
     text = np.frombuffer("\n".join(sentences()).encode(), np.uint8)
     cut = int(len(text) * 0.9)
     train, held = text[:cut], text[cut:]
-    model = TinyLlama(LlamaShape(vocab=256, dim=256, layers=4, heads=8, kv_heads=2, ffn=704), cache=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    torch.set_num_threads(2)
+    model = TinyLlama(LlamaShape(vocab=256, dim=128, layers=2, heads=4, kv_heads=2, ffn=352), cache=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     rng, t0, step = np.random.default_rng(0), time.time(), 0
     while time.time() - t0 < a.train_seconds:
-        batch = {k: torch.from_numpy(v) for k, v in _windows(train, 32, 96, rng).items()}
+        batch = {k: torch.from_numpy(v) for k, v in _windows(train, 16, 64, rng).items()}
         logits = model(batch["input_ids"], batch["position_ids"])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), batch["targets"].reshape(-1))
         opt.zero_grad()
@@ -92,9 +112,10 @@ def train_small(a) -> None:
     folder = a.cache / "trained"
     folder.mkdir(parents=True, exist_ok=True)
     export(model, folder / "model.onnx")
-    np.savez(folder / "calib.npz", **_windows(train, 128, 96, np.random.default_rng(1)))
-    np.savez(folder / "eval.npz", **_windows(held, 128, 96, np.random.default_rng(2)))
-    print(json.dumps({"steps": step, "last_train_loss": float(loss), "text_bytes": len(text)}))
+    np.savez(folder / "calib.npz", **_windows(train, 128, 64, np.random.default_rng(1)))
+    np.savez(folder / "eval.npz", **_windows(held, 128, 64, np.random.default_rng(2)))
+    print(json.dumps({"steps": step, "last_train_loss": float(loss.detach()), "text_bytes": len(text),
+                      "parameters": sum(p.numel() for p in model.parameters())}))
 
 
 def lm_figures(fp32: Path, quantized: Path, data: Path) -> dict:
@@ -135,6 +156,9 @@ def tools(folder: Path, out: Path, gptq: bool) -> list[tuple[str, list[str]]]:
         rows += [("quantkit int4 GPTQ", quantkit_cmd("quantize", m, "--weights", "int4", "--algorithm", "gptq",
                                                      "--calib", calib, "-o", out / "qk_gptq.onnx",
                                                      "--report", out / "qk_gptq.json", *common)),
+                 ("quantkit int4 AWQ", quantkit_cmd("quantize", m, "--weights", "int4", "--algorithm", "awq",
+                                                    "--calib", calib, "-o", out / "qk_awq.onnx",
+                                                    "--report", out / "qk_awq.json", *common)),
                  ("quantkit int4 RTN, --keep-int8 auto", quantkit_cmd(
                      "quantize", m, "--weights", "int4", "--keep-int8", "auto", "--calib", calib,
                      "-o", out / "qk_keep.onnx", "--report", out / "qk_keep.json", *common)),
@@ -168,7 +192,7 @@ def compare(folder: Path, gptq: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["big", "trained", "_export-big", "_train"])
+    ap.add_argument("which", choices=["big", "trained", "_export-big", "_train", "_fold"])
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks/.cache/large_lm")
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--dim", type=int, default=2048)
@@ -181,6 +205,8 @@ def main() -> None:
         return export_big(a)
     if a.which == "_train":
         return train_small(a)
+    if a.which == "_fold":
+        return fold(a.cache / "big")
     folder = a.cache / a.which
     if not (folder / "model.onnx").exists():
         step = "_export-big" if a.which == "big" else "_train"

@@ -1,7 +1,7 @@
 """Peak memory of whole quantkit runs on a generated model with external data, against the model's
 own bytes, and against ONNX Runtime's MatMulNBits quantizer (RTN) on the same file.
 
-    python benchmarks/large_memory.py [--layers 20 --dim 1024 --vocab 8192] [--in-memory]
+    python benchmarks/large_memory.py [--layers 20 --dim 1024 --vocab 8192] [--in-memory] [--gptq]
 
 The model (tests/large_model.py): a Gather embedding, `layers` x (MatMul up, Relu, MatMul down,
 residual), a Gemm and a MatMul head, weights in model.onnx.data; random weights. Data: 8 sequences
@@ -29,9 +29,9 @@ MODES = {
     "int4": ["--weights", "int4"],
     "dynamic int8": ["--activations", "dynamic"],
     "static int8 (4 calibration samples)": ["--calib", "{data}", "--calib-samples", "4"],
-    "int4 GPTQ (4 calibration samples)": ["--weights", "int4", "--algorithm", "gptq", "--calib", "{data}",
-                                          "--calib-samples", "4"],
 }
+GPTQ = {"int4 GPTQ (4 calibration samples)": ["--weights", "int4", "--algorithm", "gptq", "--calib", "{data}",
+                                              "--calib-samples", "4"]}
 IN_MEMORY = ("import sys; from quantkit.quantize import streaming; streaming.MIN_BYTES = 1 << 60; "
              "from quantkit.cli import main; sys.argv = ['quantkit'] + sys.argv[1:]; main()")
 
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--in-memory", action="store_true")
+    ap.add_argument("--gptq", action="store_true", help="also GPTQ (one calibration pass per group of Grams: slow)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="large-memory-") as tmp:
         folder = Path(tmp)
@@ -61,7 +62,7 @@ def main() -> None:
         print(f"model: {size / 2**20:.0f} MiB ({a.layers} layers, dim {a.dim}, vocab {a.vocab})\n")
         print("| run | seconds | peak RSS MiB | peak / model | report's memory.peak_rss MiB |")
         print("| --- | ---: | ---: | ---: | ---: |")
-        for label, flags in MODES.items():
+        for label, flags in {**MODES, **(GPTQ if a.gptq else {})}.items():
             flags = [f.replace("{data}", str(data)) for f in flags]
             for path, launcher in [("streamed", ["-m", "quantkit"])] + ([("in-memory", ["-c", IN_MEMORY])]
                                                                        if a.in_memory else []):
