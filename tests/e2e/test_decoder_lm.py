@@ -137,3 +137,17 @@ def test_awq_divides_each_scaled_input_once_and_keeps_the_outputs(decoder, tmp_p
     assert readers and set(readers) == {"MatMulNBits"}
     assert rep["evaluation"]["language_model"]["top1_agreement"] >= 0.8
     assert all(o["cosine_mean"] > 0.98 for o in rep["outputs"])
+
+
+def test_streamed_path_refuses_options_that_need_two_sessions(decoder, tmp_path, monkeypatch):
+    from quantkit.quantize import streaming
+
+    _, folder = decoder
+    src = tmp_path / "ext.onnx"
+    onnx.save(onnx.load(str(folder / "model.onnx")), str(src), save_as_external_data=True,
+              location="ext.onnx.data", size_threshold=0)
+    monkeypatch.setattr(streaming, "MIN_BYTES", 0)
+    for flags in (["--require-speedup", "1.1"], ["--plan", tmp_path / "p.json"]):
+        r = _quantize(src, "--calib", folder / "calib.npz", "-o", tmp_path / "q.onnx", *flags)
+        assert r.exit_code == 2 and "large external-data models" in r.output
+        assert not (tmp_path / "q.onnx").exists()
