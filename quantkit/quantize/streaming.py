@@ -51,6 +51,7 @@ MIN_BYTES = 256 << 20
 GRAM_SHARE = 0.05
 GRAM_MIN_BYTES = 16 << 20
 LATENCY_RUNS = 5  # at most: each run of a large model is long, and the two models are timed apart
+LATENCY_SECONDS = 10.0  # and no more timed runs than fit in this
 NOTE = ("large model with external data: weights streamed one tensor at a time and sessions created one at a "
         "time; no speed guard and no per-node accuracy budget (use --exclude to keep layers float)")
 
@@ -97,15 +98,18 @@ def _runs(cfg) -> int:
     return max(1, min(cfg.latency_runs, LATENCY_RUNS))
 
 
-def _timed_ms(sess, feed: dict, runs: int, warmup: int = 1) -> float:
+def _timed_ms(sess, feed: dict, runs: int, warmup: int = 1) -> tuple[float, int]:
+    """Median of `runs` timed runs, fewer when one run is long: about LATENCY_SECONDS in all."""
     for _ in range(warmup):
+        t = time.perf_counter()
         sess.run(None, feed)
+        runs = max(1, min(runs, int(LATENCY_SECONDS / max(time.perf_counter() - t, 1e-6))))
     times = []
     for _ in range(runs):
         t = time.perf_counter()
         sess.run(None, feed)
         times.append((time.perf_counter() - t) * 1000.0)
-    return statistics.median(times)
+    return statistics.median(times), runs
 
 
 class Reference:
@@ -118,7 +122,7 @@ class Reference:
         self.limit = None if inputs.evald else cfg.data.calib_samples
         self.names: list[str] = []
         self.first: list[np.ndarray] = []
-        self.fp32_ms = 0.0
+        self.fp32_ms, self.fp32_runs = 0.0, 0
 
     def batches(self):
         i = self.inputs
@@ -140,7 +144,7 @@ class Reference:
             progress.advance(len(next(iter(b.values()))))
         progress.finish()
         self.first = sess.run(self.names, i.feed)
-        self.fp32_ms = _timed_ms(sess, i.feed, _runs(self.cfg))
+        self.fp32_ms, self.fp32_runs = _timed_ms(sess, i.feed, _runs(self.cfg))
         del sess
         gc.collect()
 
@@ -214,10 +218,10 @@ def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdi
     except UnsupportedModelError as e:  # our own output failed to load: that is a bug
         raise RuntimeError(f"internal error: {e}") from e
     outputs, samples, lm_figures = reference.compare(qsess, progress)
-    q_ms = _timed_ms(qsess, inputs.feed, _runs(cfg))
+    q_ms, q_runs = _timed_ms(qsess, inputs.feed, _runs(cfg))
     del qsess
     latency = {"fp32_ms": reference.fp32_ms, "quantized_ms": q_ms,
-               "speedup": reference.fp32_ms / q_ms if q_ms > 0 else None, "runs": _runs(cfg),
+               "speedup": reference.fp32_ms / q_ms if q_ms > 0 else None, "runs": min(reference.fp32_runs, q_runs),
                "batch_size": inputs.batch, "threads": cfg.threads or "onnxruntime default",
                "interleaved": False}
     evaluation = {"source": str(inputs.scored.path), "on_calibration_data": inputs.evald is None,
