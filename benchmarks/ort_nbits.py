@@ -40,7 +40,8 @@ def main() -> None:
     quant = mnq.MatMulNBitsQuantizer(onnx.load(str(args.model)), block_size=args.block_size, is_symmetric=True,
                                      accuracy_level=4, algo_config=cfg)
     quant.process()
-    quant.model.save_model_to_file(str(args.output), use_external_data_format=False)
+    big = quant.model.model.ByteSize() > 1_500_000_000  # protobuf cannot hold 2 GiB: weights beside it
+    quant.model.save_model_to_file(str(args.output), use_external_data_format=big)
 
 
 class _Reader(CalibrationDataReader):

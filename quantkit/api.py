@@ -34,6 +34,7 @@ from quantkit.quantize.plan import OpKind, Plan, SchemeName
 from quantkit.quantize.prepare import Calibration, CalibrationData, calibrate
 from quantkit.quantize.scheme import Placement, RewriteResult, placement_for
 from quantkit.quantize.speed import GuardReport, guard
+from quantkit.report import lm, memory
 from quantkit.report.compare import OutputComparison
 from quantkit.report.gates import check_gates
 from quantkit.report.histograms import histograms
@@ -115,8 +116,9 @@ def _check_options(cfg: RunConfig) -> None:
         if q.activations.static:
             raise ConfigError("--calib is required: static int8 needs calibration data to set activation ranges "
                               "(or use --activations dynamic, or weight-only --activations none)")
-        if q.activations == Activations.NONE and q.algorithm == Algorithm.GPTQ:
-            raise ConfigError("--algorithm gptq needs --calib: it rounds against the layers' calibration inputs")
+        if q.activations == Activations.NONE and q.algorithm in (Algorithm.GPTQ, Algorithm.AWQ):
+            raise ConfigError(f"--algorithm {q.algorithm} needs --calib: it rounds against the layers' "
+                              "calibration inputs")
         if cfg.data.eval is None:
             raise ConfigError(f"--activations {q.activations} needs no calibration, but the accuracy report needs "
                               "data: pass --eval")
@@ -129,6 +131,10 @@ def quantize(cfg: RunConfig, status: Callable[[str], None] = lambda s: None,
     _check_options(cfg)
     with tempfile.TemporaryDirectory(prefix="quantkit-") as tmp:
         workdir = Path(tmp)
+        from quantkit.quantize import streaming
+
+        if streaming.applies(cfg.model):
+            return streaming.quantize(cfg, workdir, status, progress, t_start)
         return _quantize(cfg, workdir, status, progress, t_start)
 
 
@@ -226,6 +232,19 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     laps.lap("evaluate")
     report = _report(Outcome(cfg, inputs, placement, calibration, plan, rw, guard_report, outputs, latency,
                              evaluation, model_bytes(q_path), notes))
+    failures = _complete(report, cfg, model, placement, placed, inner, t_start)
+    report["pruning"] = pruning
+    laps.lap("report")
+    report["stage_seconds"] = laps.seconds
+
+    plan_file = _plan_file(cfg, placement, guard_report, placed) if cfg.plan_out is not None else None
+    _save(cfg, qmodel, report, inputs.source.onnx_path, plan_file)
+    return Result(report, failures)
+
+
+def _complete(report: dict, cfg: RunConfig, model: ir.Model, placement: Placement, placed: dict,
+              inner: list[subgraphs.SubgraphWeight], t_start: float, streamed: bool = False) -> list[str]:
+    """The report sections every path shares; returns the gate failures."""
     _move_subgraph_nodes(report["nodes"], inner)
     report["sensitivity"] = placed.get("sensitivity", [])
     report["weight_error"] = weight_errors(model, cfg.quant, {s["node"] for s in report["nodes"]["float"]})
@@ -233,16 +252,11 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     observers = {k: v for scheme in placement.schemes for k, v in getattr(scheme, "observers", {}).items()}
     report["histograms"] = histograms(observers, report["activations"])
     report["placement"] = {k: v for k, v in placed.items() if k not in ("sensitivity", "notes")} or None
-    report["pruning"] = pruning
-    failures = check_gates(outputs, cfg.gates, latency)
+    failures = check_gates(report["outputs"], cfg.gates, report["latency"])
     report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
-    laps.lap("report")
+    report["memory"] = memory.section(report["model"]["bytes_before"], streamed)
     report["seconds"] = time.perf_counter() - t_start
-    report["stage_seconds"] = laps.seconds
-
-    plan_file = _plan_file(cfg, placement, guard_report, placed) if cfg.plan_out is not None else None
-    _save(cfg, qmodel, report, inputs.source.onnx_path, plan_file)
-    return Result(report, failures)
+    return failures
 
 
 def _save(cfg: RunConfig, qmodel: ir.Model, report: dict, fp32_path: Path, plan_file: dict | None) -> None:
@@ -440,7 +454,7 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, guard_report: GuardReport, n
     """Accuracy against the reference on the evaluation data, and latency against fp32."""
     status("evaluating fp32 against int8")
     scored, batch = inputs.scored, inputs.batch
-    comparisons, eval_samples = _evaluate(inputs.fp32, qsess, scored, batch, inputs.fixed,
+    comparisons, eval_samples, lm_figures = _evaluate(inputs.fp32, qsess, scored, batch, inputs.fixed,
                                           None if inputs.evald else cfg.data.calib_samples, inputs.source.reference,
                                           progress)
     if inputs.evald is None:
@@ -454,6 +468,8 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, guard_report: GuardReport, n
         notes.append(f"the int8 model is {1 / latency['speedup']:.2f}x SLOWER than fp32 in onnxruntime on this "
                      f"machine at batch {batch}: {why}")
     evaluation = {"source": str(scored.path), "on_calibration_data": inputs.evald is None, "samples": eval_samples}
+    if lm_figures is not None:
+        evaluation["language_model"] = lm_figures
     return [c.result() for c in comparisons], latency, evaluation
 
 
@@ -488,6 +504,8 @@ def _report(o: Outcome) -> dict:
         "activations": activations,
         "notes": o.notes,
     }
+    if calibration is None and o.calibration.passes:  # statistics without activation ranges (GPTQ)
+        calibration = {"method": None}
     if calibration is not None:
         c = o.calibration
         report["calibration"] = {"source": c.source, "samples": c.samples, "batch_size": c.batch,
@@ -504,6 +522,7 @@ def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, sour
     names = [o.name for o in ref_sess.get_outputs()]
     feeds = {i.name for i in ref_sess.get_inputs()}
     comparisons = [OutputComparison(n) for n in names]
+    tracker = lm.Tracker(names)
     samples = 0
     progress = progress or Silent()
     progress.start("evaluating", min(source.samples, limit or source.samples))
@@ -515,11 +534,12 @@ def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, sour
         labels = b.get(LABELS)
         for i, (c, r, x) in enumerate(zip(comparisons, ref, q)):
             c.update(r, x, labels if i == 0 else None)
+        tracker.update(ref, q, b)
         n = len(next(iter(b.values())))
         samples += n
         progress.advance(n)
     progress.finish()
-    return comparisons, samples
+    return comparisons, samples, tracker.result()
 
 
 def _load(cfg: RunConfig, workdir: Path, status, progress: Progress) -> Source:

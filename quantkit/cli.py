@@ -71,7 +71,7 @@ def cli() -> None:
 @click.option("--weights", type=click.Choice(Weights.values()), default=Weights.INT8.value, show_default=True, help="Weight type; int4 is weight-only (MatMulNBits, GatherBlockQuantized).")
 @click.option("--block-size", type=int, default=32, show_default=True, help="Weight-only: rows of K sharing one scale (16..256, power of two).")
 @click.option("--asymmetric", is_flag=True, help="Weight-only: a zero point per block instead of symmetric blocks.")
-@click.option("--algorithm", type=click.Choice(Algorithm.values()), default=Algorithm.RTN.value, show_default=True, help="Weight-only rounding: round to nearest, or GPTQ against the calibration inputs (needs --calib).")
+@click.option("--algorithm", type=click.Choice(Algorithm.values()), default=Algorithm.RTN.value, show_default=True, help="Weight-only rounding: round to nearest, GPTQ against the calibration inputs, or AWQ channel scales (gptq and awq need --calib).")
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="MatMulNBits compute type: 4 = int8 (fastest on CPU), 0 = float.")
 @click.option("--format", "fmt", type=click.Choice(Format.values()), default=Format.ORT.value, show_default=True, help="Weight-only output: onnxruntime contrib ops, or standard DequantizeLinear with int4 blocks (opset 21).")
 @click.option("--keep-int8", multiple=True, metavar="PATTERN", help="Weight-only int4: node names or op types (glob) kept at 8 bits.")

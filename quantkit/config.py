@@ -55,6 +55,7 @@ class Weights(Choice):
 class Algorithm(Choice):
     RTN = "rtn"  # round to nearest
     GPTQ = "gptq"  # rounding against the layers' calibration inputs
+    AWQ = "awq"  # activation-aware input-channel scales, then round to nearest (quantize/awq.py)
 
 
 class Format(Choice):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,33 +36,44 @@ def _references_files(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
-def session_options(threads: int | None = None, lean: bool = False) -> ort.SessionOptions:
+def session_options(threads: int | None = None, lean: bool = False, mapped: bool = False) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if lean:  # many small sessions alive at once: no arena or memory pattern kept per session
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
+    if mapped:  # float weights read straight from the mapped data file: no prepacked second copy, no arena
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_cpu_mem_arena = False
     if threads:
         so.intra_op_num_threads = threads
     return so
 
 
 def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: int | None = None,
-            lean: bool = False):
-    """An InferenceSession for an in-memory model (serialized, or saved to workdir when large or
-    when its weights are still in an external file) or for a file on disk."""
+            lean: bool = False, mapped: bool = False):
+    """An InferenceSession for an in-memory model or for a file on disk. A model whose weights are
+    still in one external data folder is serialized without them and onnxruntime reads them from
+    that folder (never from the working directory); other large models are saved to workdir."""
+    from quantkit.load import external
+
     try:
+        options = session_options(threads, lean, mapped)
         if isinstance(model, (str, os.PathLike)):
             source = str(model)
+        elif _references_files(model) and len(folders := external.external_folders(model)) == 1 \
+                and external.in_memory_bytes(model) <= INLINE_LIMIT:
+            options = session_options(threads, lean, mapped=True)
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(folders.pop()))
+            source = ir.serde.serialize_model(model).SerializeToString()
         elif tensor_bytes(model) > INLINE_LIMIT or _references_files(model):
-            path = Path(workdir) / f"{tag}.onnx"
-            save(model, path)
-            source = str(path)
+            folder = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=workdir))
+            external.write_model(model.clone(), folder / f"{tag}.onnx")
+            source = str(folder / f"{tag}.onnx")
         else:
             source = ir.serde.serialize_model(model).SerializeToString()
-        return ort.InferenceSession(
-            source, sess_options=session_options(threads, lean), providers=["CPUExecutionProvider"]
-        )
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises several unrelated exception types
         raise UnsupportedModelError(f"onnxruntime cannot load the {tag} model: {first_line(e)}") from e
 

@@ -24,6 +24,9 @@ import numpy as np
 from quantkit.errors import ConfigError, InputError
 
 LABELS = "labels"
+# language models: the id of the token that should follow each position, [samples, seq] like the
+# token ids (already shifted by one); negative ids are not scored (report/lm.py)
+TARGETS = "targets"
 DATA_SUFFIXES = (".npz", ".npy", ".pt")
 
 
@@ -203,7 +206,7 @@ class _File:
         if not members:
             raise InputError(f"{path} holds no arrays")
         self.members = members
-        self.axes: dict[str, int | None] = {s.name: s.batch_axis for s in inputs} | {LABELS: 0}
+        self.axes: dict[str, int | None] = {s.name: s.batch_axis for s in inputs} | {LABELS: 0, TARGETS: 0}
         counts = {}
         for k, m in members.items():
             axis = self.axes.get(k, -1)
@@ -240,6 +243,8 @@ class _File:
         for k, a in batch.items():
             if k == LABELS:
                 batch[k] = class_ids(a, f"{self.path}: '{LABELS}'", first)
+            elif k == TARGETS and not np.issubdtype(a.dtype, np.integer):
+                raise InputError(f"{self.path}: '{TARGETS}' holds {a.dtype} values; next-token ids must be integers")
             elif np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
                 index = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
                 axis = self.axes.get(k)
@@ -332,7 +337,7 @@ class DataSource:
             _check_shape(f.path, spec, m.shape)
         names = {s.name for s in self.inputs}
         for k in keys:
-            if k not in names and k != LABELS and k not in self.extra_keys:
+            if k not in names and k not in (LABELS, TARGETS) and k not in self.extra_keys:
                 self.extra_keys.append(k)
         if LABELS in f.members:
             m = f.members[LABELS]
@@ -346,7 +351,7 @@ class DataSource:
         """Yield dicts of input name -> array (plus 'labels' when present), at most `limit`
         samples in all. Extra arrays the model does not take are not read."""
         left = self.samples if limit is None else min(limit, self.samples)
-        wanted = {s.name for s in self.inputs} | {LABELS}
+        wanted = {s.name for s in self.inputs} | {LABELS, TARGETS}
         for f in self.files:
             if left <= 0:
                 break

@@ -71,6 +71,39 @@ def fold_batchnorm(model: ir.Model) -> int:
     return folded
 
 
+def _transposed(src: ir.TensorProtocol) -> ir.LazyTensor:
+    """src.T computed when read and never kept: a weight left on disk stays there until quantized."""
+    shape = ir.Shape(list(reversed(src.shape.numpy())))
+    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(src.numpy().T)), src.dtype, shape)
+
+
+def fold_weight_transposes(model: ir.Model) -> int:
+    """Transpose of a 2-D initializer (exporters write Linear layers as MatMul(x, Transpose(W)))
+    becomes a transposed initializer, so the MatMul reads a constant weight."""
+    edit, folded = Editor(model.graph), 0
+    for node in list(model.graph):
+        src = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        perm = node.attributes.get_ints("perm", None) if src is not None else None
+        if src is None or const_array_shape(src) is None or (perm is not None and list(perm) != [1, 0]):
+            continue
+        value = ir.Value(name=edit.name(f"{src.name}_transposed"), type=src.type,
+                         shape=ir.Shape(list(reversed(src.shape.numpy()))) if src.shape else None,
+                         const_value=_transposed(src.const_value))
+        model.graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        model.graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
+def const_array_shape(v: ir.Value) -> tuple | None:
+    """The shape of a 2-D float initializer the user cannot override, else None."""
+    t = v.const_value
+    if t is None or v.is_graph_input() or len(t.shape) != 2 or not t.dtype.is_floating_point():
+        return None
+    return tuple(t.shape.numpy())
+
+
 def already_quantized(model: ir.Model) -> list[str]:
     return sorted({n.op_type for n in model.graph.all_nodes() if n.op_type in QUANTIZED_OPS})
 
@@ -86,6 +119,9 @@ def canonicalize(model: ir.Model) -> list[str]:
     removed = identities - sum(1 for n in model.graph if n.op_type == "Identity")
     if removed:
         notes.append(f"removed {removed} Identity node(s)")
+    transposed = fold_weight_transposes(model)
+    if transposed:
+        notes.append(f"folded {transposed} Transpose node(s) of weights into transposed initializers")
     folded = fold_batchnorm(model)
     if folded:
         notes.append(f"folded {folded} BatchNormalization node(s) into the preceding Conv")

@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from quantkit.calibrate.data import InputSpec
 from quantkit.errors import InputError, UnsupportedModelError, first_line
+from quantkit.load.external import read_lazily
 from quantkit.runtime import INLINE_LIMIT
 
 # Per-channel DequantizeLinear (the `axis` attribute) exists from opset 13.
@@ -20,7 +21,9 @@ MIN_OPSET = 13
 OLDEST_CONVERTIBLE_OPSET = 7
 
 
-def load_onnx(path: Path) -> ir.Model:
+def load_onnx(path: Path, keep_on_disk: bool = False) -> ir.Model:
+    """keep_on_disk: external weights stay in their file and are read one tensor at a time
+    (load/external.py) however small the model."""
     path = Path(path)
     check_model_path(path)
     try:
@@ -43,7 +46,9 @@ def load_onnx(path: Path) -> ir.Model:
         raise InputError(f"{path} is not a valid ONNX model: {first_line(e, 300)}") from e
     if opset >= MIN_OPSET:
         ir.external_data.set_base_dir(model.graph, str(path.parent))
-        if model_bytes(path) <= INLINE_LIMIT:
+        if keep_on_disk:
+            read_lazily(model)
+        elif model_bytes(path) <= INLINE_LIMIT:
             # small enough to hold: in memory, the model serializes for onnxruntime without files;
             # larger ones stay memory-mapped and go through a saved copy (runtime.session)
             ir.external_data.load_to_model(model)

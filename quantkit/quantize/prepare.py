@@ -98,10 +98,32 @@ def _pass(model: ir.Model, requests: list[StatRequest], data: CalibrationData, w
     return stats
 
 
+def _gram_groups(model: ir.Model, grams: list[StatRequest], budget: int) -> list[list[StatRequest]]:
+    """Gram requests in groups whose K x K float64 matrices fit `budget` bytes together (a Gram
+    larger than the budget gets a group of its own)."""
+    values = ir.convenience.create_value_mapping(model.graph)
+    groups: list[list[StatRequest]] = [[]]
+    used = 0
+    for r in grams:
+        shape = values[r.tensor].shape if r.tensor in values else None
+        k = shape[-1] if shape is not None and len(shape) and isinstance(shape[-1], int) else None
+        size = 8 * k * k if k else budget
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(r)
+        used += size
+    return groups
+
+
 def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: CalibrationData | None,
-              workdir: Path, status: Callable[[str], None], progress) -> Calibration:
+              workdir: Path, status: Callable[[str], None], progress, gram_budget: int | None = None) -> Calibration:
     """Gather every statistic the placement's schemes and SmoothQuant need, apply SmoothQuant,
-    and hand the statistics to the schemes. Returns what was done, for the report."""
+    and hand the statistics to the schemes. Returns what was done, for the report.
+
+    gram_budget: GPTQ's Gram matrices (K x K each) are gathered a group at a time within this many
+    bytes, one extra pass per group; the scheme rounds those layers and drops the Grams before the
+    next pass."""
     t0 = time.perf_counter()
     if quant.smoothquant is not None and data is None:
         raise ConfigError("--smoothquant needs --calib: the smoothing factors come from calibration activations")
@@ -112,6 +134,11 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
     first = [r for r in before if not (r.tensor in smoothed and r.kind in RANGE_KINDS)]
     first += smoothquant.requests(groups, {r.tensor: r.channel_axis for r in before
                                            if r.tensor in smoothed and r.channel_axis is not None})
+    later: list[list[StatRequest]] = []
+    grams = [r for r in first if r.kind == "gram"]
+    if gram_budget is not None and grams and quant.smoothquant is None:
+        gram_groups = _gram_groups(model, grams, gram_budget)
+        first, later = [r for r in first if r.kind != "gram"] + gram_groups[0], gram_groups[1:]
     result = Calibration(source=str(data.source.path) if data else None, batch=data.batch if data else 0)
     stats = _pass(model, first, data, workdir, status, progress) if first and data else Statistics()
     if quant.smoothquant is not None:
@@ -125,7 +152,14 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
         missing = [r for r in final if not stats.satisfies(r)]
         if missing and data is not None:
             stats.merge(_pass(model, missing, data, workdir, status, progress))
-    result.notes = stats.notes + placement.use(stats)
+    extra = Statistics()
+    for group in later if data is not None else []:
+        more = _pass(model, group, data, workdir, status, progress)
+        result.notes += placement.use(more)  # rounds these layers; their Grams are dropped
+        extra.passes += more.passes
+        extra.timings = {k: extra.timings.get(k, 0.0) + v for k, v in more.timings.items()}
+    stats.merge(extra)
+    result.notes = stats.notes + result.notes + placement.use(stats)
     result.samples, result.passes, result.timings = stats.samples, stats.passes, stats.timings
     result.seconds = time.perf_counter() - t0
     return result

@@ -185,11 +185,13 @@ class StaticScheme(Scheme):
         if key not in cache:
             q, scale, zp = qp.quantize_weight(w, op.weight_axis)
             dq = edit.dequantized(w_in.name, q, scale, zp, op.weight_axis, node)
-            cache[key] = (dq, scale, qp.dequantize(q, scale, zp, op.weight_axis))
-        dq, w_scale, w_dq = cache[key]
+            # the float dequantized copy is made only when bias correction needs it: kept for
+            # every weight it would hold the model's size again
+            cache[key] = (dq, scale, (q, zp))
+        dq, w_scale, (q, zp) = cache[key]
         node.replace_input_with(op.weight_index, dq)
         mean_in = self.channel_means.get(op.inputs[0].name)
-        if mean_in is not None and _correct_bias(edit, op, w, w_dq, mean_in):
+        if mean_in is not None and _correct_bias(edit, op, w, qp.dequantize(q, w_scale, zp, op.weight_axis), mean_in):
             result.bias_corrected.append(node.name or "")
         if op.bias:
             b_in = node.inputs[2]

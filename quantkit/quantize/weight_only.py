@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +23,7 @@ from quantkit.calibrate.observers import GramObserver
 from quantkit.config import Algorithm, Format, QuantConfig, Weights
 from quantkit.errors import UnsupportedModelError, first_line
 from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
+from quantkit.quantize import awq
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.gptq import gptq_blockwise
@@ -66,7 +68,13 @@ class WeightOnlyScheme(Scheme):
     def __init__(self, config: QuantConfig) -> None:
         super().__init__(dataclasses.replace(config, keep_int8=tuple(p for p in config.keep_int8 if p != AUTO)))
         self.auto_keep = AUTO in config.keep_int8
-        self.hessians: dict[str, np.ndarray] = {}
+        # GPTQ rounds a layer as soon as its input's Gram matrix is known and drops the Gram:
+        # (weight name, bits) -> the rounded weight, or the .npz it was spilled to
+        self.rounded: dict[tuple[str, int], bw.Blockwise | Path] = {}
+        self.consumers: dict[str, list[QuantizedOp]] = {}  # GPTQ: input tensor -> the layers reading it
+        self.spill: Path | None = None  # where rounded weights go instead of memory (large models)
+        self.awq: dict[str, tuple[float, np.ndarray]] = {}  # AWQ: input tensor -> (alpha, channel scales)
+        self._awq_scale: dict[int, np.ndarray] = {}  # id(node) -> its weight's row scales, during a rewrite
 
     def refuse(self, op: QuantizedOp) -> str | None:
         if not op.weighted:
@@ -80,17 +88,83 @@ class WeightOnlyScheme(Scheme):
         return opset_at_least(model, 21) if self.config.format == Format.QDQ else model
 
     def requests(self, plan: Plan) -> list[StatRequest]:
-        """GPTQ: X^T X of every weighted MatMul/Gemm input."""
-        if self.config.algorithm != Algorithm.GPTQ:
+        """GPTQ: X^T X of every weighted MatMul/Gemm input; AWQ: its mean |x| per channel."""
+        if self.config.algorithm not in (Algorithm.GPTQ, Algorithm.AWQ):
             return []
         ops = [op for op in plan.ops
                if op.scheme == self.name and op.weighted and op.node.op_type in ("MatMul", "Gemm")]
-        return [StatRequest(name, "gram") for name in dict.fromkeys(op.inputs[0].name for op in ops)]
+        self.consumers = {}
+        for op in ops:
+            self.consumers.setdefault(op.inputs[0].name, []).append(op)
+        kind = "abs_mean" if self.config.algorithm == Algorithm.AWQ else "gram"
+        return [StatRequest(name, kind) for name in self.consumers]
 
     def use(self, stats: Statistics) -> Findings:
-        self.hessians = {n: h for n, o in stats.of_kind("gram").items()
-                         if isinstance(o, GramObserver) and (h := o.hessian()) is not None}
-        return Findings()
+        """Round every layer whose input Gram matrix these statistics hold (may be called once per
+        calibration pass when the Grams are gathered a few at a time); the Grams are dropped."""
+        for name, obs in stats.of_kind("gram").items():
+            if not isinstance(obs, GramObserver):
+                continue
+            h = obs.hessian()
+            if h is None:
+                continue
+            for op in self.consumers.get(name, []):
+                self._round(op, h)
+            obs.gram = None
+        for name, obs in stats.of_kind("abs_mean").items():
+            act = obs.mean() if isinstance(obs, awq.AbsMeanObserver) else None
+            ops = self.consumers.get(name, [])
+            if act is None or not ops:
+                continue
+            cfg = self.config
+            self.awq[name] = awq.search([k_major_weight(op.node) for op in ops], act, bits_for(ops[0].node, cfg),
+                                        cfg.block_size, cfg.symmetric)
+        if not self.awq:
+            return Findings()
+        scaled = [a for a, _ in self.awq.values() if a > 0]
+        return Findings(notes=[f"awq: {len(scaled)} of {len(self.awq)} layer input(s) scaled before rounding "
+                               f"(alpha {min(scaled, default=0):.1f}..{max(scaled, default=0):.1f}; 0 = plain RTN)"])
+
+    def _scale_inputs(self, ops: list[QuantizedOp], edit: Editor) -> None:
+        """AWQ: one Mul(x, 1/s) per scaled input tensor, read by the layers whose weights get s."""
+        groups: dict[str, list[QuantizedOp]] = {}
+        for op in ops:
+            if op.node.op_type in ("MatMul", "Gemm") and op.node.inputs[0] is not None:
+                groups.setdefault(op.node.inputs[0].name, []).append(op)
+        for name, members in groups.items():
+            alpha, s = self.awq.get(name, (0.0, None))
+            if s is None or alpha == 0:
+                continue
+            x = members[0].node.inputs[0]
+            mul = edit.node("Mul", [x, edit.initializer(f"{name}_awq_inv_scale", (1.0 / s).astype(np.float32))],
+                            name=f"{name}_awq", output=f"{name}_awq")
+            mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
+            edit.graph.insert_before(members[0].node, mul)
+            for op in members:
+                self._awq_scale[id(op.node)] = s
+                op.node.replace_input_with(0, mul.outputs[0])
+
+    def _round(self, op: QuantizedOp, hessian: np.ndarray) -> None:
+        bits = bits_for(op.node, self.config)
+        key = (op.node.inputs[1].name, bits)
+        if key in self.rounded:
+            return
+        qb = gptq_blockwise(k_major_weight(op.node), hessian, bits, self.config.block_size, self.config.symmetric)
+        if self.spill is None:
+            self.rounded[key] = qb
+            return
+        path = self.spill / f"gptq_{len(self.rounded)}.npz"
+        np.savez(path, q=qb.q, scales=qb.scales, zero_points=qb.zero_points, k=qb.k, bits=qb.bits, block=qb.block,
+                 symmetric=qb.symmetric)
+        self.rounded[key] = path
+
+    def _gptq(self, w_name: str, bits: int) -> bw.Blockwise | None:
+        found = self.rounded.get((w_name, bits)) if self.config.algorithm == Algorithm.GPTQ else None
+        if not isinstance(found, Path):
+            return found
+        with np.load(found) as z:
+            return bw.Blockwise(z["q"], z["scales"], z["zero_points"], int(z["k"]), int(z["bits"]), int(z["block"]),
+                                bool(z["symmetric"]))
 
     def tune(self, plan: Plan, trial: Trial, status: Callable[[str], None]) -> list[str]:
         """--keep-int8 auto: try the first and the last int4 layer at 8 bits, each on its own,
@@ -115,13 +189,16 @@ class WeightOnlyScheme(Scheme):
     def with_config(self, config: QuantConfig) -> WeightOnlyScheme:
         """The same scheme (and Hessians) under another config, for tuning trials."""
         other = WeightOnlyScheme(config)
-        other.hessians = self.hessians
+        other.rounded, other.consumers, other.spill, other.awq = self.rounded, self.consumers, self.spill, self.awq
         return other
 
     def rewrite(self, model: ir.Model, ops: list[QuantizedOp], edit: Editor) -> RewriteResult:
         result = RewriteResult()
         if self.config.format != Format.QDQ and MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
+        self._awq_scale = {}
+        if self.awq and self.config.algorithm == Algorithm.AWQ:
+            self._scale_inputs(ops, edit)
         for op in ops:
             name = op.node.name or op.node.outputs[0].name
             if op.node.op_type in ("Conv", "ConvTranspose"):
@@ -160,11 +237,13 @@ class WeightOnlyScheme(Scheme):
         """MatMul/Gemm -> MatMulNBits (or blocked DequantizeLinear -> MatMul); True if GPTQ rounded it."""
         node, cfg = op.node, self.config
         bits = bits_for(node, cfg)
-        w = k_major_weight(node)
-        h = self.hessians.get(op.inputs[0].name) if cfg.algorithm == Algorithm.GPTQ else None
-        qb = gptq_blockwise(w, h, bits, cfg.block_size, cfg.symmetric) if h is not None \
-            else bw.quantize_blockwise(w, bits, cfg.block_size, cfg.symmetric)
         w_name = node.inputs[1].name
+        h = self._gptq(w_name, bits)  # rounded by GPTQ when the calibration pass saw its input
+        w = k_major_weight(node) if h is None else None
+        s = self._awq_scale.get(id(node))
+        if s is not None and w is not None:  # the input was divided by s: the weight rows carry it
+            w = w * s[:, None]
+        qb = h if h is not None else bw.quantize_blockwise(w, bits, cfg.block_size, cfg.symmetric)
         if cfg.format == Format.QDQ:
             trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
             node.replace_input_with(1, _qdq_blocked(edit, w_name, qb, 1 if trans_b else 0, not trans_b, node))
@@ -177,7 +256,7 @@ class WeightOnlyScheme(Scheme):
             ins += [None, node.inputs[2]]  # no g_idx, then the bias
         while ins[-1] is None:
             ins.pop()
-        k, n = w.shape
+        k, n = qb.k, qb.q.shape[0]
         new = edit.node("MatMulNBits", ins, {"K": k, "N": n, "bits": bits, "block_size": cfg.block_size,
                         "accuracy_level": cfg.accuracy_level}, domain=MS_DOMAIN, name=f"{name}_int{bits}")
         op.node = edit.replace_node(node, new)

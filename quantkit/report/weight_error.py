@@ -46,10 +46,16 @@ def _rounded(op, quant: QuantConfig) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def sqnr_db(w: np.ndarray, deq: np.ndarray) -> float | None:
-    """None when the weight is reproduced exactly (infinite SQNR has no JSON form)."""
-    w = np.asarray(w, np.float64)
-    err = float(np.sum((w - np.asarray(deq, np.float64)) ** 2))
-    signal = float(np.sum(w**2))
+    """None when the weight is reproduced exactly (infinite SQNR has no JSON form). Summed a slice
+    of rows at a time, so the float64 temporaries stay small for embedding-sized weights."""
+    w, deq = np.asarray(w).reshape(len(w), -1) if np.ndim(w) else np.reshape(w, (1, 1)), np.asarray(deq)
+    deq = deq.reshape(w.shape)
+    err = signal = 0.0
+    step = max(1, (1 << 21) // max(w.shape[1], 1))
+    for i in range(0, len(w), step):
+        a = w[i:i + step].astype(np.float64)
+        err += float(np.sum((a - deq[i:i + step].astype(np.float64)) ** 2))
+        signal += float(np.sum(a**2))
     if err == 0.0 or signal == 0.0:
         return None
     return 10 * math.log10(signal / err)

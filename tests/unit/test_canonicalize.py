@@ -72,3 +72,41 @@ def test_types_missing_after_inference_are_filled_from_one_run():
     assert relu.outputs[0].dtype == ir.DataType.FLOAT and len(relu.outputs[0].shape) == 4
     # the graph is unchanged: no outputs left behind by the probe
     assert [o.name for o in model.graph.outputs] == ["logits"]
+
+
+def _linear_via_transpose():
+    from onnx import numpy_helper, parser
+
+    proto = parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    agraph (float[N, 4] x) => (float[N, 3] y, float[N, 4] z) {
+        wt = Transpose <perm = [1, 0]> (w)
+        y = MatMul(x, wt)
+        parts = SplitToSequence <axis = 1> (x)
+        z = ConcatFromSequence <axis = 1> (parts)
+    }""")
+    w = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    proto.graph.initializer.append(numpy_helper.from_array(w, "w"))
+    return ir.serde.deserialize_model(proto), w
+
+
+def test_weight_transposes_fold_into_lazily_transposed_initializers(tmp_path):
+    from quantkit import runtime
+    from quantkit.graph.ir_edit import k_major_weight
+
+    model, w = _linear_via_transpose()
+    notes = canonicalize(model)
+    assert any("folded 1 Transpose" in n for n in notes)
+    ops = [n.op_type for n in model.graph]
+    assert "Transpose" not in ops
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    np.testing.assert_array_equal(k_major_weight(matmul), w.T)
+    # SplitToSequence's output stays a sequence after shape inference, so onnxruntime accepts the graph
+    shapes.infer(model)
+    split = next(n for n in model.graph if n.op_type == "SplitToSequence")
+    assert isinstance(split.outputs[0].type, ir.SequenceType)
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    sess = runtime.session(model, tmp_path, tag="t")
+    y, z = sess.run(None, {"x": x})
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-6)
+    np.testing.assert_array_equal(z, x)

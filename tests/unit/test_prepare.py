@@ -13,7 +13,9 @@ from quantkit.calibrate.collect import StatRequest, collect
 from quantkit.calibrate.data import DataSource
 from quantkit.config import QuantConfig
 from quantkit.graph import shapes
+from quantkit.graph.ir_edit import k_major_weight
 from quantkit.load.onnx import input_specs
+from quantkit.quantize.gptq import gptq_blockwise
 from quantkit.quantize.prepare import CalibrationData, calibrate
 from quantkit.quantize.scheme import placement_for
 
@@ -48,7 +50,7 @@ def _setup(tmp_path):
     return model, CalibrationData(source, batch=8, fixed=False, limit=None), x
 
 
-def _run(tmp_path, monkeypatch, **config):
+def _run(tmp_path, monkeypatch, gram_budget=None, **config):
     model, data, x = _setup(tmp_path)
     fetched = []
     real_run = runtime.run
@@ -57,7 +59,7 @@ def _run(tmp_path, monkeypatch, **config):
     quant = QuantConfig(**config)
     placement = placement_for(quant)
     model = placement.prepare_model(model)
-    calibration = calibrate(model, placement, quant, data, tmp_path, lambda s: None, Silent())
+    calibration = calibrate(model, placement, quant, data, tmp_path, lambda s: None, Silent(), gram_budget)
     return model, placement, calibration, fetched, x
 
 
@@ -112,10 +114,17 @@ def test_gptq_with_smoothquant_shares_one_pass_and_derives_the_smoothed_hessians
                                                      activations="none", algorithm="gptq", block_size=16)
     assert calibration.passes == 1 and len(fetched) == 8
     scheme = placement.schemes[0]
-    assert set(scheme.hessians) == {"h_smoothed", "a"}
-    direct = _direct(model, [StatRequest(n, "gram") for n in scheme.hessians], x, tmp_path)
-    for name, h in scheme.hessians.items():
-        np.testing.assert_allclose(h, direct.get(name, "gram").hessian(), rtol=1e-4, atol=1e-6 * np.abs(h).max())
+    # each layer was rounded as its Gram arrived (and the Gram dropped): against the Hessians of
+    # the smoothed inputs measured directly, GPTQ gives the same codes
+    assert set(scheme.consumers) == {"h_smoothed", "a"}
+    direct = _direct(model, [StatRequest(n, "gram") for n in scheme.consumers], x, tmp_path)
+    assert len(scheme.rounded) == sum(len(ops) for ops in scheme.consumers.values())
+    for name, ops in scheme.consumers.items():
+        for op in ops:
+            want = gptq_blockwise(k_major_weight(op.node), direct.get(name, "gram").hessian(), 4, 16, True)
+            got = scheme.rounded[(op.node.inputs[1].name, 4)]
+            assert (got.q == want.q).mean() > 0.99
+            np.testing.assert_allclose(got.scales, want.scales, rtol=1e-3)
 
 
 def test_smoothquant_without_data_is_a_config_error(tmp_path):
@@ -125,3 +134,20 @@ def test_smoothquant_without_data_is_a_config_error(tmp_path):
     quant = QuantConfig(smoothquant="auto", activations="dynamic")
     with pytest.raises(ConfigError, match="--smoothquant needs --calib"):
         calibrate(model, placement_for(quant), quant, None, tmp_path, lambda s: None, Silent())
+
+
+def test_gptq_grams_in_groups_within_a_budget_round_the_same(tmp_path, monkeypatch):
+    """A budget smaller than one Gram: one pass per Gram, each dropped once its layers are rounded;
+    the rounded layers are those of the single pass."""
+    kw = dict(weights="int4", activations="none", algorithm="gptq", block_size=16)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, one, cal1, _, _ = _run(tmp_path / "a", monkeypatch, **kw)
+    _, grouped, cal2, fetched, _ = _run(tmp_path / "b", monkeypatch, gram_budget=1, **kw)
+    grams = len(grouped.schemes[0].consumers)
+    assert grams >= 2 and cal1.passes == 1 and cal2.passes == grams
+    assert all(len(names) == 1 for names in fetched)  # one Gram's tensor per pass
+    a, b = one.schemes[0].rounded, grouped.schemes[0].rounded
+    assert a.keys() == b.keys() and len(a) >= 2
+    for k in a:
+        np.testing.assert_array_equal(a[k].q, b[k].q)

@@ -1,0 +1,250 @@
+"""The pipeline for models whose weights live in an external data file and are large: memory
+close to the model's own size.
+
+What the in-memory pipeline holds at once (the whole model loaded, the fp32 session alive during
+the whole run, candidate sessions of the speed guard and of the accuracy budget beside it) costs
+several times the model. Here:
+
+  * weights stay in the data file and are read one tensor at a time (load/external.ReadTensor);
+    a weight is quantized and its float copy dropped before the next one is read
+  * the fp32 reference runs first, alone, from the model's own file with its weights mapped and
+    no prepacked copies; its outputs on the scored data are spilled to the work directory and the
+    session is released before anything else is loaded
+  * calibration (static int8, GPTQ) is the only session alive during its pass
+  * the quantized model is written tensor by tensor (load/external.write_model), then loaded
+    from that file, evaluated against the spilled reference outputs, and copied to the output
+  * no speed guard and no per-node accuracy budget search: both keep several sessions alive
+    (the report says so; --exclude and the gates still apply)
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from quantkit import api, runtime
+from quantkit.calibrate.data import LABELS, assign_batch_axes, complete_batches
+from quantkit.errors import ConfigError, UnsupportedModelError
+from quantkit.graph.canonicalize import already_quantized
+from quantkit.graph.masks import mask_tensors
+from quantkit.load.external import write_model
+from quantkit.load.onnx import input_specs, load_onnx, model_bytes, model_files
+from quantkit.load.source import open_data
+from quantkit.output import Outputs
+from quantkit.quantize import subgraphs
+from quantkit.quantize.prepare import CalibrationData, calibrate
+from quantkit.quantize.scheme import placement_for
+from quantkit.quantize.speed import GuardReport
+from quantkit.quantize.weight_only import WeightOnlyScheme
+from quantkit.report import lm
+from quantkit.report.compare import OutputComparison
+
+# external-data models at least this large take this path
+MIN_BYTES = 256 << 20
+# GPTQ: Gram matrices gathered a group at a time within this share of the model's bytes
+GRAM_SHARE = 0.05
+GRAM_MIN_BYTES = 16 << 20
+LATENCY_RUNS = 5  # at most: each run of a large model is long, and the two models are timed apart
+LATENCY_SECONDS = 10.0  # and no more timed runs than fit in this
+NOTE = ("large model with external data: weights streamed one tensor at a time and sessions created one at a "
+        "time; no speed guard and no per-node accuracy budget (use --exclude to keep layers float)")
+
+
+def applies(path: Path) -> bool:
+    path = Path(path)
+    files = model_files(path)
+    if len(files) < 2 or not all(f.is_file() for f in files):  # a missing data file is reported by the loader
+        return False
+    return sum(f.stat().st_size for f in files) >= MIN_BYTES
+
+
+def _check(cfg) -> None:
+    for flag, given in (("--plan", cfg.plan_out), ("--from-plan", cfg.plan_in)):
+        if given is not None:
+            raise ConfigError(f"{flag} records the per-node accuracy budget, which large external-data models "
+                              "skip to stay within memory; drop it")
+    if cfg.gates.require_speedup is not None:
+        raise ConfigError("--require-speedup is not available for large external-data models (fp32 and the "
+                          "quantized model are never loaded together); drop it")
+
+
+def _open(cfg, workdir: Path, status, progress) -> api.Inputs:
+    source = api._load(cfg, workdir, status, progress)
+    model = load_onnx(source.onnx_path, keep_on_disk=True)
+    done = already_quantized(model)
+    if done:
+        raise UnsupportedModelError(f"{cfg.model} is already quantized (it has {', '.join(done)})")
+    specs = assign_batch_axes(input_specs(model), cfg.data.batch_axes)
+    calib = open_data(cfg.data.calib, specs, cfg.data.preprocess) if cfg.data.calib is not None else None
+    evald = open_data(cfg.data.eval, specs, cfg.data.preprocess) if cfg.data.eval is not None else None
+    if cfg.gates.max_accuracy_drop is not None and not (evald or calib).has_labels:
+        raise ConfigError(f"--max-accuracy-drop needs labels: add a '{LABELS}' array to {(evald or calib).path}")
+    batch = api._batch_size(specs, cfg.data.batch_size)
+    fixed = bool(api._fixed_batches(specs))
+    first = next(complete_batches(calib or evald, batch, None, fixed), None)
+    if first is None:
+        raise ConfigError(f"{(calib or evald).path} holds fewer samples than the model's fixed batch size {batch}")
+    feed = {s.name: first[s.name] for s in specs}
+    return api.Inputs(source, model, calib, evald, batch, fixed, None, feed, api._input_notes(source, calib))
+
+
+def _runs(cfg) -> int:
+    return max(1, min(cfg.latency_runs, LATENCY_RUNS))
+
+
+def _timed_ms(sess, feed: dict, runs: int, warmup: int = 1) -> tuple[float, int]:
+    """Median of `runs` timed runs, fewer when one run is long: about LATENCY_SECONDS in all."""
+    for _ in range(warmup):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        runs = max(1, min(runs, int(LATENCY_SECONDS / max(time.perf_counter() - t, 1e-6))))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(times), runs
+
+
+class Reference:
+    """fp32 outputs of the scored data, spilled to disk batch by batch, and of the first batch."""
+
+    def __init__(self, inputs: api.Inputs, cfg, workdir: Path) -> None:
+        self.inputs, self.cfg = inputs, cfg
+        self.folder = workdir / "reference"
+        self.folder.mkdir()
+        self.limit = None if inputs.evald else cfg.data.calib_samples
+        self.names: list[str] = []
+        self.first: list[np.ndarray] = []
+        self.fp32_ms, self.fp32_runs = 0.0, 0
+
+    def batches(self):
+        i = self.inputs
+        return complete_batches(i.scored, i.batch, self.limit, i.fixed)
+
+    def take(self, status, progress) -> None:
+        status("running the fp32 model alone for reference outputs")
+        i = self.inputs
+        sess = runtime.session(i.source.onnx_path, self.folder, tag="original", threads=self.cfg.threads,
+                               mapped=True)
+        self.names = [o.name for o in sess.get_outputs()]
+        feeds = {x.name for x in sess.get_inputs()}
+        progress.start("fp32 reference", min(i.scored.samples, self.limit or i.scored.samples))
+        for k, b in enumerate(self.batches()):
+            outs = runtime.run(sess, self.names, {n: v for n, v in b.items() if n in feeds},
+                               f"the evaluation data {i.scored.path}")
+            for j, out in enumerate(outs):
+                np.save(self.folder / f"{k}_{j}.npy", out)
+            progress.advance(len(next(iter(b.values()))))
+        progress.finish()
+        self.first = sess.run(self.names, i.feed)
+        self.fp32_ms, self.fp32_runs = _timed_ms(sess, i.feed, _runs(self.cfg))
+        del sess
+        gc.collect()
+
+    def sqnr(self, model: ir.Model, workdir: Path) -> float:
+        out = runtime.session(model, workdir, tag="candidate").run(self.names, self.inputs.feed)
+        sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in self.first)
+        err = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(o, np.float64)) ** 2))
+                  for r, o in zip(self.first, out))
+        return float(10 * np.log10(sig / max(err, 1e-30)))
+
+    def compare(self, qsess, progress) -> tuple[list[dict], int, dict | None]:
+        """Each output's comparison, the samples seen, and the language-model figures."""
+        comparisons = [OutputComparison(n) for n in self.names]
+        feeds = {x.name for x in qsess.get_inputs()}
+        tracker = lm.Tracker(self.names)
+        samples = 0
+        progress.start("evaluating", min(self.inputs.scored.samples, self.limit or self.inputs.scored.samples))
+        for k, b in enumerate(self.batches()):
+            q = runtime.run(qsess, self.names, {n: v for n, v in b.items() if n in feeds}, "the evaluation data")
+            ref = [np.load(self.folder / f"{k}_{j}.npy", mmap_mode="r") for j in range(len(self.names))]
+            labels = b.get(LABELS)
+            for j, (c, r, x) in enumerate(zip(comparisons, ref, q)):
+                c.update(np.asarray(r), x, labels if j == 0 else None)
+            tracker.update(ref, q, b)
+            n = len(next(iter(b.values())))
+            samples += n
+            progress.advance(n)
+        progress.finish()
+        return [c.result() for c in comparisons], samples, tracker.result()
+
+
+def quantize(cfg, workdir: Path, status, progress, t_start: float) -> api.Result:
+    _check(cfg)
+    inputs = _open(cfg, workdir, status, progress)
+    reference = Reference(inputs, cfg, workdir)
+    reference.take(status, progress)
+    model, notes = api._canonicalize(inputs, workdir, status)
+    placement = placement_for(cfg.quant)
+    model = placement.prepare_model(model)
+    placement.float_tensors.update(mask_tensors(model))
+    data = CalibrationData.of(cfg, inputs.calib, inputs.batch, inputs.fixed)
+    budget = max(GRAM_MIN_BYTES, int(GRAM_SHARE * model_bytes(inputs.source.onnx_path)))
+    for scheme in placement.schemes:
+        if isinstance(scheme, WeightOnlyScheme):  # GPTQ's rounded layers wait on disk
+            scheme.spill = workdir
+    calibration = calibrate(model, placement, cfg.quant, data, workdir, status, progress, gram_budget=budget)
+    notes += calibration.notes + [NOTE]
+    notes += placement.tune(model, lambda m: reference.sqnr(m, workdir), status)
+    qmodel, plan, rw = placement.build(model, set(), "")
+    status(f"quantized {len(plan.ops)} node(s)")
+    notes += rw.notes
+    inner = subgraphs.quantize_weights(qmodel)
+    out_dir = workdir / "output"
+    out_dir.mkdir()
+    q_path = out_dir / Path(cfg.output).name
+    write_model(qmodel, q_path)
+    outputs, latency, evaluation = _measure(cfg, inputs, reference, q_path, workdir, progress, status, notes)
+    report = api._report(api.Outcome(cfg, inputs, placement, calibration, plan, rw, GuardReport(), outputs, latency,
+                                     evaluation, model_bytes(q_path), notes))
+    report["speed_guard"] = None
+    failures = api._complete(report, cfg, model, placement, {}, inner, t_start, streamed=True)
+    _save(cfg, q_path, report)
+    return api.Result(report, failures)
+
+
+def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdir: Path, progress, status,
+             notes: list[str]):
+    status("evaluating the quantized model against the fp32 reference")
+    try:
+        qsess = runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads)
+    except UnsupportedModelError as e:  # our own output failed to load: that is a bug
+        raise RuntimeError(f"internal error: {e}") from e
+    outputs, samples, lm_figures = reference.compare(qsess, progress)
+    q_ms, q_runs = _timed_ms(qsess, inputs.feed, _runs(cfg))
+    del qsess
+    latency = {"fp32_ms": reference.fp32_ms, "quantized_ms": q_ms,
+               "speedup": reference.fp32_ms / q_ms if q_ms > 0 else None, "runs": min(reference.fp32_runs, q_runs),
+               "batch_size": inputs.batch, "threads": cfg.threads or "onnxruntime default",
+               "interleaved": False}
+    evaluation = {"source": str(inputs.scored.path), "on_calibration_data": inputs.evald is None,
+                  "samples": samples}
+    if lm_figures is not None:
+        evaluation["language_model"] = lm_figures
+    if inputs.evald is None:
+        notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
+    return outputs, latency, evaluation
+
+
+def _save(cfg, q_path: Path, report: dict) -> None:
+    """Copy the written model (and its data file) to the output, with the report, atomically."""
+    def write(staged: Path) -> None:
+        shutil.copyfile(q_path, staged)
+        shutil.copyfile(q_path.parent / (q_path.name + ".data"), staged.parent / (staged.name + ".data"))
+
+    with Outputs(cfg.force) as out:
+        out.stage_written(Path(cfg.output), write)
+        if cfg.report is not None:
+            out.stage_json(report, cfg.report)
+        if cfg.html is not None:
+            from quantkit.report.html import render_html
+
+            out.stage_text(render_html(report), cfg.html)
+        out.commit()
