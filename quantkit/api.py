@@ -95,6 +95,9 @@ def _check_options(cfg: RunConfig) -> None:
         from quantkit.report.html import require_matplotlib
 
         require_matplotlib()
+    from quantkit.finetune.step import check as check_finetune
+
+    check_finetune(cfg)
     check_destinations({"output": cfg.output, "--report": cfg.report, "--save-fp32": cfg.save_fp32,
                         "--plan": cfg.plan_out, "--html": cfg.html},
                        [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache, cfg.plan_in],
@@ -180,6 +183,8 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     notes += placed.get("notes", [])
     (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status, placed, progress)
     notes += rw.notes
+    finetuned = _finetune(cfg, inputs, qmodel, workdir, status, progress) if cfg.finetune is not None else None
+    notes += finetuned["notes"] if finetuned is not None else []
     inner = subgraphs.quantize_weights(qmodel)
     if inner:
         notes.append(f"{len(inner)} weight(s) inside If/Loop/Scan bodies stored int8 and dequantized at run time "
@@ -200,6 +205,8 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     report["sensitivity"] = placed.get("sensitivity", [])
     report["weight_error"] = weight_errors(model, cfg.quant, {s["node"] for s in report["nodes"]["float"]})
     report["effective_config"] = effective_config(cfg)
+    if finetuned is not None:
+        report["finetune"] = finetuned
     observers = {k: v for scheme in placement.schemes for k, v in getattr(scheme, "observers", {}).items()}
     report["histograms"] = histograms(observers, report["activations"])
     report["placement"] = {k: v for k, v in placed.items() if k not in ("sensitivity", "notes")} or None
@@ -210,6 +217,20 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     plan_file = _plan_file(cfg, placement, guard_report, placed) if cfg.plan_out is not None else None
     _save(cfg, qmodel, report, inputs.source.onnx_path, plan_file)
     return Result(report, failures)
+
+
+def _finetune(cfg: RunConfig, inputs: Inputs, qmodel: ir.Model, workdir: Path, status, progress: Progress) -> dict:
+    """--finetune: train the quantized graph in place (quantkit/finetune/); the report's section,
+    with the accuracy before training measured as the report measures it after."""
+    from quantkit.finetune.step import finetune
+
+    def scores(m: ir.Model) -> list[dict]:
+        sess = runtime.session(m, workdir, tag="before fine-tuning", threads=cfg.threads)
+        comparisons, _ = _evaluate(inputs.fp32, sess, inputs.scored, inputs.batch, inputs.fixed,
+                                   None if inputs.evald else cfg.data.calib_samples, inputs.source.reference, progress)
+        return [c.result() for c in comparisons]
+
+    return finetune(cfg, inputs, qmodel, workdir, status, progress, scores)[1]
 
 
 def _save(cfg: RunConfig, qmodel: ir.Model, report: dict, fp32_path: Path, plan_file: dict | None) -> None:
