@@ -4,7 +4,7 @@
   DequantizeLinear  x = (q - zero_point) * scale
   MatMulNBits       w = (code - zero_point) * scale per block of `block` rows of K; with
                     accuracy_level 4 the kernel also quantizes A to int8 per block of K
-                    (scale = max|a| / 127), which is emulated here so training sees that noise too
+                    (round(a * 127 / max|a|)), which is emulated here so training sees that noise too
   DynamicQuantizeMatMul  A to uint8 per tensor over [min(0, a), max(0, a)] at run time
 
 Rounding is straight-through (the gradient of round is taken as 1); clamping passes no gradient
@@ -60,8 +60,14 @@ def int8_blocks_of_a(a: torch.Tensor, block: int) -> torch.Tensor:
     ap = torch.nn.functional.pad(a, (0, pad)) if pad else a
     ab = ap.reshape(*ap.shape[:-1], -1, block)
     amax = ab.detach().abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    out = torch.clamp(round_ste(ab / scale), -127, 127) * scale
+    nonzero = amax > 0
+    scale = torch.where(nonzero, amax / 127.0, torch.ones_like(amax))
+    # the kernel multiplies by 127 / amax rather than dividing by the scale: values that are exact
+    # multiples of a step (dequantized inputs) land on the other side of .5 otherwise
+    # (a tensor numerator: torch computes scalar / tensor as reciprocal * scalar, one ulp off)
+    inverse = torch.where(nonzero, torch.full_like(amax, 127.0) / torch.where(nonzero, amax, torch.ones_like(amax)),
+                          torch.zeros_like(amax))
+    out = torch.clamp(round_ste(ab * inverse), -127, 127) * scale
     return out.reshape(ap.shape)[..., :k]
 
 
@@ -69,7 +75,7 @@ def dynamic_uint8(a: torch.Tensor) -> torch.Tensor:
     """DynamicQuantizeLinear: uint8 over [min(0, a), max(0, a)], zero point rounded and saturated."""
     lo = torch.clamp(a.detach().min(), max=0.0)
     hi = torch.clamp(a.detach().max(), min=0.0)
-    scale = (hi - lo) / 255.0
+    scale = (hi - lo) / torch.full_like(hi, 255.0)  # a true division, as the kernel does
     if float(scale) == 0.0:
         return a
     zp = torch.clamp(torch.round(-lo / scale), 0, 255)

@@ -81,7 +81,8 @@ def train(g: QuantGraph, train_set: list[Batch], heldout: list[Batch], steps: in
             loss.backward()
             opt.step()
             sched.step()
-            running = float(loss) if running is None else 0.9 * running + 0.1 * float(loss)
+            value = float(loss.detach())
+            running = value if running is None else 0.9 * running + 0.1 * value
             out.steps_done = step
             held = None
             if step % every == 0 or step == steps:

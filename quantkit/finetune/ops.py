@@ -70,6 +70,27 @@ def _gather_elements(node, ins):
     return [torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx).long())]
 
 
+def _gather_nd(node, ins):
+    x, idx = ins
+    if attr(node, "batch_dims", 0):
+        raise UnsupportedModelError("--finetune: GatherND with batch_dims is not supported")
+    k = idx.shape[-1]
+    flat = idx.reshape(-1, k).long()
+    flat = torch.where(flat < 0, flat + torch.tensor(x.shape[:k]), flat)
+    return [x[tuple(flat.t())].reshape((*idx.shape[:-1], *x.shape[k:]))]
+
+
+def _trilu(node, ins):
+    k = int(ins[1]) if len(ins) > 1 and ins[1] is not None else 0
+    return [torch.triu(ins[0], k) if attr(node, "upper", 1) else torch.tril(ins[0], k)]
+
+
+def _cumsum(node, ins):
+    if attr(node, "exclusive", 0) or attr(node, "reverse", 0):
+        raise UnsupportedModelError("--finetune: exclusive or reverse CumSum is not supported")
+    return [torch.cumsum(ins[0], int(ins[1]))]
+
+
 def _slice(node, ins):
     x = ins[0]
     starts, ends = ints(ins[1]), ints(ins[2])
@@ -259,7 +280,11 @@ FLOAT_OPS = {
     "Identity": _unary(lambda x: x), "Constant": _constant, "ConstantOfShape": _constant_of_shape,
     "Shape": lambda n, i: [torch.tensor(i[0].shape, dtype=torch.int64)[attr(n, "start", 0):attr(n, "end")]],
     "Size": lambda n, i: [torch.tensor(i[0].numel(), dtype=torch.int64)],
-    "Gather": _gather, "GatherElements": _gather_elements, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
+    "Gather": _gather, "GatherElements": _gather_elements, "GatherND": _gather_nd, "Trilu": _trilu,
+    "CumSum": _cumsum,
+    "Mod": lambda n, i: [torch.fmod(i[0], i[1]) if attr(n, "fmod", 0) else torch.remainder(i[0], i[1])],
+    "Sign": _unary(torch.sign), "IsNaN": _unary(torch.isnan), "Xor": _binary(torch.logical_xor),
+    "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
     "Slice": _slice, "Reshape": _reshape, "Expand": _expand, "Flatten": _flatten, "Split": _split,
     "Concat": lambda n, i: [torch.cat([t for t in i if t is not None], attr(n, "axis"))],
     "Transpose": lambda n, i: [i[0].permute(attr(n, "perm") or list(reversed(range(i[0].dim()))))],

@@ -18,6 +18,7 @@ from quantkit.load.onnx import input_specs
 from quantkit.load.source import open_data
 
 HELDOUT_FRACTION = 0.2
+HELDOUT_MAX = 8  # batches: scored ~20 times per run, so kept small
 
 
 def check(cfg: RunConfig) -> None:
@@ -69,7 +70,7 @@ def _split(batches: list) -> tuple[list, list, list[str]]:
     if len(batches) < 2:
         return batches, batches, ["--finetune: the data holds one batch, so the held-out loss is measured on the "
                                   "training batch (give more data for a real held-out set)"]
-    n = max(1, round(len(batches) * HELDOUT_FRACTION))
+    n = min(HELDOUT_MAX, max(1, round(len(batches) * HELDOUT_FRACTION)))
     return batches[:-n], batches[-n:], []
 
 
@@ -97,6 +98,7 @@ def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, pr
     from quantkit.finetune.loop import train
 
     ft = cfg.finetune
+    g = QuantGraph(qmodel)  # refuses ops it cannot run before any work
     status("fine-tuning: scoring the quantized model before training")
     before = evaluate(qmodel)
     reference = inputs.source.reference or (lambda feed: inputs.fp32.run(None, feed))
@@ -106,7 +108,6 @@ def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, pr
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        g = QuantGraph(qmodel)
         progress.start("fine-tuning", ft.steps, unit="steps")
 
         def on_step(step: int, running: float, held: float | None) -> None:
