@@ -63,13 +63,18 @@ def _module_class():
         def __init__(self, path: Path):
             super().__init__()
             model = ir.load(path)
-            self.nodes = list(model.graph)
             self.input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
             self.output_names = [v.name for v in model.graph.outputs]
+            consts = {name: v.const_value.numpy() for name, v in model.graph.initializers.items()}
+            # the Paddle converter stores the weights in Constant nodes: they become buffers too, so the
+            # module's state_dict holds every weight
+            consts.update({n.outputs[0].name: n.attributes["value"].value.numpy() for n in model.graph
+                           if n.op_type == "Constant" and "value" in n.attributes})
+            self.nodes = [n for n in model.graph if n.outputs[0].name not in consts]
             self.keys = {}
-            for i, (name, v) in enumerate(model.graph.initializers.items()):
+            for i, (name, array) in enumerate(consts.items()):
                 self.keys[name] = f"c{i}"
-                self.register_buffer(f"c{i}", as_tensor(v.const_value.numpy()))
+                self.register_buffer(f"c{i}", as_tensor(array))
 
         def forward(self, x):
             env = {self.input_names[0]: x}
