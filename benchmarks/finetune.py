@@ -11,9 +11,9 @@ single `quantkit quantize` process (wall time, CPU time and peak RSS measured ar
            (benchmarks/_finetune_models.py:ocr_cls), static int8, trained on the calibration images;
            top-1 agreement with fp32 and accuracy against the rendered truth on eval.npz.
 
-The cache (benchmarks/_real_data.py builds it) is read only; this script's own files (checkpoints, the
-training sentences) go to benchmarks/.cache/finetune. Results: benchmarks/finetune_results.json. Timings are on a shared 2-core
-machine under load from other jobs: treat them as upper bounds.
+The cache (benchmarks/_real_data.py builds it) is read only; this script's own files (checkpoints,
+the training sentences) go to benchmarks/.cache/finetune. Results: benchmarks/finetune_results.json.
+Timings are on a shared 2-core machine under load from other jobs: treat them as upper bounds.
 """
 
 from __future__ import annotations
