@@ -7,10 +7,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_finetune_exact import _cnn, _quantized  # noqa: E402
+
 from quantkit.finetune import loop  # noqa: E402
 from quantkit.finetune.graph import QuantGraph  # noqa: E402
 from quantkit.finetune.step import HELDOUT_MAX, _split  # noqa: E402
-from test_finetune_exact import _cnn, _quantized  # noqa: E402
 
 
 def test_loss_is_normalized_mse_and_mixes_cross_entropy_with_labels():
