@@ -113,9 +113,12 @@ def cnn_metrics(fp32: Path, model: Path, eval_npz: Path) -> dict:
             "accuracy fp32 %": float((ref == truth).mean() * 100), "accuracy %": float((got == truth).mean() * 100)}
 
 
-def bench(case: dict, runs: list[tuple[str, list[str]]], metrics, out_dir: Path, env: dict) -> dict:
+def bench(case: dict, runs: list[tuple[str, list[str]]], metrics, out_dir: Path, env: dict,
+          match: str | None = None) -> dict:
     results = {}
     for name, args in runs:
+        if match and match not in name:
+            continue
         print(f"-- {name}", flush=True)
         r = run(case, out_dir, name, args, env)
         r["metrics"] = metrics(out_dir / "fp32.onnx", Path(r["path"]), case["eval"])
@@ -132,6 +135,8 @@ def main() -> None:
     ap.add_argument("--steps-int8", type=int, default=200)
     ap.add_argument("--steps-cnn", type=int, default=200)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr-int8", type=float, default=2e-5, help="MiniLM static int8 (already at ~27 dB)")
+    ap.add_argument("--match", help="only the runs whose name contains this (others kept from --out)")
     ap.add_argument("--out", type=Path, default=HERE / "finetune_results.json")
     a = ap.parse_args()
     work = HERE / ".cache" / "finetune"
@@ -142,19 +147,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qk-finetune-") as tmp:
         if a.only in (None, "minilm"):
             case = prepare_minilm(a.cache, work)
-            ft = ["--finetune-data", case["finetune_data"], "--lr", str(a.lr)]
-            results["minilm"] = bench(case, [
+            ft = ["--finetune-data", case["finetune_data"]]
+            results.setdefault("minilm", {}).update(bench(case, [
                 ("int4 PTQ", ["--weights", "int4"]),
-                (f"int4 PTQ + finetune {a.steps_int4}", ["--weights", "int4", "--finetune", str(a.steps_int4), *ft]),
+                (f"int4 PTQ + finetune {a.steps_int4}",
+                 ["--weights", "int4", "--finetune", str(a.steps_int4), *ft, "--lr", str(a.lr)]),
                 ("static int8 PTQ", []),
-                (f"static int8 PTQ + finetune {a.steps_int8}", ["--finetune", str(a.steps_int8), *ft]),
-            ], minilm_metrics, Path(tmp), env)
+                (f"static int8 PTQ + finetune {a.steps_int8} (lr {a.lr_int8:g})",
+                 ["--finetune", str(a.steps_int8), *ft, "--lr", str(a.lr_int8)]),
+            ], minilm_metrics, Path(tmp), env, a.match))
         if a.only in (None, "cnn"):
             case = prepare_cnn(a.cache, work)
-            results["ocr_cls"] = bench(case, [
+            results.setdefault("ocr_cls", {}).update(bench(case, [
                 ("static int8 PTQ", []),
                 (f"static int8 PTQ + finetune {a.steps_cnn}", ["--finetune", str(a.steps_cnn), "--lr", str(a.lr)]),
-            ], cnn_metrics, Path(tmp), env)
+            ], cnn_metrics, Path(tmp), env, a.match))
     a.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {a.out}")
 
