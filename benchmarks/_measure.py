@@ -26,6 +26,7 @@ class Measured:
     returncode: int
     stdout: str
     stderr: str
+    cpu_seconds: float = 0.0  # user + system time of the command
 
 
 def run_measured(cmd: list[str], env: dict | None = None, memory_limit_gb: float | None = None,
@@ -40,7 +41,8 @@ def run_measured(cmd: list[str], env: dict | None = None, memory_limit_gb: float
         subprocess.run(launcher, env={**os.environ, **(env or {})}, cwd=cwd or ROOT, check=True)
         seconds = time.perf_counter() - t
         u = json.loads(usage.read_text())
-        return Measured(seconds, u["maxrss_kb"] / 1024.0, u["returncode"], out.read_text(), err.read_text())
+        return Measured(seconds, u["maxrss_kb"] / 1024.0, u["returncode"], out.read_text(), err.read_text(),
+                        u.get("cpu_seconds", 0.0))
 
 
 def python() -> str:
@@ -64,7 +66,8 @@ def _launch(usage: str, out: str, err: str, limit_gb: str, *cmd: str) -> None:
         proc = subprocess.Popen(list(cmd), stdout=o, stderr=e, preexec_fn=limit)
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    Path(usage).write_text(json.dumps({"maxrss_kb": ru.ru_maxrss, "returncode": proc.returncode}))
+    Path(usage).write_text(json.dumps({"maxrss_kb": ru.ru_maxrss, "returncode": proc.returncode,
+                                       "cpu_seconds": ru.ru_utime + ru.ru_stime}))
 
 
 if __name__ == "__main__":

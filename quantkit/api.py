@@ -96,6 +96,9 @@ def _check_options(cfg: RunConfig) -> None:
         from quantkit.report.html import require_matplotlib
 
         require_matplotlib()
+    from quantkit.finetune.step import check as check_finetune
+
+    check_finetune(cfg)
     check_destinations({"output": cfg.output, "--report": cfg.report, "--save-fp32": cfg.save_fp32,
                         "--plan": cfg.plan_out, "--html": cfg.html},
                        [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache, cfg.plan_in],
@@ -211,6 +214,8 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status, placed, progress)
     laps.lap("rewrite_and_speed_guard")
     notes += rw.notes
+    finetuned = _finetune(cfg, inputs, qmodel, workdir, status, progress) if cfg.finetune is not None else None
+    notes += finetuned["notes"] if finetuned is not None else []
     inner = subgraphs.quantize_weights(qmodel)
     if inner:
         notes.append(f"{len(inner)} weight(s) inside If/Loop/Scan bodies stored int8 and dequantized at run time "
@@ -234,6 +239,8 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
                              evaluation, model_bytes(q_path), notes))
     failures = _complete(report, cfg, model, placement, placed, inner, t_start)
     report["pruning"] = pruning
+    if finetuned is not None:
+        report["finetune"] = finetuned
     laps.lap("report")
     report["stage_seconds"] = laps.seconds
 
@@ -257,6 +264,20 @@ def _complete(report: dict, cfg: RunConfig, model: ir.Model, placement: Placemen
     report["memory"] = memory.section(report["model"]["bytes_before"], streamed)
     report["seconds"] = time.perf_counter() - t_start
     return failures
+
+
+def _finetune(cfg: RunConfig, inputs: Inputs, qmodel: ir.Model, workdir: Path, status, progress: Progress) -> dict:
+    """--finetune: train the quantized graph in place (quantkit/finetune/); the report's section,
+    with the accuracy before training measured as the report measures it after."""
+    from quantkit.finetune.step import finetune
+
+    def scores(m: ir.Model) -> list[dict]:
+        sess = runtime.session(m, workdir, tag="before fine-tuning", threads=cfg.threads)
+        comparisons, _, _ = _evaluate(inputs.fp32, sess, inputs.scored, inputs.batch, inputs.fixed,
+                                   None if inputs.evald else cfg.data.calib_samples, inputs.source.reference, progress)
+        return [c.result() for c in comparisons]
+
+    return finetune(cfg, inputs, qmodel, workdir, status, progress, scores)[1]
 
 
 def _save(cfg: RunConfig, qmodel: ir.Model, report: dict, fp32_path: Path, plan_file: dict | None) -> None:

@@ -234,6 +234,24 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class Finetune:
+    """--finetune: recovery training of the quantized graph against the fp32 model (PyTorch inputs)."""
+
+    steps: int
+    lr: float = 1e-4  # Adam, latent weights; scales train at 10x this (log-scale)
+    data: Path | None = None  # default: the calibration data
+    labels_weight: float = 0.0  # share of cross-entropy on labels in the loss (0: distillation only)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"--finetune takes a number of training steps >= 1, got {self.steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.labels_weight <= 1.0:
+            raise ConfigError(f"--finetune-labels-weight must be in [0, 1], got {self.labels_weight}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: Path
     output: Path
@@ -255,6 +273,7 @@ class RunConfig:
     plan_out: Path | None = None  # --plan: write the chosen per-node placement here
     plan_in: Path | None = None  # --from-plan: replay this placement, no search
     prune: PruneConfig = field(default_factory=PruneConfig)  # --prune: before quantization
+    finetune: Finetune | None = None  # --finetune STEPS: train the quantized graph (PyTorch inputs)
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:

@@ -67,7 +67,28 @@ OPTIONS = {o.key: o for o in (
     Option("prune", "float"),
     Option("prune_structure", "str", "channel"),
     Option("prune_method", "str"),
+    # --finetune (recovery training; the other three apply only with it)
+    Option("finetune", "int"),
+    Option("lr", "float"),
+    Option("finetune_data", "path"),
+    Option("finetune_labels_weight", "float"),
 )}
+
+FINETUNE_ONLY = {"lr": "--lr", "finetune_data": "--finetune-data", "finetune_labels_weight": "--finetune-labels-weight"}
+
+
+def _finetune(o: dict):
+    """The Finetune config, or None; its options without --finetune are usage errors."""
+    from quantkit.config import Finetune
+
+    if o["finetune"] is None:
+        given = [flag for key, flag in FINETUNE_ONLY.items() if o[key] is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to --finetune STEPS, which was not given")
+        return None
+    extra = {k: v for k, v in (("lr", o["lr"]), ("data", o["finetune_data"]),
+                               ("labels_weight", o["finetune_labels_weight"])) if v is not None}
+    return Finetune(steps=o["finetune"], **extra)
 
 
 def _check(key: str, value, kind: str):
@@ -140,7 +161,7 @@ def run_config(options: dict):
         report=o["report"], force=o["force"], threads=o["threads"], speed_guard=not o["no_speed_guard"],
         model_class=o["model_class"], allow_pickle=o["allow_pickle"], inputs=o["input"],
         output_names=o["output_names"], save_fp32=o["save_fp32"], html=o["html"],
-        plan_out=o["plan"], plan_in=o["from_plan"],
+        plan_out=o["plan"], plan_in=o["from_plan"], finetune=_finetune(o),
         quant=QuantConfig(
             per_channel=not o["per_tensor"], method=o["method"], percentile=o["percentile"],
             activations=Activations.parse(o["activations"] or ("none" if o["weights"] == "int4" else "uint8"),
@@ -197,6 +218,10 @@ def effective_config(cfg) -> dict:
         "prune": cfg.prune.ratio, "prune_structure": cfg.prune.structure.value,
         "prune_method": cfg.prune.method.value if cfg.prune.method is not None else None,
     }
+    if cfg.finetune is not None:
+        ft, default = cfg.finetune, type(cfg.finetune)(steps=1)
+        values.update(finetune=ft.steps, lr=ft.lr if ft.lr != default.lr else None, finetune_data=ft.data,
+                      finetune_labels_weight=ft.labels_weight if ft.labels_weight != default.labels_weight else None)
     out = {}
     for key, value in values.items():
         if value is None or value == OPTIONS[key].default:

@@ -120,8 +120,8 @@ def write_model(model: ir.Model, path: Path) -> None:
                 if t is None or (t.nbytes <= INLINE_BYTES and not isinstance(t, ir.ExternalTensor)):
                     continue
                 offset = _append(t, out)
-                v.const_value = ReadTensor(location, offset, t.nbytes, t.dtype, shape=ir.Shape(t.shape.numpy()), name=t.name,
-                                           base_dir=str(path.parent))
+                v.const_value = ReadTensor(location, offset, t.nbytes, t.dtype, shape=ir.Shape(t.shape.numpy()),
+                                           name=t.name, base_dir=str(path.parent))
         out.flush()
         os.fsync(out.fileno())
     ir.save(model, path)

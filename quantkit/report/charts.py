@@ -118,3 +118,24 @@ def size_speed(report: dict) -> str:
     else:
         b.set_axis_off()
     return _svg(fig)
+
+
+def loss_curve(curve: list[dict], best_step: int | None = None) -> str:
+    """--finetune: running training loss and held-out loss per step (log scale), the kept step marked."""
+    fig = _figure(7.5, 2.6)
+    ax = fig.add_subplot()
+    train = [(p["step"], p["train_loss"]) for p in curve if p.get("train_loss") is not None]
+    held = [(p["step"], p["heldout_loss"]) for p in curve if p.get("heldout_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), color=BLUE, label="training loss (running mean)")
+    if held:
+        ax.plot(*zip(*held), color=ORANGE, marker="o", markersize=3, label="held-out loss")
+    if best_step is not None:
+        ax.axvline(best_step, color=GREEN, linewidth=1, linestyle="--", label=f"kept: step {best_step}")
+    if any(v > 0 for _, v in train + held):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("distillation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    return _svg(fig)

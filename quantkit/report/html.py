@@ -216,6 +216,35 @@ def _speed(r: dict) -> str:
     return "".join(out)
 
 
+def _finetune(r: dict) -> str:
+    """--finetune: accuracy before and after training, and the loss curve."""
+    from quantkit.report import charts
+
+    ft = r.get("finetune")
+    if not ft:
+        return ""
+    after = {o["name"]: o for o in r.get("outputs", [])}
+    rows = []
+    for b in ft.get("before", []):
+        a = after.get(b["name"], {})
+        for key, label, spec in (("cosine_mean", "cosine mean", ".5f"), ("sqnr_db", "SQNR dB", ".2f"),
+                                 ("top1_agreement", "top-1 agreement", ".4f"),
+                                 ("accuracy_quantized", "accuracy %", ".2f")):
+            if b.get(key) is not None or a.get(key) is not None:
+                rows.append([b["name"], label, _num(b.get(key), spec), _num(a.get(key), spec)])
+    stop = (f"interrupted at step {ft['steps_done']} of {ft['steps']}" if ft.get("interrupted")
+            else f"{ft['steps_done']} step(s)")
+    exact = ft.get("torch_vs_onnxruntime") or {}
+    lines = [f"{stop} in {ft['seconds']:.1f} s on {ft['train_batches']} batch(es) of {ft['batch_size']} from "
+             f"{ft['data']}; kept step {ft['best_step']} (lowest held-out loss, {ft['heldout_batches']} batch(es))",
+             f"held-out distillation loss {_num(ft['heldout_loss_before'])} -> {_num(ft['heldout_loss_after'])}",
+             f"written model against the trained torch graph: SQNR {_num(exact.get('sqnr_db'), '.1f', 'inf')} dB"]
+    items = "".join(f"<li>{escape(x)}</li>" for x in lines)
+    return ("<h2>Fine-tuning</h2>" + f'<ul class="note">{items}</ul>'
+            + _table(["output", "figure", "before fine-tuning", "after"], rows, {2, 3})
+            + charts.loss_curve(ft.get("curve", []), ft.get("best_step")))
+
+
 def render_html(report: dict) -> str:
     """The whole page. Every string from the report goes through html.escape (or matplotlib's own
     XML escaping inside the SVG)."""
@@ -228,7 +257,8 @@ def render_html(report: dict) -> str:
         (f"<h1>quantkit report</h1><p class=sub>{escape(str(m['input']))} &rarr; {escape(str(m['output']))} "
         f"&middot; quantkit {escape(str(report.get('quantkit_version')))}, onnxruntime "
         f"{escape(str(report.get('onnxruntime_version')))}</p>"),
-        _summary(report), _outputs(report), _sensitivity(report), _placement(report), _histograms(report),
+        _summary(report), _outputs(report), _finetune(report), _sensitivity(report), _placement(report),
+        _histograms(report),
         _speed(report), f"<h2>Notes</h2><ul>{notes or '<li>none</li>'}</ul>",
         "</body></html>\n",
     ]

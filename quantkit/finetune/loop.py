@@ -1,0 +1,101 @@
+"""Distillation: the fake-quantized graph learns to reproduce the fp32 model's outputs.
+
+Loss per batch: the mean over float outputs of the squared error normalized by the teacher's mean
+square (scale-free across outputs), optionally mixed with cross-entropy on labels:
+    loss = (1 - w) * distill + w * CE(first output, labels)
+Adam on latent weights (lr) and log-scales (10 x lr), cosine decay to zero over the steps. The
+held-out batches are scored before training and every `every` steps; the best parameters (lowest
+held-out loss) are what the run keeps, also when it is interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from quantkit.finetune.graph import QuantGraph
+
+SCALE_LR_FACTOR = 10.0
+EVALS = 20  # held-out evaluations over a run
+
+
+@dataclass
+class Batch:
+    inputs: list[torch.Tensor]
+    teacher: list[torch.Tensor]  # fp32 outputs (float outputs only; None for the others)
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class Trained:
+    steps_done: int = 0
+    interrupted: bool = False
+    best_step: int = 0
+    heldout_before: float = math.nan
+    heldout_best: float = math.nan
+    curve: list[dict] = field(default_factory=list)  # {step, train_loss, heldout_loss}
+    seconds: float = 0.0
+
+
+def loss_of(outs: list[torch.Tensor], b: Batch, labels_weight: float) -> torch.Tensor:
+    terms = [torch.mean((o - t) ** 2) / torch.clamp(torch.mean(t**2), min=1e-12)
+             for o, t in zip(outs, b.teacher) if t is not None]
+    distill = torch.stack(terms).mean()
+    if labels_weight > 0 and b.labels is not None:
+        ce = torch.nn.functional.cross_entropy(outs[0].reshape(len(b.labels), -1), b.labels)
+        return (1 - labels_weight) * distill + labels_weight * ce
+    return distill
+
+
+def heldout_loss(g: QuantGraph, batches: list[Batch], labels_weight: float) -> float:
+    with torch.no_grad():
+        return sum(float(loss_of(g(*b.inputs), b, labels_weight)) for b in batches) / len(batches)
+
+
+def _interrupted_by_user(e: KeyboardInterrupt) -> bool:
+    """Ctrl-C stops training early; SIGTERM/SIGHUP (the CLI raises them as KeyboardInterrupt
+    subclasses with a signal name) still abort the run."""
+    return getattr(e, "name", "SIGINT") == "SIGINT"
+
+
+def train(g: QuantGraph, train_set: list[Batch], heldout: list[Batch], steps: int, lr: float,
+          labels_weight: float = 0.0, on_step: Callable[[int, float, float | None], None] = lambda *a: None) -> Trained:
+    t0 = time.perf_counter()
+    opt = torch.optim.Adam(g.learn.param_groups(lr, lr * SCALE_LR_FACTOR))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    every = max(1, steps // EVALS)
+    out = Trained()
+    out.heldout_before = out.heldout_best = heldout_loss(g, heldout, labels_weight)
+    out.curve.append({"step": 0, "train_loss": None, "heldout_loss": out.heldout_before})
+    best, running = g.learn.snapshot(), None
+    g.train()
+    try:
+        for step in range(1, steps + 1):
+            b = train_set[(step - 1) % len(train_set)]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_of(g(*b.inputs), b, labels_weight)
+            loss.backward()
+            opt.step()
+            sched.step()
+            value = float(loss.detach())
+            running = value if running is None else 0.9 * running + 0.1 * value
+            out.steps_done = step
+            held = None
+            if step % every == 0 or step == steps:
+                held = heldout_loss(g, heldout, labels_weight)
+                out.curve.append({"step": step, "train_loss": running, "heldout_loss": held})
+                if held < out.heldout_best:
+                    out.heldout_best, out.best_step, best = held, step, g.learn.snapshot()
+            on_step(step, running, held)
+    except KeyboardInterrupt as e:
+        if not _interrupted_by_user(e):
+            raise
+        out.interrupted = True
+    g.eval()
+    g.learn.restore(best)
+    out.seconds = time.perf_counter() - t0
+    return out

@@ -1,0 +1,134 @@
+"""--finetune in the pipeline: after placement and ranges are chosen and the quantized graph is
+built, train it (graph.py, loop.py) against the fp32 model and write the trained codes and scales
+back (export.py). Returns the report's `finetune` section."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from quantkit import runtime
+from quantkit.calibrate.data import LABELS, assign_batch_axes, class_ids, complete_batches
+from quantkit.config import RunConfig
+from quantkit.errors import ConfigError, InputError
+from quantkit.load.onnx import input_specs
+from quantkit.load.source import open_data
+
+HELDOUT_FRACTION = 0.2
+HELDOUT_MAX = 8  # batches: scored ~20 times per run, so kept small
+
+
+def check(cfg: RunConfig) -> None:
+    """Refusals that need no work: --finetune trains PyTorch models (not TorchScript), in static
+    int8 or weight-only form, from data."""
+    if cfg.finetune is None:
+        return
+    from quantkit.load import torch as torch_load
+
+    model = Path(cfg.model)
+    if not (model.is_file() and torch_load.is_torch_file(model)):
+        raise ConfigError(f"--finetune trains PyTorch models (a checkpoint with --model-class, or a torch.export "
+                          f".pt2 program); {model} is ONNX: quantize it without --finetune")
+    if torch_load.kind_of(model) == "torchscript":
+        raise ConfigError(f"--finetune cannot train the TorchScript archive {model}: save a torch.export .pt2 "
+                          "program or a state_dict with --model-class instead")
+    if cfg.quant.activations == "dynamic":
+        raise ConfigError("--finetune applies to static int8 (--activations uint8/int8) and weight-only "
+                          "quantization, not to --activations dynamic")
+    if cfg.finetune.data is None and cfg.data.calib is None:
+        raise ConfigError("--finetune needs training data: pass --finetune-data or --calib")
+
+
+def _batches(cfg: RunConfig, inputs, teacher: Callable[[dict], list[np.ndarray]]):
+    """Training batches with the fp32 model's outputs, and whether the data has labels."""
+    import torch
+
+    path = cfg.finetune.data or cfg.data.calib
+    specs = assign_batch_axes(input_specs(inputs.model), cfg.data.batch_axes)
+    source = open_data(path, specs, cfg.data.preprocess)
+    if cfg.finetune.labels_weight > 0 and not source.has_labels:
+        raise InputError(f"--finetune-labels-weight needs labels: add a '{LABELS}' array to {path}")
+    from quantkit.finetune.loop import Batch
+
+    out = []
+    for b in complete_batches(source, inputs.batch, None, inputs.fixed):
+        feed = {s.name: b[s.name] for s in specs}
+        ref = teacher(feed)
+        labels = torch.from_numpy(class_ids(b[LABELS], f"{path} '{LABELS}'")) if LABELS in b else None
+        out.append(Batch([torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in specs],
+                         [torch.from_numpy(np.asarray(r)) if np.asarray(r).dtype.kind == "f" else None for r in ref],
+                         labels))
+    if not out:
+        raise InputError(f"{path} holds fewer samples than one batch of {inputs.batch}")
+    return out, str(path)
+
+
+def _split(batches: list) -> tuple[list, list, list[str]]:
+    if len(batches) < 2:
+        return batches, batches, ["--finetune: the data holds one batch, so the held-out loss is measured on the "
+                                  "training batch (give more data for a real held-out set)"]
+    n = min(HELDOUT_MAX, max(1, round(len(batches) * HELDOUT_FRACTION)))
+    return batches[:-n], batches[-n:], []
+
+
+def agreement(g, qmodel: ir.Model, batch, workdir: Path) -> dict:
+    """The shipped onnxruntime model against the trained torch graph on one batch."""
+    import torch
+
+    sess = runtime.session(qmodel, workdir, tag="fine-tuned")
+    feed = {n: t.numpy() for n, t in zip(g.inputs, batch.inputs)}
+    got = sess.run(None, feed)
+    with torch.no_grad():
+        ref = [t.numpy() for t in g(*batch.inputs)]
+    sig = sum(float(np.sum(np.asarray(r, np.float64) ** 2)) for r in ref)
+    err = sum(float(np.sum((np.asarray(r, np.float64) - np.asarray(o, np.float64)) ** 2)) for r, o in zip(ref, got))
+    return {"sqnr_db": float(10 * np.log10(sig / err)) if err > 0 else None,
+            "max_abs_diff": max(float(np.abs(np.asarray(r, np.float64) - o).max(initial=0)) for r, o in zip(ref, got))}
+
+
+def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, progress,
+             evaluate: Callable[[ir.Model], list[dict]]) -> tuple[ir.Model, dict]:
+    import torch
+
+    from quantkit.finetune.export import write_back
+    from quantkit.finetune.graph import QuantGraph
+    from quantkit.finetune.loop import train
+
+    ft = cfg.finetune
+    g = QuantGraph(qmodel)  # refuses ops it cannot run before any work
+    status("fine-tuning: scoring the quantized model before training")
+    before = evaluate(qmodel)
+    reference = inputs.source.reference or (lambda feed: inputs.fp32.run(None, feed))
+    batches, path = _batches(cfg, inputs, reference)
+    train_set, heldout, notes = _split(batches)
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        progress.start("fine-tuning", ft.steps, unit="steps")
+
+        def on_step(step: int, running: float, held: float | None) -> None:
+            progress.advance(1)
+            if held is not None:
+                status(f"fine-tuning step {step}/{ft.steps}: running loss {running:.4g}, held-out loss {held:.4g}")
+
+        result = train(g, train_set, heldout, ft.steps, ft.lr, ft.labels_weight, on_step)
+        progress.finish()
+        write_back(g, qmodel)
+        exact = agreement(g, qmodel, heldout[0], workdir)
+    finally:
+        torch.set_num_threads(threads)
+    if result.interrupted:
+        notes.append(f"fine-tuning interrupted at step {result.steps_done}/{ft.steps}: the best parameters so far "
+                     f"(held-out loss, step {result.best_step}) were written")
+    section = {"steps": ft.steps, "steps_done": result.steps_done, "interrupted": result.interrupted,
+               "lr": ft.lr, "scale_lr": ft.lr * 10, "labels_weight": ft.labels_weight, "data": path,
+               "train_batches": len(train_set), "heldout_batches": len(heldout), "batch_size": inputs.batch,
+               "trainable": g.learn.count(), "best_step": result.best_step,
+               "heldout_loss_before": result.heldout_before, "heldout_loss_after": result.heldout_best,
+               "seconds": result.seconds, "curve": result.curve, "before": before,
+               "torch_vs_onnxruntime": exact, "notes": notes}
+    return qmodel, section
