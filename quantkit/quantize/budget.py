@@ -319,12 +319,13 @@ def _finite(x: float) -> float | None:
 
 def alternatives(op: QuantizedOp, refusals: Mapping[str, Callable[[QuantizedOp], str | None]]) -> list[str]:
     """Where an op may go when static int8 costs too much, cheapest first: dynamic int8 (int8
-    weight, activations quantized per run, as fast), weight-only int8 (int8 weight in blocks,
-    float activations: the size kept at float speed), float. Embedding tables only go float:
+    weight, activations quantized per run, as fast), per-token dynamic int8 (one scale per token:
+    a few outlier tokens no longer set every token's step; slower), weight-only int8 (int8 weight
+    in blocks, float activations: the size kept at float speed), float. Embedding tables only go float:
     their weight-only rows already carry almost no error."""
     out = []
     if op.kind != OpKind.EMBEDDING:
-        out += [name for name in (SchemeName.DYNAMIC.value, SchemeName.WEIGHT_ONLY.value)
+        out += [name for name in (SchemeName.DYNAMIC.value, SchemeName.PER_TOKEN.value, SchemeName.WEIGHT_ONLY.value)
                 if name in refusals and refusals[name](op) is None]
     return [*out, FLOAT]
 

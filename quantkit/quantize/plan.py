@@ -75,6 +75,7 @@ class SchemeName(str, Enum):
     STATIC = "static"  # int8 QDQ, calibrated activations
     DYNAMIC = "dynamic"  # int8 weights, activations quantized at run time
     WEIGHT_ONLY = "weight_only"  # int4/int8 weights, float activations
+    PER_TOKEN = "per_token"  # int8 weights, activations quantized at run time with one scale per token
 
 
 @dataclass

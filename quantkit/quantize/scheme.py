@@ -212,6 +212,7 @@ def placement_for(config: QuantConfig) -> Placement:
     """The schemes the config asks for (one per run today; a per-node search may give several)."""
     from quantkit.config import Activations, Weights
     from quantkit.quantize.dynamic import DynamicScheme
+    from quantkit.quantize.per_token import PerTokenScheme
     from quantkit.quantize.qdq import StaticScheme
     from quantkit.quantize.weight_only import WeightOnlyScheme
 
@@ -223,5 +224,5 @@ def placement_for(config: QuantConfig) -> Placement:
         # int8 weights in blocks along K with float activations (MatMulNBits, 8 bits), rounded to nearest
         int8_blocks = QuantConfig(activations=Activations.NONE, weights=Weights.INT8, block_size=WEIGHT_ONLY_INT8_BLOCK,
                                   exclude=config.exclude, accuracy_level=config.accuracy_level, format=config.format)
-        alternates = [DynamicScheme(config), WeightOnlyScheme(int8_blocks)]
+        alternates = [DynamicScheme(config), PerTokenScheme(config), WeightOnlyScheme(int8_blocks)]
     return Placement(config, [scheme(config)], alternates)

@@ -86,3 +86,46 @@ def test_own_noise_is_weighed_per_channel_so_an_outlier_channel_cannot_hide_it()
     per_channel = _channel_ratio(acc)
     assert per_channel > 5 * whole
     assert per_channel == pytest.approx(np.mean(((noisy - ref) ** 2).sum(0) / (ref ** 2).sum(0)), rel=1e-9)
+
+
+def _matmul_model(opset: int, k: int = 16, n: int = 8):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, n])],
+                          [numpy_helper.from_array(w, "W")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]), w
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_per_token_int8_gives_each_token_its_own_scale(opset):
+    """One token 30x larger than the rest: per-tensor dynamic int8 lets it set everyone's step,
+    per-token int8 does not. The result survives onnxruntime's full graph optimization (its
+    MatMulIntegerToFloat fusion assumes one activation scale)."""
+    import onnxruntime as ort
+
+    from quantkit.graph.ir_edit import Editor, drop_unused
+    from quantkit.quantize.per_token import PerTokenScheme
+    from quantkit.quantize.plan import make_plan
+
+    proto, w = _matmul_model(opset)
+    x = np.random.default_rng(1).normal(size=(2, 5, 16)).astype(np.float32)
+    x[0, 1] *= 30
+    ref = x @ w
+
+    def sqnr(scheme):
+        m = ir.serde.deserialize_model(proto)
+        plan = make_plan(m, QuantConfig(activations="dynamic"))
+        assert scheme.refuse(plan.ops[0]) is None
+        scheme.rewrite(m, plan.ops, Editor(m.graph))
+        drop_unused(m)
+        y = ort.InferenceSession(ir.serde.serialize_model(m).SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return 10 * np.log10((ref ** 2).sum() / ((y - ref) ** 2).sum()), [n.op_type for n in m.graph]
+
+    per_token, ops = sqnr(PerTokenScheme(QuantConfig()))
+    per_tensor, _ = sqnr(DynamicScheme(QuantConfig(activations="dynamic")))
+    assert "MatMulInteger" in ops and "MatMul" not in ops
+    assert per_token > 38 and per_token > per_tensor + 8
