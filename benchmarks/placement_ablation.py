@@ -3,9 +3,11 @@
 interleaved) and the placement the run chose. For trying placements and options one at a time:
 
     python benchmarks/placement_ablation.py --model minilm -- --min-sqnr -50 --no-speed-guard
-    python benchmarks/placement_ablation.py --model minilm -- --from-plan plan.json
+    python benchmarks/placement_ablation.py --model minilm --place '*layer.?/output/dense/MatMul=per_token'
 
-Everything after `--` goes to `quantkit quantize`. Models come from benchmarks/.cache/real (built by
+Everything after `--` goes to `quantkit quantize`. `--place GLOB=SCHEME` (repeatable) writes a plan that puts
+the MatMul/Gemm/Conv nodes whose names match GLOB on SCHEME (static, dynamic, per_token, weight_only, float)
+and replays it with `--from-plan`. Models come from benchmarks/.cache/real (built by
 benchmarks/_real_data.py on first use).
 """
 
@@ -30,9 +32,29 @@ from _real_data import prepare  # noqa: E402
 from _measure import quantkit_cmd  # noqa: E402
 
 
+def _plan(model: Path, specs: list[str], path: Path) -> Path:
+    """A quantkit plan file (format quantkit-plan-1) putting the nodes matched by each GLOB on SCHEME."""
+    import fnmatch
+    import hashlib
+
+    import onnx
+
+    names = [n.name for n in onnx.load(str(model), load_external_data=False).graph.node
+             if n.op_type in ("MatMul", "Gemm", "Conv")]
+    nodes = {}
+    for spec in specs:
+        glob, scheme = spec.rsplit("=", 1)
+        nodes.update({n: scheme for n in names if fnmatch.fnmatchcase(n, glob)})
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    path.write_text(json.dumps({"format": "quantkit-plan-1", "nodes": nodes, "speed_dropped": [],
+                                "model_sha256": digest, "target": ""}))
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm", choices=rmod.KINDS)
+    ap.add_argument("--place", action="append", default=[], metavar="GLOB=SCHEME")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="after --: options for quantkit quantize")
     a = ap.parse_args()
     extra = [x for x in a.args if x != "--"]
@@ -40,6 +62,8 @@ def main() -> None:
     meta = json.loads((d / "meta.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         out, rep = Path(tmp) / "q.onnx", Path(tmp) / "r.json"
+        if a.place:
+            extra += ["--from-plan", str(_plan(d / "model.onnx", a.place, Path(tmp) / "plan.json"))]
         t = time.perf_counter()
         r = subprocess.run(quantkit_cmd("quantize", d / "model.onnx", "--calib", d / "calib.npz", "-o", out,
                                         "--report", rep, "--threads", 1, "--force", "-q", *extra),
