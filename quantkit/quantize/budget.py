@@ -366,8 +366,18 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
             result.overrides, result.figures, result.shortfall = dict(overrides), figures, why
         return why is None
 
+    # float is its own last level: an op with no other alternative (an embedding table, an attention
+    # MatMul) stays static int8 until every cheaper scheme of the others has been tried
+    levels = 1 + max((len([c for c in cs if c != FLOAT]) for cs in choices.values()), default=0)
+
+    def pick(n: str, level: int) -> str | None:
+        others = [c for c in choices[n] if c != FLOAT]
+        if level >= levels - 1:
+            return choices[n][-1]
+        return others[min(level, len(others) - 1)] if others else None
+
     def at(level: int, k: int) -> dict[str, str]:
-        return {n: choices[n][min(level, len(choices[n]) - 1)] for n in order[:k]}
+        return {n: p for n in order[:k] if (p := pick(n, level)) is not None}
 
     def split(level: int, k: int, j: int) -> dict[str, str]:
         """The top j of the top k at `level`, the other k - j one level back."""
@@ -376,7 +386,6 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
         return result
-    levels = max(len(c) for c in choices.values())
     for level in range(levels):
         if level and at(level, len(order)) == at(level - 1, len(order)):
             continue

@@ -35,8 +35,9 @@ def test_the_outlier_ops_go_weight_only_the_next_ones_dynamic_the_rest_stay_stat
     assert found.met
     # 25 dB allows 3.2e-3 of noise: both down-projections need weight-only (dynamic keeps 1.3e-2)...
     assert found.overrides["down0"] == "weight_only" and found.overrides["down1"] == "weight_only"
-    # ...and nothing else has to leave static int8 for float
-    assert FLOAT not in found.overrides.values()
+    # ...and nothing else has to leave static int8 for float: "attn", whose only alternative is float,
+    # stays static int8 although it ranks above "qkv" (float is the last level, after every cheaper scheme)
+    assert FLOAT not in found.overrides.values() and "attn" not in found.overrides
     assert found.figures[0]["sqnr_db"] >= 25.0
     assert len(probes) <= 2 + 2 * math.ceil(math.log2(len(NOISE))) + 8
 
@@ -53,3 +54,14 @@ def test_an_impossible_target_is_reported_unmet():
     assert not found.met and found.shortfall
     # every level was tried once, the last one (everything float) included
     assert probes[-1] == dict.fromkeys(NOISE, FLOAT)
+
+
+def test_float_is_the_last_level_and_takes_ops_with_no_other_alternative_only_then():
+    probes: list = []
+    found = search(RANKED, CHOICES, Target(min_sqnr=48.0), _evaluate(probes), lambda s: None)
+    # 48 dB needs the weight-only noise of five ops gone too: only float does that
+    assert found.met and FLOAT in found.overrides.values()
+    float_levels = [i for i, p in enumerate(probes) if "attn" in p]
+    assert float_levels and probes[float_levels[0]]["attn"] == FLOAT
+    # no probe before the float level touched "attn"
+    assert all("attn" not in p for p in probes[:float_levels[0]])
