@@ -306,11 +306,12 @@ def _move_subgraph_nodes(nodes: dict, inner: list[subgraphs.SubgraphWeight]) -> 
     nodes["subgraph_weights"] = [asdict(w) for w in inner]
 
 
-def _open(cfg: RunConfig, workdir: Path, status, progress: Progress) -> Inputs:
+def _open(cfg: RunConfig, workdir: Path, status, progress: Progress, streamed: bool = False) -> Inputs:
     """Load the model (exporting PyTorch first), open the data, fix the batch, make the fp32
-    session and take one batch for timing."""
+    session and take one batch for timing. `streamed` (quantize/streaming.py): the weights stay on
+    disk and no fp32 session is made here (it runs alone later)."""
     source = _load(cfg, workdir, status, progress)
-    model = load_onnx(source.onnx_path)
+    model = load_onnx(source.onnx_path, keep_on_disk=streamed)
     done = already_quantized(model)
     if done:
         raise UnsupportedModelError(f"{cfg.model} is already quantized (it has {', '.join(done)})")
@@ -323,7 +324,7 @@ def _open(cfg: RunConfig, workdir: Path, status, progress: Progress) -> Inputs:
     batch = _batch_size(specs, cfg.data.batch_size)
     fixed = bool(_fixed_batches(specs))
     first_source = calib or evald
-    fp32 = runtime.session(source.onnx_path, workdir, tag="original", threads=cfg.threads)
+    fp32 = None if streamed else runtime.session(source.onnx_path, workdir, tag="original", threads=cfg.threads)
     first_batch = next(complete_batches(first_source, batch, None, fixed), None)
     if first_batch is None:
         raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")

@@ -29,13 +29,11 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit import api, runtime
-from quantkit.calibrate.data import LABELS, assign_batch_axes, complete_batches
+from quantkit.calibrate.data import LABELS, complete_batches
 from quantkit.errors import ConfigError, UnsupportedModelError
-from quantkit.graph.canonicalize import already_quantized
 from quantkit.graph.masks import mask_tensors
 from quantkit.load.external import write_model
-from quantkit.load.onnx import input_specs, load_onnx, model_bytes, model_files
-from quantkit.load.source import open_data
+from quantkit.load.onnx import model_bytes, model_files
 from quantkit.output import Outputs
 from quantkit.quantize import subgraphs
 from quantkit.quantize.prepare import CalibrationData, calibrate
@@ -72,26 +70,6 @@ def _check(cfg) -> None:
     if cfg.gates.require_speedup is not None:
         raise ConfigError("--require-speedup is not available for large external-data models (fp32 and the "
                           "quantized model are never loaded together); drop it")
-
-
-def _open(cfg, workdir: Path, status, progress) -> api.Inputs:
-    source = api._load(cfg, workdir, status, progress)
-    model = load_onnx(source.onnx_path, keep_on_disk=True)
-    done = already_quantized(model)
-    if done:
-        raise UnsupportedModelError(f"{cfg.model} is already quantized (it has {', '.join(done)})")
-    specs = assign_batch_axes(input_specs(model), cfg.data.batch_axes)
-    calib = open_data(cfg.data.calib, specs, cfg.data.preprocess) if cfg.data.calib is not None else None
-    evald = open_data(cfg.data.eval, specs, cfg.data.preprocess) if cfg.data.eval is not None else None
-    if cfg.gates.max_accuracy_drop is not None and not (evald or calib).has_labels:
-        raise ConfigError(f"--max-accuracy-drop needs labels: add a '{LABELS}' array to {(evald or calib).path}")
-    batch = api._batch_size(specs, cfg.data.batch_size)
-    fixed = bool(api._fixed_batches(specs))
-    first = next(complete_batches(calib or evald, batch, None, fixed), None)
-    if first is None:
-        raise ConfigError(f"{(calib or evald).path} holds fewer samples than the model's fixed batch size {batch}")
-    feed = {s.name: first[s.name] for s in specs}
-    return api.Inputs(source, model, calib, evald, batch, fixed, None, feed, api._input_notes(source, calib))
 
 
 def _runs(cfg) -> int:
@@ -178,7 +156,7 @@ class Reference:
 
 def quantize(cfg, workdir: Path, status, progress, t_start: float) -> api.Result:
     _check(cfg)
-    inputs = _open(cfg, workdir, status, progress)
+    inputs = api._open(cfg, workdir, status, progress, streamed=True)
     reference = Reference(inputs, cfg, workdir)
     reference.take(status, progress)
     model, notes = api._canonicalize(inputs, workdir, status)
