@@ -2,7 +2,6 @@
 heads removed, the pruned + int8 model runs and keeps the pooled output close."""
 
 import json
-import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -12,25 +11,6 @@ from click.testing import CliRunner
 from quantkit.cli import cli
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "sample_models"))
-from bert_style import build, export, tokenize  # noqa: E402
-
-
-@pytest.fixture(scope="module", params=["dynamo", "torchscript"])
-def encoder(request, tmp_path_factory):
-    rng = np.random.default_rng(0)
-    ids, mask = tokenize(rng.integers(0, 17, size=(64, 8, 8)), vocab=512)
-    for i in range(len(mask)):
-        cut = rng.integers(20, 51)
-        ids[i, cut:], mask[i, cut:] = 0, 0
-    d = tmp_path_factory.mktemp("encoder")
-    np.savez(d / "calib.npz", input_ids=ids[:48], attention_mask=mask[:48])
-    np.savez(d / "eval.npz", input_ids=ids[48:], attention_mask=mask[48:])
-    torch.manual_seed(0)
-    model = build(layers=2, hidden=64, heads=4, ff=128, vocab=512).eval()
-    path = d / f"{request.param}.onnx"
-    export(model, ids[:2], mask[:2], path, exporter=request.param)
-    return path, d
 
 
 @pytest.mark.parametrize("structure,unit,before,after", [("channel", "channels", 128, 64), ("head", "heads", 4, 2)])

@@ -2,7 +2,6 @@
 attention and projection MatMuls quantized, outputs kept; and dynamic int8."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -11,33 +10,6 @@ from click.testing import CliRunner
 from quantkit.cli import cli
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "sample_models"))
-from bert_style import build, export, tokenize  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def encoder_data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 17, size=(64, 8, 8))
-    ids, mask = tokenize(images, vocab=512)
-    # vary the real length so that masks differ between samples
-    for i in range(len(mask)):
-        cut = rng.integers(20, 51)
-        ids[i, cut:], mask[i, cut:] = 0, 0
-    d = tmp_path_factory.mktemp("encoder")
-    np.savez(d / "calib.npz", input_ids=ids[:48], attention_mask=mask[:48])
-    np.savez(d / "eval.npz", input_ids=ids[48:], attention_mask=mask[48:])
-    return d, ids, mask
-
-
-@pytest.fixture(scope="module", params=["dynamo", "torchscript"])
-def encoder(request, encoder_data):
-    d, ids, mask = encoder_data
-    torch.manual_seed(0)
-    model = build(layers=2, hidden=64, heads=4, ff=128, vocab=512).eval()
-    path = d / f"{request.param}.onnx"
-    export(model, ids[:2], mask[:2], path, exporter=request.param)
-    return path, d
 
 
 def quantize(*args):
