@@ -20,11 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from real_models import SPEED_BATCH, interleaved_best_ms, metrics, run_eval, run_tool  # noqa: E402
+import real_models  # noqa: E402
+from real_models import run_tool  # noqa: E402
 
 from _measure import ROOT, quantkit_cmd  # noqa: E402
 
@@ -99,29 +98,8 @@ def bench(kind: str, cache: Path, rounds: int) -> dict:
 
 
 def evaluate(kind: str, d: Path, runs: dict, rounds: int) -> dict:
-    with np.load(d / "eval.npz") as z:
-        data = {k: z[k] for k in z.files if k != "labels"}
-    truth = json.loads((d / "eval_truth.json").read_text()) if (d / "eval_truth.json").exists() else []
-    alphabet = None
-    if kind == "ocr_rec":
-        from _real_data import rec_alphabet
-
-        alphabet = rec_alphabet(d / "model.onnx")
-    paths = {k: Path(r["path"]) for k, r in runs.items() if r.get("path")}
-    ref = run_eval(kind, paths["fp32"], data)
-    for name, p in paths.items():
-        print(f"[{kind}] evaluating {name} ...", file=sys.stderr, flush=True)
-        q = ref if name == "fp32" else run_eval(kind, p, data)
-        runs[name].update(metrics=metrics(kind, ref, q, data, truth, alphabet),
-                          size_ratio=paths["fp32"].stat().st_size / p.stat().st_size)
-    b = SPEED_BATCH[kind]
-    feed = {k: v[:b] for k, v in data.items()}
-    load_before = os.getloadavg()
-    ms = interleaved_best_ms(paths, feed, rounds)
-    for name in paths:
-        runs[name].update(ms=ms[name], speedup=ms["fp32"] / ms[name])
-    timing = {"load_before": load_before, "load_after": os.getloadavg(), "speed_batch": b, "rounds": rounds}
-    return {"timing": timing, "runs": runs}
+    """Scored and timed as benchmarks/real_models.py does, fp32 among the runs."""
+    return {"timing": real_models.evaluate(kind, d, runs, rounds), "runs": runs}
 
 
 def table(kind: str, result: dict) -> str:

@@ -167,15 +167,17 @@ def quantize_all(kind: str, d: Path, out: Path) -> dict[str, dict]:
 
 
 def evaluate(kind: str, d: Path, runs: dict, rounds: int) -> dict:
+    """Every run with a model `path` (and fp32) scored on the evaluation set and timed interleaved;
+    fills `runs` in place and returns the timing conditions."""
     with np.load(d / "eval.npz") as z:
-        data = {k: z[k] for k in z.files}
+        data = {k: z[k] for k in z.files if k != "labels"}
     truth = json.loads((d / "eval_truth.json").read_text()) if (d / "eval_truth.json").exists() else []
     alphabet = None
     if kind == "ocr_rec":
         from _real_data import rec_alphabet
 
         alphabet = rec_alphabet(d / "model.onnx")
-    paths = {"fp32": d / "model.onnx", **{k: Path(r["path"]) for k, r in runs.items() if r["path"]}}
+    paths = {"fp32": d / "model.onnx", **{k: Path(r["path"]) for k, r in runs.items() if r.get("path")}}
     ref = run_eval(kind, paths["fp32"], data)
     for name, p in paths.items():
         print(f"[{kind}] evaluating {name} ...", file=sys.stderr, flush=True)
