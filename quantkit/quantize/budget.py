@@ -166,8 +166,8 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     their tensors of one batch (and their single-op sessions) are held at once."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
     originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
-    drift: dict[str, list[float]] = {}  # against fp32: signal, error
-    own: dict[str, list[float]] = {}  # against the float op on the same inputs
+    drift: dict[str, list] = {}  # against fp32: signal and error power per channel
+    own: dict[str, list] = {}  # against the float op on the same inputs, per channel
     i, size = 0, FIRST_CHUNK
     while i < len(plan.ops):
         ops = plan.ops[i:i + size]
@@ -190,7 +190,7 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
 
 def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, originals: dict[str, ir.Node],
                    probe: Probe, session: Callable[[ir.Model], Any], small: Callable[[ir.Model], Any],
-                   drift: dict[str, list[float]], own: dict[str, list[float]]) -> int:
+                   drift: dict[str, list], own: dict[str, list]) -> int:
     """Drift against fp32 of the ops' tensors, and each op's own noise, over the probe batches.
     Returns the bytes one batch of the exposed tensors took (both models)."""
     outs = {op_key(op): op.node.outputs[0].name for op in ops}
@@ -210,7 +210,7 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
         got = dict(zip(wanted, q_s.run(wanted, feed)))
         held = max(held, sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values()))
         for n in wanted:
-            _accumulate(chunk_drift[n], ref[n], got[n])
+            _accumulate_channels(chunk_drift[n], ref[n], got[n], -1)
         if alone is None:
             continue
         exact = alone.run([outs[k] + ALONE for k in measured], {n: got[n] if n in got else feed[n] for n in alone_in})
@@ -256,14 +256,6 @@ def _alone(model: ir.Model, nodes: list[ir.Node]) -> ir.Model:
     return ir.Model(graph, ir_version=model.ir_version)
 
 
-def _accumulate(acc: list[float], ref: np.ndarray, got: np.ndarray) -> None:
-    r64, g64 = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-    ok = np.isfinite(r64)
-    acc[0] += float((r64[ok] ** 2).sum())
-    d = (g64 - r64)[ok]
-    acc[1] += float((d ** 2).sum()) if np.isfinite(d).all() else math.inf
-
-
 def channel_axis(node: ir.Node) -> int:
     """The axis of a node's output that holds its channels: 1 for convolutions (NCHW), the last
     for MatMul, Gemm and embedding lookups."""
@@ -301,11 +293,14 @@ def _channel_ratio(acc: list | None) -> float:
     return float(np.mean(err / np.maximum(power, floor)))
 
 
-def _ratio(acc: list[float] | None) -> float:
-    """Relative error power; 0 when there is nothing to compare (exact inputs)."""
-    if acc is None or acc[1] == 0:
+def _ratio(acc: list | None) -> float:
+    """Relative error power over all channels together; 0 when there is nothing to compare (exact
+    inputs)."""
+    err = 0.0 if acc is None else float(np.sum(acc[1]))
+    if err == 0:
         return 0.0
-    return acc[1] / acc[0] if acc[0] > 0 else math.inf
+    power = float(np.sum(acc[0]))
+    return err / power if power > 0 else math.inf
 
 
 def _noise_db(relative_noise: float) -> float:
