@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +22,39 @@ def tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+@contextlib.contextmanager
+def unpublished(model: ir.Model) -> Iterator[None]:
+    """Serialize without the shapes of intermediate tensors (ONNX `value_info`); they are restored after.
+
+    quantkit infers them for its own passes, unifying unknown dimensions across the graph, but written
+    into a model they change what onnxruntime fuses: with the symbolic sequence dimension of two residual
+    inputs proven equal it turns Add + LayerNormalization into SkipLayerNormalization, which its CPU
+    kernel runs 5-6x slower (benchmarks/ln_fusion.py). Written without them, onnxruntime infers the
+    shapes itself, as it does for the user's original model. Graph inputs and outputs keep theirs."""
+    stashed: list[tuple[ir.Value, ir.Shape | None]] = []
+    for graph in model.graphs():
+        boundary = {id(v) for v in (*graph.inputs, *graph.outputs)}
+        for node in graph:
+            for out in node.outputs:
+                if id(out) not in boundary and out.shape is not None:
+                    stashed.append((out, out.shape))
+                    out.shape = None
+    try:
+        yield
+    finally:
+        for value, shape in stashed:
+            value.shape = shape
+
+
 def save(model: ir.Model, path: Path) -> None:
     """Save, moving weights to `<name>.data` beside the file when the model is too big to inline."""
     path = Path(path)
-    if tensor_bytes(model) > INLINE_LIMIT or _references_files(model):
-        # mapped weights are written out too: their old location is relative to another folder
-        ir.save(model, path, external_data=path.name + ".data")
-    else:
-        ir.save(model, path)
+    with unpublished(model):
+        if tensor_bytes(model) > INLINE_LIMIT or _references_files(model):
+            # mapped weights are written out too: their old location is relative to another folder
+            ir.save(model, path, external_data=path.name + ".data")
+        else:
+            ir.save(model, path)
 
 
 def _references_files(model: ir.Model) -> bool:
@@ -59,6 +86,7 @@ def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: 
 
     try:
         options = session_options(threads, lean, mapped)
+        source: str | bytes
         if isinstance(model, (str, os.PathLike)):
             source = str(model)
         elif _references_files(model) and len(folders := external.external_folders(model)) == 1 \
@@ -66,16 +94,21 @@ def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: 
             options = session_options(threads, lean, mapped=True)
             options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                              str(folders.pop()))
-            source = ir.serde.serialize_model(model).SerializeToString()
+            source = _serialized(model)
         elif tensor_bytes(model) > INLINE_LIMIT or _references_files(model):
             folder = Path(tempfile.mkdtemp(prefix=f"{tag}-", dir=workdir))
             external.write_model(model.clone(), folder / f"{tag}.onnx")
             source = str(folder / f"{tag}.onnx")
         else:
-            source = ir.serde.serialize_model(model).SerializeToString()
+            source = _serialized(model)
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises several unrelated exception types
         raise UnsupportedModelError(f"onnxruntime cannot load the {tag} model: {first_line(e)}") from e
+
+
+def _serialized(model: ir.Model) -> bytes:
+    with unpublished(model):
+        return ir.serde.serialize_model(model).SerializeToString()
 
 
 def run(sess, names: list[str] | None, feed: dict[str, np.ndarray], what: str) -> list[np.ndarray]:

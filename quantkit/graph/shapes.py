@@ -50,3 +50,4 @@ def fill_from_run(model: ir.Model, batch: dict[str, np.ndarray], workdir: Path) 
         # the batch dimension is data-dependent; keep only the rank and the other dims
         v.shape = ir.Shape([None, *out.shape[1:]] if out.ndim else [])
     return len(missing)
+

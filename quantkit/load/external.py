@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from quantkit import runtime
+
 ALIGN = 4096  # page-aligned offsets let onnxruntime map a tensor instead of copying it
 INLINE_BYTES = 1024  # tensors this small stay inside the .onnx
 CHUNK = 16 << 20
@@ -124,4 +126,5 @@ def write_model(model: ir.Model, path: Path) -> None:
                                            name=t.name, base_dir=str(path.parent))
         out.flush()
         os.fsync(out.fileno())
-    ir.save(model, path)
+    with runtime.unpublished(model):
+        ir.save(model, path)
