@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from quantkit import __version__, runtime
 from quantkit.calibrate.data import LABELS, DataSource, InputSpec, assign_batch_axes, complete_batches
-from quantkit.config import Activations, Algorithm, RunConfig
+from quantkit.config import Activations, Algorithm, Format, RunConfig
 from quantkit.errors import ConfigError, UnsupportedModelError
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import already_quantized, canonicalize
@@ -29,7 +29,7 @@ from quantkit.load.onnx import file_sha256, input_specs, load_onnx, model_bytes,
 from quantkit.load.source import Source, load_source, open_data
 from quantkit.options import effective_config
 from quantkit.output import Outputs, check_destinations
-from quantkit.quantize import budget, subgraphs
+from quantkit.quantize import budget, lower, subgraphs
 from quantkit.quantize.plan import OpKind, Plan, SchemeName
 from quantkit.quantize.prepare import Calibration, CalibrationData, calibrate
 from quantkit.quantize.scheme import Placement, RewriteResult, placement_for
@@ -200,6 +200,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     model, pruning = _prune(cfg, model, inputs, workdir, status)
     laps.lap("prune")
     placement = placement_for(cfg.quant)
+    placement.lower = placement.lower and cfg.finetune is None  # lowered after training instead
     model = placement.prepare_model(model)
     placement.float_tensors.update(mask_tensors(model))  # calibration may add more from observed ranges
     data = CalibrationData.of(cfg, inputs.calib, inputs.batch, inputs.fixed)
@@ -216,6 +217,8 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     notes += rw.notes
     finetuned = _finetune(cfg, inputs, qmodel, workdir, status, progress) if cfg.finetune is not None else None
     notes += finetuned["notes"] if finetuned is not None else []
+    if finetuned is not None and cfg.quant.format == Format.ORT:
+        lower.fold_biases(qmodel)
     inner = subgraphs.quantize_weights(qmodel)
     if inner:
         notes.append(f"{len(inner)} weight(s) inside If/Loop/Scan bodies stored int8 and dequantized at run time "
@@ -393,7 +396,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
         placement.overrides = {k: v for k, v in saved.nodes.items() if v != SchemeName.STATIC.value}
         return {"source": f"replayed from {cfg.plan_in}", "target": saved.target, "moved": placement.overrides,
                 "speed_dropped": saved.speed_dropped}
-    full_model, full_plan, _ = placement.build(model, set(), "")
+    full_model, full_plan, _ = placement.build(model, set(), "", lower=False)
     if not full_plan.ops:
         return {}
 
@@ -405,13 +408,15 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
                                 lambda m: runtime.session(m, workdir, tag="single op", lean=True))
     refusals = {s.name.value: s.refuse for s in placement.alternates}
-    choices = {budget.op_key(op): budget.alternatives(op, refusals) for op in full_plan.ops}
+    rows = {r["node"]: r for r in ranked}
+    choices = {budget.op_key(op): budget.ladder(budget.alternatives(op, refusals), rows.get(budget.op_key(op)))
+               for op in full_plan.ops}
     g = cfg.gates
     target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
 
     def evaluate(overrides: dict[str, str]) -> list[dict]:
         placement.overrides = overrides
-        return probe.score(session(placement.build(model, set(), "")[0]))
+        return probe.score(session(placement.build(model, set(), "", lower=False)[0]))
 
     found = budget.search(ranked, choices, target.with_margin(), evaluate, status)
     placement.overrides = found.overrides

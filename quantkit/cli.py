@@ -73,7 +73,7 @@ def cli() -> None:
 @click.option("--asymmetric", is_flag=True, help="Weight-only: a zero point per block instead of symmetric blocks.")
 @click.option("--algorithm", type=click.Choice(Algorithm.values()), default=Algorithm.RTN.value, show_default=True, help="Weight-only rounding: round to nearest, GPTQ against the calibration inputs, or AWQ channel scales (gptq and awq need --calib).")
 @click.option("--accuracy-level", type=int, default=4, show_default=True, help="MatMulNBits compute type: 4 = int8 (fastest on CPU), 0 = float.")
-@click.option("--format", "fmt", type=click.Choice(Format.values()), default=Format.ORT.value, show_default=True, help="Weight-only output: onnxruntime contrib ops, or standard DequantizeLinear with int4 blocks (opset 21).")
+@click.option("--format", "fmt", type=click.Choice(Format.values()), default=Format.ORT.value, show_default=True, help="ort: onnxruntime contrib ops where they are faster (MatMulNBits, biases inside MatMulIntegerToFloat); qdq: standard QuantizeLinear/DequantizeLinear only (int4 blocks at opset 21), for other runtimes.")
 @click.option("--keep-int8", multiple=True, metavar="PATTERN", help="Weight-only int4: node names or op types (glob) kept at 8 bits.")
 @click.option("--method", type=click.Choice(Method.values()), default=Method.MINMAX.value, show_default=True, help="How activation ranges are chosen from the calibration statistics.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile: keep this central percentage of values.")

@@ -114,12 +114,15 @@ class QuantConfig:
     def _check_applicable(self) -> None:
         """An option set away from its default must act on the chosen mode: never ignored silently."""
         default = QuantConfig.__dataclass_fields__
-        weight_only = ("block_size", "symmetric", "algorithm", "accuracy_level", "format", "keep_int8")
+        weight_only = ("block_size", "symmetric", "algorithm", "accuracy_level", "keep_int8")
         static = ("method", "percentile", "bias_correction")
         flag = {"block_size": "--block-size", "symmetric": "--asymmetric", "algorithm": "--algorithm",
                 "accuracy_level": "--accuracy-level", "format": "--format", "keep_int8": "--keep-int8",
                 "method": "--method", "percentile": "--percentile", "bias_correction": "--bias-correction"}
         changed = [k for k in (*weight_only, *static) if getattr(self, k) != default[k].default]
+        if self.format != default["format"].default and self.activations == "dynamic":
+            raise ConfigError("--format qdq applies to static and weight-only quantization; dynamic int8 runs on "
+                              "onnxruntime's DynamicQuantizeMatMul in either format")
         for k in changed:
             if k in weight_only and self.activations != "none":
                 raise ConfigError(f"{flag[k]} applies to weight-only quantization (--weights int4 or "

@@ -28,6 +28,7 @@ import onnx_ir as ir
 from quantkit.calibrate.collect import Statistics, StatRequest
 from quantkit.config import QuantConfig
 from quantkit.graph.ir_edit import Editor, drop_unused
+from quantkit.quantize import lower as lower_mod
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName, make_plan
 
 WEIGHT_ONLY_INT8_BLOCK = 128  # block along K of the weight-only int8 alternative (one float scale per 128 weights)
@@ -109,6 +110,9 @@ class Placement:
         self.float_tensors: dict[str, str] = {}  # found in the graph or from calibration
         self.overrides: dict[str, str] = {}  # node (budget.op_key) -> scheme name, or "float"
         self.override_reason = "left float by the accuracy budget"
+        # biases folded into onnxruntime's integer MatMul kernels (quantize/lower.py); off while a model
+        # still has to be fine-tuned, which trains the plain QDQ graph
+        self.lower = config.format.value == "ort"
 
     def plan(self, model: ir.Model) -> Plan:
         plan = make_plan(model, self.config)
@@ -179,8 +183,9 @@ class Placement:
             notes += scheme.tune(plan, trial, status)
         return notes
 
-    def rewrite(self, model: ir.Model, plan: Plan) -> RewriteResult:
-        """Each scheme rewrites its own ops; one editor names everything in this model."""
+    def rewrite(self, model: ir.Model, plan: Plan, lower: bool = True) -> RewriteResult:
+        """Each scheme rewrites its own ops; one editor names everything in this model. `lower=False`
+        keeps the plain QDQ form (the accuracy search reads each op's own output tensor)."""
         edit = Editor(model.graph)
         result = RewriteResult()
         for scheme in [*self.schemes, *self.alternates]:
@@ -188,14 +193,17 @@ class Placement:
             if ops:
                 result.merge(scheme.rewrite(model, ops, edit))
         drop_unused(model)
+        if lower and self.lower:
+            lower_mod.fold_biases(model)
         return result
 
-    def build(self, model: ir.Model, drop: set[OpKind], reason: str) -> tuple[ir.Model, Plan, RewriteResult]:
+    def build(self, model: ir.Model, drop: set[OpKind], reason: str,
+              lower: bool = True) -> tuple[ir.Model, Plan, RewriteResult]:
         """A rewritten copy of `model` with the ops of the `drop` kinds left float."""
         m = model.clone()
         plan = self.plan(m)
         plan.drop(drop, reason)
-        return m, plan, self.rewrite(m, plan)
+        return m, plan, self.rewrite(m, plan, lower)
 
     def report(self, rw: RewriteResult) -> tuple[dict | None, dict]:
         calibration: dict | None = None

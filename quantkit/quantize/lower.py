@@ -1,0 +1,104 @@
+"""Lowering for onnxruntime (`--format ort`, the default): a MatMul's bias goes inside its integer kernel.
+
+onnxruntime runs `DequantizeLinear -> MatMul` (static int8) as `MatMulIntegerToFloat` and our dynamic int8
+as `DynamicQuantizeMatMul`, but it leaves the bias `Add` that torch's Linear exports after the MatMul as a
+node of its own: one more pass over the output, and a `BiasGelu` in front of the encoders' GELU where a
+plain `Gelu` would do. Both kernels take the bias as an input, so it is folded into them here:
+
+  DynamicQuantizeMatMul(A, Wq, s, zp) -> Add(bias)       =>  DynamicQuantizeMatMul(A, Wq, s, zp, bias)
+  DQ(Aq) -> MatMul <- DQ(Wq); -> Add(bias)               =>  MatMulIntegerToFloat(Aq, Wq, sa, sw, za, zw, bias)
+
+`MatMulIntegerToFloat` computes (Aq - za)(Wq - zw) * sa * sw + bias, which is what the QDQ graph means.
+With `--format qdq` nothing is lowered (the file stays portable QDQ).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from quantkit.graph.ir_edit import const_array, drop_unused
+
+MS_DOMAIN = "com.microsoft"
+
+
+def fold_biases(model: ir.Model) -> int:
+    """Fold every constant bias Add into the integer MatMul before it; returns how many were folded."""
+    folded = 0
+    for node in list(model.graph):
+        found = _bias_of(node)
+        if found is None:
+            continue
+        add, bias = found
+        if node.op_type == "DynamicQuantizeMatMul":
+            inputs = [*node.inputs, *[None] * (4 - len(node.inputs))][:4]
+        else:
+            inputs = _static_inputs(node)
+        new = ir.node(node.op_type if node.op_type == "DynamicQuantizeMatMul" else "MatMulIntegerToFloat",
+                      [*inputs, bias], domain=MS_DOMAIN, name=node.name)
+        model.graph.insert_after(add, new)
+        out = add.outputs[0]
+        new.outputs[0].type, new.outputs[0].shape = out.type, out.shape
+        out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+        name = out.name
+        model.graph.remove([add, node], safe=True)
+        new.outputs[0].name = name
+        folded += 1
+    if folded:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        drop_unused(model)
+    return folded
+
+
+def _bias_of(node: ir.Node) -> tuple[ir.Node, ir.Value] | None:
+    """The Add right after an integer MatMul that adds a constant float32 vector of its width."""
+    if (node.domain, node.op_type) not in (("", "MatMul"), (MS_DOMAIN, "DynamicQuantizeMatMul")):
+        return None
+    if node.op_type == "DynamicQuantizeMatMul" and len(node.inputs) > 4:
+        return None  # already has a bias
+    out = node.outputs[0]
+    users = list(out.uses())
+    if len(users) != 1 or out.is_graph_output():
+        return None
+    add, idx = users[0].node, users[0].idx
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+        return None
+    bias = add.inputs[1 - idx]
+    b = const_array(bias)
+    if b is None or b.ndim != 1 or b.dtype != np.float32:
+        return None
+    weight = const_array(node.inputs[1]) if node.op_type == "DynamicQuantizeMatMul" else _weight_codes(node)
+    if weight is None or weight.ndim != 2 or weight.shape[1] != b.shape[0]:
+        return None
+    return add, bias
+
+
+def _dq(value: ir.Value | None) -> ir.Node | None:
+    src = value.producer() if value is not None else None
+    return src if src is not None and src.op_type == "DequantizeLinear" and src.domain in ("", "ai.onnx") else None
+
+
+def _weight_codes(node: ir.Node) -> np.ndarray | None:
+    """A MatMul's int8/uint8 (K, N) weight behind a per-tensor or per-column DequantizeLinear."""
+    dq_a, dq_w = _dq(node.inputs[0]), _dq(node.inputs[1])
+    if dq_a is None or dq_w is None or dq_w.attributes.get_int("block_size", 0) != 0:
+        return None
+    codes = const_array(dq_w.inputs[0])
+    if codes is None or codes.ndim != 2 or codes.dtype not in (np.int8, np.uint8):
+        return None
+    scale = const_array(dq_w.inputs[1])
+    if scale is None or (scale.ndim == 1 and dq_w.attributes.get_int("axis", 1) % 2 != 1) or scale.ndim > 1:
+        return None
+    a_scale = const_array(dq_a.inputs[1])
+    if a_scale is None or a_scale.size != 1 or dq_a.inputs[0].dtype not in (ir.DataType.INT8, ir.DataType.UINT8):
+        return None
+    return codes
+
+
+def _static_inputs(node: ir.Node) -> list[ir.Value | None]:
+    """MatMulIntegerToFloat's A, B, a_scale, b_scale, a_zero_point, b_zero_point, from the two DequantizeLinear."""
+    dq_a, dq_w = _dq(node.inputs[0]), _dq(node.inputs[1])
+    assert dq_a is not None and dq_w is not None  # checked by _bias_of
+    a_zp = dq_a.inputs[2] if len(dq_a.inputs) > 2 else None
+    w_zp = dq_w.inputs[2] if len(dq_w.inputs) > 2 else None
+    return [dq_a.inputs[0], dq_w.inputs[0], dq_a.inputs[1], dq_w.inputs[1], a_zp, w_zp]
