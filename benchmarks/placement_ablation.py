@@ -55,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm", choices=rmod.KINDS)
     ap.add_argument("--place", action="append", default=[], metavar="GLOB=SCHEME")
+    ap.add_argument("--keep", type=Path, help="copy the quantized model (and report) to this path")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="after --: options for quantkit quantize")
     a = ap.parse_args()
     extra = [x for x in a.args if x != "--"]
@@ -79,6 +80,11 @@ def main() -> None:
         ms = rmod.interleaved_best_ms({"fp32": d / "model.onnx", "q": out}, {k: v[:batch] for k, v in data.items()},
                                       rounds=8, reps=2)
         report = json.loads(rep.read_text())
+        if a.keep is not None:
+            import shutil
+
+            shutil.copyfile(out, a.keep)
+            shutil.copyfile(rep, a.keep.with_suffix(".json"))
         placement = report.get("placement") or {}
         print(json.dumps({
             "options": extra, "exit": r.returncode, **{k: round(v, 4) for k, v in figures.items()},

@@ -35,7 +35,8 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.errors import InputError
-from quantkit.graph.ir_edit import with_outputs
+from quantkit.graph.ir_edit import const_array, with_outputs
+from quantkit.quantize import simulate
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
 from quantkit.report.compare import OutputComparison
 
@@ -167,7 +168,7 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
     originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
     drift: dict[str, list] = {}  # against fp32: signal and error power per channel
-    own: dict[str, list] = {}  # against the float op on the same inputs, per channel
+    own: dict[str, list] = {}  # against the float op on the same inputs, per channel; key/scheme for alternatives
     i, size = 0, FIRST_CHUNK
     while i < len(plan.ops):
         ops = plan.ops[i:i + size]
@@ -182,7 +183,9 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
                      "own_sqnr_db": _finite(_noise_db(_channel_ratio(own.get(key)))),
                      "input_sqnr_db": _finite(_noise_db(received)),
                      "output_sqnr_db": _finite(_noise_db(_ratio(drift.get(outs[key])))),
-                     "own_noise": _finite(_channel_ratio(own.get(key)))})
+                     "own_noise": _finite(_channel_ratio(own.get(key))),
+                     "alternatives_own_sqnr_db": {a: _finite(_noise_db(_channel_ratio(own[f"{key}/{a}"])))
+                                                  for a in simulate.SIMULATED if f"{key}/{a}" in own}})
     # the largest own noise first; ties by name, so the order is the same on every run
     rows.sort(key=lambda r: (-(r["own_noise"] if r["own_noise"] is not None else math.inf), r["node"]))
     return rows
@@ -204,6 +207,7 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     alone_in = [i.name for i in alone.get_inputs()] if alone is not None else []
     chunk_drift = {n: [0.0, 0.0] for n in wanted}
     chunk_own: dict[str, list] = {k: [0.0, 0.0] for k in measured}
+    sims = {k: w for k in measured if (w := _simulated(originals[k])) is not None}
     held = 0
     for feed in probe.feeds:
         ref = dict(zip(wanted, ref_s.run(wanted, feed)))
@@ -216,9 +220,20 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
         exact = alone.run([outs[k] + ALONE for k in measured], {n: got[n] if n in got else feed[n] for n in alone_in})
         for key, e in zip(measured, exact):
             _accumulate_channels(chunk_own[key], e, got[outs[key]], channel_axis(originals[key]))
+            if key in sims:
+                x = originals[key].inputs[0].name
+                for alt, y in sims[key].outputs(got[x] if x in got else feed[x]).items():
+                    _accumulate_channels(chunk_own.setdefault(f"{key}/{alt}", [0.0, 0.0]), e, y, -1)
     drift.update(chunk_drift)  # a tensor shared by two chunks is measured alike in both
     own.update(chunk_own)
     return held
+
+
+def _simulated(node: ir.Node) -> simulate.Weights | None:
+    """A MatMul with a constant 2-D weight: its alternatives are emulated in numpy (quantize/simulate.py).
+    The weight-only alternative runs at accuracy level 4 (--accuracy-level cannot change with static int8)."""
+    w = const_array(node.inputs[1]) if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+    return simulate.Weights(w) if w is not None and w.ndim == 2 and w.dtype == np.float32 else None
 
 
 ALONE = "::float_alone"  # suffix of the outputs of the ops recomputed in float on the quantized model's tensors
@@ -323,6 +338,29 @@ def alternatives(op: QuantizedOp, refusals: Mapping[str, Callable[[QuantizedOp],
         out += [name for name in (SchemeName.DYNAMIC.value, SchemeName.PER_TOKEN.value, SchemeName.WEIGHT_ONLY.value)
                 if name in refusals and refusals[name](op) is None]
     return [*out, FLOAT]
+
+
+LADDER_GAIN_DB = 1.0  # an alternative is worth its cost only if it beats every cheaper choice by this much
+
+
+def ladder(options: list[str], row: Mapping[str, Any] | None) -> list[str]:
+    """Of an op's alternatives (cheapest first), the ones worth trying: each must cut the op's own noise,
+    as emulated on the probe (quantize/simulate.py), at least LADDER_GAIN_DB below static int8's and
+    every cheaper alternative kept before it. Alternatives never emulated stay; float always does."""
+    emulated = (row or {}).get("alternatives_own_sqnr_db") or {}
+
+    def db(figure: float | None) -> float:  # a None figure is an infinite SQNR: no noise at all
+        return math.inf if figure is None else figure
+
+    best = db((row or {}).get("own_sqnr_db"))
+    kept = []
+    for name in options:
+        if name == FLOAT or name not in emulated:
+            kept.append(name)
+        elif db(emulated[name]) >= best + LADDER_GAIN_DB:
+            kept.append(name)
+            best = db(emulated[name])
+    return kept
 
 
 # ---------------------------------------------------------------- search

@@ -1,0 +1,70 @@
+"""What the accuracy budget's alternatives to static int8 would compute for one MatMul, in numpy.
+
+The sensitivity step has, for every quantized op, the float input it receives in the quantized model
+and the float op's exact output on it. For a MatMul (or Gemm) with a constant weight that is enough to
+emulate each alternative scheme on the same input, without building any model:
+
+  dynamic      input to uint8 per tensor over [min(0, x), max(0, x)] at run time (DynamicQuantizeMatMul),
+               weight int8 symmetric per output column
+  per_token    input to int8 steps per row, max|row| / 127 (quantize/per_token.py), same weight
+  weight_only  weight in symmetric 8-bit blocks of WEIGHT_ONLY_INT8_BLOCK along K; with --accuracy-level 4
+               (the default) MatMulNBits also rounds the input to int8 per block of K of each row
+
+so each op's own noise is known under every alternative, and the search can give each op the cheapest
+one that really helps it (an FFN down-projection whose few outlier tokens ruin per-tensor ranges needs
+per-token steps, not float activations).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantkit.quantize import blockwise as bw
+from quantkit.quantize import qparams as qp
+from quantkit.quantize.per_token import TINY
+from quantkit.quantize.plan import SchemeName
+from quantkit.quantize.scheme import WEIGHT_ONLY_INT8_BLOCK
+
+SIMULATED = (SchemeName.DYNAMIC.value, SchemeName.PER_TOKEN.value, SchemeName.WEIGHT_ONLY.value)
+
+
+class Weights:
+    """One op's weight, as each alternative stores it (computed once, reused for every batch)."""
+
+    def __init__(self, w: np.ndarray, accuracy_level: int = 4) -> None:
+        self.int8_input_blocks = accuracy_level == 4
+        w = np.asarray(w, np.float32)
+        q, scale, zp = qp.quantize_weight(w, 1)
+        self.int8 = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
+        self.blocks = bw.quantize_blockwise(w, bits=8, block=WEIGHT_ONLY_INT8_BLOCK).dequantize()
+
+    def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """x @ W as each alternative computes it (no bias: it adds the same to all)."""
+        x = np.asarray(x, np.float32)
+        return {SchemeName.DYNAMIC.value: _per_tensor_uint8(x) @ self.int8,
+                SchemeName.PER_TOKEN.value: _per_row_int8(x) @ self.int8,
+                SchemeName.WEIGHT_ONLY.value: (_per_block_int8(x, WEIGHT_ONLY_INT8_BLOCK) if self.int8_input_blocks
+                                               else x) @ self.blocks}
+
+
+def _per_tensor_uint8(x: np.ndarray) -> np.ndarray:
+    lo, hi = min(float(x.min(initial=0.0)), 0.0), max(float(x.max(initial=0.0)), 0.0)
+    scale = (hi - lo) / 255 if hi > lo else 1.0
+    zp = float(np.clip(np.rint(-lo / scale), 0, 255))
+    return (np.clip(np.rint(x / scale) + zp, 0, 255) - zp) * np.float32(scale)
+
+
+def _per_row_int8(x: np.ndarray) -> np.ndarray:
+    scale = np.maximum(np.abs(x).max(axis=-1, keepdims=True) / np.float32(127), np.float32(TINY))
+    return np.rint(x / scale) * scale
+
+
+def _per_block_int8(x: np.ndarray, block: int) -> np.ndarray:
+    """Each row's blocks of `block` values to int8 steps of max|block| / 127 (MatMulNBits at accuracy level 4)."""
+    k = x.shape[-1]
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (-k) % block)])
+    blocks = padded.reshape(*padded.shape[:-1], -1, block)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inverse = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    out = np.clip(np.rint(blocks * inverse), -127, 127) * (amax / np.float32(127))
+    return out.reshape(padded.shape)[..., :k]

@@ -1,0 +1,182 @@
+"""What onnxruntime is given: biases inside the integer MatMul kernels, no inferred intermediate shapes,
+and the numpy emulation of the budget's alternatives against what onnxruntime computes for them."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit import runtime
+from quantkit.calibrate.collect import collect
+from quantkit.config import QuantConfig
+from quantkit.graph import shapes
+from quantkit.graph.ir_edit import Editor, drop_unused
+from quantkit.quantize import budget, simulate
+from quantkit.quantize.plan import make_plan
+from quantkit.quantize.scheme import placement_for
+
+K, N = 32, 24
+
+
+def _linear_relu(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> MatMul(W) -> Add(b) -> Relu -> MatMul(W2) -> Add(b2) = y: torch's Linear as exported."""
+    w, w2 = rng.normal(size=(K, N)).astype(np.float32) * 0.2, rng.normal(size=(N, 8)).astype(np.float32) * 0.2
+    b, b2 = rng.normal(size=N).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["b", "h0"], ["h1"], name="fc1_bias"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+             helper.make_node("MatMul", ["h2", "W2"], ["h3"], name="fc2"),
+             helper.make_node("Add", ["h3", "b2"], ["y"], name="fc2_bias")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 8])],
+                          [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (b, "b"), (w2, "W2"), (b2, "b2"))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    return runtime.session(model, None, tag="test").run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("activations", ["uint8", "dynamic"])
+def test_the_bias_goes_inside_the_integer_matmul_and_nothing_else_changes(tmp_path, activations):
+    rng = np.random.default_rng(0)
+    proto = _linear_relu(rng)
+    x = rng.normal(size=(16, 5, K)).astype(np.float32)
+    model = ir.serde.deserialize_model(proto)
+    shapes.infer(model)
+    placement = placement_for(QuantConfig(activations=activations))
+    placement.use(collect(model, placement.requests(model), ({"x": b} for b in np.array_split(x, 4)), tmp_path))
+    plain, _, _ = placement.build(model, set(), "", lower=False)
+    lowered, _, _ = placement.build(model, set(), "")
+    kernel = "MatMulIntegerToFloat" if activations == "uint8" else "DynamicQuantizeMatMul"
+    ops = Counter(n.op_type for n in lowered.graph)
+    assert ops[kernel] == 2 and ops["Add"] == 0 and ops["MatMul"] == 0
+    assert all(n.inputs[-1].name in ("b", "b2") for n in lowered.graph if n.op_type == kernel)
+    assert Counter(n.op_type for n in plain.graph)["Add"] == 2  # the QDQ / unlowered form keeps its Adds
+    want, got = _run(plain, x), _run(lowered, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert [o.name for o in lowered.graph.outputs] == ["y"]
+
+
+def test_qdq_format_is_left_as_plain_qdq(tmp_path):
+    rng = np.random.default_rng(1)
+    model = ir.serde.deserialize_model(_linear_relu(rng))
+    shapes.infer(model)
+    placement = placement_for(QuantConfig(format="qdq"))  # --format qdq applies to static int8 too
+    x = rng.normal(size=(8, 5, K)).astype(np.float32)
+    placement.use(collect(model, placement.requests(model), iter([{"x": x}]), tmp_path))
+    ops = Counter(n.op_type for n in placement.build(model, set(), "")[0].graph)
+    assert ops["MatMulIntegerToFloat"] == 0 and ops["MatMul"] == 2 and ops["Add"] == 2
+
+
+def _residual_layernorm() -> onnx.ModelProto:
+    h = 16
+    # Reshape to the input's own shape, as exporters write: quantkit's shape inference (with data
+    # propagation) proves the two residual inputs alike, onnxruntime's own does not
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Reshape", ["x", "s"], ["x2"], name="reshape"),
+             helper.make_node("MatMul", ["x2", "W"], ["m"], name="proj"),
+             helper.make_node("Add", ["m", "x2"], ["r"], name="residual"),
+             helper.make_node("LayerNormalization", ["r", "g", "bt"], ["y"], name="ln", axis=-1, epsilon=1e-12)]
+    inits = [numpy_helper.from_array(np.eye(h, dtype=np.float32), "W"),
+             numpy_helper.from_array(np.ones(h, np.float32), "g"),
+             numpy_helper.from_array(np.zeros(h, np.float32), "bt")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", h])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", h])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_inferred_shapes_are_not_written_so_onnxruntime_fuses_as_it_would_the_original(tmp_path):
+    """With both residual inputs typed (batch, seq, 16) onnxruntime turns Add + LayerNormalization into
+    SkipLayerNormalization (5-6x slower on CPU, benchmarks/ln_fusion.py); written without the
+    shapes quantkit inferred, the saved model keeps Add + LayerNormalization as the original does."""
+    model = ir.serde.deserialize_model(_residual_layernorm())
+    shapes.infer(model)
+    inferred = {v.name: v.shape for n in model.graph for v in n.outputs}
+    assert inferred["r"] is not None
+    runtime.save(model, tmp_path / "m.onnx")
+    saved = onnx.load(str(tmp_path / "m.onnx"))
+    assert not [v.name for v in saved.graph.value_info if v.name in ("m", "r") and v.type.tensor_type.HasField("shape")]
+    assert {v.name: v.shape for n in model.graph for v in n.outputs} == inferred  # restored in memory
+
+    def fused_ops(source) -> set[str]:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        return {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+
+    assert "SkipLayerNormalization" in fused_ops(ir.serde.serialize_model(model).SerializeToString())
+    assert "SkipLayerNormalization" not in fused_ops(str(tmp_path / "m.onnx"))
+    sess = runtime.session(model, tmp_path)  # what the speed guard times is what gets written
+    assert sess is not None and "SkipLayerNormalization" not in fused_ops(str(tmp_path / "m.onnx"))
+
+
+def _rewritten(scheme, proto: onnx.ModelProto, config: QuantConfig) -> ir.Model:
+    m = ir.serde.deserialize_model(proto)
+    plan = make_plan(m, config)
+    assert scheme.refuse(plan.ops[0]) is None
+    scheme.rewrite(m, plan.ops, Editor(m.graph))
+    drop_unused(m)
+    return m
+
+
+def test_the_emulated_alternatives_compute_what_onnxruntime_computes():
+    from quantkit.quantize.dynamic import DynamicScheme
+    from quantkit.quantize.per_token import PerTokenScheme
+    from quantkit.quantize.scheme import WEIGHT_ONLY_INT8_BLOCK
+    from quantkit.quantize.weight_only import WeightOnlyScheme
+
+    rng = np.random.default_rng(2)
+    k, n = 256, 48
+    w = rng.normal(size=(k, n)).astype(np.float32) * 0.1
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 7, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7, n])],
+                          [numpy_helper.from_array(w, "W")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(3, 7, k)).astype(np.float32)
+    x[1, 2] *= 25  # an outlier token
+    emulated = simulate.Weights(w).outputs(x.reshape(-1, k))
+    blocks = QuantConfig(activations="none", weights="int8", block_size=WEIGHT_ONLY_INT8_BLOCK)
+    schemes = {"dynamic": (DynamicScheme(QuantConfig(activations="dynamic")), QuantConfig(activations="dynamic")),
+               "per_token": (PerTokenScheme(QuantConfig()), QuantConfig(activations="dynamic")),
+               "weight_only": (WeightOnlyScheme(blocks), blocks)}
+    exact = x.reshape(-1, k) @ w
+    for name, (scheme, config) in schemes.items():
+        got = _run(_rewritten(scheme, proto, config), x).reshape(-1, n)
+        err = np.abs(got - emulated[name]).max()
+        assert err < 2e-3 * np.abs(exact).max(), name  # the same rounding; onnxruntime sums in another order
+        assert np.abs(got - exact).max() > 10 * err, name  # and far closer than to the unquantized product
+
+
+def test_an_alternative_is_kept_only_when_it_clearly_beats_every_cheaper_choice():
+    options = ["dynamic", "per_token", "weight_only", budget.FLOAT]
+    row = {"own_sqnr_db": 13.0, "alternatives_own_sqnr_db": {"dynamic": 13.2, "per_token": 22.0, "weight_only": 37.0}}
+    assert budget.ladder(options, row) == ["per_token", "weight_only", budget.FLOAT]
+    row = {"own_sqnr_db": 35.0, "alternatives_own_sqnr_db": {"dynamic": 30.0, "per_token": 34.5, "weight_only": 45.0}}
+    assert budget.ladder(options, row) == ["weight_only", budget.FLOAT]
+    exact = {"own_sqnr_db": 20.0, "alternatives_own_sqnr_db": {"dynamic": 19.0, "per_token": None, "weight_only": 40.0}}
+    assert budget.ladder(options, exact) == ["per_token", budget.FLOAT]  # None: no noise at all
+    assert budget.ladder(options, None) == options  # never measured: every alternative stays
+    assert budget.ladder([budget.FLOAT], {"own_sqnr_db": 10.0, "alternatives_own_sqnr_db": {}}) == [budget.FLOAT]
+
+
+def test_per_token_is_offered_for_an_op_already_rewritten_to_static_int8(tmp_path):
+    """The search asks about the ops of the fully quantized model, whose weights sit behind a
+    DequantizeLinear: that must not hide the per-token alternative."""
+    rng = np.random.default_rng(3)
+    model = ir.serde.deserialize_model(_linear_relu(rng))
+    shapes.infer(model)
+    placement = placement_for(QuantConfig())
+    x = rng.normal(size=(8, 5, K)).astype(np.float32)
+    placement.use(collect(model, placement.requests(model), iter([{"x": x}]), tmp_path))
+    _, plan, _ = placement.build(model, set(), "", lower=False)
+    refusals = {s.name.value: s.refuse for s in placement.alternates}
+    assert all(budget.alternatives(op, refusals) == ["dynamic", "per_token", "weight_only", budget.FLOAT]
+               for op in plan.ops)
