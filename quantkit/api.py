@@ -418,7 +418,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
         placement.overrides = overrides
         return probe.score(session(placement.build(model, set(), "", lower=False)[0]))
 
-    found = budget.search(ranked, choices, target.with_margin(), evaluate, status)
+    found = budget.search(budget.by_gain(ranked, choices), choices, target.with_margin(), evaluate, status)
     placement.overrides = found.overrides
     notes = []
     if found.overrides and len(found.overrides) == len(choices) and set(found.overrides.values()) == {budget.FLOAT}:
@@ -560,7 +560,7 @@ def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, sour
         q = q_sess.run(names, feed)
         labels = b.get(LABELS)
         for i, (c, r, x) in enumerate(zip(comparisons, ref, q)):
-            c.update(r, x, labels if i == 0 else None)
+            c.update(r, x, labels if i == 0 else None, feed)
         tracker.update(ref, q, b)
         n = len(next(iter(b.values())))
         samples += n

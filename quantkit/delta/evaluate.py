@@ -66,6 +66,6 @@ class Evaluator:
         for b, ref in self._reference():
             got = sess.run(self.outputs, {k: b[k] for k in self.names_in})
             for i, (c, r, x) in enumerate(zip(comparisons, ref, got)):
-                c.update(r, x, b.get(LABELS) if i == 0 else None)
+                c.update(r, x, b.get(LABELS) if i == 0 else None, b)
         self.runs += 1
         return [c.result() for c in comparisons]

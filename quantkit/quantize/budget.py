@@ -49,6 +49,7 @@ COSINE_MARGIN = 0.8  # ...and at 80% of the cosine error (or top-1 disagreement)
 # ones as many as keep one batch of their tensors (both models) near CHUNK_BYTES, between 1 and MAX_CHUNK
 FIRST_CHUNK, MAX_CHUNK, CHUNK_BYTES = 4, 64, 64 << 20
 FLOAT = "float"
+SIMULATED_ROWS = 1024  # rows (tokens) of each op's input its alternatives are emulated on: enough to rank them
 
 
 def op_key(op: QuantizedOp) -> str:
@@ -128,15 +129,15 @@ class Probe:
     def score(self, session) -> list[dict]:
         """Per output: mean cosine, SQNR, top-1 agreement (class scores), non-finite count."""
         runs = [session.run(self.names, f) for f in self.feeds]
-        return [_figures(name, [r[i] for r in self.reference], [q[i] for q in runs])
+        return [_figures(name, [r[i] for r in self.reference], [q[i] for q in runs], self.feeds)
                 for i, name in enumerate(self.names)]
 
 
-def _figures(name: str, ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
+def _figures(name: str, ref: list[np.ndarray], got: list[np.ndarray], feeds: list[dict]) -> dict:
     """The target's figures for one output, from the report's own comparison (report/compare.py)."""
     c = OutputComparison(name)
-    for r, g in zip(ref, got):
-        c.update(r, g)
+    for r, g, feed in zip(ref, got, feeds):
+        c.update(r, g, feed=feed)
     res = c.result()
     if "exact_match" in res:  # a non-float output: all or nothing
         same = res["exact_match"] == 1.0
@@ -220,8 +221,8 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
         exact = alone.run([outs[k] + ALONE for k in measured], {n: got[n] if n in got else feed[n] for n in alone_in})
         for key, e in zip(measured, exact):
             _accumulate_channels(chunk_own[key], e, got[outs[key]], channel_axis(originals[key]))
-            if key in sims:
-                x = originals[key].inputs[0].name
+            x = originals[key].inputs[0].name
+            if key in sims and sims[key].rows < SIMULATED_ROWS:
                 for alt, y in sims[key].outputs(got[x] if x in got else feed[x]).items():
                     _accumulate_channels(chunk_own.setdefault(f"{key}/{alt}", [0.0, 0.0]), e, y, -1)
     drift.update(chunk_drift)  # a tensor shared by two chunks is measured alike in both
@@ -361,6 +362,20 @@ def ladder(options: list[str], row: Mapping[str, Any] | None) -> list[str]:
             kept.append(name)
             best = db(emulated[name])
     return kept
+
+
+def by_gain(ranked: list[dict], choices: Mapping[str, list[str]]) -> list[dict]:
+    """The sensitivity rows in the order the search moves ops: by how much own noise the op's first
+    alternative removes (its emulated figure; all of it for float), largest first, ties by name. An op
+    whose cheap alternative barely helps it (a LayerNorm-fed projection SmoothQuant already holds)
+    no longer goes before one whose alternative halves its noise."""
+    def gain(row: dict) -> float:
+        own = row["own_noise"] if row["own_noise"] is not None else math.inf
+        first = next(iter(choices.get(row["node"], [FLOAT])))
+        db = (row.get("alternatives_own_sqnr_db") or {}).get(first, 0.0) if first != FLOAT else None
+        return own - (0.0 if db is None else 10 ** (-db / 10))
+
+    return sorted(ranked, key=lambda r: (-gain(r), r["node"]))
 
 
 # ---------------------------------------------------------------- search

@@ -7,12 +7,10 @@ ConvInteger path is slower than float Conv on CPU), and so do activation x activ
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
-from quantkit.graph.ir_edit import Editor, k_major_weight
+from quantkit.graph.ir_edit import Editor
 from quantkit.quantize import embedding
-from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import OpKind, QuantizedOp, SchemeName
 from quantkit.quantize.scheme import RewriteResult, Scheme
 
@@ -44,7 +42,7 @@ class DynamicScheme(Scheme):
         for op in ops:
             node = op.node
             if op.kind == OpKind.EMBEDDING:  # weight-only, one scale per row, as in static mode
-                embedding.quantize_table(edit, node, tables)
+                embedding.quantize_table(edit, node, tables, self.memo)
                 result.quantized_nodes.append(node.name or "")
                 continue
             new = self._matmul(edit, op, cache)
@@ -57,8 +55,8 @@ class DynamicScheme(Scheme):
         node, w_in = op.node, op.node.inputs[1]
         key = f"{w_in.name}/{node.op_type}/{node.attributes.get_int('transB', 0)}"
         if key not in cache:
-            w = np.ascontiguousarray(k_major_weight(node))  # (K, N)
-            q, scale, zp = qp.quantize_weight(w, 1 if self.config.per_channel else None)
+            transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1  # read as (K, N)
+            q, scale, zp = self.memo.quantize(w_in.const_value, 1 if self.config.per_channel else None, transposed)
             cache[key] = (edit.initializer(f"{w_in.name}_quantized", q), edit.initializer(f"{w_in.name}_scale", scale),
                           edit.initializer(f"{w_in.name}_zero_point", zp))
         inputs = [node.inputs[0], *cache[key]]

@@ -17,8 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.graph.ir_edit import Editor, const_array
-from quantkit.quantize import qparams as qp
+from quantkit.graph.ir_edit import Editor
 from quantkit.quantize.plan import QuantizedOp, SchemeName
 from quantkit.quantize.scheme import RewriteResult, Scheme
 
@@ -56,7 +55,7 @@ class PerTokenScheme(Scheme):
                 weights: dict[str, tuple[ir.Value, ir.Value]], new_reduce: bool) -> None:
         node, w_in = op.node, op.node.inputs[1]
         if w_in.name not in weights:
-            q, scale, _ = qp.quantize_weight(const_array(w_in), 1)
+            q, scale, _ = self.memo.quantize(w_in.const_value, 1)
             weights[w_in.name] = (edit.initializer(f"{w_in.name}_quantized", q),
                                   edit.initializer(f"{w_in.name}_scale", scale.astype(np.float32)))
         wq, ws = weights[w_in.name]

@@ -168,7 +168,7 @@ class StaticScheme(Scheme):
         tables: dict[str, tuple[ir.Value, ir.Value]] = {}
         for op in ops:
             if op.weighted and not op.inputs:  # embedding table: weight-only, rows dequantized after the lookup
-                embedding.quantize_table(edit, op.node, tables)
+                embedding.quantize_table(edit, op.node, tables, self.memo)
             elif op.weighted:
                 self._weight(edit, op, weights, result)
             result.quantized_nodes.append(op.node.name or "")
@@ -183,7 +183,7 @@ class StaticScheme(Scheme):
         w = const_array(w_in)
         key = (w_in.name, op.weight_axis)
         if key not in cache:
-            q, scale, zp = qp.quantize_weight(w, op.weight_axis)
+            q, scale, zp = self.memo.quantize(w_in.const_value, op.weight_axis)
             dq = edit.dequantized(w_in.name, q, scale, zp, op.weight_axis, node)
             # the float dequantized copy is made only when bias correction needs it: kept for
             # every weight it would hold the model's size again

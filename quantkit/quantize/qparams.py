@@ -98,6 +98,23 @@ def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nda
     return quantize(w, scale, zp, INT8, axis=axis), scale, zp
 
 
+class WeightMemo:
+    """`quantize_weight` of constant weights, remembered by tensor object for one run: the accuracy
+    search and the speed guard rebuild the same model tens of times from weights that do not change
+    (a clone shares its tensors). Each tensor stays referenced while cached, so its id cannot pass to
+    another object. `transposed` marks a Gemm weight read as (K, N)."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[int, int | None, bool], tuple[object, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+
+    def quantize(self, tensor, axis: int | None, transposed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = (id(tensor), axis, transposed)
+        if key not in self._done:
+            w = tensor.numpy()
+            self._done[key] = (tensor, quantize_weight(np.ascontiguousarray(w.T if transposed else w), axis))
+        return self._done[key][1]
+
+
 def quantize_bias(bias: np.ndarray, input_scale, weight_scale) -> tuple[np.ndarray, np.ndarray] | None:
     """int32 bias with scale input_scale * weight_scale, as integer kernels expect.
 

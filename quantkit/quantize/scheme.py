@@ -29,6 +29,7 @@ from quantkit.calibrate.collect import Statistics, StatRequest
 from quantkit.config import QuantConfig
 from quantkit.graph.ir_edit import Editor, drop_unused
 from quantkit.quantize import lower as lower_mod
+from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName, make_plan
 
 WEIGHT_ONLY_INT8_BLOCK = 128  # block along K of the weight-only int8 alternative (one float scale per 128 weights)
@@ -74,6 +75,7 @@ class Scheme:
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+        self.memo = qp.WeightMemo()  # quantized weights, reused by every build of this run
 
     def refuse(self, op: QuantizedOp) -> str | None:
         return None

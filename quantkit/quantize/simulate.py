@@ -33,6 +33,7 @@ class Weights:
 
     def __init__(self, w: np.ndarray, accuracy_level: int = 4) -> None:
         self.int8_input_blocks = accuracy_level == 4
+        self.rows = 0  # rows emulated so far
         w = np.asarray(w, np.float32)
         q, scale, zp = qp.quantize_weight(w, 1)
         self.int8 = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
@@ -41,6 +42,7 @@ class Weights:
     def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """x @ W as each alternative computes it (no bias: it adds the same to all)."""
         x = np.asarray(x, np.float32)
+        self.rows += x.size // max(x.shape[-1], 1)
         return {SchemeName.DYNAMIC.value: _per_tensor_uint8(x) @ self.int8,
                 SchemeName.PER_TOKEN.value: _per_row_int8(x) @ self.int8,
                 SchemeName.WEIGHT_ONLY.value: (_per_block_int8(x, WEIGHT_ONLY_INT8_BLOCK) if self.int8_input_blocks

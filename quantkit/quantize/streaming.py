@@ -145,7 +145,7 @@ class Reference:
             ref = [np.load(self.folder / f"{k}_{j}.npy", mmap_mode="r") for j in range(len(self.names))]
             labels = b.get(LABELS)
             for j, (c, r, x) in enumerate(zip(comparisons, ref, q)):
-                c.update(np.asarray(r), x, labels if j == 0 else None)
+                c.update(np.asarray(r), x, labels if j == 0 else None, b)
             tracker.update(ref, q, b)
             n = len(next(iter(b.values())))
             samples += n

@@ -9,6 +9,10 @@ A non-finite value where the reference is finite is the worst possible error: it
 (`nonfinite`), its sample scores cosine -1, and SQNR and max error become unbounded (null in JSON,
 with `nonfinite` saying why); the gates fail on it. Positions where the reference itself is not
 finite are compared only for agreement (both NaN, or the same infinity) and counted apart.
+
+Padding is not compared: when the batch feeds a 0/1 attention mask of shape (batch, sequence) and an
+output starts with those two axes, the positions the mask zeroes (padding tokens, which every consumer
+of the output ignores) are left out of every figure and counted in `padding_positions_excluded`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,23 @@ import math
 import numpy as np
 
 from quantkit.errors import InputError
+
+MASK_INPUTS = ("attention_mask", "input_mask", "padding_mask")
+
+
+def padding_mask(feed: dict[str, np.ndarray] | None, out: np.ndarray) -> np.ndarray | None:
+    """The (batch, sequence) positions of `out` that hold real tokens, from a 0/1 attention-mask
+    input (by its name); None when there is no such input, it does not line up with `out`, or
+    it masks nothing."""
+    for name, m in (feed or {}).items():
+        if not any(name.lower().endswith(k) for k in MASK_INPUTS):
+            continue
+        m = np.asarray(m)
+        if m.ndim != 2 or out.ndim < 2 or tuple(out.shape[:2]) != m.shape or m.dtype.kind not in "biu":
+            continue
+        if np.isin(m, (0, 1)).all() and not m.all():
+            return m.astype(bool)
+    return None
 
 
 def looks_like_scores(x: np.ndarray) -> bool:
@@ -43,9 +64,17 @@ class OutputComparison:
         self.nonfinite = 0  # values non-finite in the quantized output where the reference is finite
         self.reference_nonfinite = 0  # reference values that are not finite themselves
         self.disagree_nonfinite = 0  # of those, positions where the quantized output differs
+        self.padding = 0  # (batch, sequence) positions left out: padding by the attention mask
 
-    def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) -> None:
+    def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None,
+               feed: dict[str, np.ndarray] | None = None) -> None:
+        """One batch; `feed` (the batch's inputs) lets padding positions be left out."""
         n = ref.shape[0] if ref.ndim else 1
+        keep = padding_mask(feed, ref) if np.issubdtype(ref.dtype, np.floating) else None
+        if keep is not None:
+            self.padding += int((~keep).sum())
+            shape = keep.shape + (1,) * (ref.ndim - 2)
+            ref, q = np.where(keep.reshape(shape), ref, 0), np.where(keep.reshape(shape), q, 0)
         self.samples += n
         if not np.issubdtype(ref.dtype, np.floating):
             self.is_float = False
@@ -90,6 +119,8 @@ class OutputComparison:
             out["exact_match"] = self.exact / max(self.samples, 1)
             return out
         out["cosine_mean"] = self.cos_sum / max(self.samples, 1)
+        if self.padding:
+            out["padding_positions_excluded"] = self.padding
         out["cosine_min"] = self.cos_min if self.samples else None
         out["nonfinite"] = self.nonfinite
         if self.reference_nonfinite:
