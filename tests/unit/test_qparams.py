@@ -88,3 +88,23 @@ def test_numpy_quantize_matches_onnxruntime_bit_for_bit(qtype, symmetric):
     ours = qp.quantize(x, scale, zp, qtype)
     # ORT saturates int8 to -128; our symmetric grid never produces -128 except by saturation
     np.testing.assert_array_equal(np.maximum(ours_ort.astype(np.int32), qtype.qmin), ours.astype(np.int32))
+
+
+def test_weight_memo_quantizes_each_tensor_once_per_axis_and_layout():
+    import onnx_ir as ir
+
+    from quantkit.quantize.qparams import WeightMemo, quantize_weight
+
+    w = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    tensor = ir.tensor(w)
+    memo = WeightMemo()
+    first = memo.quantize(tensor, 1)
+    assert memo.quantize(tensor, 1) is first  # the same arrays again, not a second quantization
+    for got, want in zip(first, quantize_weight(w, 1)):
+        np.testing.assert_array_equal(got, want)
+    transposed = memo.quantize(tensor, 1, transposed=True)  # a Gemm weight read as (K, N)
+    for got, want in zip(transposed, quantize_weight(np.ascontiguousarray(w.T), 1)):
+        np.testing.assert_array_equal(got, want)
+    assert memo.quantize(tensor, None)[1].size == 1  # per tensor: a different entry
+    other = ir.tensor(w.copy())  # equal values, another tensor: quantized on its own
+    assert memo.quantize(other, 1) is not first
