@@ -218,7 +218,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     finetuned = _finetune(cfg, inputs, qmodel, workdir, status, progress) if cfg.finetune is not None else None
     notes += finetuned["notes"] if finetuned is not None else []
     if finetuned is not None and cfg.quant.format == Format.ORT:
-        lower.fold_biases(qmodel)
+        lower.lower(qmodel)
     inner = subgraphs.quantize_weights(qmodel)
     if inner:
         notes.append(f"{len(inner)} weight(s) inside If/Loop/Scan bodies stored int8 and dequantized at run time "

@@ -1,4 +1,7 @@
-"""Lowering for onnxruntime (`--format ort`, the default): a MatMul's bias goes inside its integer kernel.
+"""Lowering for onnxruntime (`--format ort`, the default): rewrites that keep the model's numbers and
+make onnxruntime's CPU kernels faster. `lower(model)` applies both.
+
+1. A MatMul's bias goes inside its integer kernel.
 
 onnxruntime runs `DequantizeLinear -> MatMul` (static int8) as `MatMulIntegerToFloat` and our dynamic int8
 as `DynamicQuantizeMatMul`, but it leaves the bias `Add` that torch's Linear exports after the MatMul as a
@@ -9,6 +12,16 @@ plain `Gelu` would do. Both kernels take the bias as an input, so it is folded i
   DQ(Aq) -> MatMul <- DQ(Wq); -> Add(bias)               =>  MatMulIntegerToFloat(Aq, Wq, sa, sw, za, zw, bias)
 
 `MatMulIntegerToFloat` computes (Aq - za)(Wq - zw) * sa * sw + bias, which is what the QDQ graph means.
+2. Softmax over additively masked scores gets a floor. Exported encoders add float32-min (or -1e4) to the
+   scores of padding keys; onnxruntime's Softmax then computes exp() of values far below -87, whose
+   underflow runs through the CPU's slow denormal path: a (8, 12, 50, 50) batch with 30 padding keys per
+   row takes 35x as long as unmasked, 5x as long as with the floor below (benchmarks/softmax_mask.py),
+   and Softmax was the costliest op of a quantized MiniLM. Raising every score to at
+   least its row's max - 80 changes no probability by more than e^-80 (1.8e-35, a normal float) and keeps
+   every exp() out of the denormal range:
+
+     Softmax(x)  =>  Softmax(Max(x, ReduceMax(x, last axis) - 80))
+
 With `--format qdq` nothing is lowered (the file stays portable QDQ).
 """
 
@@ -20,6 +33,51 @@ import onnx_ir as ir
 from quantkit.graph.ir_edit import const_array, drop_unused
 
 MS_DOMAIN = "com.microsoft"
+SOFTMAX_FLOOR = 80.0  # below the row max: e^-80 is still a normal float32
+
+
+def lower(model: ir.Model) -> None:
+    fold_biases(model)
+    floor_masked_softmax(model)
+
+
+def floor_masked_softmax(model: ir.Model) -> int:
+    """Give every Softmax over the last axis of a mask-carrying tensor (graph/masks.py) its floor;
+    returns how many."""
+    from quantkit.graph.ir_edit import Editor
+    from quantkit.graph.masks import mask_tensors
+
+    masked = mask_tensors(model)
+    edit = Editor(model.graph)
+    new_reduce = model.opset_imports.get("", 1) >= 18  # ReduceMax takes its axes as an input from opset 18
+    done = 0
+    for node in list(model.graph):
+        x = node.inputs[0] if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") else None
+        if x is None or x.name not in masked or not _last_axis(node, x, model.opset_imports.get("", 1)):
+            continue
+        if x.dtype not in (None, ir.DataType.FLOAT):
+            continue
+        base = node.name or x.name
+        axes = edit.initializer(f"{base}_floor_axes", np.array([-1], np.int64))
+        row_max = edit.node("ReduceMax", [x, axes] if new_reduce else [x],
+                            {"keepdims": 1} if new_reduce else {"axes": [-1], "keepdims": 1}, name=f"{base}_row_max")
+        floor = edit.node("Sub", [row_max.outputs[0], edit.initializer(f"{base}_floor", np.float32(SOFTMAX_FLOOR))],
+                          name=f"{base}_floor")
+        raised = edit.node("Max", [x, floor.outputs[0]], name=f"{base}_floored")
+        model.graph.insert_before(node, [row_max, floor, raised])
+        node.replace_input_with(0, raised.outputs[0])
+        done += 1
+    return done
+
+
+def _last_axis(node: ir.Node, x: ir.Value, opset: int) -> bool:
+    """Softmax normalizes over the last axis only (before opset 13 it flattens from `axis` on, so
+    only an axis that is the last one qualifies)."""
+    axis = node.attributes.get_int("axis", -1 if opset >= 13 else 1)
+    if axis == -1:
+        return True
+    rank = len(x.shape) if x.shape is not None else None
+    return rank is not None and axis == rank - 1
 
 
 def fold_biases(model: ir.Model) -> int:

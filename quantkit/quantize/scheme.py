@@ -196,7 +196,7 @@ class Placement:
                 result.merge(scheme.rewrite(model, ops, edit))
         drop_unused(model)
         if lower and self.lower:
-            lower_mod.fold_biases(model)
+            lower_mod.lower(model)
         return result
 
     def build(self, model: ir.Model, drop: set[OpKind], reason: str,

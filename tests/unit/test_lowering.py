@@ -180,3 +180,48 @@ def test_per_token_is_offered_for_an_op_already_rewritten_to_static_int8(tmp_pat
     refusals = {s.name.value: s.refuse for s in placement.alternates}
     assert all(budget.alternatives(op, refusals) == ["dynamic", "per_token", "weight_only", budget.FLOAT]
                for op in plan.ops)
+
+
+def _masked_attention(opset: int) -> onnx.ModelProto:
+    """scores + (1 - mask) * float32 min -> Softmax, as torch.onnx exports BERT's attention; and a plain
+    Softmax of a classifier head that carries no mask."""
+    nodes = [helper.make_node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["one", "maskf"], ["inv"]),
+             helper.make_node("Mul", ["inv", "fmin"], ["additive"]),
+             helper.make_node("Add", ["scores", "additive"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["probs"], name="attn_softmax", axis=-1),
+             helper.make_node("Softmax", ["logits"], ["classes"], name="head_softmax", axis=-1)]
+    inits = [numpy_helper.from_array(np.float32(1.0), "one"),
+             numpy_helper.from_array(np.float32(np.finfo(np.float32).min), "fmin")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["b", 2, 6, 6]),
+                                       helper.make_tensor_value_info("mask", TensorProto.INT64, ["b", 1, 1, 6]),
+                                       helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 5])],
+                          [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["b", 2, 6, 6]),
+                           helper.make_tensor_value_info("classes", TensorProto.FLOAT, ["b", 5])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_masked_softmax_gets_a_floor_that_changes_nothing(opset):
+    from quantkit.quantize.lower import floor_masked_softmax
+
+    rng = np.random.default_rng(4)
+    feed = {"scores": (rng.normal(size=(3, 2, 6, 6)) * 4).astype(np.float32),
+            "mask": np.array([1, 1, 1, 1, 0, 0] * 3, np.int64).reshape(3, 1, 1, 6),
+            "logits": rng.normal(size=(3, 5)).astype(np.float32)}
+    feed["mask"][2] = 0  # a sequence that is all padding: the row max is float32 min itself
+    proto = _masked_attention(opset)
+    model = ir.serde.deserialize_model(proto)
+    assert floor_masked_softmax(model) == 1  # the attention softmax only
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Max") == 1 and ops.count("ReduceMax") == 1 and ops.count("Softmax") == 2
+    head = next(n for n in model.graph if n.name == "head_softmax")
+    assert head.inputs[0].name == "logits"
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    got = _run_all(model, feed)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-30)
+
+
+def _run_all(model: ir.Model, feed: dict) -> list:
+    return runtime.session(model, None, tag="test").run(None, feed)
