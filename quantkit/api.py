@@ -33,7 +33,7 @@ from quantkit.quantize import budget, lower, subgraphs
 from quantkit.quantize.plan import OpKind, Plan, SchemeName
 from quantkit.quantize.prepare import Calibration, CalibrationData, calibrate
 from quantkit.quantize.scheme import Placement, RewriteResult, placement_for
-from quantkit.quantize.speed import GuardReport, guard
+from quantkit.quantize.speed import COMPRESSION_ONLY, GuardReport, guard
 from quantkit.report import lm, memory
 from quantkit.report.compare import OutputComparison
 from quantkit.report.gates import check_gates
@@ -466,8 +466,10 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
             return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
 
         trials = _trials(status, progress, kinds)
+        # weight-only quantization is compression: timing never undoes it unless --require-speedup asks
+        compression = set(kinds) if cfg.quant.activations == Activations.NONE else set(COMPRESSION_ONLY)
         built, report = guard(build, session, inputs.fp32, inputs.feed, kinds, status=trials,
-                              for_speed=cfg.gates.require_speedup is not None)
+                              for_speed=cfg.gates.require_speedup is not None, compression_only=compression)
         progress.advance(1)
         progress.finish()
     else:

@@ -38,15 +38,16 @@ class GuardReport:
 
 def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], fp32_sess, feed: dict,
           kinds: set[OpKind], runs: int = 10, status: Callable[[str], None] = lambda s: None,
-          timer: Callable[..., list[float]] = interleaved_ms, for_speed: bool = False):
+          timer: Callable[..., list[float]] = interleaved_ms, for_speed: bool = False,
+          compression_only: tuple[OpKind, ...] | set[OpKind] = COMPRESSION_ONLY):
     """`build(dropped_kinds)` returns (model, plan, rewrite result); `session(model)` makes an
-    onnxruntime session. `for_speed` (--require-speedup) lets timing drop compression-only groups.
-    Returns the build to write and what was tried."""
+    onnxruntime session. `for_speed` (--require-speedup) lets timing drop compression-only groups
+    (every group of a weight-only run). Returns the build to write and what was tried."""
     report = GuardReport()
     dropped: set[OpKind] = set()
     full = build(dropped)
     current, current_sess = full, session(full[0])
-    for kind in [k for k in ORDER if k in kinds and (for_speed or k not in COMPRESSION_ONLY)]:
+    for kind in [k for k in ORDER if k in kinds and (for_speed or k not in compression_only)]:
         status(f"speed guard: timing the model without {kind} quantized")
         trial = build(dropped | {kind})
         trial_sess = session(trial[0])

@@ -79,6 +79,22 @@ def test_compression_only_groups_are_not_timed_unless_speed_is_required():
     assert report.dropped == [OpKind.EMBEDDING.label]
 
 
+def test_a_weight_only_run_is_compression_only_even_when_float_beats_it_and_fp32():
+    """int4 MatMulNBits slower than the float model (which other rewrites, such as the masked-Softmax
+    floor, made faster than fp32): the guard would have written a float model; weight-only groups are
+    compression, kept unless --require-speedup."""
+    def cost(d):
+        return 100.0 if d == {"fp32"} else (90.0 if OpKind.MATMUL in d else 120.0)
+
+    build, session, timer, _ = make(cost)
+    kinds = {OpKind.MATMUL, OpKind.EMBEDDING}
+    (model, _, _), report = guard(build, session, FP32, {}, kinds, timer=timer, compression_only=kinds)
+    assert report.trials == [] and model.dropped == frozenset()
+    (model, _, _), report = guard(build, session, FP32, {}, kinds, timer=timer, compression_only=kinds,
+                                  for_speed=True)
+    assert OpKind.MATMUL in model.dropped
+
+
 def test_a_noisy_clock_cannot_drop_a_group_that_costs_nothing():
     """Median timings with +-5% noise (a loaded machine) and no real difference: a drop needs a
     clear win in every one of the repeated measurements, which noise alone does not give (checked
