@@ -41,6 +41,16 @@ def padding_mask(feed: dict[str, np.ndarray] | None, out: np.ndarray) -> np.ndar
     return None
 
 
+def per_position_probabilities(x: np.ndarray) -> bool:
+    """(batch, positions, classes) with every row a probability distribution: a CTC recognizer's or
+    a tagger's output, whose reader takes each position's top class."""
+    if not np.issubdtype(x.dtype, np.floating) or x.ndim != 3 or x.shape[-1] < 2 or x.size == 0:
+        return False
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        return False
+    return bool(np.all(np.abs(x.sum(axis=-1, dtype=np.float64) - 1.0) < 1e-3))
+
+
 def looks_like_scores(x: np.ndarray) -> bool:
     return np.issubdtype(x.dtype, np.floating) and x.ndim == 2 and x.shape[1] >= 2
 
@@ -65,6 +75,9 @@ class OutputComparison:
         self.reference_nonfinite = 0  # reference values that are not finite themselves
         self.disagree_nonfinite = 0  # of those, positions where the quantized output differs
         self.padding = 0  # (batch, sequence) positions left out: padding by the attention mask
+        self.positions = 0  # per-position class probabilities: positions compared...
+        self.position_agree = 0  # ...and where the top class is the same
+        self.per_position = True
 
     def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None,
                feed: dict[str, np.ndarray] | None = None) -> None:
@@ -101,6 +114,10 @@ class OutputComparison:
         self.noise += float(((r - d) ** 2).sum())
         self.max_abs = max(self.max_abs, float(np.abs(r - d).max(initial=0.0)))
         self.scores = self.scores and looks_like_scores(ref)
+        self.per_position = self.per_position and per_position_probabilities(ref)
+        if self.per_position:
+            self.positions += ref.shape[0] * ref.shape[1]
+            self.position_agree += int((ref.argmax(axis=-1) == q.argmax(axis=-1)).sum())
         if self.scores:
             top_r, top_q = ref.argmax(axis=1), q.argmax(axis=1)
             self.top1_agree += int((top_r == top_q).sum())
@@ -133,6 +150,8 @@ class OutputComparison:
         else:
             out["sqnr_db"] = 10.0 * math.log10(max(self.signal, 1e-300) / self.noise)
         out["max_abs_error"] = None if self.nonfinite else self.max_abs
+        if self.per_position and self.positions:
+            out["position_top1_agreement"] = self.position_agree / self.positions
         if self.scores:
             out["top1_agreement"] = self.top1_agree / max(self.samples, 1)
             if self.labelled:

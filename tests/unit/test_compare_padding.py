@@ -41,3 +41,33 @@ def test_a_mask_is_used_only_when_it_lines_up_and_is_zero_one():
     assert padding_mask({"attention_mask": m * 3}, out) is None  # not 0/1
     assert padding_mask({"token_type_ids": m}, out) is None  # not a mask by name
     assert padding_mask({"attention_mask": m.astype(np.float32)}, out) is None  # additive float masks differ
+
+
+def test_per_position_class_probabilities_get_a_top1_agreement_per_position():
+    from quantkit.report.compare import per_position_probabilities
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 10, 7))
+    ref = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+    got = ref.copy()
+    got[0, 3] = got[0, 3][::-1]  # one position's classes reversed: its top class changes
+    c = OutputComparison("probs")
+    c.update(ref, got)
+    assert per_position_probabilities(ref)
+    assert c.result()["position_top1_agreement"] == (40 - 1) / 40
+    assert "top1_agreement" not in c.result()  # not a (batch, classes) output
+    hidden = OutputComparison("hidden")  # features, not probabilities: no such figure
+    hidden.update(logits.astype(np.float32), logits.astype(np.float32))
+    assert "position_top1_agreement" not in hidden.result()
+
+
+def test_the_default_budget_holds_each_position_top_class():
+    from quantkit.quantize.budget import Target
+
+    default = Target.from_gates(None, None, None)
+    fig = {"name": "probs", "nonfinite": 0, "cosine": 0.9995, "sqnr_db": 30.0, "top1": None}
+    assert default.shortfall([{**fig, "position_top1": 0.9995}]) is None
+    assert "per-position" in default.shortfall([{**fig, "position_top1": 0.995}])
+    assert "per-position" in default.with_margin().shortfall([{**fig, "position_top1": 0.99915}])
+    asked = Target.from_gates(0.99, None, None)  # a target of the user's own: only what it says
+    assert asked.shortfall([{**fig, "position_top1": 0.9}]) is None
