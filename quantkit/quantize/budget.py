@@ -42,9 +42,6 @@ from quantkit.report.compare import OutputComparison
 
 PLAN_FORMAT = "quantkit-plan-1"
 DEFAULT_MIN_COSINE = 0.998  # with no target: every float output keeps this mean cosine on the probe
-# ...and an output of per-position class probabilities (CTC) keeps each position's top class this often:
-# with ~40 positions per line, 99.9% of positions leaves about 96% of lines read exactly as fp32 reads them
-DEFAULT_MAX_POSITION_DISAGREEMENT = 0.001
 PROBE_SAMPLES = 64
 SQNR_MARGIN_DB = 1.0  # the search aims this far above --min-sqnr...
 COSINE_MARGIN = 0.8  # ...and at 80% of the cosine error (or top-1 disagreement) allowed
@@ -68,14 +65,11 @@ class Target:
     min_sqnr: float | None = None
     max_disagreement: float | None = None  # top-1 disagreement, from --max-accuracy-drop (points/100)
     default: bool = False
-    # per-position class probabilities (a CTC recognizer): the positions whose top class may change
-    max_position_disagreement: float | None = None
 
     @classmethod
     def from_gates(cls, min_cosine: float | None, min_sqnr: float | None, max_accuracy_drop: float | None) -> Target:
         if min_cosine is None and min_sqnr is None and max_accuracy_drop is None:
-            return cls(min_cosine=DEFAULT_MIN_COSINE, default=True,
-                       max_position_disagreement=DEFAULT_MAX_POSITION_DISAGREEMENT)
+            return cls(min_cosine=DEFAULT_MIN_COSINE, default=True)
         drop = None if max_accuracy_drop is None else max_accuracy_drop / 100.0
         return cls(min_cosine, min_sqnr, drop)
 
@@ -87,9 +81,6 @@ class Target:
             parts.append(f"SQNR >= {self.min_sqnr:g} dB")
         if self.max_disagreement is not None:
             parts.append(f"top-1 agreement >= {100 * (1 - self.max_disagreement):g}%")
-        if self.max_position_disagreement is not None:
-            parts.append(f"per-position top-1 agreement >= {100 * (1 - self.max_position_disagreement):g}% "
-                         "(outputs of per-position class probabilities)")
         return " and ".join(parts) + (" (default budget)" if self.default else "")
 
     def with_margin(self) -> Target:
@@ -98,9 +89,7 @@ class Target:
         return Target(None if self.min_cosine is None else 1 - (1 - self.min_cosine) * COSINE_MARGIN,
                       None if self.min_sqnr is None else self.min_sqnr + SQNR_MARGIN_DB,
                       None if self.max_disagreement is None else self.max_disagreement * COSINE_MARGIN,
-                      self.default,
-                      None if self.max_position_disagreement is None
-                      else self.max_position_disagreement * COSINE_MARGIN)
+                      self.default)
 
     def shortfall(self, figures: list[dict]) -> str | None:
         """Why the figures miss the target, or None when they meet it."""
@@ -114,9 +103,6 @@ class Target:
             if (self.max_disagreement is not None and f.get("top1") is not None
                     and 1 - f["top1"] > self.max_disagreement):
                 return f"output '{f['name']}' top-1 agreement {100 * f['top1']:.2f}% too low"
-            if (self.max_position_disagreement is not None and f.get("position_top1") is not None
-                    and 1 - f["position_top1"] > self.max_position_disagreement):
-                return f"output '{f['name']}' per-position top-1 agreement {100 * f['position_top1']:.3f}% too low"
         return None
 
 
@@ -156,11 +142,11 @@ def _figures(name: str, ref: list[np.ndarray], got: list[np.ndarray], feeds: lis
     if "exact_match" in res:  # a non-float output: all or nothing
         same = res["exact_match"] == 1.0
         return {"name": name, "nonfinite": 0, "cosine": 1.0 if same else 0.0,
-                "sqnr_db": math.inf if same else -math.inf, "top1": None, "position_top1": None}
+                "sqnr_db": math.inf if same else -math.inf, "top1": None}
     nonfinite = res["nonfinite"]
     sqnr = res["sqnr_db"] if res["sqnr_db"] is not None else (-math.inf if nonfinite else math.inf)
     return {"name": name, "nonfinite": nonfinite, "cosine": res["cosine_mean"], "sqnr_db": sqnr,
-            "top1": res.get("top1_agreement"), "position_top1": res.get("position_top1_agreement")}
+            "top1": res.get("top1_agreement")}
 
 
 # ---------------------------------------------------------------- sensitivity

@@ -60,14 +60,3 @@ def test_per_position_class_probabilities_get_a_top1_agreement_per_position():
     hidden.update(logits.astype(np.float32), logits.astype(np.float32))
     assert "position_top1_agreement" not in hidden.result()
 
-
-def test_the_default_budget_holds_each_position_top_class():
-    from quantkit.quantize.budget import Target
-
-    default = Target.from_gates(None, None, None)
-    fig = {"name": "probs", "nonfinite": 0, "cosine": 0.9995, "sqnr_db": 30.0, "top1": None}
-    assert default.shortfall([{**fig, "position_top1": 0.9995}]) is None
-    assert "per-position" in default.shortfall([{**fig, "position_top1": 0.995}])
-    assert "per-position" in default.with_margin().shortfall([{**fig, "position_top1": 0.99915}])
-    asked = Target.from_gates(0.99, None, None)  # a target of the user's own: only what it says
-    assert asked.shortfall([{**fig, "position_top1": 0.9}]) is None
