@@ -41,11 +41,17 @@ class ReadTensor(ir.ExternalTensor):
             plain.release()
             return arr
         dt = np.dtype(self.dtype.numpy()).newbyteorder("<")
-        buf = bytearray(self.nbytes)
-        with open(self.path, "rb") as f:
+        arr = np.empty(self.shape.numpy(), dt)  # read straight into it: no zero-filled buffer first
+        view = memoryview(arr.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset or 0)
-            f.readinto(buf)
-        return np.frombuffer(buf, dtype=dt).reshape(self.shape.numpy())
+            done = 0
+            while done < self.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError(f"{self.path} ended {self.nbytes - done} bytes early")
+                done += n
+        return arr
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         arr = self.numpy()
