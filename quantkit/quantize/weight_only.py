@@ -70,7 +70,7 @@ class WeightOnlyScheme(Scheme):
         self.auto_keep = AUTO in config.keep_int8
         # GPTQ rounds a layer as soon as its input's Gram matrix is known and drops the Gram:
         # (weight name, bits) -> the rounded weight, or the .npz it was spilled to
-        self.rounded: dict[tuple[str, int], bw.Blockwise | Path] = {}
+        self.rounded: dict[tuple[str, int], tuple[bw.Blockwise, bw.RoundingError] | Path] = {}
         self.consumers: dict[str, list[QuantizedOp]] = {}  # GPTQ: input tensor -> the layers reading it
         self.spill: Path | None = None  # where rounded weights go instead of memory (large models)
         self.awq: dict[str, tuple[float, np.ndarray]] = {}  # AWQ: input tensor -> (alpha, channel scales)
@@ -149,22 +149,25 @@ class WeightOnlyScheme(Scheme):
         key = (op.node.inputs[1].name, bits)
         if key in self.rounded:
             return
-        qb = gptq_blockwise(k_major_weight(op.node), hessian, bits, self.config.block_size, self.config.symmetric)
+        w = k_major_weight(op.node)
+        qb = gptq_blockwise(w, hessian, bits, self.config.block_size, self.config.symmetric)
+        err = bw.rounding_error(w, qb)  # while the float weight is at hand (the report's weight_error)
         if self.spill is None:
-            self.rounded[key] = qb
+            self.rounded[key] = (qb, err)
             return
         path = self.spill / f"gptq_{len(self.rounded)}.npz"
         np.savez(path, q=qb.q, scales=qb.scales, zero_points=qb.zero_points, k=qb.k, bits=qb.bits, block=qb.block,
-                 symmetric=qb.symmetric)
+                 symmetric=qb.symmetric, signal=err.signal, error=err.error, count=err.count)
         self.rounded[key] = path
 
-    def _gptq(self, w_name: str, bits: int) -> bw.Blockwise | None:
+    def _gptq(self, w_name: str, bits: int) -> tuple[bw.Blockwise, bw.RoundingError] | None:
         found = self.rounded.get((w_name, bits)) if self.config.algorithm == Algorithm.GPTQ else None
         if not isinstance(found, Path):
             return found
         with np.load(found) as z:
-            return bw.Blockwise(z["q"], z["scales"], z["zero_points"], int(z["k"]), int(z["bits"]), int(z["block"]),
-                                bool(z["symmetric"]))
+            qb = bw.Blockwise(z["q"], z["scales"], z["zero_points"], int(z["k"]), int(z["bits"]), int(z["block"]),
+                              bool(z["symmetric"]))
+            return qb, bw.RoundingError(float(z["signal"]), float(z["error"]), int(z["count"]))
 
     def tune(self, plan: Plan, trial: Trial, status: Callable[[str], None]) -> list[str]:
         """--keep-int8 auto: try the first and the last int4 layer at 8 bits, each on its own,
@@ -201,13 +204,20 @@ class WeightOnlyScheme(Scheme):
             self._scale_inputs(ops, edit)
         for op in ops:
             name = op.node.name or op.node.outputs[0].name
+            node_name, bits = op.node.name, bits_for(op.node, self.config)
+            err, how = None, "round to nearest"
             if op.node.op_type in ("Conv", "ConvTranspose"):
                 self._conv(edit, op)
                 result.notes.append(f"{name}: {CONV_FALLBACK}")
             elif op.kind == OpKind.EMBEDDING:
-                self._embedding(edit, op, name)
-            elif self._matmul(edit, op, name):
-                result.gptq.append(name)
+                err = self._embedding(edit, op, name)
+            else:
+                gptq, err = self._matmul(edit, op, name)
+                result.gptq += [name] if gptq else []
+                how = "GPTQ" if gptq else how
+            if err is not None and node_name:  # the report keys its weight_error rows by node name
+                sym = "symmetric" if self.config.symmetric else "asymmetric"
+                result.weight_error[node_name] = (f"int{bits} blocks of {self.config.block_size}, {sym}, {how}", err)
             result.quantized_nodes.append(name)
         return result
 
@@ -216,15 +226,16 @@ class WeightOnlyScheme(Scheme):
         q, scale, zp = qp.quantize_weight(const_array(node.inputs[1]), op.weight_axis)
         node.replace_input_with(1, edit.dequantized(node.inputs[1].name, q, scale, zp, op.weight_axis, node))
 
-    def _embedding(self, edit: Editor, op: QuantizedOp, name: str) -> None:
-        """Blocks along each row: GatherBlockQuantized, or DequantizeLinear -> Gather."""
+    def _embedding(self, edit: Editor, op: QuantizedOp, name: str) -> bw.RoundingError:
+        """Blocks along each row: GatherBlockQuantized, or DequantizeLinear -> Gather. Returns the
+        rounding error."""
         node, cfg = op.node, self.config
         bits = bits_for(node, cfg)
         table_in = node.inputs[0]
-        qb = bw.quantize_blockwise(const_array(table_in).T, bits, cfg.block_size, cfg.symmetric)
+        qb, err = bw.quantize_measured(const_array(table_in).T, bits, cfg.block_size, cfg.symmetric)
         if cfg.format == Format.QDQ:
             node.replace_input_with(0, _qdq_blocked(edit, table_in.name, qb, 1, False, node))
-            return
+            return err
         data = edit.initializer(f"{table_in.name}_q{bits}", bw.pack(qb.q.reshape(qb.q.shape[0], -1)[:, : qb.k], bits))
         ins = [data, node.inputs[1], edit.initializer(f"{table_in.name}_scales", qb.scales)]
         if not cfg.symmetric:
@@ -232,22 +243,27 @@ class WeightOnlyScheme(Scheme):
         new = edit.node("GatherBlockQuantized", ins, {"gather_axis": 0, "quantize_axis": 1,
                         "block_size": cfg.block_size, "bits": bits}, domain=MS_DOMAIN, name=f"{name}_int{bits}")
         op.node = edit.replace_node(node, new)
+        return err
 
-    def _matmul(self, edit: Editor, op: QuantizedOp, name: str) -> bool:
-        """MatMul/Gemm -> MatMulNBits (or blocked DequantizeLinear -> MatMul); True if GPTQ rounded it."""
+    def _matmul(self, edit: Editor, op: QuantizedOp, name: str) -> tuple[bool, bw.RoundingError | None]:
+        """MatMul/Gemm -> MatMulNBits (or blocked DequantizeLinear -> MatMul): whether GPTQ rounded
+        it, and the rounding error of its weight (None under AWQ: the rounded weight is w * s)."""
         node, cfg = op.node, self.config
         bits = bits_for(node, cfg)
         w_name = node.inputs[1].name
         h = self._gptq(w_name, bits)  # rounded by GPTQ when the calibration pass saw its input
-        w = k_major_weight(node) if h is None else None
         s = self._awq_scale.get(id(node))
-        if s is not None and w is not None:  # the input was divided by s: the weight rows carry it
-            w = w * s[:, None]
-        qb = h if h is not None else bw.quantize_blockwise(w, bits, cfg.block_size, cfg.symmetric)
+        if h is not None:
+            qb, err = h
+        elif s is not None:  # the input was divided by s: the weight rows carry it
+            qb = bw.quantize_blockwise(k_major_weight(node) * s[:, None], bits, cfg.block_size, cfg.symmetric)
+            err = None
+        else:
+            qb, err = bw.quantize_measured(k_major_weight(node), bits, cfg.block_size, cfg.symmetric)
         if cfg.format == Format.QDQ:
             trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
             node.replace_input_with(1, _qdq_blocked(edit, w_name, qb, 1 if trans_b else 0, not trans_b, node))
-            return h is not None
+            return h is not None, err
         ins = [node.inputs[0], edit.initializer(f"{w_name}_q{bits}", bw.pack(qb.q, bits)),
                edit.initializer(f"{w_name}_scales", qb.scales.reshape(-1))]
         ins.append(None if cfg.symmetric else
@@ -260,7 +276,7 @@ class WeightOnlyScheme(Scheme):
         new = edit.node("MatMulNBits", ins, {"K": k, "N": n, "bits": bits, "block_size": cfg.block_size,
                         "accuracy_level": cfg.accuracy_level}, domain=MS_DOMAIN, name=f"{name}_int{bits}")
         op.node = edit.replace_node(node, new)
-        return h is not None
+        return h is not None, err
 
 
 def _qdq_blocked(edit: Editor, base: str, qb: bw.Blockwise, axis: int, rows_first: bool, before: ir.Node) -> ir.Value:
