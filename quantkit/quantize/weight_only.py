@@ -26,7 +26,7 @@ from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
 from quantkit.quantize import awq
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
-from quantkit.quantize.gptq import gptq_blockwise
+from quantkit.quantize.gptq import gptq_many
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
 from quantkit.quantize.scheme import Findings, RewriteResult, Scheme, Trial
 
@@ -108,8 +108,7 @@ class WeightOnlyScheme(Scheme):
             h = obs.hessian()
             if h is None:
                 continue
-            for op in self.consumers.get(name, []):
-                self._round(op, h)
+            self._round(self.consumers.get(name, []), h)
             obs.gram = None
         for name, obs in stats.of_kind("abs_mean").items():
             act = obs.mean() if isinstance(obs, awq.AbsMeanObserver) else None
@@ -144,14 +143,20 @@ class WeightOnlyScheme(Scheme):
                 self._awq_scale[id(op.node)] = s
                 op.node.replace_input_with(0, mul.outputs[0])
 
-    def _round(self, op: QuantizedOp, hessian: np.ndarray) -> None:
-        bits = bits_for(op.node, self.config)
-        key = (op.node.inputs[1].name, bits)
-        if key in self.rounded:
-            return
-        w = k_major_weight(op.node)
-        qb = gptq_blockwise(w, hessian, bits, self.config.block_size, self.config.symmetric)
-        err = bw.rounding_error(w, qb)  # while the float weight is at hand (the report's weight_error)
+    def _round(self, ops: list[QuantizedOp], hessian: np.ndarray) -> None:
+        """GPTQ for the layers reading one input, those of the same bit width rounded together."""
+        groups: dict[int, dict[str, QuantizedOp]] = {}
+        for op in ops:
+            bits = bits_for(op.node, self.config)
+            if (op.node.inputs[1].name, bits) not in self.rounded:
+                groups.setdefault(bits, {}).setdefault(op.node.inputs[1].name, op)
+        for bits, group in groups.items():
+            ws = [k_major_weight(op.node) for op in group.values()]
+            for w_name, w, qb in zip(group, ws, gptq_many(ws, hessian, bits, self.config.block_size,
+                                                          self.config.symmetric)):
+                self._keep((w_name, bits), qb, bw.rounding_error(w, qb))  # the weight is at hand: its error too
+
+    def _keep(self, key: tuple[str, int], qb: bw.Blockwise, err: bw.RoundingError) -> None:
         if self.spill is None:
             self.rounded[key] = (qb, err)
             return
