@@ -20,7 +20,6 @@ several times the model. Here:
 from __future__ import annotations
 
 import gc
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -198,20 +197,19 @@ def quantize(cfg, workdir: Path, status, progress, t_start: float) -> api.Result
     status(f"quantized {len(plan.ops)} node(s)")
     notes += rw.notes
     inner = subgraphs.quantize_weights(qmodel)
-    out_dir = workdir / "output"
-    out_dir.mkdir()
-    q_path = out_dir / Path(cfg.output).name
-    write_model(qmodel, q_path)
-    laps.lap("quantize_and_write")
-    outputs, latency, evaluation = _measure(cfg, inputs, reference, q_path, workdir, progress, status, notes)
-    laps.lap("evaluate")
-    report = api._report(api.Outcome(cfg, inputs, placement, calibration, plan, rw, GuardReport(), outputs, latency,
-                                     evaluation, model_bytes(q_path), notes))
-    report["speed_guard"] = None
-    failures = api._complete(report, cfg, model, placement, {}, inner, t_start, rw, streamed=True)
-    laps.lap("report")
-    report["stage_seconds"] = laps.seconds
-    _save(cfg, q_path, report)
+    with Outputs(cfg.force) as out:  # written where it is staged beside the output, evaluated there
+        q_path = out.stage_written(Path(cfg.output), lambda p: write_model(qmodel, p))
+        laps.lap("quantize_and_write")
+        outputs, latency, evaluation = _measure(cfg, inputs, reference, q_path, workdir, progress, status, notes)
+        laps.lap("evaluate")
+        report = api._report(api.Outcome(cfg, inputs, placement, calibration, plan, rw, GuardReport(), outputs,
+                                         latency, evaluation, model_bytes(q_path), notes))
+        report["speed_guard"] = None
+        failures = api._complete(report, cfg, model, placement, {}, inner, t_start, rw, streamed=True)
+        laps.lap("report")
+        report["stage_seconds"] = laps.seconds
+        _stage_report(out, cfg, report)
+        out.commit()
     return api.Result(report, failures)
 
 
@@ -242,18 +240,10 @@ def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdi
     return outputs, latency, evaluation
 
 
-def _save(cfg, q_path: Path, report: dict) -> None:
-    """Copy the written model (and its data file) to the output, with the report, atomically."""
-    def write(staged: Path) -> None:
-        shutil.copyfile(q_path, staged)
-        shutil.copyfile(q_path.parent / (q_path.name + ".data"), staged.parent / (staged.name + ".data"))
+def _stage_report(out: Outputs, cfg, report: dict) -> None:
+    if cfg.report is not None:
+        out.stage_json(report, cfg.report)
+    if cfg.html is not None:
+        from quantkit.report.html import render_html
 
-    with Outputs(cfg.force) as out:
-        out.stage_written(Path(cfg.output), write)
-        if cfg.report is not None:
-            out.stage_json(report, cfg.report)
-        if cfg.html is not None:
-            from quantkit.report.html import render_html
-
-            out.stage_text(render_html(report), cfg.html)
-        out.commit()
+        out.stage_text(render_html(report), cfg.html)

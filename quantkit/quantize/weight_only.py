@@ -23,6 +23,7 @@ from quantkit.calibrate.observers import GramObserver
 from quantkit.config import Algorithm, Format, QuantConfig, Weights
 from quantkit.errors import UnsupportedModelError, first_line
 from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
+from quantkit.load.external import read_ahead
 from quantkit.quantize import awq
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
@@ -207,7 +208,7 @@ class WeightOnlyScheme(Scheme):
         self._awq_scale = {}
         if self.awq and self.config.algorithm == Algorithm.AWQ:
             self._scale_inputs(ops, edit)
-        for op in ops:
+        for op, w in read_ahead(ops, self._weight):  # the next weight is read while this one is rounded
             name = op.node.name or op.node.outputs[0].name
             node_name, bits = op.node.name, bits_for(op.node, self.config)
             err, how = None, "round to nearest"
@@ -215,9 +216,9 @@ class WeightOnlyScheme(Scheme):
                 self._conv(edit, op)
                 result.notes.append(f"{name}: {CONV_FALLBACK}")
             elif op.kind == OpKind.EMBEDDING:
-                err = self._embedding(edit, op, name)
+                err = self._embedding(edit, op, name, w)
             else:
-                gptq, err = self._matmul(edit, op, name)
+                gptq, err = self._matmul(edit, op, name, w)
                 result.gptq += [name] if gptq else []
                 how = "GPTQ" if gptq else how
             if err is not None and node_name:  # the report keys its weight_error rows by node name
@@ -226,18 +227,31 @@ class WeightOnlyScheme(Scheme):
             result.quantized_nodes.append(name)
         return result
 
+    def _weight(self, op: QuantizedOp) -> np.ndarray | None:
+        """The float weight the rewrite of `op` rounds to nearest, as (K, N); None when it reads none
+        (a convolution, a layer GPTQ rounded already)."""
+        node = op.node
+        if op.kind == OpKind.EMBEDDING:
+            return const_array(node.inputs[0]).T
+        if node.op_type not in ("MatMul", "Gemm"):
+            return None
+        key = (node.inputs[1].name, bits_for(node, self.config))
+        if self.config.algorithm == Algorithm.GPTQ and key in self.rounded:
+            return None
+        return k_major_weight(node)
+
     def _conv(self, edit: Editor, op: QuantizedOp) -> None:
         node = op.node
         q, scale, zp = qp.quantize_weight(const_array(node.inputs[1]), op.weight_axis)
         node.replace_input_with(1, edit.dequantized(node.inputs[1].name, q, scale, zp, op.weight_axis, node))
 
-    def _embedding(self, edit: Editor, op: QuantizedOp, name: str) -> bw.RoundingError:
-        """Blocks along each row: GatherBlockQuantized, or DequantizeLinear -> Gather. Returns the
-        rounding error."""
+    def _embedding(self, edit: Editor, op: QuantizedOp, name: str, table_t: np.ndarray) -> bw.RoundingError:
+        """Blocks along each row of the table (`table_t` is its transpose, (dim, vocab)):
+        GatherBlockQuantized, or DequantizeLinear -> Gather. Returns the rounding error."""
         node, cfg = op.node, self.config
         bits = bits_for(node, cfg)
         table_in = node.inputs[0]
-        qb, err = bw.quantize_measured(const_array(table_in).T, bits, cfg.block_size, cfg.symmetric)
+        qb, err = bw.quantize_measured(table_t, bits, cfg.block_size, cfg.symmetric)
         if cfg.format == Format.QDQ:
             node.replace_input_with(0, _qdq_blocked(edit, table_in.name, qb, 1, False, node))
             return err
@@ -250,9 +264,11 @@ class WeightOnlyScheme(Scheme):
         op.node = edit.replace_node(node, new)
         return err
 
-    def _matmul(self, edit: Editor, op: QuantizedOp, name: str) -> tuple[bool, bw.RoundingError | None]:
-        """MatMul/Gemm -> MatMulNBits (or blocked DequantizeLinear -> MatMul): whether GPTQ rounded
-        it, and the rounding error of its weight (None under AWQ: the rounded weight is w * s)."""
+    def _matmul(self, edit: Editor, op: QuantizedOp, name: str,
+                w: np.ndarray | None) -> tuple[bool, bw.RoundingError | None]:
+        """MatMul/Gemm -> MatMulNBits (or blocked DequantizeLinear -> MatMul) of its (K, N) weight
+        `w`: whether GPTQ rounded it, and the rounding error of the weight (None under AWQ: the
+        rounded weight is w * s)."""
         node, cfg = op.node, self.config
         bits = bits_for(node, cfg)
         w_name = node.inputs[1].name
@@ -261,10 +277,10 @@ class WeightOnlyScheme(Scheme):
         if h is not None:
             qb, err = h
         elif s is not None:  # the input was divided by s: the weight rows carry it
-            qb = bw.quantize_blockwise(k_major_weight(node) * s[:, None], bits, cfg.block_size, cfg.symmetric)
+            qb = bw.quantize_blockwise(w * s[:, None], bits, cfg.block_size, cfg.symmetric)
             err = None
         else:
-            qb, err = bw.quantize_measured(k_major_weight(node), bits, cfg.block_size, cfg.symmetric)
+            qb, err = bw.quantize_measured(w, bits, cfg.block_size, cfg.symmetric)
         if cfg.format == Format.QDQ:
             trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
             node.replace_input_with(1, _qdq_blocked(edit, w_name, qb, 1 if trans_b else 0, not trans_b, node))
