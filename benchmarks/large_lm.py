@@ -4,7 +4,8 @@ GPTQ through Intel Neural Compressor) on the same ONNX files.
     python benchmarks/large_lm.py big      [--layers 22 --dim 2048 --ffn 5632 --vocab 32000] [--gptq]
     python benchmarks/large_lm.py trained  [--train-seconds 240]
     (either: [--repeat N] best of N, tools in rounds; [--cache DIR]; [--timeout S] [--rss-limit-gb G]
-    stop a tool past S seconds or G GiB resident, default 1200 s and 8 GiB)
+    stop a tool past S seconds or G GiB resident, default 1200 s and 8 GiB; [--only TEXT] the tools
+    whose label contains TEXT)
 
 big: a Llama-architecture decoder (tests/tiny_llama.py: RMSNorm, rotary, grouped-query attention
 32/4 heads, SwiGLU, untied embeddings, past key/value inputs) with RANDOM weights, ~1.1B parameters
@@ -189,7 +190,8 @@ def _stages(cmd: list) -> str:
             f"{lat.get('quantized_ms', 0):.0f} ms ({lat.get('timed', 'timed runs')}, {lat.get('runs')})")
 
 
-def compare(folder: Path, gptq: bool, big: bool, repeat: int, timeout: float | None, rss_gb: float | None) -> None:
+def compare(folder: Path, gptq: bool, big: bool, repeat: int, timeout: float | None, rss_gb: float | None,
+            only: str | None = None) -> None:
     """Every tool `repeat` times, in rounds (A, B, A, B...) so that the load of the shared machine hits
     each alike; the table gives the best time, every time, and the largest peak."""
     out = folder / "out"
@@ -198,7 +200,7 @@ def compare(folder: Path, gptq: bool, big: bool, repeat: int, timeout: float | N
     size = _size(model)
     print(f"model {model}: {size / 2**20:.0f} MiB\n")
     runs: dict[str, list] = {}
-    commands = tools(folder, out, gptq, big)
+    commands = [(label, cmd) for label, cmd in tools(folder, out, gptq, big) if only is None or only in label]
     for i in range(repeat):
         for label, cmd in commands:
             load = os.getloadavg()[0]
@@ -244,6 +246,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="run every tool this many times (best-of-N)")
     ap.add_argument("--timeout", type=float, default=1200, help="stop a tool after this many seconds")
     ap.add_argument("--rss-limit-gb", type=float, default=8, help="stop a tool past this resident memory")
+    ap.add_argument("--only", help="run only the tools whose label contains this")
     a = ap.parse_args()
     if a.which == "_export-big":
         return export_big(a)
@@ -260,7 +263,7 @@ def main() -> None:
         print(f"{step}: {r.seconds:.0f} s, peak {r.peak_rss_mb:.0f} MB: {r.stdout.strip()} {r.stderr[-400:]}")
     big = a.which == "big"
     compare(folder, gptq=a.gptq if big else not a.no_gptq, big=big, repeat=a.repeat, timeout=a.timeout,
-            rss_gb=a.rss_limit_gb)
+            rss_gb=a.rss_limit_gb, only=a.only)
 
 
 if __name__ == "__main__":
