@@ -1,8 +1,11 @@
 """Decoder language models to int4: quantkit against ONNX Runtime's MatMulNBits quantizer (RTN, and
 GPTQ through Intel Neural Compressor) on the same ONNX files.
 
-    python benchmarks/large_lm.py big      [--layers 22 --dim 2048 --ffn 5632 --vocab 32000]
+    python benchmarks/large_lm.py big      [--layers 22 --dim 2048 --ffn 5632 --vocab 32000] [--gptq]
     python benchmarks/large_lm.py trained  [--train-seconds 240]
+    (either: [--repeat N] best of N, tools in rounds; [--cache DIR]; [--timeout S] [--rss-limit-gb G]
+    stop a tool past S seconds or G GiB resident, default 1200 s and 8 GiB; [--only TEXT] the tools
+    whose label contains TEXT)
 
 big: a Llama-architecture decoder (tests/tiny_llama.py: RMSNorm, rotary, grouped-query attention
 32/4 heads, SwiGLU, untied embeddings, past key/value inputs) with RANDOM weights, ~1.1B parameters
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,49 +149,87 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name))
 
 
-def tools(folder: Path, out: Path, gptq: bool) -> list[tuple[str, list[str]]]:
+def tools(folder: Path, out: Path, gptq: bool, big: bool) -> list[tuple[str, list[str]]]:
+    """(label, command) of every run: quantkit's default command and ONNX Runtime's quantizer on the
+    same file; with gptq, the GPTQ rows (and on the trained model AWQ and --keep-int8 auto)."""
     m, calib, ev = folder / "model.onnx", folder / "calib.npz", folder / "eval.npz"
     common = ["--eval", ev, "--no-speed-guard", "--force", "-q"]
     rows = [("quantkit int4 RTN", quantkit_cmd("quantize", m, "--weights", "int4", "-o", out / "qk_rtn.onnx",
                                                "--report", out / "qk_rtn.json", *common)),
             ("onnxruntime MatMulNBits RTN", [python(), str(ROOT / "benchmarks/ort_nbits.py"), str(m),
                                              str(out / "ort_rtn.onnx"), "--algo", "rtn"])]
-    if gptq:
-        rows += [("quantkit int4 GPTQ", quantkit_cmd("quantize", m, "--weights", "int4", "--algorithm", "gptq",
-                                                     "--calib", calib, "-o", out / "qk_gptq.onnx",
-                                                     "--report", out / "qk_gptq.json", *common)),
-                 ("quantkit int4 AWQ", quantkit_cmd("quantize", m, "--weights", "int4", "--algorithm", "awq",
+    if not gptq:
+        return rows
+    rows.append(("quantkit int4 GPTQ", quantkit_cmd("quantize", m, "--weights", "int4", "--algorithm", "gptq",
+                                                    "--calib", calib, "-o", out / "qk_gptq.onnx",
+                                                    "--report", out / "qk_gptq.json", *common)))
+    if not big:
+        rows += [("quantkit int4 AWQ", quantkit_cmd("quantize", m, "--weights", "int4", "--algorithm", "awq",
                                                     "--calib", calib, "-o", out / "qk_awq.onnx",
                                                     "--report", out / "qk_awq.json", *common)),
                  ("quantkit int4 RTN, --keep-int8 auto", quantkit_cmd(
                      "quantize", m, "--weights", "int4", "--keep-int8", "auto", "--calib", calib,
-                     "-o", out / "qk_keep.onnx", "--report", out / "qk_keep.json", *common)),
-                 ("onnxruntime MatMulNBits GPTQ", [python(), str(ROOT / "benchmarks/ort_nbits.py"), str(m),
-                                                   str(out / "ort_gptq.onnx"), "--algo", "gptq", "--calib",
-                                                   str(calib)])]
+                     "-o", out / "qk_keep.onnx", "--report", out / "qk_keep.json", *common))]
+    rows.append(("onnxruntime MatMulNBits GPTQ", [python(), str(ROOT / "benchmarks/ort_nbits.py"), str(m),
+                                                  str(out / "ort_gptq.onnx"), "--algo", "gptq", "--calib",
+                                                  str(calib)]))
     return rows
 
 
-def compare(folder: Path, gptq: bool) -> None:
+def _target(cmd: list) -> Path:
+    return Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else Path(cmd[3])
+
+
+def _stages(cmd: list) -> str:
+    """quantkit's own account of where the time went (the report's stage_seconds)."""
+    if "--report" not in cmd:
+        return ""
+    rep = json.loads(Path(cmd[cmd.index("--report") + 1]).read_text())
+    lat = rep.get("latency") or {}
+    return (f"stages {rep.get('stage_seconds')}; latency {lat.get('fp32_ms', 0):.0f} -> "
+            f"{lat.get('quantized_ms', 0):.0f} ms ({lat.get('timed', 'timed runs')}, {lat.get('runs')})")
+
+
+def compare(folder: Path, gptq: bool, big: bool, repeat: int, timeout: float | None, rss_gb: float | None,
+            only: str | None = None) -> None:
+    """Every tool `repeat` times, in rounds (A, B, A, B...) so that the load of the shared machine hits
+    each alike; the table gives the best time, every time, and the largest peak."""
     out = folder / "out"
     out.mkdir(exist_ok=True)
     model = folder / "model.onnx"
     size = _size(model)
     print(f"model {model}: {size / 2**20:.0f} MiB\n")
-    print("| tool | quantize s | peak RSS MB | peak / model | size MB | top-1 agreement | KL mean | "
+    runs: dict[str, list] = {}
+    commands = [(label, cmd) for label, cmd in tools(folder, out, gptq, big) if only is None or only in label]
+    for i in range(repeat):
+        for label, cmd in commands:
+            load = os.getloadavg()[0]
+            r = run_measured([str(c) for c in cmd], timeout=timeout, rss_limit_gb=rss_gb)
+            print(f"round {i + 1} {label}: {r.seconds:.1f} s, peak {r.peak_rss_mb:.0f} MB, exit {r.returncode} "
+                  f"{r.stopped} (load {load:.1f} -> {os.getloadavg()[0]:.1f}) "
+                  f"{_stages(cmd) if r.returncode == 0 else r.stderr.strip().splitlines()[-1:]}", flush=True)
+            runs.setdefault(label, []).append(r)
+    print("\n| tool | best s | all s | peak RSS MB | peak / model | size MB | top-1 agreement | KL mean | "
           "perplexity (fp32) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for label, cmd in tools(folder, out, gptq):
-        r = run_measured([str(c) for c in cmd], memory_limit_gb=14)
-        target = Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else Path(cmd[3])
-        if r.returncode != 0:
-            print(f"| {label} | failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]} |")
-            continue
-        lm = lm_figures(model, target, folder / "eval.npz")
-        ppl = (f"{lm['perplexity_quantized']:.3f} ({lm['perplexity_fp32']:.3f})"
-               if "perplexity_fp32" in lm else "-")
-        print(f"| {label} | {r.seconds:.1f} | {r.peak_rss_mb:.0f} | {r.peak_rss_mb * 2**20 / size:.2f}x | "
-              f"{_size(target) / 2**20:.0f} | {lm['top1_agreement']:.4f} | {lm['kl_mean']:.5f} | {ppl} |", flush=True)
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for label, cmd in commands:
+        _row(label, cmd, runs[label], model, size, folder)
+
+
+def _row(label: str, cmd: list, rs: list, model: Path, size: int, folder: Path) -> None:
+    done = [r for r in rs if r.returncode == 0]
+    if not done:
+        r = rs[-1]
+        print(f"| {label} | {r.stopped or f'failed (exit {r.returncode})'} at {r.seconds:.0f} s, peak "
+              f"{r.peak_rss_mb:.0f} MB |")
+        return
+    target = _target(cmd)
+    lm = lm_figures(model, target, folder / "eval.npz")
+    ppl = (f"{lm['perplexity_quantized']:.3f} ({lm['perplexity_fp32']:.3f})" if "perplexity_fp32" in lm else "-")
+    peak = max(r.peak_rss_mb for r in done)
+    print(f"| {label} | {min(r.seconds for r in done):.1f} | {', '.join(f'{r.seconds:.1f}' for r in rs)} | "
+          f"{peak:.0f} | {peak * 2**20 / size:.2f}x | {_size(target) / 2**20:.0f} | {lm['top1_agreement']:.4f} | "
+          f"{lm['kl_mean']:.5f} | {ppl} |", flush=True)
 
 
 def main() -> None:
@@ -199,7 +241,12 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=5632)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--train-seconds", type=float, default=240)
-    ap.add_argument("--no-gptq", action="store_true", help="skip the GPTQ rows")
+    ap.add_argument("--no-gptq", action="store_true", help="trained: skip the GPTQ/AWQ rows")
+    ap.add_argument("--gptq", action="store_true", help="big: also quantkit's and ONNX Runtime's GPTQ")
+    ap.add_argument("--repeat", type=int, default=1, help="run every tool this many times (best-of-N)")
+    ap.add_argument("--timeout", type=float, default=1200, help="stop a tool after this many seconds")
+    ap.add_argument("--rss-limit-gb", type=float, default=8, help="stop a tool past this resident memory")
+    ap.add_argument("--only", help="run only the tools whose label contains this")
     a = ap.parse_args()
     if a.which == "_export-big":
         return export_big(a)
@@ -214,7 +261,9 @@ def main() -> None:
                                                                        "train_seconds")]
         r = run_measured([python(), __file__, step, *flags])
         print(f"{step}: {r.seconds:.0f} s, peak {r.peak_rss_mb:.0f} MB: {r.stdout.strip()} {r.stderr[-400:]}")
-    compare(folder, gptq=not a.no_gptq and a.which == "trained")
+    big = a.which == "big"
+    compare(folder, gptq=a.gptq if big else not a.no_gptq, big=big, repeat=a.repeat, timeout=a.timeout,
+            rss_gb=a.rss_limit_gb, only=a.only)
 
 
 if __name__ == "__main__":

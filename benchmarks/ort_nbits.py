@@ -37,9 +37,16 @@ def main() -> None:
         names = [i.name for i in onnx.load(str(args.model), load_external_data=False).graph.input]
         feeds = [{k: data[k][i : i + 8] for k in names} for i in range(0, len(data[names[0]]), 8)]
         cfg = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(feeds), block_size=args.block_size)
-    quant = mnq.MatMulNBitsQuantizer(onnx.load(str(args.model)), block_size=args.block_size, is_symmetric=True,
+    # the path, not a loaded proto: the quantizer loads it the same way, and its GPTQ needs the path of
+    # a model over 2 GB (it saves an augmented copy beside it, data file named at random: removed after)
+    before = set(args.model.parent.iterdir())
+    quant = mnq.MatMulNBitsQuantizer(str(args.model), block_size=args.block_size, is_symmetric=True,
                                      accuracy_level=4, algo_config=cfg)
-    quant.process()
+    try:
+        quant.process()
+    finally:
+        for leftover in set(args.model.parent.iterdir()) - before:
+            leftover.unlink()
     big = quant.model.model.ByteSize() > 1_500_000_000  # protobuf cannot hold 2 GiB: weights beside it
     quant.model.save_model_to_file(str(args.output), use_external_data_format=big)
 

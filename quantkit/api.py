@@ -42,6 +42,7 @@ from quantkit.report.latency import compare_latency
 from quantkit.report.weight_error import weight_errors
 
 DEFAULT_BATCH = 8
+DEFAULT_LATENCY_RUNS = 20
 SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster without this group quantized"
 
 
@@ -240,7 +241,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     laps.lap("evaluate")
     report = _report(Outcome(cfg, inputs, placement, calibration, plan, rw, guard_report, outputs, latency,
                              evaluation, model_bytes(q_path), notes))
-    failures = _complete(report, cfg, model, placement, placed, inner, t_start)
+    failures = _complete(report, cfg, model, placement, placed, inner, t_start, rw)
     report["pruning"] = pruning
     if finetuned is not None:
         report["finetune"] = finetuned
@@ -253,11 +254,13 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
 
 
 def _complete(report: dict, cfg: RunConfig, model: ir.Model, placement: Placement, placed: dict,
-              inner: list[subgraphs.SubgraphWeight], t_start: float, streamed: bool = False) -> list[str]:
+              inner: list[subgraphs.SubgraphWeight], t_start: float, rw: RewriteResult,
+              streamed: bool = False) -> list[str]:
     """The report sections every path shares; returns the gate failures."""
     _move_subgraph_nodes(report["nodes"], inner)
     report["sensitivity"] = placed.get("sensitivity", [])
-    report["weight_error"] = weight_errors(model, cfg.quant, {s["node"] for s in report["nodes"]["float"]})
+    report["weight_error"] = weight_errors(model, cfg.quant, {s["node"] for s in report["nodes"]["float"]},
+                                           rw.weight_error)
     report["effective_config"] = effective_config(cfg)
     observers = {k: v for scheme in placement.schemes for k, v in getattr(scheme, "observers", {}).items()}
     report["histograms"] = histograms(observers, report["activations"])
@@ -488,7 +491,7 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, guard_report: GuardReport, n
                                           progress)
     if inputs.evald is None:
         notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
-    latency = compare_latency(inputs.fp32, qsess, inputs.feed, runs=cfg.latency_runs)
+    latency = compare_latency(inputs.fp32, qsess, inputs.feed, runs=cfg.latency_runs or DEFAULT_LATENCY_RUNS)
     latency.update(batch_size=batch, threads=cfg.threads or "onnxruntime default")
     if latency["speedup"] is not None and latency["speedup"] < 1:
         why = ("int8 cannot win on this model: no placement beat fp32, so the smallest one was written"

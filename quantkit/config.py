@@ -263,7 +263,9 @@ class RunConfig:
     gates: Gates = field(default_factory=Gates)
     report: Path | None = None
     force: bool = False
-    latency_runs: int = 20
+    # timed runs of each model for the report's latency; None: 20 (large streamed models: their
+    # evaluation batches' own times, no extra runs)
+    latency_runs: int | None = None
     threads: int | None = None  # onnxruntime intra-op threads for timing; None: its default
     speed_guard: bool = True
     # PyTorch inputs
@@ -281,8 +283,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
-        if self.latency_runs < 1:
-            raise ConfigError(f"latency_runs must be at least 1, got {self.latency_runs}")
+        if self.latency_runs is not None and self.latency_runs < 1:
+            raise ConfigError(f"--latency-runs must be at least 1, got {self.latency_runs}")
 
 
 def parse_batch_axes(items: tuple[str, ...]) -> dict[str, int | None]:

@@ -56,6 +56,7 @@ OPTIONS = {o.key: o for o in (
     Option("plan", "path"),
     Option("from_plan", "path"),
     Option("threads", "int"),
+    Option("latency_runs", "int"),
     Option("no_speed_guard", "bool", False),
     Option("model_class", "str"),
     Option("allow_pickle", "bool", False),
@@ -158,7 +159,8 @@ def run_config(options: dict):
         raise ConfigError(f"--output-names has a name twice: {','.join(o['output_names'])}")
     return RunConfig(
         model=model, output=o["output"] or model.with_name(f"{model.stem}.{o['weights']}.onnx"),
-        report=o["report"], force=o["force"], threads=o["threads"], speed_guard=not o["no_speed_guard"],
+        report=o["report"], force=o["force"], threads=o["threads"], latency_runs=o["latency_runs"],
+        speed_guard=not o["no_speed_guard"],
         model_class=o["model_class"], allow_pickle=o["allow_pickle"], inputs=o["input"],
         output_names=o["output_names"], save_fp32=o["save_fp32"], html=o["html"],
         plan_out=o["plan"], plan_in=o["from_plan"], finetune=_finetune(o),
@@ -211,7 +213,7 @@ def effective_config(cfg) -> dict:
         "calib_samples": d.calib_samples, "batch_size": d.batch_size, "max_accuracy_drop": g.max_accuracy_drop,
         "min_cosine": g.min_cosine, "require_speedup": g.require_speedup, "min_sqnr": g.min_sqnr,
         "batch_axis": tuple(f"{k}={'none' if v is None else v}" for k, v in d.batch_axes.items()),
-        "plan": cfg.plan_out, "from_plan": cfg.plan_in, "threads": cfg.threads,
+        "plan": cfg.plan_out, "from_plan": cfg.plan_in, "threads": cfg.threads, "latency_runs": cfg.latency_runs,
         "no_speed_guard": not cfg.speed_guard, "model_class": cfg.model_class, "allow_pickle": cfg.allow_pickle,
         "input": cfg.inputs, "output_names": cfg.output_names, "save_fp32": cfg.save_fp32,
         "force": cfg.force,

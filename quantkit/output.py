@@ -139,9 +139,10 @@ class Outputs:
             why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise InputError(f"could not write {path}: {why}; nothing was written") from e
 
-    def stage_written(self, path: Path, write: Callable[[Path], object]) -> None:
+    def stage_written(self, path: Path, write: Callable[[Path], object]) -> Path:
         """`write(staged_path)` writes the file, and maybe sidecar files beside it (an ONNX
-        model's external data): all of them are staged, the sidecars placed first."""
+        model's external data): all of them are staged, the sidecars placed first. Returns the
+        staged path (readable until commit, e.g. to evaluate a model where it was written)."""
         path = Path(path)
         d = self._stage_dir(path)
         self._writing(path, lambda: write(d / path.name))
@@ -149,6 +150,7 @@ class Outputs:
             if f.name != path.name:
                 self._pending.append((f, path.parent / f.name))
         self._pending.append((d / path.name, path))
+        return d / path.name
 
     def stage_model(self, model: ir.Model, path: Path) -> None:
         """A model too large to inline gets `<name>.data` beside it (staged too)."""

@@ -255,8 +255,11 @@ class GramObserver(Observer):
     def update(self, x: np.ndarray) -> None:
         super().update(x)
         flat = np.asarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
-        g = (flat.T @ flat).astype(np.float64)
-        self.gram = g if self.gram is None else self.gram + g
+        g = flat.T @ flat
+        if self.gram is None:
+            self.gram = g.astype(np.float64)
+        else:  # float32 -> float64 per element inside the add: no float64 temporary of K x K
+            np.add(self.gram, g, out=self.gram)
         self.rows += len(flat)
 
     def hessian(self) -> np.ndarray | None:

@@ -7,6 +7,8 @@ never see each other's names and the same placement always gets the same tensor 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -19,6 +21,31 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if value.is_graph_input():  # an initializer that is also an input can be overridden by the user
         return None
     return value.const_value.numpy()
+
+
+@dataclass(frozen=True)
+class ConstSpec:
+    """What a constant is, without its values: reading those of a weight kept on disk costs a
+    read of the whole tensor, and deciding what to quantize needs only its type and shape."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+def const_spec(value: ir.Value | None) -> ConstSpec | None:
+    """The dtype and shape of an initializer (None exactly where const_array is None)."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    t = value.const_value
+    return ConstSpec(np.dtype(t.dtype.numpy()), tuple(int(d) for d in t.shape.numpy()))
 
 
 def k_major_weight(node: ir.Node) -> np.ndarray:

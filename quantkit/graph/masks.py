@@ -14,7 +14,7 @@ from collections import deque
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.graph.ir_edit import const_array
+from quantkit.graph.ir_edit import const_array, const_spec
 
 MASK_VALUE = -1e4  # HF's older BERTs use -10000.0; newer ones float32 min
 CARRIERS = {"Add", "Sub", "Mul", "Where", "Expand", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
@@ -22,9 +22,10 @@ CARRIERS = {"Add", "Sub", "Mul", "Where", "Expand", "Cast", "Unsqueeze", "Squeez
 
 
 def _mask_constant(v: ir.Value) -> float | None:
-    arr = const_array(v)
-    if arr is None or arr.size > 16 or not np.issubdtype(arr.dtype, np.floating):
+    spec = const_spec(v)  # weights (large, maybe on disk) are never read: only small float constants
+    if spec is None or spec.size > 16 or not np.issubdtype(spec.dtype, np.floating):
         return None
+    arr = const_array(v)
     low = float(np.min(arr)) if arr.size else 0.0
     return low if low <= MASK_VALUE else None
 

@@ -15,7 +15,10 @@ new file, so the in-memory copies are dropped.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -43,11 +46,17 @@ class ReadTensor(ir.ExternalTensor):
             plain.release()
             return arr
         dt = np.dtype(self.dtype.numpy()).newbyteorder("<")
-        buf = bytearray(self.nbytes)
-        with open(self.path, "rb") as f:
+        arr = np.empty(self.shape.numpy(), dt)  # read straight into it: no zero-filled buffer first
+        view = memoryview(arr.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset or 0)
-            f.readinto(buf)
-        return np.frombuffer(buf, dtype=dt).reshape(self.shape.numpy())
+            done = 0
+            while done < self.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise OSError(f"{self.path} ended {self.nbytes - done} bytes early")
+                done += n
+        return arr
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         arr = self.numpy()
@@ -55,6 +64,22 @@ class ReadTensor(ir.ExternalTensor):
 
     def tobytes(self) -> bytes:
         return self._read()
+
+
+def read_ahead(items: list, read: Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
+    """(item, read(item)) for each item, the next item read on a thread while the caller works on
+    the current one: file reads release the GIL, so reading a weight from disk overlaps with
+    rounding the one before. At most the current value and the next are held."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, items[0])
+        for i, item in enumerate(items):
+            value = pending.result()
+            if i + 1 < len(items):
+                pending = pool.submit(read, items[i + 1])
+            yield item, value
+            value = None
 
 
 def _reader(t: ir.ExternalTensor) -> ReadTensor:

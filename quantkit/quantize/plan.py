@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.config import Activations, QuantConfig
-from quantkit.graph.ir_edit import const_array
+from quantkit.graph.ir_edit import const_spec
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops between a quantized op and the tensor its output QDQ goes on. onnxruntime folds a Relu
@@ -215,9 +215,9 @@ def _why_not(node: ir.Node, config: QuantConfig) -> str | None:
         return f"excluded by --exclude {pattern}"
     if len(node.inputs) < 2 or node.inputs[1] is None:
         return "has no weight input"
-    w = const_array(node.inputs[1])
+    w = const_spec(node.inputs[1])
     if w is None:
-        if const_array(node.inputs[0]) is not None:
+        if const_spec(node.inputs[0]) is not None:
             return "constant is the first input; only constant second inputs (weights) are quantized"
         if node.op_type != "MatMul" or not config.attention_matmuls:
             return ACT_X_ACT
@@ -247,9 +247,9 @@ def _subgraph_skips(node: ir.Node) -> list[Skipped]:
 
 
 def _bias_ok(node: ir.Node, w) -> bool:
-    if len(node.inputs) < 3 or const_array(node.inputs[2]) is None:
+    if len(node.inputs) < 3 or const_spec(node.inputs[2]) is None:
         return False
-    b = const_array(node.inputs[2])
+    b = const_spec(node.inputs[2])
     if b.ndim != 1 or b.dtype.name != "float32":
         return False
     if node.op_type == "Gemm":
@@ -265,7 +265,7 @@ def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
     for node in model.graph:
         plan.skipped += _subgraph_skips(node)
         if node.op_type == "Gather" and node.domain == "":
-            table = const_array(node.inputs[0])
+            table = const_spec(node.inputs[0])
             if (table is not None and table.dtype == np.float32 and table.ndim == 2 and table.size >= MIN_EMBEDDING
                     and node.attributes.get_int("axis", 0) == 0 and not _excluded(node, config.exclude)):
                 # weight-only: one scale per row, so each token's vector keeps its own resolution
@@ -277,7 +277,7 @@ def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
         if reason:
             plan.skipped.append(Skipped(node.name or "", node.op_type, reason))
             continue
-        w = const_array(node.inputs[1])
+        w = const_spec(node.inputs[1])
         if w is None:  # activation x activation MatMul (attention)
             plan.ops.append(QuantizedOp(node, [node.inputs[0], node.inputs[1]], weighted=False,
                                         output=_output_tensor(node)))
@@ -293,7 +293,7 @@ def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
 def _activation_inputs(node: ir.Node) -> list[ir.Value]:
     """The inputs computed at run time (constants and shape-like inputs of Resize excluded)."""
     ins = node.inputs[:1] if node.op_type == "Resize" else node.inputs
-    return [v for v in ins if v is not None and const_array(v) is None]
+    return [v for v in ins if v is not None and const_spec(v) is None]
 
 
 def _int8_region(model: ir.Model, ops: list[QuantizedOp], config: QuantConfig) -> list[QuantizedOp]:

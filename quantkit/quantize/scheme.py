@@ -51,9 +51,13 @@ class RewriteResult:
     bias_corrected: list[str] = field(default_factory=list)
     gptq: list[str] = field(default_factory=list)  # weight-only nodes rounded with GPTQ
     notes: list[str] = field(default_factory=list)
+    # node -> (how its weight was rounded, blockwise.RoundingError), measured while rounding it:
+    # report/weight_error.py rounds again only the nodes missing here
+    weight_error: dict[str, tuple] = field(default_factory=dict)
 
     def merge(self, other: RewriteResult) -> None:
         self.activations.update(other.activations)
+        self.weight_error.update(other.weight_error)
         for name in ("quantized_nodes", "float_bias", "bias_corrected", "gptq", "notes"):
             getattr(self, name).extend(getattr(other, name))
 

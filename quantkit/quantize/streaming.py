@@ -20,7 +20,6 @@ several times the model. Here:
 from __future__ import annotations
 
 import gc
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -39,17 +38,19 @@ from quantkit.quantize import subgraphs
 from quantkit.quantize.prepare import CalibrationData, calibrate
 from quantkit.quantize.scheme import placement_for
 from quantkit.quantize.speed import GuardReport
-from quantkit.quantize.weight_only import WeightOnlyScheme
+from quantkit.quantize.weight_only import AUTO, WeightOnlyScheme
 from quantkit.report import lm
 from quantkit.report.compare import OutputComparison
 
 # external-data models at least this large take this path
 MIN_BYTES = 256 << 20
-# GPTQ: Gram matrices gathered a group at a time within this share of the model's bytes
-GRAM_SHARE = 0.05
+# GPTQ: Gram matrices gathered a group at a time within this share of the model's bytes (the fp32 pass
+# maps ~1.0x the model; int4 is held to 1.25x, so Grams of 15% leave room for the rest)
+GRAM_SHARE = 0.15
 GRAM_MIN_BYTES = 16 << 20
-LATENCY_RUNS = 5  # at most: each run of a large model is long, and the two models are timed apart
-LATENCY_SECONDS = 10.0  # and no more timed runs than fit in this
+LATENCY_FROM_EVALUATION = ("each model's median time per evaluation batch, measured on its own pass over the "
+                           "evaluation data (first run included; no extra timed runs of a large model: pass "
+                           "--latency-runs N for a warm-up and N timed runs of each)")
 NOTE = ("large model with external data: weights streamed one tensor at a time and sessions created one at a "
         "time; no speed guard and no per-node accuracy budget (use --exclude to keep layers float)")
 
@@ -72,22 +73,29 @@ def _check(cfg) -> None:
                           "quantized model are never loaded together); drop it")
 
 
-def _runs(cfg) -> int:
-    return max(1, min(cfg.latency_runs, LATENCY_RUNS))
+class Timing:
+    """Latency of one model: its evaluation batches' own times (the default), or with
+    --latency-runs N a warm-up and N timed runs on the first batch."""
 
+    def __init__(self, runs: int | None, batch: int) -> None:
+        self.runs, self.batch = runs, batch
+        self.seen: list[tuple[int, float]] = []  # (samples, ms) of each evaluation batch
 
-def _timed_ms(sess, feed: dict, runs: int, warmup: int = 1) -> tuple[float, int]:
-    """Median of `runs` timed runs, fewer when one run is long: about LATENCY_SECONDS in all."""
-    for _ in range(warmup):
-        t = time.perf_counter()
+    def record(self, seconds: float, samples: int) -> None:
+        self.seen.append((samples, seconds * 1000.0))
+
+    def result(self, sess, feed: dict) -> tuple[float, int]:
+        """(median ms, runs it is the median of): of the full batches, or of all when none is full."""
+        if self.runs is None:
+            full = [ms for n, ms in self.seen if n == self.batch] or [ms for _, ms in self.seen]
+            return (statistics.median(full), len(full)) if full else (0.0, 0)
         sess.run(None, feed)
-        runs = max(1, min(runs, int(LATENCY_SECONDS / max(time.perf_counter() - t, 1e-6))))
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t) * 1000.0)
-    return statistics.median(times), runs
+        times = []
+        for _ in range(self.runs):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times.append((time.perf_counter() - t) * 1000.0)
+        return statistics.median(times), self.runs
 
 
 class Reference:
@@ -113,16 +121,22 @@ class Reference:
                                mapped=True)
         self.names = [o.name for o in sess.get_outputs()]
         feeds = {x.name for x in sess.get_inputs()}
+        timing = Timing(self.cfg.latency_runs, i.batch)
         progress.start("fp32 reference", min(i.scored.samples, self.limit or i.scored.samples))
         for k, b in enumerate(self.batches()):
+            t = time.perf_counter()
             outs = runtime.run(sess, self.names, {n: v for n, v in b.items() if n in feeds},
                                f"the evaluation data {i.scored.path}")
+            timing.record(time.perf_counter() - t, len(next(iter(b.values()))))
             for j, out in enumerate(outs):
                 np.save(self.folder / f"{k}_{j}.npy", out)
+            if k == 0 and all(np.array_equal(b.get(n), v) for n, v in i.feed.items()):
+                self.first = outs  # the tuning batch is the first evaluation batch: no extra run
             progress.advance(len(next(iter(b.values()))))
         progress.finish()
-        self.first = sess.run(self.names, i.feed)
-        self.fp32_ms, self.fp32_runs = _timed_ms(sess, i.feed, _runs(self.cfg))
+        if not self.first and AUTO in self.cfg.quant.keep_int8:  # --keep-int8 auto scores candidates on it
+            self.first = sess.run(self.names, i.feed)
+        self.fp32_ms, self.fp32_runs = timing.result(sess, i.feed)
         del sess
         gc.collect()
 
@@ -133,7 +147,7 @@ class Reference:
                   for r, o in zip(self.first, out))
         return float(10 * np.log10(sig / max(err, 1e-30)))
 
-    def compare(self, qsess, progress) -> tuple[list[dict], int, dict | None]:
+    def compare(self, qsess, progress, timing: Timing) -> tuple[list[dict], int, dict | None]:
         """Each output's comparison, the samples seen, and the language-model figures."""
         comparisons = [OutputComparison(n) for n in self.names]
         feeds = {x.name for x in qsess.get_inputs()}
@@ -141,7 +155,9 @@ class Reference:
         samples = 0
         progress.start("evaluating", min(self.inputs.scored.samples, self.limit or self.inputs.scored.samples))
         for k, b in enumerate(self.batches()):
+            t = time.perf_counter()
             q = runtime.run(qsess, self.names, {n: v for n, v in b.items() if n in feeds}, "the evaluation data")
+            timing.record(time.perf_counter() - t, len(next(iter(b.values()))))
             ref = [np.load(self.folder / f"{k}_{j}.npy", mmap_mode="r") for j in range(len(self.names))]
             labels = b.get(LABELS)
             for j, (c, r, x) in enumerate(zip(comparisons, ref, q)):
@@ -156,13 +172,17 @@ class Reference:
 
 def quantize(cfg, workdir: Path, status, progress, t_start: float) -> api.Result:
     _check(cfg)
+    laps = api._Laps(t_start)
     inputs = api._open(cfg, workdir, status, progress, streamed=True)
+    laps.lap("load")
     reference = Reference(inputs, cfg, workdir)
     reference.take(status, progress)
+    laps.lap("fp32_reference")
     model, notes = api._canonicalize(inputs, workdir, status)
     placement = placement_for(cfg.quant)
     model = placement.prepare_model(model)
     placement.float_tensors.update(mask_tensors(model))
+    laps.lap("canonicalize")
     data = CalibrationData.of(cfg, inputs.calib, inputs.batch, inputs.fixed)
     budget = max(GRAM_MIN_BYTES, int(GRAM_SHARE * model_bytes(inputs.source.onnx_path)))
     for scheme in placement.schemes:
@@ -170,21 +190,26 @@ def quantize(cfg, workdir: Path, status, progress, t_start: float) -> api.Result
             scheme.spill = workdir
     calibration = calibrate(model, placement, cfg.quant, data, workdir, status, progress, gram_budget=budget)
     notes += calibration.notes + [NOTE]
+    laps.lap("calibrate")
     notes += placement.tune(model, lambda m: reference.sqnr(m, workdir), status)
+    laps.lap("tune")
     qmodel, plan, rw = placement.build(model, set(), "")
     status(f"quantized {len(plan.ops)} node(s)")
     notes += rw.notes
     inner = subgraphs.quantize_weights(qmodel)
-    out_dir = workdir / "output"
-    out_dir.mkdir()
-    q_path = out_dir / Path(cfg.output).name
-    write_model(qmodel, q_path)
-    outputs, latency, evaluation = _measure(cfg, inputs, reference, q_path, workdir, progress, status, notes)
-    report = api._report(api.Outcome(cfg, inputs, placement, calibration, plan, rw, GuardReport(), outputs, latency,
-                                     evaluation, model_bytes(q_path), notes))
-    report["speed_guard"] = None
-    failures = api._complete(report, cfg, model, placement, {}, inner, t_start, streamed=True)
-    _save(cfg, q_path, report)
+    with Outputs(cfg.force) as out:  # written where it is staged beside the output, evaluated there
+        q_path = out.stage_written(Path(cfg.output), lambda p: write_model(qmodel, p))
+        laps.lap("quantize_and_write")
+        outputs, latency, evaluation = _measure(cfg, inputs, reference, q_path, workdir, progress, status, notes)
+        laps.lap("evaluate")
+        report = api._report(api.Outcome(cfg, inputs, placement, calibration, plan, rw, GuardReport(), outputs,
+                                         latency, evaluation, model_bytes(q_path), notes))
+        report["speed_guard"] = None
+        failures = api._complete(report, cfg, model, placement, {}, inner, t_start, rw, streamed=True)
+        laps.lap("report")
+        report["stage_seconds"] = laps.seconds
+        _stage_report(out, cfg, report)
+        out.commit()
     return api.Result(report, failures)
 
 
@@ -195,13 +220,17 @@ def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdi
         qsess = runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads)
     except UnsupportedModelError as e:  # our own output failed to load: that is a bug
         raise RuntimeError(f"internal error: {e}") from e
-    outputs, samples, lm_figures = reference.compare(qsess, progress)
-    q_ms, q_runs = _timed_ms(qsess, inputs.feed, _runs(cfg))
+    timing = Timing(cfg.latency_runs, inputs.batch)
+    outputs, samples, lm_figures = reference.compare(qsess, progress, timing)
+    q_ms, q_runs = timing.result(qsess, inputs.feed)
     del qsess
     latency = {"fp32_ms": reference.fp32_ms, "quantized_ms": q_ms,
-               "speedup": reference.fp32_ms / q_ms if q_ms > 0 else None, "runs": min(reference.fp32_runs, q_runs),
-               "batch_size": inputs.batch, "threads": cfg.threads or "onnxruntime default",
-               "interleaved": False}
+               "speedup": reference.fp32_ms / q_ms if q_ms > 0 and reference.fp32_ms > 0 else None,
+               "runs": min(reference.fp32_runs, q_runs), "batch_size": inputs.batch,
+               "threads": cfg.threads or "onnxruntime default", "interleaved": False,
+               "timed": "evaluation batches" if cfg.latency_runs is None else "timed runs after a warm-up"}
+    if cfg.latency_runs is None:
+        notes.append(f"latency: {LATENCY_FROM_EVALUATION}")
     evaluation = {"source": str(inputs.scored.path), "on_calibration_data": inputs.evald is None,
                   "samples": samples}
     if lm_figures is not None:
@@ -211,18 +240,10 @@ def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdi
     return outputs, latency, evaluation
 
 
-def _save(cfg, q_path: Path, report: dict) -> None:
-    """Copy the written model (and its data file) to the output, with the report, atomically."""
-    def write(staged: Path) -> None:
-        shutil.copyfile(q_path, staged)
-        shutil.copyfile(q_path.parent / (q_path.name + ".data"), staged.parent / (staged.name + ".data"))
+def _stage_report(out: Outputs, cfg, report: dict) -> None:
+    if cfg.report is not None:
+        out.stage_json(report, cfg.report)
+    if cfg.html is not None:
+        from quantkit.report.html import render_html
 
-    with Outputs(cfg.force) as out:
-        out.stage_written(Path(cfg.output), write)
-        if cfg.report is not None:
-            out.stage_json(report, cfg.report)
-        if cfg.html is not None:
-            from quantkit.report.html import render_html
-
-            out.stage_text(render_html(report), cfg.html)
-        out.commit()
+        out.stage_text(render_html(report), cfg.html)

@@ -23,10 +23,11 @@ from quantkit.calibrate.observers import GramObserver
 from quantkit.config import Algorithm, Format, QuantConfig, Weights
 from quantkit.errors import UnsupportedModelError, first_line
 from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
+from quantkit.load.external import read_ahead
 from quantkit.quantize import awq
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
-from quantkit.quantize.gptq import gptq_blockwise
+from quantkit.quantize.gptq import gptq_many
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
 from quantkit.quantize.scheme import Findings, RewriteResult, Scheme, Trial
 
@@ -70,7 +71,7 @@ class WeightOnlyScheme(Scheme):
         self.auto_keep = AUTO in config.keep_int8
         # GPTQ rounds a layer as soon as its input's Gram matrix is known and drops the Gram:
         # (weight name, bits) -> the rounded weight, or the .npz it was spilled to
-        self.rounded: dict[tuple[str, int], bw.Blockwise | Path] = {}
+        self.rounded: dict[tuple[str, int], tuple[bw.Blockwise, bw.RoundingError] | Path] = {}
         self.consumers: dict[str, list[QuantizedOp]] = {}  # GPTQ: input tensor -> the layers reading it
         self.spill: Path | None = None  # where rounded weights go instead of memory (large models)
         self.awq: dict[str, tuple[float, np.ndarray]] = {}  # AWQ: input tensor -> (alpha, channel scales)
@@ -108,8 +109,7 @@ class WeightOnlyScheme(Scheme):
             h = obs.hessian()
             if h is None:
                 continue
-            for op in self.consumers.get(name, []):
-                self._round(op, h)
+            self._round(self.consumers.get(name, []), h)
             obs.gram = None
         for name, obs in stats.of_kind("abs_mean").items():
             act = obs.mean() if isinstance(obs, awq.AbsMeanObserver) else None
@@ -144,27 +144,36 @@ class WeightOnlyScheme(Scheme):
                 self._awq_scale[id(op.node)] = s
                 op.node.replace_input_with(0, mul.outputs[0])
 
-    def _round(self, op: QuantizedOp, hessian: np.ndarray) -> None:
-        bits = bits_for(op.node, self.config)
-        key = (op.node.inputs[1].name, bits)
-        if key in self.rounded:
-            return
-        qb = gptq_blockwise(k_major_weight(op.node), hessian, bits, self.config.block_size, self.config.symmetric)
+    def _round(self, ops: list[QuantizedOp], hessian: np.ndarray) -> None:
+        """GPTQ for the layers reading one input, those of the same bit width rounded together."""
+        groups: dict[int, dict[str, QuantizedOp]] = {}
+        for op in ops:
+            bits = bits_for(op.node, self.config)
+            if (op.node.inputs[1].name, bits) not in self.rounded:
+                groups.setdefault(bits, {}).setdefault(op.node.inputs[1].name, op)
+        for bits, group in groups.items():
+            ws = [k_major_weight(op.node) for op in group.values()]
+            for w_name, w, qb in zip(group, ws, gptq_many(ws, hessian, bits, self.config.block_size,
+                                                          self.config.symmetric)):
+                self._keep((w_name, bits), qb, bw.rounding_error(w, qb))  # the weight is at hand: its error too
+
+    def _keep(self, key: tuple[str, int], qb: bw.Blockwise, err: bw.RoundingError) -> None:
         if self.spill is None:
-            self.rounded[key] = qb
+            self.rounded[key] = (qb, err)
             return
         path = self.spill / f"gptq_{len(self.rounded)}.npz"
         np.savez(path, q=qb.q, scales=qb.scales, zero_points=qb.zero_points, k=qb.k, bits=qb.bits, block=qb.block,
-                 symmetric=qb.symmetric)
+                 symmetric=qb.symmetric, signal=err.signal, error=err.error, count=err.count)
         self.rounded[key] = path
 
-    def _gptq(self, w_name: str, bits: int) -> bw.Blockwise | None:
+    def _gptq(self, w_name: str, bits: int) -> tuple[bw.Blockwise, bw.RoundingError] | None:
         found = self.rounded.get((w_name, bits)) if self.config.algorithm == Algorithm.GPTQ else None
         if not isinstance(found, Path):
             return found
         with np.load(found) as z:
-            return bw.Blockwise(z["q"], z["scales"], z["zero_points"], int(z["k"]), int(z["bits"]), int(z["block"]),
-                                bool(z["symmetric"]))
+            qb = bw.Blockwise(z["q"], z["scales"], z["zero_points"], int(z["k"]), int(z["bits"]), int(z["block"]),
+                              bool(z["symmetric"]))
+            return qb, bw.RoundingError(float(z["signal"]), float(z["error"]), int(z["count"]))
 
     def tune(self, plan: Plan, trial: Trial, status: Callable[[str], None]) -> list[str]:
         """--keep-int8 auto: try the first and the last int4 layer at 8 bits, each on its own,
@@ -199,32 +208,53 @@ class WeightOnlyScheme(Scheme):
         self._awq_scale = {}
         if self.awq and self.config.algorithm == Algorithm.AWQ:
             self._scale_inputs(ops, edit)
-        for op in ops:
+        for op, w in read_ahead(ops, self._weight):  # the next weight is read while this one is rounded
             name = op.node.name or op.node.outputs[0].name
+            node_name, bits = op.node.name, bits_for(op.node, self.config)
+            err, how = None, "round to nearest"
             if op.node.op_type in ("Conv", "ConvTranspose"):
                 self._conv(edit, op)
                 result.notes.append(f"{name}: {CONV_FALLBACK}")
             elif op.kind == OpKind.EMBEDDING:
-                self._embedding(edit, op, name)
-            elif self._matmul(edit, op, name):
-                result.gptq.append(name)
+                err = self._embedding(edit, op, name, w)
+            else:
+                gptq, err = self._matmul(edit, op, name, w)
+                result.gptq += [name] if gptq else []
+                how = "GPTQ" if gptq else how
+            if err is not None and node_name:  # the report keys its weight_error rows by node name
+                sym = "symmetric" if self.config.symmetric else "asymmetric"
+                result.weight_error[node_name] = (f"int{bits} blocks of {self.config.block_size}, {sym}, {how}", err)
             result.quantized_nodes.append(name)
         return result
+
+    def _weight(self, op: QuantizedOp) -> np.ndarray | None:
+        """The float weight the rewrite of `op` rounds to nearest, as (K, N); None when it reads none
+        (a convolution, a layer GPTQ rounded already)."""
+        node = op.node
+        if op.kind == OpKind.EMBEDDING:
+            return const_array(node.inputs[0]).T
+        if node.op_type not in ("MatMul", "Gemm"):
+            return None
+        key = (node.inputs[1].name, bits_for(node, self.config))
+        if self.config.algorithm == Algorithm.GPTQ and key in self.rounded:
+            return None
+        return k_major_weight(node)
 
     def _conv(self, edit: Editor, op: QuantizedOp) -> None:
         node = op.node
         q, scale, zp = qp.quantize_weight(const_array(node.inputs[1]), op.weight_axis)
         node.replace_input_with(1, edit.dequantized(node.inputs[1].name, q, scale, zp, op.weight_axis, node))
 
-    def _embedding(self, edit: Editor, op: QuantizedOp, name: str) -> None:
-        """Blocks along each row: GatherBlockQuantized, or DequantizeLinear -> Gather."""
+    def _embedding(self, edit: Editor, op: QuantizedOp, name: str, table_t: np.ndarray) -> bw.RoundingError:
+        """Blocks along each row of the table (`table_t` is its transpose, (dim, vocab)):
+        GatherBlockQuantized, or DequantizeLinear -> Gather. Returns the rounding error."""
         node, cfg = op.node, self.config
         bits = bits_for(node, cfg)
         table_in = node.inputs[0]
-        qb = bw.quantize_blockwise(const_array(table_in).T, bits, cfg.block_size, cfg.symmetric)
+        qb, err = bw.quantize_measured(table_t, bits, cfg.block_size, cfg.symmetric)
         if cfg.format == Format.QDQ:
             node.replace_input_with(0, _qdq_blocked(edit, table_in.name, qb, 1, False, node))
-            return
+            return err
         data = edit.initializer(f"{table_in.name}_q{bits}", bw.pack(qb.q.reshape(qb.q.shape[0], -1)[:, : qb.k], bits))
         ins = [data, node.inputs[1], edit.initializer(f"{table_in.name}_scales", qb.scales)]
         if not cfg.symmetric:
@@ -232,22 +262,29 @@ class WeightOnlyScheme(Scheme):
         new = edit.node("GatherBlockQuantized", ins, {"gather_axis": 0, "quantize_axis": 1,
                         "block_size": cfg.block_size, "bits": bits}, domain=MS_DOMAIN, name=f"{name}_int{bits}")
         op.node = edit.replace_node(node, new)
+        return err
 
-    def _matmul(self, edit: Editor, op: QuantizedOp, name: str) -> bool:
-        """MatMul/Gemm -> MatMulNBits (or blocked DequantizeLinear -> MatMul); True if GPTQ rounded it."""
+    def _matmul(self, edit: Editor, op: QuantizedOp, name: str,
+                w: np.ndarray | None) -> tuple[bool, bw.RoundingError | None]:
+        """MatMul/Gemm -> MatMulNBits (or blocked DequantizeLinear -> MatMul) of its (K, N) weight
+        `w`: whether GPTQ rounded it, and the rounding error of the weight (None under AWQ: the
+        rounded weight is w * s)."""
         node, cfg = op.node, self.config
         bits = bits_for(node, cfg)
         w_name = node.inputs[1].name
         h = self._gptq(w_name, bits)  # rounded by GPTQ when the calibration pass saw its input
-        w = k_major_weight(node) if h is None else None
         s = self._awq_scale.get(id(node))
-        if s is not None and w is not None:  # the input was divided by s: the weight rows carry it
-            w = w * s[:, None]
-        qb = h if h is not None else bw.quantize_blockwise(w, bits, cfg.block_size, cfg.symmetric)
+        if h is not None:
+            qb, err = h
+        elif s is not None:  # the input was divided by s: the weight rows carry it
+            qb = bw.quantize_blockwise(w * s[:, None], bits, cfg.block_size, cfg.symmetric)
+            err = None
+        else:
+            qb, err = bw.quantize_measured(w, bits, cfg.block_size, cfg.symmetric)
         if cfg.format == Format.QDQ:
             trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
             node.replace_input_with(1, _qdq_blocked(edit, w_name, qb, 1 if trans_b else 0, not trans_b, node))
-            return h is not None
+            return h is not None, err
         ins = [node.inputs[0], edit.initializer(f"{w_name}_q{bits}", bw.pack(qb.q, bits)),
                edit.initializer(f"{w_name}_scales", qb.scales.reshape(-1))]
         ins.append(None if cfg.symmetric else
@@ -260,7 +297,7 @@ class WeightOnlyScheme(Scheme):
         new = edit.node("MatMulNBits", ins, {"K": k, "N": n, "bits": bits, "block_size": cfg.block_size,
                         "accuracy_level": cfg.accuracy_level}, domain=MS_DOMAIN, name=f"{name}_int{bits}")
         op.node = edit.replace_node(node, new)
-        return h is not None
+        return h is not None, err
 
 
 def _qdq_blocked(edit: Editor, base: str, qb: bw.Blockwise, axis: int, rows_first: bool, before: ir.Node) -> ir.Value:

@@ -41,7 +41,8 @@ def render_text(report: dict) -> str:
     if lat:
         verdict = "faster" if lat["speedup"] and lat["speedup"] >= 1 else "SLOWER"
         lines.append(f"  latency   {lat['fp32_ms']:.3f} ms -> {lat['quantized_ms']:.3f} ms per batch of "
-                     f"{lat['batch_size']}  ({_fmt(lat['speedup'], '.2f')}x, {verdict}; median of {lat['runs']})")
+                     f"{lat['batch_size']}  ({_fmt(lat['speedup'], '.2f')}x, {verdict}; median of {lat['runs']}"
+                     f"{' evaluation batch(es)' if lat.get('timed') == 'evaluation batches' else ''})")
     q, f = report["nodes"]["quantized"], report["nodes"]["float"]
     lines.append(f"  nodes     {len(q)} quantized to int8, {len(f)} weighted node(s) kept float")
     cal, ev = report["calibration"], report["evaluation"]

@@ -45,9 +45,16 @@ def _rounded(op, quant: QuantConfig) -> tuple[np.ndarray, np.ndarray, str]:
     return w, _int8(w, op.weight_axis), f"int8 {channel}"
 
 
+def db(signal: float, error: float) -> float | None:
+    """None when the weight is reproduced exactly (infinite SQNR has no JSON form)."""
+    if error == 0.0 or signal == 0.0:
+        return None
+    return 10 * math.log10(signal / error)
+
+
 def sqnr_db(w: np.ndarray, deq: np.ndarray) -> float | None:
-    """None when the weight is reproduced exactly (infinite SQNR has no JSON form). Summed a slice
-    of rows at a time, so the float64 temporaries stay small for embedding-sized weights."""
+    """Summed a slice of rows at a time, so the float64 temporaries stay small for embedding-sized
+    weights."""
     w, deq = np.asarray(w).reshape(len(w), -1) if np.ndim(w) else np.reshape(w, (1, 1)), np.asarray(deq)
     deq = deq.reshape(w.shape)
     err = signal = 0.0
@@ -56,19 +63,26 @@ def sqnr_db(w: np.ndarray, deq: np.ndarray) -> float | None:
         a = w[i:i + step].astype(np.float64)
         err += float(np.sum((a - deq[i:i + step].astype(np.float64)) ** 2))
         signal += float(np.sum(a**2))
-    if err == 0.0 or signal == 0.0:
-        return None
-    return 10 * math.log10(signal / err)
+    return db(signal, err)
 
 
-def weight_errors(model: ir.Model, quant: QuantConfig, left_float: set[str]) -> list[dict]:
-    """Worst first, for every weighted node the plan quantizes and that did not end up float."""
+def weight_errors(model: ir.Model, quant: QuantConfig, left_float: set[str],
+                  measured: dict[str, tuple] | None = None) -> list[dict]:
+    """Worst first, for every weighted node the plan quantizes and that did not end up float.
+    `measured`: node -> (scheme, blockwise.RoundingError) taken while the rewrite rounded it (the
+    weight is not read and rounded a second time); other nodes are rounded here."""
     rows: list[dict[str, Any]] = []
     for op in make_plan(model, quant).ops:
-        if not op.weighted or (op.node.name or "") in left_float:
+        name = op.node.name or ""
+        if not op.weighted or name in left_float:
+            continue
+        if name and name in (measured or {}):
+            scheme, err = measured[name]
+            rows.append({"node": name, "op_type": op.node.op_type, "scheme": scheme,
+                         "weight_sqnr_db": db(err.signal, err.error), "weights": err.count})
             continue
         w, deq, scheme = _rounded(op, quant)
-        rows.append({"node": op.node.name or "", "op_type": op.node.op_type, "scheme": scheme,
+        rows.append({"node": name, "op_type": op.node.op_type, "scheme": scheme,
                      "weight_sqnr_db": sqnr_db(w, deq), "weights": int(np.size(w))})
     rows.sort(key=lambda r: math.inf if r["weight_sqnr_db"] is None else r["weight_sqnr_db"])
     return rows
