@@ -1,7 +1,9 @@
 """Distillation: the fake-quantized graph learns to reproduce the fp32 model's outputs.
 
 Loss per batch: the mean over float outputs of the squared error normalized by the teacher's mean
-square (scale-free across outputs), optionally mixed with cross-entropy on labels:
+square (scale-free across outputs), plus the same mean over block outputs when the batch carries
+the teacher's (`taps`: training batches only, so held-out losses and the kept step are about the
+outputs alone), optionally mixed with cross-entropy on labels:
     loss = (1 - w) * distill + w * CE(first output, labels)
 Adam on latent weights (lr) and log-scales (10 x lr), cosine decay to zero over the steps. The
 held-out batches are scored before training and every `every` steps; the best parameters (lowest
@@ -28,6 +30,7 @@ class Batch:
     inputs: list[torch.Tensor]
     teacher: list[torch.Tensor]  # fp32 outputs (float outputs only; None for the others)
     labels: torch.Tensor | None = None
+    taps: list[torch.Tensor] = field(default_factory=list)  # fp32 block outputs (QuantGraph.taps), maybe float16
 
 
 @dataclass
@@ -41,10 +44,17 @@ class Trained:
     seconds: float = 0.0
 
 
+def _nmse(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.float()
+    return torch.mean((o - t) ** 2) / torch.clamp(torch.mean(t**2), min=1e-12)
+
+
 def loss_of(outs: list[torch.Tensor], b: Batch, labels_weight: float) -> torch.Tensor:
-    terms = [torch.mean((o - t) ** 2) / torch.clamp(torch.mean(t**2), min=1e-12)
-             for o, t in zip(outs, b.teacher) if t is not None]
-    distill = torch.stack(terms).mean()
+    """`outs`: the graph's outputs, then its taps (ignored when the batch has no teacher for them)."""
+    n = len(b.teacher)
+    distill = torch.stack([_nmse(o, t) for o, t in zip(outs[:n], b.teacher) if t is not None]).mean()
+    if b.taps:
+        distill = distill + torch.stack([_nmse(o, t) for o, t in zip(outs[n:], b.taps)]).mean()
     if labels_weight > 0 and b.labels is not None:
         ce = torch.nn.functional.cross_entropy(outs[0].reshape(len(b.labels), -1), b.labels)
         return (1 - labels_weight) * distill + labels_weight * ce

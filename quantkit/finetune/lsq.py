@@ -20,9 +20,11 @@ class Learnable(torch.nn.Module):
         super().__init__()
         self.latent = torch.nn.ParameterList()
         self.log_scale = torch.nn.ParameterList()
+        self.float_params = torch.nn.ParameterList()
         self._base: list[torch.Tensor] = []
         self.weights: dict[str, int] = {}
         self.scales: dict[str, int] = {}
+        self.floats: dict[str, int] = {}
 
     def add_weight(self, name: str, init: torch.Tensor) -> None:
         if name not in self.weights:
@@ -35,6 +37,15 @@ class Learnable(torch.nn.Module):
             self._base.append(init.detach().clone().float())
             self.log_scale.append(torch.nn.Parameter(torch.zeros_like(self._base[-1])))
 
+    def add_float(self, name: str, init: torch.Tensor) -> None:
+        """A float initializer the graph uses as is (no quantizer): trained directly."""
+        if name not in self.floats:
+            self.floats[name] = len(self.float_params)
+            self.float_params.append(torch.nn.Parameter(init.detach().clone().float()))
+
+    def plain(self, name: str) -> torch.Tensor:
+        return self.float_params[self.floats[name]]
+
     def weight(self, name: str) -> torch.Tensor:
         return self.latent[self.weights[name]]
 
@@ -43,11 +54,13 @@ class Learnable(torch.nn.Module):
         return self._base[i] * torch.exp(self.log_scale[i])
 
     def param_groups(self, lr: float, scale_lr: float) -> list[dict]:
-        return [g for g in ({"params": list(self.latent), "lr": lr}, {"params": list(self.log_scale), "lr": scale_lr})
-                if g["params"]]
+        groups = ({"params": [*self.latent, *self.float_params], "lr": lr},
+                  {"params": list(self.log_scale), "lr": scale_lr})
+        return [g for g in groups if g["params"]]
 
     def count(self) -> dict[str, int]:
-        return {"weights": sum(p.numel() for p in self.latent), "scales": sum(p.numel() for p in self.log_scale)}
+        return {"weights": sum(p.numel() for p in self.latent), "scales": sum(p.numel() for p in self.log_scale),
+                "float": sum(p.numel() for p in self.float_params)}
 
     def snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.parameters()]
