@@ -148,7 +148,7 @@ class QuantGraph(torch.nn.Module):
         axis, block = attr(node, "axis", 1) % max(codes.dim(), 1), attr(node, "block_size", 0)
         t = Trained("weight", qmin, qmax, zp, s.name, axis, block, codes.shape[axis] if codes.dim() else 0)
         self.trained[w.name] = t
-        self.learn.add_scale(s.name, scale)
+        self.learn.add_scale(s.name, scale, weight=True)
         self.learn.add_weight(w.name, fq.dequantize(codes, self._expand(t, scale.float(), codes.dim()),
                                                      self._expand(t, zp, codes.dim())))
 
@@ -178,7 +178,7 @@ class QuantGraph(torch.nn.Module):
         zp = torch.full((n, kb), 2.0 ** (bits - 1)) if zpv is None else torch.from_numpy(
             bw.unpack(self.consts[zpv.name].numpy().reshape(n, -1), bits, kb).astype(np.float32))
         self.trained[b.name] = Trained("nbits", 0, 2**bits - 1, zp, s.name, block=block, size=k)
-        self.learn.add_scale(s.name, scale)
+        self.learn.add_scale(s.name, scale, weight=True)
         self.learn.add_weight(b.name, (codes - zp[..., None]) * scale[..., None])
 
     def _register_gather(self, node: ir.Node) -> None:
@@ -196,7 +196,7 @@ class QuantGraph(torch.nn.Module):
         zp = torch.full((rows, kb), 2.0 ** (bits - 1)) if zpv is None else torch.from_numpy(
             bw.unpack(self.consts[zpv.name].numpy(), bits, kb).astype(np.float32))
         self.trained[d.name] = Trained("gather", 0, 2**bits - 1, zp, s.name, block=block, size=cols)
-        self.learn.add_scale(s.name, scale)
+        self.learn.add_scale(s.name, scale, weight=True)
         self.learn.add_weight(d.name, (codes.reshape(rows, kb, block) - zp[..., None]) * scale[..., None])
 
     def _register_dynamic(self, node: ir.Node) -> None:
@@ -206,7 +206,7 @@ class QuantGraph(torch.nn.Module):
         qmin, qmax = RANGES[_dtype(b)]
         t = Trained("dynamic", -127 if qmin == -128 and not zp.abs().max() > 0 else qmin, qmax, zp, s.name, axis=1)
         self.trained[b.name] = t
-        self.learn.add_scale(s.name, scale)
+        self.learn.add_scale(s.name, scale, weight=True)
         self.learn.add_weight(b.name, fq.dequantize(codes, scale, zp))
 
     # ---------------------------------------------------------------- forward

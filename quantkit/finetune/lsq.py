@@ -25,13 +25,17 @@ class Learnable(torch.nn.Module):
         self.weights: dict[str, int] = {}
         self.scales: dict[str, int] = {}
         self.floats: dict[str, int] = {}
+        self.weight_scales: set[str] = set()
 
     def add_weight(self, name: str, init: torch.Tensor) -> None:
         if name not in self.weights:
             self.weights[name] = len(self.latent)
             self.latent.append(torch.nn.Parameter(init.detach().clone().float()))
 
-    def add_scale(self, name: str, init: torch.Tensor) -> None:
+    def add_scale(self, name: str, init: torch.Tensor, weight: bool = False) -> None:
+        """A scale that trains as s0 * exp(t); `weight`: a weight quantizer's (else an activation range)."""
+        if weight:
+            self.weight_scales.add(name)
         if name not in self.scales:
             self.scales[name] = len(self.log_scale)
             self._base.append(init.detach().clone().float())
@@ -53,9 +57,13 @@ class Learnable(torch.nn.Module):
         i = self.scales[name]
         return self._base[i] * torch.exp(self.log_scale[i])
 
-    def param_groups(self, lr: float, scale_lr: float) -> list[dict]:
-        groups = ({"params": [*self.latent, *self.float_params], "lr": lr},
-                  {"params": list(self.log_scale), "lr": scale_lr})
+    def param_groups(self, lr: float, scale_lr: float, weight_scale_lr: float) -> list[dict]:
+        """Adam groups: latent and float weights at lr, activation ranges at scale_lr, weight scales at
+        weight_scale_lr."""
+        weight = [self.log_scale[i] for n, i in self.scales.items() if n in self.weight_scales]
+        ranges = [self.log_scale[i] for n, i in self.scales.items() if n not in self.weight_scales]
+        groups = ({"params": [*self.latent, *self.float_params], "lr": lr}, {"params": ranges, "lr": scale_lr},
+                  {"params": weight, "lr": weight_scale_lr})
         return [g for g in groups if g["params"]]
 
     def count(self) -> dict[str, int]:

@@ -102,7 +102,7 @@ def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, pr
     from quantkit.finetune.blocks import block_outputs
     from quantkit.finetune.export import write_back
     from quantkit.finetune.graph import QuantGraph
-    from quantkit.finetune.loop import train
+    from quantkit.finetune.loop import SCALE_LR_FACTOR, WEIGHT_SCALE_LR_FACTOR, train
 
     ft = cfg.finetune
     QuantGraph(qmodel)  # refuses ops it cannot run before any work
@@ -134,7 +134,8 @@ def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, pr
         notes.append(f"fine-tuning interrupted at step {result.steps_done}/{ft.steps}: the best parameters so far "
                      f"(held-out loss, step {result.best_step}) were written")
     section = {"steps": ft.steps, "steps_done": result.steps_done, "interrupted": result.interrupted,
-               "lr": ft.lr, "scale_lr": ft.lr * 10, "labels_weight": ft.labels_weight, "data": path,
+               "lr": ft.lr, "scale_lr": ft.lr * SCALE_LR_FACTOR,
+               "weight_scale_lr": ft.lr * WEIGHT_SCALE_LR_FACTOR, "labels_weight": ft.labels_weight, "data": path,
                "train_batches": len(train_set), "heldout_batches": len(heldout), "batch_size": inputs.batch,
                "trainable": g.learn.count(), "block_outputs": len(taps), "best_step": result.best_step,
                "heldout_loss_before": result.heldout_before, "heldout_loss_after": result.heldout_best,
