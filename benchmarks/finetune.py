@@ -117,7 +117,7 @@ def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
 
 
 def minilm_metrics(case: dict, fp32: Path, model: Path) -> dict:
-    ev = np.load(case["eval"])
+    ev = dict(np.load(case["eval"]))
     feeds = [{k: ev[k][i:i + 32] for k in ("input_ids", "attention_mask")} for i in range(0, len(ev["input_ids"]), 32)]
     ref, got = np.concatenate(_outputs(fp32, feeds)), np.concatenate(_outputs(model, feeds))
     mask = ev["attention_mask"]
@@ -131,9 +131,10 @@ def cnn_metrics(case: dict, fp32: Path, model: Path) -> dict:
     out = {}
     for tag, path in (("", case["eval"]), (f" ({CNN_EVAL} images)", case["large_eval"])):
         ev = np.load(path)
+        x = ev["x"]  # once: every ev["x"] reads the whole array again, and each slice would keep its copy
         truth = ev["labels"] if "labels" in ev else \
             np.asarray(json.loads((path.parent / "eval_truth.json").read_text()))
-        feeds = [{"x": ev["x"][i:i + 64]} for i in range(0, len(ev["x"]), 64)]
+        feeds = [{"x": x[i:i + 64]} for i in range(0, len(x), 64)]
         ref, got = np.concatenate(_outputs(fp32, feeds)).argmax(1), np.concatenate(_outputs(model, feeds)).argmax(1)
         out.update({f"top-1 agreement with fp32 %{tag}": float((ref == got).mean() * 100),
                     f"accuracy fp32 %{tag}": float((ref == truth).mean() * 100),
