@@ -80,7 +80,7 @@ def scorer(g, fp32, eval_npz: Path):
             got = np.concatenate([g(torch.from_numpy(a), torch.from_numpy(m))[0].numpy() for a, m in chunks])
         cos = row_cosine(masked_mean_pool(ref, mask), masked_mean_pool(got, mask))
         return {"pooled cosine": round(float(cos.mean()), 5), "worst": round(float(cos.min()), 4),
-                "token SQNR dB": round(token_sqnr_db(ref, got, mask), 2)}
+                "token SQNR dB": round(float(token_sqnr_db(ref, got, mask)), 2)}
     return score
 
 
