@@ -38,6 +38,9 @@ def write_back(g: QuantGraph, model: ir.Model) -> int:
         for name in g.learn.scales:
             _put(graph, name, g.scale(name).numpy().astype(np.float32))
             done += 1
+        for name in g.learn.floats:
+            _put(graph, name, g.learn.plain(name).numpy())
+            done += 1
         for name, t in g.trained.items():
             q, _ = g.fake_weight(name)
             if t.kind in ("nbits", "gather"):

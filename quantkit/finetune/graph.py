@@ -9,6 +9,12 @@ Every node runs in torch in graph order. Quantized ops read the trainable state 
   QuantizeLinear -> DequantizeLinear activation codes with a learnable scale (shared by the pair)
   MatMulNBits / GatherBlockQuantized latent blocks with learnable block scales
   DynamicQuantizeMatMul              latent int8 weight; A quantized per tensor at run time
+  float parameters                   LayerNorm scale and bias, a linear op's bias (Add of a constant
+                                     vector to a MatMul/Gemm/Conv output), weights left float: plain
+                                     parameters (what the integer kernels do not see is exact in torch)
+
+`taps` names intermediate values (block outputs) that forward returns after the graph's outputs,
+for distillation on them (loop.py).
 
 `codes(name)` gives what the trained graph stores for an initializer, so export.py writes back
 exactly what the forward pass used.
@@ -16,6 +22,7 @@ exactly what the forward pass used.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +58,33 @@ class Trained:
     tied: tuple[str, str] = ("", "")  # a bias's input and weight scales
 
 
+LINEAR = {"MatMul", "Gemm", "Conv", "MatMulNBits", "DynamicQuantizeMatMul", "ConvInteger", "MatMulInteger"}
+
+
+def _float_parameters(node: ir.Node) -> list[ir.Value]:
+    """The inputs of a float node that train as plain parameters: LayerNorm's scale and bias, the
+    weights and biases of linear ops left float, and a bias vector added to a linear op's output."""
+    ins = [v for v in node.inputs if v is not None]
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    if node.op_type == "LayerNormalization" or node.op_type in ("MatMul", "Gemm", "Conv"):
+        return ins[1:]
+    if node.op_type == "Add" and len(ins) == 2:
+        for const, other in ((ins[0], ins[1]), (ins[1], ins[0])):
+            src = other.producer()
+            if const.const_value is not None and len(const.const_value.shape) == 1 and src is not None \
+                    and src.op_type in LINEAR:
+                return [const]
+    return []
+
+
 def _dtype(value: ir.Value) -> ir.DataType:
     return value.const_value.dtype if value.const_value is not None else value.dtype
 
 
 class QuantGraph(torch.nn.Module):
-    def __init__(self, model: ir.Model, emulate_int8_a: bool = True) -> None:
+    def __init__(self, model: ir.Model, emulate_int8_a: bool = True, taps: Sequence[str] = (),
+                 keep_zeros: bool = False) -> None:
         super().__init__()
         graph = model.graph
         graph.sort()
@@ -74,11 +102,15 @@ class QuantGraph(torch.nn.Module):
                        if v.const_value is not None}
         self.inputs = [v.name for v in graph.inputs if v.name not in self.consts]
         self.outputs = [v.name for v in graph.outputs]
+        self.taps = list(taps)
         self.emulate_int8_a = emulate_int8_a
         self.learn = Learnable()
         self.trained: dict[str, Trained] = {}
         for node in self.nodes:
             self._register(node)
+        # weights pruned to zero stay zero (--prune unstructured / 2:4: the sparse storage relies on them)
+        self.zero_masks = {name: self.learn.weight(name) != 0 for name, t in self.trained.items()
+                           if t.kind != "bias"} if keep_zeros else {}
 
     # ---------------------------------------------------------------- what trains
     def _register(self, node: ir.Node) -> None:
@@ -97,6 +129,10 @@ class QuantGraph(torch.nn.Module):
             self._register_gather(node)
         elif key == (MS, "DynamicQuantizeMatMul") and ins[1].name in self.consts:
             self._register_dynamic(node)
+        else:
+            for v in _float_parameters(node):
+                if v.name in self.consts and self.consts[v.name].is_floating_point():
+                    self.learn.add_float(v.name, self.consts[v.name])
 
     def _zero(self, node: ir.Node, idx: int) -> torch.Tensor:
         v = node.inputs[idx] if len(node.inputs) > idx else None
@@ -112,7 +148,7 @@ class QuantGraph(torch.nn.Module):
         axis, block = attr(node, "axis", 1) % max(codes.dim(), 1), attr(node, "block_size", 0)
         t = Trained("weight", qmin, qmax, zp, s.name, axis, block, codes.shape[axis] if codes.dim() else 0)
         self.trained[w.name] = t
-        self.learn.add_scale(s.name, scale)
+        self.learn.add_scale(s.name, scale, weight=True)
         self.learn.add_weight(w.name, fq.dequantize(codes, self._expand(t, scale.float(), codes.dim()),
                                                      self._expand(t, zp, codes.dim())))
 
@@ -142,7 +178,7 @@ class QuantGraph(torch.nn.Module):
         zp = torch.full((n, kb), 2.0 ** (bits - 1)) if zpv is None else torch.from_numpy(
             bw.unpack(self.consts[zpv.name].numpy().reshape(n, -1), bits, kb).astype(np.float32))
         self.trained[b.name] = Trained("nbits", 0, 2**bits - 1, zp, s.name, block=block, size=k)
-        self.learn.add_scale(s.name, scale)
+        self.learn.add_scale(s.name, scale, weight=True)
         self.learn.add_weight(b.name, (codes - zp[..., None]) * scale[..., None])
 
     def _register_gather(self, node: ir.Node) -> None:
@@ -160,7 +196,7 @@ class QuantGraph(torch.nn.Module):
         zp = torch.full((rows, kb), 2.0 ** (bits - 1)) if zpv is None else torch.from_numpy(
             bw.unpack(self.consts[zpv.name].numpy(), bits, kb).astype(np.float32))
         self.trained[d.name] = Trained("gather", 0, 2**bits - 1, zp, s.name, block=block, size=cols)
-        self.learn.add_scale(s.name, scale)
+        self.learn.add_scale(s.name, scale, weight=True)
         self.learn.add_weight(d.name, (codes.reshape(rows, kb, block) - zp[..., None]) * scale[..., None])
 
     def _register_dynamic(self, node: ir.Node) -> None:
@@ -170,7 +206,7 @@ class QuantGraph(torch.nn.Module):
         qmin, qmax = RANGES[_dtype(b)]
         t = Trained("dynamic", -127 if qmin == -128 and not zp.abs().max() > 0 else qmin, qmax, zp, s.name, axis=1)
         self.trained[b.name] = t
-        self.learn.add_scale(s.name, scale)
+        self.learn.add_scale(s.name, scale, weight=True)
         self.learn.add_weight(b.name, fq.dequantize(codes, scale, zp))
 
     # ---------------------------------------------------------------- forward
@@ -185,10 +221,14 @@ class QuantGraph(torch.nn.Module):
             return fq.blocked(v, t.axis, t.block, t.size)
         return fq.along(v, t.axis, rank)
 
+    def latent(self, name: str) -> torch.Tensor:
+        w = self.learn.weight(name)
+        return w * self.zero_masks[name] if name in self.zero_masks else w
+
     def fake_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, dequantized) of a trained initializer, in its ONNX layout (codes) and the layout
         the op computes with (dequantized: MatMulNBits as (K, N), a table as (rows, cols))."""
-        t, w = self.trained[name], self.learn.weight(name)
+        t, w = self.trained[name], self.latent(name)
         if t.kind == "bias":
             s = self.scale(t.tied[0]).double() * self.scale(t.tied[1]).double()
             s = s.float().double()  # the float32 product ONNX stores
@@ -207,12 +247,15 @@ class QuantGraph(torch.nn.Module):
     def forward(self, *args: torch.Tensor) -> list[torch.Tensor]:
         env: dict[str, torch.Tensor] = dict(zip(self.inputs, args))
         for node in self.nodes:
-            ins = [None if v is None else env[v.name] if v.name in env else self.consts.get(v.name)
+            ins = [None if v is None else env[v.name] if v.name in env else self._const(v.name)
                    for v in node.inputs]
             outs = self._run(node, ins)
             for v, o in zip(node.outputs, outs):
                 env[v.name] = o
-        return [env[n] if n in env else self.consts[n] for n in self.outputs]
+        return [env[n] if n in env else self.consts[n] for n in [*self.outputs, *self.taps]]
+
+    def _const(self, name: str) -> torch.Tensor | None:
+        return self.learn.plain(name) if name in self.learn.floats else self.consts.get(name)
 
     def _run(self, node: ir.Node, ins: list) -> list[torch.Tensor]:
         key = (node.domain, node.op_type)
@@ -248,7 +291,7 @@ class QuantGraph(torch.nn.Module):
             t = self.trained[node.inputs[0].name]
             idx = ins[1].long()
             idx = torch.where(idx < 0, idx + t.zero_point.shape[0], idx).reshape(-1)
-            w, s, zp = self.learn.weight(node.inputs[0].name)[idx], self.scale(t.scale)[idx], t.zero_point[idx]
+            w, s, zp = self.latent(node.inputs[0].name)[idx], self.scale(t.scale)[idx], t.zero_point[idx]
             rows = fq.fake_quant(w, s[..., None], zp[..., None], t.qmin, t.qmax)
             return [rows.reshape(len(idx), -1)[:, :t.size].reshape(*ins[1].shape, t.size)]
         # DynamicQuantizeMatMul

@@ -1,11 +1,14 @@
 """Distillation: the fake-quantized graph learns to reproduce the fp32 model's outputs.
 
 Loss per batch: the mean over float outputs of the squared error normalized by the teacher's mean
-square (scale-free across outputs), optionally mixed with cross-entropy on labels:
+square (scale-free across outputs), plus the same mean over block outputs when the batch carries
+the teacher's (`taps`: training batches only, so held-out losses and the kept step are about the
+outputs alone), optionally mixed with cross-entropy on labels:
     loss = (1 - w) * distill + w * CE(first output, labels)
-Adam on latent weights (lr) and log-scales (10 x lr), cosine decay to zero over the steps. The
-held-out batches are scored before training and every `every` steps; the best parameters (lowest
-held-out loss) are what the run keeps, also when it is interrupted with Ctrl-C.
+Adam on latent and float weights (lr), activation log-scales (10 x lr) and weight log-scales
+(0.1 x lr), cosine decay to zero over the steps. The held-out batches are scored before training
+and every `every` steps; the best parameters (lowest held-out loss) are what the run keeps, also
+when it is interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import torch
 
 from quantkit.finetune.graph import QuantGraph
 
-SCALE_LR_FACTOR = 10.0
+SCALE_LR_FACTOR = 10.0  # activation ranges
+# weight scales train slowly: the latent weights already move the codes, and an Adam step on one scale
+# moves every code of its block (32 int4 weights) at once; at 10x they undid what the weights learned on
+# MiniLM int4 (BENCHMARKS.md, issue 16)
+WEIGHT_SCALE_LR_FACTOR = 0.1
 EVALS = 20  # held-out evaluations over a run
 
 
@@ -28,6 +35,7 @@ class Batch:
     inputs: list[torch.Tensor]
     teacher: list[torch.Tensor]  # fp32 outputs (float outputs only; None for the others)
     labels: torch.Tensor | None = None
+    taps: list[torch.Tensor] = field(default_factory=list)  # fp32 block outputs (QuantGraph.taps), maybe float16
 
 
 @dataclass
@@ -41,10 +49,17 @@ class Trained:
     seconds: float = 0.0
 
 
+def _nmse(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.float()
+    return torch.mean((o - t) ** 2) / torch.clamp(torch.mean(t**2), min=1e-12)
+
+
 def loss_of(outs: list[torch.Tensor], b: Batch, labels_weight: float) -> torch.Tensor:
-    terms = [torch.mean((o - t) ** 2) / torch.clamp(torch.mean(t**2), min=1e-12)
-             for o, t in zip(outs, b.teacher) if t is not None]
-    distill = torch.stack(terms).mean()
+    """`outs`: the graph's outputs, then its taps (ignored when the batch has no teacher for them)."""
+    n = len(b.teacher)
+    distill = torch.stack([_nmse(o, t) for o, t in zip(outs[:n], b.teacher) if t is not None]).mean()
+    if b.taps:
+        distill = distill + torch.stack([_nmse(o, t) for o, t in zip(outs[n:], b.taps)]).mean()
     if labels_weight > 0 and b.labels is not None:
         ce = torch.nn.functional.cross_entropy(outs[0].reshape(len(b.labels), -1), b.labels)
         return (1 - labels_weight) * distill + labels_weight * ce
@@ -65,7 +80,7 @@ def _interrupted_by_user(e: KeyboardInterrupt) -> bool:
 def train(g: QuantGraph, train_set: list[Batch], heldout: list[Batch], steps: int, lr: float,
           labels_weight: float = 0.0, on_step: Callable[[int, float, float | None], None] = lambda *a: None) -> Trained:
     t0 = time.perf_counter()
-    opt = torch.optim.Adam(g.learn.param_groups(lr, lr * SCALE_LR_FACTOR))
+    opt = torch.optim.Adam(g.learn.param_groups(lr, lr * SCALE_LR_FACTOR, lr * WEIGHT_SCALE_LR_FACTOR))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     every = max(1, steps // EVALS)
     out = Trained()

@@ -5,6 +5,7 @@ back (export.py). Returns the report's `finetune` section."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +43,10 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("--finetune needs training data: pass --finetune-data or --calib")
 
 
-def _batches(cfg: RunConfig, inputs, teacher: Callable[[dict], list[np.ndarray]]):
-    """Training batches with the fp32 model's outputs, and whether the data has labels."""
+def _batches(cfg: RunConfig, inputs, teacher: Callable[[dict], list[np.ndarray]],
+             blocks: Callable[[dict], list[np.ndarray]] | None = None):
+    """Training batches with the fp32 model's outputs (and block outputs, kept as float16: only
+    what the loss compares against), and the data's path."""
     import torch
 
     path = cfg.finetune.data or cfg.data.calib
@@ -58,20 +61,23 @@ def _batches(cfg: RunConfig, inputs, teacher: Callable[[dict], list[np.ndarray]]
         feed = {s.name: b[s.name] for s in specs}
         ref = teacher(feed)
         labels = torch.from_numpy(class_ids(b[LABELS], f"{path} '{LABELS}'")) if LABELS in b else None
+        taps = [torch.from_numpy(np.asarray(t, np.float16)) for t in blocks(feed)] if blocks is not None else []
         out.append(Batch([torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in specs],
                          [torch.from_numpy(np.asarray(r)) if np.asarray(r).dtype.kind == "f" else None for r in ref],
-                         labels))
+                         labels, taps))
     if not out:
         raise InputError(f"{path} holds fewer samples than one batch of {inputs.batch}")
     return out, str(path)
 
 
 def _split(batches: list) -> tuple[list, list, list[str]]:
+    """Training and held-out batches; held-out ones are scored on the outputs (their block outputs dropped)."""
     if len(batches) < 2:
-        return batches, batches, ["--finetune: the data holds one batch, so the held-out loss is measured on the "
-                                  "training batch (give more data for a real held-out set)"]
+        return batches, [replace(b, taps=[]) for b in batches], [
+            "--finetune: the data holds one batch, so the held-out loss is measured on the training batch (give "
+            "more data for a real held-out set)"]
     n = min(HELDOUT_MAX, max(1, round(len(batches) * HELDOUT_FRACTION)))
-    return batches[:-n], batches[-n:], []
+    return batches[:-n], [replace(b, taps=[]) for b in batches[-n:]], []
 
 
 def agreement(g, qmodel: ir.Model, batch, workdir: Path) -> dict:
@@ -93,16 +99,19 @@ def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, pr
              evaluate: Callable[[ir.Model], list[dict]]) -> tuple[ir.Model, dict]:
     import torch
 
+    from quantkit.finetune.blocks import block_outputs
     from quantkit.finetune.export import write_back
     from quantkit.finetune.graph import QuantGraph
-    from quantkit.finetune.loop import train
+    from quantkit.finetune.loop import SCALE_LR_FACTOR, WEIGHT_SCALE_LR_FACTOR, train
 
     ft = cfg.finetune
-    g = QuantGraph(qmodel)  # refuses ops it cannot run before any work
+    QuantGraph(qmodel)  # refuses ops it cannot run before any work
     status("fine-tuning: scoring the quantized model before training")
     before = evaluate(qmodel)
+    taps, blocks = block_outputs(qmodel, inputs.source.onnx_path, workdir, cfg.threads)
+    g = QuantGraph(qmodel, taps=taps, keep_zeros=cfg.prune.sparse)
     reference = inputs.source.reference or (lambda feed: inputs.fp32.run(None, feed))
-    batches, path = _batches(cfg, inputs, reference)
+    batches, path = _batches(cfg, inputs, reference, blocks)
     train_set, heldout, notes = _split(batches)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
@@ -125,9 +134,10 @@ def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, pr
         notes.append(f"fine-tuning interrupted at step {result.steps_done}/{ft.steps}: the best parameters so far "
                      f"(held-out loss, step {result.best_step}) were written")
     section = {"steps": ft.steps, "steps_done": result.steps_done, "interrupted": result.interrupted,
-               "lr": ft.lr, "scale_lr": ft.lr * 10, "labels_weight": ft.labels_weight, "data": path,
+               "lr": ft.lr, "scale_lr": ft.lr * SCALE_LR_FACTOR,
+               "weight_scale_lr": ft.lr * WEIGHT_SCALE_LR_FACTOR, "labels_weight": ft.labels_weight, "data": path,
                "train_batches": len(train_set), "heldout_batches": len(heldout), "batch_size": inputs.batch,
-               "trainable": g.learn.count(), "best_step": result.best_step,
+               "trainable": g.learn.count(), "block_outputs": len(taps), "best_step": result.best_step,
                "heldout_loss_before": result.heldout_before, "heldout_loss_after": result.heldout_best,
                "seconds": result.seconds, "curve": result.curve, "before": before,
                "torch_vs_onnxruntime": exact, "notes": notes}

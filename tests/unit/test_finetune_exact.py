@@ -70,6 +70,8 @@ def _perturb(g: QuantGraph, seed: int = 1) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * p.std().clamp(min=1e-3) * 0.2)
         for p in g.learn.log_scale:
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        for p in g.learn.float_params:
+            p.add_(torch.randn(p.shape, generator=gen) * p.std().clamp(min=1e-2) * 0.2)
 
 
 def _sqnr(ref, got):
@@ -98,7 +100,7 @@ def test_int8_static_fake_quant_matches_onnxruntime_before_and_after_training(tm
     quant_err = _sqnr(ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
         None, feed)[0], ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0])
     _perturb(g)
-    assert write_back(g, model) == len(g.trained) + len(g.learn.scales)
+    assert write_back(g, model) == len(g.trained) + len(g.learn.scales) + len(g.learn.floats)
     ir.save(model, tmp_path / "trained.onnx")
     moved = _sqnr(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0],
                   ort.InferenceSession(str(tmp_path / "trained.onnx"), providers=["CPUExecutionProvider"]).run(
@@ -114,6 +116,7 @@ def test_int4_weight_only_fake_quant_matches_matmulnbits_and_gather_block_quanti
     assert ops.count("MatMulNBits") == 2 and ops.count("GatherBlockQuantized") == 1
     g = QuantGraph(model)
     assert {t.kind for t in g.trained.values()} == {"nbits", "gather"}
+    assert set(g.learn.floats) == {"b1"}  # the bias added to a MatMulNBits output trains as a plain parameter
     feed = {"ids": data["ids"][:16]}
     before = _compare(path, g, feed)
     _perturb(g)
@@ -160,3 +163,43 @@ def test_lsq_gradient_reaches_scales_and_latent_weights_only():
     inside = (x.detach() / 0.1 >= -8.5) & (x.detach() / 0.1 <= 7.5)
     assert torch.all(x.grad[inside] == 1) and torch.all(x.grad[~inside] == 0)  # straight through, clipped outside
     assert s.grad is not None and float(s.grad) != 0
+
+
+def _ln_encoder(path, rng):
+    h = onnx.helper
+    nodes = [h.make_node("Gather", ["emb", "ids"], ["e"]), h.make_node("MatMul", ["e", "w1"], ["m1"]),
+             h.make_node("Add", ["m1", "b1"], ["a1"]), h.make_node("Add", ["a1", "e"], ["res"]),
+             h.make_node("LayerNormalization", ["res", "g", "beta"], ["ln"], axis=-1),
+             h.make_node("MatMul", ["ln", "w2"], ["y"])]
+    inits = [_init("emb", rng.normal(0, 1, (100, 64)).astype(np.float32)),
+             _init("w1", rng.normal(0, 0.2, (64, 64)).astype(np.float32)),
+             _init("b1", rng.normal(0, 0.1, 64).astype(np.float32)),
+             _init("g", rng.normal(1, 0.1, 64).astype(np.float32)),
+             _init("beta", rng.normal(0, 0.1, 64).astype(np.float32)),
+             _init("w2", rng.normal(0, 0.2, (64, 32)).astype(np.float32))]
+    g = h.make_graph(nodes, "enc", [h.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 6])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, 32])], inits)
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]), path)
+    return {"ids": rng.integers(0, 100, (64, 6)).astype(np.int64)}
+
+
+def test_block_outputs_are_the_layernorm_outputs_and_their_teacher_is_the_fp32_model(tmp_path):
+    from quantkit.finetune.blocks import block_outputs
+
+    path, data = _quantized(tmp_path, _ln_encoder, weights="int4")
+    names, teacher = block_outputs(ir.load(path), tmp_path / "m.onnx", tmp_path)
+    assert names == ["ln"]
+    feed = {"ids": data["ids"][:8]}
+    full = onnx.load(tmp_path / "m.onnx")
+    full.graph.output.append(onnx.ValueInfoProto(name="ln"))
+    want = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"]).run(["ln"], feed)[0]
+    assert np.array_equal(teacher(feed)[0], want)
+    g = QuantGraph(ir.load(path), taps=names)
+    assert set(g.learn.floats) == {"b1", "g", "beta"}  # LayerNorm's scale and bias train too
+    with torch.no_grad():
+        y, ln = g(torch.from_numpy(feed["ids"]))
+    assert y.shape == (8, 6, 32) and 15 < _sqnr(want, ln.numpy()) < 60  # the int4 model's own block output
+    assert block_outputs(ir.load(tmp_path / "q.onnx"), tmp_path / "m.onnx", tmp_path)[0] == ["ln"]
+    (tmp_path / "c").mkdir()
+    cnn_path, _ = _quantized(tmp_path / "c", _cnn)
+    assert block_outputs(ir.load(cnn_path), tmp_path / "c" / "m.onnx", tmp_path) == ([], None)

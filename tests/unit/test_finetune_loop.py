@@ -26,13 +26,25 @@ def test_loss_is_normalized_mse_and_mixes_cross_entropy_with_labels():
     assert float(loop.loss_of([out], loop.Batch([], [teacher], None), 0.25)) == pytest.approx(distill)
 
 
+def test_block_outputs_add_their_own_mean_to_the_loss_and_only_where_the_batch_has_them():
+    teacher, tap = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])
+    out, tap_out = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0, 0.0, 0.0])
+    plain = float(loop.loss_of([out, tap_out], loop.Batch([], [teacher]), 0.0))
+    assert plain == pytest.approx(0.5 / 2.0)  # the graph's extra output is ignored without a teacher for it
+    both = float(loop.loss_of([out, tap_out], loop.Batch([], [teacher], taps=[tap.half()]), 0.0))
+    assert both == pytest.approx(0.5 / 2.0 + 0.5 / 1.0)
+
+
 def test_split_holds_out_a_fifth_at_most_eight_batches():
-    train, held, notes = _split(list(range(10)))
-    assert held == [8, 9] and train == list(range(8)) and not notes
-    train, held, _ = _split(list(range(100)))
+    batches = [loop.Batch([torch.tensor(i)], [], taps=[torch.zeros(2)]) for i in range(10)]
+    train, held, notes = _split(batches)
+    assert [int(b.inputs[0]) for b in held] == [8, 9] and train == batches[:8] and not notes
+    assert all(b.taps for b in train) and not any(b.taps for b in held)  # held out: scored on the outputs only
+    train, held, _ = _split([loop.Batch([], []) for _ in range(100)])
     assert len(held) == HELDOUT_MAX and len(train) == 100 - HELDOUT_MAX
-    train, held, notes = _split([0])
-    assert train == held == [0] and "one batch" in notes[0]
+    train, held, notes = _split([batches[0]])
+    assert train == [batches[0]] and held[0].inputs is batches[0].inputs and not held[0].taps
+    assert "one batch" in notes[0]
 
 
 def test_training_keeps_the_step_with_the_lowest_heldout_loss(tmp_path):
