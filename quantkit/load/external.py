@@ -47,7 +47,7 @@ class ReadTensor(ir.ExternalTensor):
             return arr
         dt = np.dtype(self.dtype.numpy()).newbyteorder("<")
         arr = np.empty(self.shape.numpy(), dt)  # read straight into it: no zero-filled buffer first
-        view = memoryview(arr.reshape(-1).view(np.uint8))
+        view = arr.reshape(-1).view(np.uint8).data  # a memoryview of the array itself
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset or 0)
             done = 0
