@@ -215,6 +215,10 @@ def _signals_interrupt():
         old = {s: signal.signal(s, handler) for s in wanted if s is not None}
     except ValueError:  # not the main thread (embedded use): leave signals alone
         old = {}
+    if old and hasattr(signal, "pthread_sigmask"):
+        # a blocked mask is inherited from the parent process (some launchers block these while they
+        # fork): blocked, the signals would wait until the run ends instead of stopping it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(old))
     try:
         yield
     finally:

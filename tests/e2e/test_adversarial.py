@@ -491,9 +491,12 @@ def test_signals_clean_up_and_exit_128_plus_n(tmp_path, sig, code):
     for line in proc.stderr:
         if "calibrating" in line:
             break
+    status = Path(f"/proc/{proc.pid}/status")
+    masks = [x for x in status.read_text().splitlines() if x.startswith(("SigBlk", "SigIgn", "SigCgt"))] \
+        if status.exists() else []
     proc.send_signal(sig)
     rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == code, rest
+    assert proc.wait(timeout=120) == code, f"{masks}\n{rest}"
     assert "interrupted" in rest
     # onnxruntime's telemetry SDK writes $TMPDIR/.ses when it is imported: not a quantkit file
     assert [p.name for p in systmp.iterdir() if p.name != ".ses"] == []
