@@ -55,8 +55,11 @@ def test_page_loads_without_console_messages_and_renders_every_chart(page):
     assert console_messages(r.stderr) == []
     dom = r.stdout
     # what the speed guard keeps depends on this machine's timings, so the count follows the report:
-    # size/speed, weight error (when any node stayed quantized), one per histogram, the guard's trials
-    charts = 1 + bool(report["weight_error"]) + len(report["histograms"]) + 1
+    # size/speed; the per-layer section's one chart (sensitivity when measured, else the weight error
+    # when any node stayed quantized: a guard that dropped every group leaves only the sensitivity);
+    # one per histogram; the guard's trials
+    measured = any(s.get("own_sqnr_db") is not None for s in report["sensitivity"] or [])
+    charts = 1 + (measured or bool(report["weight_error"])) + len(report["histograms"]) + 1
     assert report["histograms"] and report["speed_guard"]["trials"]
     assert len(re.findall(r"<svg[\s>]", dom)) == charts
     # real drawing inside every chart (axes, bars, lines are paths); how many follows the charts drawn
