@@ -56,6 +56,20 @@ def k_major_weight(node: ir.Node) -> np.ndarray:
     return w.T if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1 else w
 
 
+def bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """For a MatMul, the Add right after it that adds a constant vector (torch's Linear bias):
+    the Add and the index of its bias input."""
+    users = node.outputs[0].uses()
+    if len(users) != 1 or node.outputs[0].is_graph_output():
+        return None
+    add = next(iter(users)).node
+    if add.op_type != "Add":
+        return None
+    other = 1 - next(iter(users)).idx
+    b = const_array(add.inputs[other])
+    return (add, other) if b is not None and b.ndim == 1 else None
+
+
 def taken_names(graph: ir.Graph) -> set[str]:
     """Every value name in the graph and its subgraphs (initializers, inputs, node outputs)."""
     taken = set(graph.initializers)

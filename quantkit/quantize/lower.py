@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.graph.ir_edit import const_array, drop_unused
+from quantkit.graph.ir_edit import Editor, bias_add, const_array, drop_unused
+from quantkit.graph.masks import mask_tensors
 
 MS_DOMAIN = "com.microsoft"
 SOFTMAX_FLOOR = 80.0  # below the row max: e^-80 is still a normal float32
@@ -44,9 +45,6 @@ def lower(model: ir.Model) -> None:
 def floor_masked_softmax(model: ir.Model) -> int:
     """Give every Softmax over the last axis of a mask-carrying tensor (graph/masks.py) its floor;
     returns how many."""
-    from quantkit.graph.ir_edit import Editor
-    from quantkit.graph.masks import mask_tensors
-
     masked = mask_tensors(model)
     edit = Editor(model.graph)
     new_reduce = model.opset_imports.get("", 1) >= 18  # ReduceMax takes its axes as an input from opset 18
@@ -114,21 +112,15 @@ def _bias_of(node: ir.Node) -> tuple[ir.Node, ir.Value] | None:
         return None
     if node.op_type == "DynamicQuantizeMatMul" and len(node.inputs) > 4:
         return None  # already has a bias
-    out = node.outputs[0]
-    users = list(out.uses())
-    if len(users) != 1 or out.is_graph_output():
+    found = bias_add(node)
+    if found is None or found[0].domain not in ("", "ai.onnx"):
         return None
-    add, idx = users[0].node, users[0].idx
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
-        return None
-    bias = add.inputs[1 - idx]
-    b = const_array(bias)
-    if b is None or b.ndim != 1 or b.dtype != np.float32:
-        return None
+    add, idx = found
+    b = const_array(add.inputs[idx])
     weight = const_array(node.inputs[1]) if node.op_type == "DynamicQuantizeMatMul" else _weight_codes(node)
-    if weight is None or weight.ndim != 2 or weight.shape[1] != b.shape[0]:
+    if b is None or b.dtype != np.float32 or weight is None or weight.ndim != 2 or weight.shape[1] != b.shape[0]:
         return None
-    return add, bias
+    return add, add.inputs[idx]
 
 
 def _dq(value: ir.Value | None) -> ir.Node | None:

@@ -19,7 +19,7 @@ from quantkit.calibrate.collect import RANGE_KINDS, Statistics, StatRequest
 from quantkit.calibrate.observers import Observer
 from quantkit.calibrate.ranges import Levels, observer_kind, select_range
 from quantkit.config import Activations, QuantConfig
-from quantkit.graph.ir_edit import Editor, const_array, drop_unused
+from quantkit.graph.ir_edit import Editor, bias_add, const_array, drop_unused
 from quantkit.quantize import embedding
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.plan import Plan, QuantizedOp, SchemeName, activation_tensors
@@ -69,19 +69,6 @@ def weight_error_shift(node: ir.Node, w: np.ndarray, w_dq: np.ndarray, mean_in: 
     return None
 
 
-def _bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
-    """For a MatMul, the Add right after it that adds a constant vector (torch's Linear bias)."""
-    users = node.outputs[0].uses()
-    if len(users) != 1 or node.outputs[0].is_graph_output():
-        return None
-    add = next(iter(users)).node
-    if add.op_type != "Add":
-        return None
-    other = 1 - next(iter(users)).idx
-    b = const_array(add.inputs[other])
-    return (add, other) if b is not None and b.ndim == 1 else None
-
-
 def _correct_bias(edit: Editor, op: QuantizedOp, w: np.ndarray, w_dq: np.ndarray, mean_in: np.ndarray) -> bool:
     """Shift the node's bias (creating one for Conv/Gemm if absent) by minus the mean error."""
     node = op.node
@@ -89,7 +76,7 @@ def _correct_bias(edit: Editor, op: QuantizedOp, w: np.ndarray, w_dq: np.ndarray
     if shift is None:
         return False
     if node.op_type == "MatMul":
-        found = _bias_add(node)
+        found = bias_add(node)
         if found is None:
             return False
         add, idx = found
