@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from quantkit import __version__, runtime
 from quantkit.calibrate.data import LABELS, DataSource, InputSpec, assign_batch_axes, complete_batches
-from quantkit.config import Activations, Algorithm, Format, RunConfig
+from quantkit.config import Activations, Algorithm, RunConfig
 from quantkit.errors import ConfigError, UnsupportedModelError
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import already_quantized, canonicalize
@@ -201,7 +201,8 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     model, pruning = _prune(cfg, model, inputs, workdir, status)
     laps.lap("prune")
     placement = placement_for(cfg.quant)
-    placement.lower = placement.lower and cfg.finetune is None  # lowered after training instead
+    lowers = placement.lower
+    placement.lower = lowers and cfg.finetune is None  # lowered after training instead
     model = placement.prepare_model(model)
     placement.float_tensors.update(mask_tensors(model))  # calibration may add more from observed ranges
     data = CalibrationData.of(cfg, inputs.calib, inputs.batch, inputs.fixed)
@@ -218,7 +219,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     notes += rw.notes
     finetuned = _finetune(cfg, inputs, qmodel, workdir, status, progress) if cfg.finetune is not None else None
     notes += finetuned["notes"] if finetuned is not None else []
-    if finetuned is not None and cfg.quant.format == Format.ORT:
+    if finetuned is not None and lowers:
         lower.lower(qmodel)
     inner = subgraphs.quantize_weights(qmodel)
     if inner:

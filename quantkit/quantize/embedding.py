@@ -20,13 +20,13 @@ from quantkit.quantize import qparams as qp
 
 
 def quantize_table(edit: Editor, node: ir.Node, cache: dict[str, tuple[ir.Value, ir.Value]],
-                   memo: qp.WeightMemo | None = None) -> None:
+                   memo: qp.WeightMemo) -> None:
     """Rewrite one embedding Gather (table as input 0, axis 0) in place; tables shared by several
     Gathers are stored once (`cache` keyed by the table's name)."""
     table = node.inputs[0]
     ids = node.inputs[1]
     if table.name not in cache:
-        q, scale, _ = (memo or qp.WeightMemo()).quantize(table.const_value, 0)
+        q, scale, _ = memo.quantize(table.const_value, 0)
         cache[table.name] = (edit.initializer(f"{table.name}_quantized", q),
                              edit.initializer(f"{table.name}_row_scale", scale.astype(np.float32).reshape(-1, 1)))
     codes, scales = cache[table.name]

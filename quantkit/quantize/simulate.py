@@ -7,8 +7,8 @@ emulate each alternative scheme on the same input, without building any model:
   dynamic      input to uint8 per tensor over [min(0, x), max(0, x)] at run time (DynamicQuantizeMatMul),
                weight int8 symmetric per output column
   per_token    input to int8 steps per row, max|row| / 127 (quantize/per_token.py), same weight
-  weight_only  weight in symmetric 8-bit blocks of WEIGHT_ONLY_INT8_BLOCK along K; with --accuracy-level 4
-               (the default) MatMulNBits also rounds the input to int8 per block of K of each row
+  weight_only  weight in symmetric 8-bit blocks of WEIGHT_ONLY_INT8_BLOCK along K; MatMulNBits at accuracy
+               level 4 (the only level static int8 runs take) also rounds the input to int8 per block of K
 
 so each op's own noise is known under every alternative, and the search can give each op the cheapest
 one that really helps it (an FFN down-projection whose few outlier tokens ruin per-tensor ranges needs
@@ -31,8 +31,7 @@ SIMULATED = (SchemeName.DYNAMIC.value, SchemeName.PER_TOKEN.value, SchemeName.WE
 class Weights:
     """One op's weight, as each alternative stores it (computed once, reused for every batch)."""
 
-    def __init__(self, w: np.ndarray, accuracy_level: int = 4) -> None:
-        self.int8_input_blocks = accuracy_level == 4
+    def __init__(self, w: np.ndarray) -> None:
         self.rows = 0  # rows emulated so far
         w = np.asarray(w, np.float32)
         q, scale, zp = qp.quantize_weight(w, 1)
@@ -45,8 +44,7 @@ class Weights:
         self.rows += x.size // max(x.shape[-1], 1)
         return {SchemeName.DYNAMIC.value: _per_tensor_uint8(x) @ self.int8,
                 SchemeName.PER_TOKEN.value: _per_row_int8(x) @ self.int8,
-                SchemeName.WEIGHT_ONLY.value: (_per_block_int8(x, WEIGHT_ONLY_INT8_BLOCK) if self.int8_input_blocks
-                                               else x) @ self.blocks}
+                SchemeName.WEIGHT_ONLY.value: _per_block_int8(x, WEIGHT_ONLY_INT8_BLOCK) @ self.blocks}
 
 
 def _per_tensor_uint8(x: np.ndarray) -> np.ndarray:
