@@ -66,22 +66,19 @@ def layer_axis(node: ir.Node) -> int | None:
     return None
 
 
+def _channel_axes(node: ir.Node) -> tuple[int, int]:
+    """The (output, input) channel axes of a Conv / MatMul / Gemm weight."""
+    if node.op_type == "Conv" or (node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1):
+        return 0, 1
+    return 1, 0
+
+
 def _out_channels(node: ir.Node) -> int:
-    w = _weight(node)
-    if node.op_type == "Conv":
-        return w.shape[0]
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1:
-        return w.shape[0]
-    return w.shape[1]
+    return _weight(node).shape[_channel_axes(node)[0]]
 
 
 def in_channels(node: ir.Node) -> int:
-    w = _weight(node)
-    if node.op_type == "Conv":
-        return w.shape[1]
-    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1:
-        return w.shape[1]
-    return w.shape[0]
+    return _weight(node).shape[_channel_axes(node)[1]]
 
 
 def _depthwise(node: ir.Node, c: int) -> bool:
