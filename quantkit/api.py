@@ -155,10 +155,15 @@ class Inputs:
     fp32: ort.InferenceSession
     feed: dict[str, np.ndarray]  # one calibration (or evaluation) batch, for timing and tuning
     notes: list[str] = field(default_factory=list)
+    fp32_timed: ort.InferenceSession | None = None  # with --threads: the session timings use
 
     @property
     def scored(self) -> DataSource:
         return self.evald or self.calib
+
+    @property
+    def fp32_timing(self) -> ort.InferenceSession:
+        return self.fp32_timed or self.fp32
 
 
 @dataclass
@@ -235,10 +240,17 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     q_path = workdir / "quantized.onnx"
     runtime.save(qmodel, q_path)
     try:
-        qsess = runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads)
+        qsess = runtime.session(q_path, workdir, tag="quantized")
     except UnsupportedModelError as e:  # our own output failed to load: that is a bug
         raise RuntimeError(f"internal error: {e}") from e
-    outputs, latency, evaluation = _measure(cfg, inputs, qsess, guard_report, notes, status, progress)
+    # the speed guard timed the very model written unless something changed it afterwards
+    guarded = finetuned is None and not inner and not (pruning is not None and cfg.prune.sparse)
+
+    def timed_session():
+        return runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads) if cfg.threads else qsess
+
+    latency = _latency(cfg, inputs, timed_session, guard_report if guarded else GuardReport())
+    outputs, evaluation = _measure(cfg, inputs, qsess, latency, guard_report, notes, status, progress)
     laps.lap("evaluate")
     report = _report(Outcome(cfg, inputs, placement, calibration, plan, rw, guard_report, outputs, latency,
                              evaluation, model_bytes(q_path), notes))
@@ -331,12 +343,15 @@ def _open(cfg: RunConfig, workdir: Path, status, progress: Progress, streamed: b
     batch = _batch_size(specs, cfg.data.batch_size)
     fixed = bool(_fixed_batches(specs))
     first_source = calib or evald
-    fp32 = None if streamed else runtime.session(source.onnx_path, workdir, tag="original", threads=cfg.threads)
+    # --threads is for timings only: evaluation and search run at onnxruntime's default, as its own quantizer does
+    fp32 = None if streamed else runtime.session(source.onnx_path, workdir, tag="original")
+    timed = runtime.session(source.onnx_path, workdir, tag="original", threads=cfg.threads) \
+        if cfg.threads and not streamed else None
     first_batch = next(complete_batches(first_source, batch, None, fixed), None)
     if first_batch is None:
         raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")
     feed = {s.name: first_batch[s.name] for s in specs}
-    return Inputs(source, model, calib, evald, batch, fixed, fp32, feed, _input_notes(source, calib))
+    return Inputs(source, model, calib, evald, batch, fixed, fp32, feed, _input_notes(source, calib), timed)
 
 
 def _input_notes(source: Source, calib: DataSource | None) -> list[str]:
@@ -418,11 +433,15 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     g = cfg.gates
     target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
 
-    def evaluate(overrides: dict[str, str]) -> list[dict]:
-        placement.overrides = overrides
-        return probe.score(session(placement.build(model, set(), "", lower=False)[0]))
+    aim = target.with_margin()
 
-    found = budget.search(budget.by_gain(ranked, choices), choices, target.with_margin(), evaluate, status)
+    def evaluate(overrides: dict[str, str]) -> list[dict]:
+        """A candidate's probe figures; the all-static one in full (the report's baseline), the others
+        stopping as soon as they cannot meet the target (budget.Probe.score)."""
+        placement.overrides = overrides
+        return probe.score(session(placement.build(model, set(), "", lower=False)[0]), aim if overrides else None)
+
+    found = budget.search(budget.by_gain(ranked, choices), choices, aim, evaluate, status)
     placement.overrides = found.overrides
     notes = []
     if found.overrides and len(found.overrides) == len(choices) and set(found.overrides.values()) == {budget.FLOAT}:
@@ -472,7 +491,7 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
         trials = _trials(status, progress, kinds)
         # weight-only quantization is compression: timing never undoes it unless --require-speedup asks
         compression = set(kinds) if cfg.quant.activations == Activations.NONE else set(COMPRESSION_ONLY)
-        built, report = guard(build, session, inputs.fp32, inputs.feed, kinds, status=trials,
+        built, report = guard(build, session, inputs.fp32_timing, inputs.feed, kinds, status=trials,
                               for_speed=cfg.gates.require_speedup is not None, compression_only=compression)
         progress.advance(1)
         progress.finish()
@@ -482,9 +501,23 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
     return built, report
 
 
-def _measure(cfg: RunConfig, inputs: Inputs, qsess, guard_report: GuardReport, notes: list[str], status,
-             progress: Progress):
-    """Accuracy against the reference on the evaluation data, and latency against fp32."""
+def _latency(cfg: RunConfig, inputs: Inputs, timed_session, guard_report: GuardReport) -> dict:
+    """The written model against fp32, interleaved at --threads: the speed guard's own last timing of
+    that pair when it has one (and --latency-runs asks for nothing else), else timed here."""
+    if guard_report.final_ms is not None and cfg.latency_runs is None:
+        fp32_ms, q_ms, runs = guard_report.final_ms
+        latency = {"fp32_ms": fp32_ms, "quantized_ms": q_ms, "speedup": fp32_ms / q_ms if q_ms > 0 else None,
+                   "runs": runs, "timed_by": "speed guard (its last timing of the written model)"}
+    else:
+        latency = compare_latency(inputs.fp32_timing, timed_session(), inputs.feed,
+                                  runs=cfg.latency_runs or DEFAULT_LATENCY_RUNS)
+    latency.update(batch_size=inputs.batch, threads=cfg.threads or "onnxruntime default")
+    return latency
+
+
+def _measure(cfg: RunConfig, inputs: Inputs, qsess, latency: dict, guard_report: GuardReport, notes: list[str],
+             status, progress: Progress):
+    """Accuracy against the reference on the evaluation data; notes on the latency against fp32."""
     status("evaluating fp32 against int8")
     scored, batch = inputs.scored, inputs.batch
     comparisons, eval_samples, lm_figures = _evaluate(inputs.fp32, qsess, scored, batch, inputs.fixed,
@@ -492,8 +525,6 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, guard_report: GuardReport, n
                                           progress)
     if inputs.evald is None:
         notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
-    latency = compare_latency(inputs.fp32, qsess, inputs.feed, runs=cfg.latency_runs or DEFAULT_LATENCY_RUNS)
-    latency.update(batch_size=batch, threads=cfg.threads or "onnxruntime default")
     if latency["speedup"] is not None and latency["speedup"] < 1:
         why = ("int8 cannot win on this model: no placement beat fp32, so the smallest one was written"
                if guard_report.int8_cannot_win else
@@ -503,7 +534,7 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, guard_report: GuardReport, n
     evaluation = {"source": str(scored.path), "on_calibration_data": inputs.evald is None, "samples": eval_samples}
     if lm_figures is not None:
         evaluation["language_model"] = lm_figures
-    return [c.result() for c in comparisons], latency, evaluation
+    return [c.result() for c in comparisons], evaluation
 
 
 def _report(o: Outcome) -> dict:

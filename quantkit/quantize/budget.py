@@ -1,7 +1,7 @@
 """Accuracy-budgeted placement: which quantized ops must leave static int8 so the model meets a
 target, found from measurements on calibration data, never from timings.
 
-1. Sensitivity. The fully quantized model runs on a few calibration batches with every quantized
+1. Sensitivity. The fully quantized model runs on the probe's first 32 samples with every quantized
    op's inputs and output exposed; each op is then also run alone, in float, on the very inputs it
    received. The difference is the noise the op adds itself (its input and weight rounding),
    apart from any error that arrived from upstream, weighed per output channel against that
@@ -9,14 +9,17 @@ target, found from measurements on calibration data, never from timings.
    encoder's FFN down-projection) spreads its rounding over every channel of an output whose power
    sits in one outlier channel, and the next normalization brings those channels back to unit
    scale. The cost is one run of the model per batch and per chunk of ops (chunks sized to hold
-   about 64 MB of tensors), plus one tiny single-node session per op.
+   about 256 MB of tensors), plus one tiny single-node session per op.
 2. Search. Ops leave static int8 in rank order, each for an alternative, level by level: dynamic
    int8 (int8 weight, activations quantized per run), then weight-only int8 (int8 weight in
    blocks, float activations: the file stays as small at float speed), then float. At the first
    level where the target can be met, the fewest ops that meet it are found by bisection over the
    ranking, each probe one candidate model scored on the same calibration batches: log2(n) + 1
    candidates for n ops, plus at most a few that give the least sensitive chosen ops back one
-   level. The same inputs give the same placement.
+   level. A candidate stops being scored at the first batch after which it could not meet the
+   target even if the rest of the probe came out exactly as fp32's: failing candidates cost a
+   batch or two, and every verdict is the one the whole probe would give. The same inputs give
+   the same placement.
 3. Plans. The result is a mapping node -> scheme that `--plan` writes and `--from-plan` replays
    without any search.
 """
@@ -36,6 +39,7 @@ import onnx_ir as ir
 
 from quantkit.errors import InputError
 from quantkit.graph.ir_edit import const_array, with_outputs
+from quantkit.quantize import qparams as qp
 from quantkit.quantize import simulate
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
 from quantkit.report.compare import OutputComparison
@@ -47,7 +51,8 @@ SQNR_MARGIN_DB = 1.0  # the search aims this far above --min-sqnr...
 COSINE_MARGIN = 0.8  # ...and at 80% of the cosine error (or top-1 disagreement) allowed
 # the sensitivity step exposes a chunk of ops' tensors at a time: the first chunk has FIRST_CHUNK ops, later
 # ones as many as keep one batch of their tensors (both models) near CHUNK_BYTES, between 1 and MAX_CHUNK
-FIRST_CHUNK, MAX_CHUNK, CHUNK_BYTES = 4, 64, 64 << 20
+FIRST_CHUNK, MAX_CHUNK, CHUNK_BYTES = 4, 64, 256 << 20
+SENSITIVITY_SAMPLES = 32  # of the probe's: each op's noise is a ratio of sums over thousands of values
 FLOAT = "float"
 SIMULATED_ROWS = 1024  # rows (tokens) of each op's input its alternatives are emulated on: enough to rank them
 
@@ -94,25 +99,33 @@ class Target:
     def shortfall(self, figures: list[dict]) -> str | None:
         """Why the figures miss the target, or None when they meet it."""
         for f in figures:
-            if f["nonfinite"]:
-                return f"output '{f['name']}' has non-finite values"
-            if self.min_cosine is not None and f["cosine"] < self.min_cosine:
-                return f"output '{f['name']}' cosine {f['cosine']:.5f} < {self.min_cosine:g}"
-            if self.min_sqnr is not None and f["sqnr_db"] < self.min_sqnr:
-                return f"output '{f['name']}' SQNR {f['sqnr_db']:.1f} dB < {self.min_sqnr:g}"
-            if (self.max_disagreement is not None and f.get("top1") is not None
-                    and 1 - f["top1"] > self.max_disagreement):
-                return f"output '{f['name']}' top-1 agreement {100 * f['top1']:.2f}% too low"
+            why = self._output_shortfall(f)
+            if why is not None:
+                return why + (f" at best, after {f['samples_scored']} probe samples" if "samples_scored" in f else "")
+        return None
+
+    def _output_shortfall(self, f: dict) -> str | None:
+        if f["nonfinite"]:
+            return f"output '{f['name']}' has non-finite values"
+        if self.min_cosine is not None and f["cosine"] < self.min_cosine:
+            return f"output '{f['name']}' cosine {f['cosine']:.5f} < {self.min_cosine:g}"
+        if self.min_sqnr is not None and f["sqnr_db"] < self.min_sqnr:
+            return f"output '{f['name']}' SQNR {f['sqnr_db']:.1f} dB < {self.min_sqnr:g}"
+        if (self.max_disagreement is not None and f.get("top1") is not None
+                and 1 - f["top1"] > self.max_disagreement):
+            return f"output '{f['name']}' top-1 agreement {100 * f['top1']:.2f}% too low"
         return None
 
 
 @dataclass
 class Probe:
-    """A few calibration batches and the fp32 model's outputs on them."""
+    """A few calibration batches, the fp32 model's outputs on them, and per output and batch the
+    samples and signal power a perfect candidate would add (for the bound in `score`)."""
 
     feeds: list[dict[str, np.ndarray]]
     names: list[str]
     reference: list[list[np.ndarray]]
+    rest: list[list[tuple[int, float]]] = field(default_factory=list)  # [batch][output]: what comes after it
 
     @classmethod
     def take(cls, fp32_session, batches, limit: int = PROBE_SAMPLES) -> Probe:
@@ -124,29 +137,56 @@ class Probe:
             if n >= limit:
                 break
         names = [o.name for o in fp32_session.get_outputs()]
-        return cls(feeds, names, [fp32_session.run(names, f) for f in feeds])
+        probe = cls(feeds, names, [fp32_session.run(names, f) for f in feeds])
+        probe.rest = probe._perfect_rest()
+        return probe
 
-    def score(self, session) -> list[dict]:
-        """Per output: mean cosine, SQNR, top-1 agreement (class scores), non-finite count."""
-        runs = [session.run(self.names, f) for f in self.feeds]
-        return [_figures(name, [r[i] for r in self.reference], [q[i] for q in runs], self.feeds)
-                for i, name in enumerate(self.names)]
+    def _perfect_rest(self) -> list[list[tuple[int, float]]]:
+        """For each batch, per output: the samples and signal power of the batches after it, as the
+        report's comparison counts them (padding and non-finite reference values left out)."""
+        perfect = [OutputComparison(name) for name in self.names]
+        totals = []
+        for ref, feed in zip(self.reference, self.feeds):
+            for c, r in zip(perfect, ref):
+                c.update(r, r, feed=feed)
+            totals.append([(c.samples, c.signal) for c in perfect])
+        end = totals[-1] if totals else [(0, 0.0)] * len(self.names)
+        return [[(e[0] - t[0], e[1] - t[1]) for t, e in zip(ts, end)] for ts in totals]
+
+    def score(self, session, target: Target | None = None) -> list[dict]:
+        """Per output: mean cosine, SQNR, top-1 agreement (class scores), non-finite count.
+
+        With a target, scoring stops at the first batch after which the target can no longer be
+        met even if every remaining probe sample came out exactly like fp32's (the figures then
+        are that bound, `samples_scored` says on how many samples): a candidate that clearly fails
+        costs a batch or two, and the decision is the one the whole probe would give."""
+        comparisons = [OutputComparison(name) for name in self.names]
+        for b, (ref, feed) in enumerate(zip(self.reference, self.feeds)):
+            for c, r, q in zip(comparisons, ref, session.run(self.names, feed)):
+                c.update(r, q, feed=feed)
+            last = b == len(self.feeds) - 1
+            if target is not None and not last:
+                bound = [_figures(c, *rest) for c, rest in zip(comparisons, self.rest[b])]
+                if target.shortfall(bound) is not None:
+                    return [{**f, "samples_scored": c.samples} for f, c in zip(bound, comparisons)]
+        return [_figures(c) for c in comparisons]
 
 
-def _figures(name: str, ref: list[np.ndarray], got: list[np.ndarray], feeds: list[dict]) -> dict:
-    """The target's figures for one output, from the report's own comparison (report/compare.py)."""
-    c = OutputComparison(name)
-    for r, g, feed in zip(ref, got, feeds):
-        c.update(r, g, feed=feed)
-    res = c.result()
-    if "exact_match" in res:  # a non-float output: all or nothing
-        same = res["exact_match"] == 1.0
-        return {"name": name, "nonfinite": 0, "cosine": 1.0 if same else 0.0,
+def _figures(c: OutputComparison, rest_samples: int = 0, rest_signal: float = 0.0) -> dict:
+    """The target's figures for one output from the report's own comparison (report/compare.py);
+    with `rest_*`, the best the output could still reach if that many more samples of that much
+    signal matched fp32 exactly (cosine 1, no error, same top class)."""
+    total = max(c.samples + rest_samples, 1)
+    if not c.is_float:  # a non-float output: all or nothing
+        same = c.exact == c.samples
+        return {"name": c.name, "nonfinite": 0, "cosine": 1.0 if same else 0.0,
                 "sqnr_db": math.inf if same else -math.inf, "top1": None}
-    nonfinite = res["nonfinite"]
-    sqnr = res["sqnr_db"] if res["sqnr_db"] is not None else (-math.inf if nonfinite else math.inf)
-    return {"name": name, "nonfinite": nonfinite, "cosine": res["cosine_mean"], "sqnr_db": sqnr,
-            "top1": res.get("top1_agreement")}
+    if c.nonfinite:
+        sqnr = -math.inf
+    else:
+        sqnr = math.inf if c.noise == 0 else 10.0 * math.log10(max(c.signal + rest_signal, 1e-300) / c.noise)
+    return {"name": c.name, "nonfinite": c.nonfinite, "cosine": (c.cos_sum + rest_samples) / total,
+            "sqnr_db": sqnr, "top1": (c.top1_agree + rest_samples) / total if c.scores else None}
 
 
 # ---------------------------------------------------------------- sensitivity
@@ -204,13 +244,16 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     available = set(wanted) | set(probe.feeds[0])
     measured = [k for k in outs if outs[k] in wanted and k in originals
                 and all(v.name in available for v in _run_time_inputs(originals[k]))]
-    alone = small(_alone(fp32, [originals[k] for k in measured])) if measured else None
+    axes = {op_key(op): op.weight_axis for op in ops}
+    alone = small(_alone(fp32, [originals[k] for k in measured], [axes[k] for k in measured])) if measured else None
     alone_in = [i.name for i in alone.get_inputs()] if alone is not None else []
     chunk_drift = {n: [0.0, 0.0] for n in wanted}
     chunk_own: dict[str, list] = {k: [0.0, 0.0] for k in measured}
     sims = {k: w for k in measured if (w := _simulated(originals[k])) is not None}
+    emulated = [k for k in measured if alone is not None and outs[k] + WEIGHT_ONLY_ALONE in
+                {o.name for o in alone.get_outputs()}]
     held = 0
-    for feed in probe.feeds:
+    for feed in _head(probe.feeds, SENSITIVITY_SAMPLES):
         ref = dict(zip(wanted, ref_s.run(wanted, feed)))
         got = dict(zip(wanted, q_s.run(wanted, feed)))
         held = max(held, sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values()))
@@ -218,7 +261,13 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
             _accumulate_channels(chunk_drift[n], ref[n], got[n], -1)
         if alone is None:
             continue
-        exact = alone.run([outs[k] + ALONE for k in measured], {n: got[n] if n in got else feed[n] for n in alone_in})
+        run = alone.run([outs[k] + ALONE for k in measured] + [outs[k] + WEIGHT_ONLY_ALONE for k in emulated],
+                        {n: got[n] if n in got else feed[n] for n in alone_in})
+        exact = run[:len(measured)]
+        for key, y in zip(emulated, run[len(measured):]):  # a convolution's weight-only alternative
+            e = exact[measured.index(key)]
+            _accumulate_channels(chunk_own.setdefault(f"{key}/{SchemeName.WEIGHT_ONLY.value}", [0.0, 0.0]), e, y,
+                                 channel_axis(originals[key]))
         for key, e in zip(measured, exact):
             _accumulate_channels(chunk_own[key], e, got[outs[key]], channel_axis(originals[key]))
             x = originals[key].inputs[0].name
@@ -230,6 +279,16 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     return held
 
 
+def _head(feeds: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
+    """The first batches holding at least `samples` samples (all of them if they hold fewer)."""
+    n = 0
+    for i, feed in enumerate(feeds):
+        n += len(next(iter(feed.values()))) if feed else 1
+        if n >= samples:
+            return feeds[:i + 1]
+    return feeds
+
+
 def _simulated(node: ir.Node) -> simulate.Weights | None:
     """A MatMul with a constant 2-D weight: its alternatives are emulated in numpy (quantize/simulate.py).
     The weight-only alternative runs at accuracy level 4 (--accuracy-level cannot change with static int8)."""
@@ -238,21 +297,25 @@ def _simulated(node: ir.Node) -> simulate.Weights | None:
 
 
 ALONE = "::float_alone"  # suffix of the outputs of the ops recomputed in float on the quantized model's tensors
+WEIGHT_ONLY_ALONE = ALONE + "::weight_only"  # ...and of convolutions recomputed with their weight-only weight
 
 
 def _run_time_inputs(node: ir.Node) -> list[ir.Value]:
     return [v for v in node.inputs if v is not None and v.name and (v.const_value is None or v.is_graph_input())]
 
 
-def _alone(model: ir.Model, nodes: list[ir.Node]) -> ir.Model:
+def _alone(model: ir.Model, nodes: list[ir.Node], axes: list[int | None] | None = None) -> ir.Model:
     """The nodes side by side, each alone and in float: constant inputs kept, the others graph
     inputs (fed from the quantized model's tensors), each output renamed with ALONE so that one op
-    never reads another's float recomputation. One session for a whole chunk of ops."""
+    never reads another's float recomputation. One session for a whole chunk of ops. A convolution
+    with a constant weight also runs with its weight as weight-only int8 stores it (per channel along
+    its `axes` entry), output renamed with WEIGHT_ONLY_ALONE: that alternative's own noise, emulated
+    by onnxruntime itself."""
     values: dict[str, ir.Value] = {}
     inputs: list[ir.Value] = []
     inits: list[ir.Value] = []
     clones, outputs = [], []
-    for node in nodes:
+    for i, node in enumerate(nodes):
         for v in node.inputs:
             if v is None or not v.name or v.name in values:
                 continue
@@ -263,13 +326,34 @@ def _alone(model: ir.Model, nodes: list[ir.Node]) -> ir.Model:
             values[v.name] = copy
             (inputs if const is None or v.is_graph_input() else inits).append(copy)
         outs = [ir.Value(name=o.name + ALONE, shape=o.shape, type=o.type) for o in node.outputs]
-        clones.append(ir.node(node.op_type, inputs=[values[v.name] if v is not None and v.name else None
-                                                    for v in node.inputs],
-                              attributes=dict(node.attributes), domain=node.domain, outputs=outs))
+        ins = [values[v.name] if v is not None and v.name else None for v in node.inputs]
+        clones.append(ir.node(node.op_type, inputs=ins, attributes=dict(node.attributes), domain=node.domain,
+                              outputs=outs))
         outputs.append(outs[0])
+        rounded = _weight_only_conv(node, axes[i] if axes else None)
+        if rounded is not None:
+            w = ir.Value(name=node.inputs[1].name + WEIGHT_ONLY_ALONE, shape=ins[1].shape, type=ins[1].type,
+                         const_value=ir.tensor(rounded, name=node.inputs[1].name + WEIGHT_ONLY_ALONE))
+            inits.append(w)
+            alt = [ir.Value(name=o.name + WEIGHT_ONLY_ALONE, shape=o.shape, type=o.type) for o in node.outputs]
+            clones.append(ir.node(node.op_type, inputs=[ins[0], w, *ins[2:]], attributes=dict(node.attributes),
+                                  domain=node.domain, outputs=alt))
+            outputs.append(alt[0])
     graph = ir.Graph(inputs, outputs, nodes=clones, initializers=inits, name="alone")
     graph.opset_imports.update(model.opset_imports)
     return ir.Model(graph, ir_version=model.ir_version)
+
+
+def _weight_only_conv(node: ir.Node, axis: int | None) -> np.ndarray | None:
+    """A convolution's constant float weight as weight-only int8 stores it (quantize/weight_only.py:
+    symmetric int8 behind a DequantizeLinear), dequantized; None for any other node."""
+    if node.op_type not in ("Conv", "ConvTranspose") or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    w = const_array(node.inputs[1])
+    if w is None or w.dtype != np.float32 or node.inputs[1].is_graph_input():
+        return None
+    q, scale, zp = qp.quantize_weight(w, axis)
+    return qp.dequantize(q, scale, zp, axis)
 
 
 def channel_axis(node: ir.Node) -> int:
@@ -427,9 +511,16 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     def at(level: int, k: int) -> dict[str, str]:
         return {n: p for n in order[:k] if (p := pick(n, level)) is not None}
 
+    rows = {r["node"]: r for r in ranked}
+
     def split(level: int, k: int, j: int) -> dict[str, str]:
-        """The top j of the top k at `level`, the other k - j one level back."""
-        return {**at(level - 1, k), **at(level, j)}
+        """Of the top k, the j that keep the most noise one level back go to `level`; the others stay
+        one level back (an op whose cheaper alternative already holds it does not go float before an
+        attention MatMul whose only alternative is float)."""
+        back = at(level - 1, k)
+        worst = sorted(order[:k], key=lambda n: -_noise_at(rows.get(n, {}), back.get(n)))  # stable: ties by rank
+        up = {n: p for n in worst[:j] if (p := pick(n, level)) is not None}
+        return {**back, **up}
 
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
@@ -445,6 +536,20 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
             return result
     result.met = False
     return result
+
+
+def _noise_at(row: Mapping[str, Any], choice: str | None) -> float:
+    """The own noise the sensitivity step measured (or emulated) for an op on `choice` (None: static
+    int8): float has none; an alternative never emulated is taken to be no better than static int8."""
+    if choice == FLOAT:
+        return 0.0
+    static = row.get("own_noise")
+    static = math.inf if static is None else float(static)
+    emulated = row.get("alternatives_own_sqnr_db") or {}
+    if choice is None or choice not in emulated:
+        return static
+    db = emulated[choice]
+    return 0.0 if db is None else 10 ** (-db / 10)
 
 
 def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: SearchResult) -> int:

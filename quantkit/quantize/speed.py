@@ -34,6 +34,9 @@ class GuardReport:
     dropped_kinds: list[str] = field(default_factory=list)  # OpKind values, for plan files
     trials: list[dict] = field(default_factory=list)
     int8_cannot_win: bool = False
+    # (fp32 ms, written model's ms, runs) from the guard's own last interleaved timing of the model it
+    # returns, so the report need not time the same pair again; None when no timing covered it
+    final_ms: tuple[float, float, int] | None = None
 
 
 def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], fp32_sess, feed: dict,
@@ -54,17 +57,19 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
         fp32_ms, with_ms, without_ms, keep = _compare(timer, fp32_sess, current_sess, trial_sess, feed, runs)
         report.trials.append({"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": without_ms,
                               "decision": "kept quantized" if keep else "left float (faster)"})
+        report.final_ms = (fp32_ms, with_ms if keep else without_ms, runs)
         if not keep:
             dropped.add(kind)
             current, current_sess = trial, trial_sess
     if dropped:
         fp32_ms, best_ms = timer([fp32_sess, current_sess], feed, runs)
+        report.final_ms = (fp32_ms, best_ms, runs)
         # quantizing nothing, or still losing to fp32: int8 cannot win, so write the smallest model
         if dropped == kinds or best_ms >= fp32_ms:
             report.int8_cannot_win = True
             report.trials.append({"group": "(all dropped groups restored)", "fp32_ms": fp32_ms, "with_ms": best_ms,
                                   "decision": "no placement beats fp32: writing the smallest model"})
-            dropped, current = set(), full
+            dropped, current, report.final_ms = set(), full, None
     report.dropped = sorted(k.label for k in dropped)
     report.dropped_kinds = sorted(k.value for k in dropped)
     return current, report

@@ -120,3 +120,27 @@ def test_a_noisy_clock_cannot_drop_a_group_that_costs_nothing():
 
     _, report = guard(build, session, FP32, {}, {OpKind.MATMUL, OpKind.CONV}, timer=real_gain)
     assert report.dropped == [OpKind.CONV.label]
+
+
+def test_the_guard_hands_the_report_its_timing_of_the_model_it_returns():
+    """The report reuses the guard's last interleaved timing of the returned model against fp32 instead of
+    timing the same pair again; none when the returned model is one no timing covered."""
+    def cost(d):
+        if d == {"fp32"}:
+            return 100.0
+        return 50.0 - (5.0 if OpKind.ATTENTION_MATMUL in d else 0.0)
+
+    build, session, timer, _ = make(cost)
+    (model, _, _), report = guard(build, session, FP32, {}, {OpKind.MATMUL, OpKind.ATTENTION_MATMUL}, timer=timer)
+    # attention dropped (45 ms), MatMul kept: the final timing is fp32 against the model without attention
+    assert model.dropped == {OpKind.ATTENTION_MATMUL} and report.final_ms == (100.0, 45.0, 10)
+    build, session, timer, _ = make(lambda d: 100.0 if d == {"fp32"} else 50.0)
+    _, report = guard(build, session, FP32, {}, {OpKind.MATMUL}, timer=timer)
+    assert report.final_ms == (100.0, 50.0, 10)  # kept: "with" is the returned model
+
+    def slower(d):
+        return 10.0 if d == {"fp32"} else 10.0 + 3.0 * (2 - len(d))
+
+    build, session, timer, _ = make(slower)
+    (model, _, _), report = guard(build, session, FP32, {}, {OpKind.CONV, OpKind.GEMM}, timer=timer)
+    assert report.int8_cannot_win and report.final_ms is None  # the full model written was not the one timed last

@@ -1,0 +1,99 @@
+"""The probe's early stop: a candidate stops being scored once the target is out of reach even if
+every remaining sample matched fp32, and the decision is always the one the whole probe gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantkit.quantize.budget import Probe, Target
+
+
+class _Fixed:
+    """A session returning given outputs batch after batch, counting the runs."""
+
+    def __init__(self, outputs: list[np.ndarray], names=("y",)):
+        self.outputs, self.runs, self.names = outputs, 0, list(names)
+
+    def get_inputs(self):
+        return []
+
+    def get_outputs(self):
+        return [type("O", (), {"name": n})() for n in self.names]
+
+    def run(self, names, feed):
+        out = self.outputs[self.runs % len(self.outputs)]
+        self.runs += 1
+        return [out]
+
+
+def _probe(batches: int = 8, seed: int = 0) -> tuple[Probe, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    refs = [rng.normal(size=(8, 16)).astype(np.float32) for _ in range(batches)]
+    probe = Probe.take(_Fixed(refs), [{"x": np.zeros((8, 1), np.float32)}] * batches)
+    return probe, refs
+
+
+def _noisy(refs, scales, seed=1):
+    rng = np.random.default_rng(seed)
+    return [r + s * rng.normal(size=r.shape).astype(np.float32) for r, s in zip(refs, scales)]
+
+
+def test_without_a_target_every_batch_is_scored_and_the_figures_are_the_reports():
+    probe, refs = _probe()
+    got = _noisy(refs, [0.05] * 8)
+    s = _Fixed(got)
+    (f,) = probe.score(s)
+    assert s.runs == 8 and "samples_scored" not in f
+    signal = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in refs)
+    noise = sum(float(np.sum((r.astype(np.float64) - g) ** 2)) for r, g in zip(refs, got))
+    assert f["sqnr_db"] == pytest.approx(10 * np.log10(signal / noise), rel=1e-9)
+    agree = sum(int((r.argmax(1) == g.argmax(1)).sum()) for r, g in zip(refs, got))
+    assert f["top1"] == agree / 64 and f["nonfinite"] == 0 and 0.99 < f["cosine"] < 1.0
+
+
+@pytest.mark.parametrize("target", [Target(min_sqnr=30.0), Target(min_cosine=0.999)])
+def test_a_clear_failure_stops_after_the_first_batch_with_the_same_verdict(target):
+    probe, refs = _probe()
+    got = _noisy(refs, [0.5] * 8)  # ~6 dB: hopeless for both targets
+    early, full = _Fixed(got), _Fixed(got)
+    bound = probe.score(early, target)
+    figures = probe.score(full, None)
+    assert early.runs == 1 and full.runs == 8
+    assert bound[0]["samples_scored"] == 8
+    assert target.shortfall(bound) is not None and target.shortfall(figures) is not None
+    assert "at best, after 8 probe samples" in target.shortfall(bound)
+    # the bound is optimistic: never below what the whole probe measures
+    assert bound[0]["sqnr_db"] >= figures[0]["sqnr_db"] and bound[0]["cosine"] >= figures[0]["cosine"]
+
+
+def test_a_candidate_that_meets_the_target_is_scored_in_full_and_identically():
+    probe, refs = _probe()
+    got = _noisy(refs, [0.01] * 8)  # ~40 dB
+    target = Target(min_sqnr=30.0)
+    s = _Fixed(got)
+    assert probe.score(s, target) == probe.score(_Fixed(got), None) and s.runs == 8
+    assert target.shortfall(probe.score(_Fixed(got), target)) is None
+
+
+def test_a_late_bad_batch_is_still_caught_and_a_late_good_one_is_not_cut_short():
+    probe, refs = _probe()
+    target = Target(min_sqnr=30.0)
+    # good first batches, then one awful batch: the bound only fails once the error has arrived
+    late_bad = _noisy(refs, [0.001] * 7 + [3.0])
+    s = _Fixed(late_bad)
+    assert target.shortfall(probe.score(s, target)) is not None and s.runs == 8
+    # a mediocre first batch that the rest (exact) can carry: no early stop, and the full verdict is a pass
+    early_meh = [refs[0] + np.float32(0.04) * np.ones_like(refs[0])] + [r.copy() for r in refs[1:]]
+    s = _Fixed(early_meh)
+    figures = probe.score(s, target)
+    assert s.runs == 8 and target.shortfall(figures) is None
+
+
+def test_non_finite_values_stop_scoring_at_once():
+    probe, refs = _probe()
+    got = [r.copy() for r in refs]
+    got[0][0, 0] = np.nan
+    s = _Fixed(got)
+    bound = probe.score(s, Target(min_cosine=0.9))
+    assert s.runs == 1 and bound[0]["nonfinite"] == 1
