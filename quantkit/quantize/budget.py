@@ -475,7 +475,7 @@ class SearchResult:
 
 def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
            evaluate: Callable[[dict[str, str]], list[dict]], status: Callable[[str], None],
-           max_restores: int = 8) -> SearchResult:
+           max_restores: int = 4) -> SearchResult:
     """Ops leave static int8 in sensitivity order, level by level, measuring as few candidates
     as bisection allows (moving more ops off static int8 is assumed not to hurt; every chosen
     placement is measured, never inferred):
@@ -525,17 +525,95 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
         return result
+    model = NoiseModel.fit(rows, order, target, result.figures)
     for level in range(levels):
         if level and at(level, len(order)) == at(level - 1, len(order)):
             continue
-        if measure(at(level, len(order)), f"every op on alternative {level + 1}"):
-            k = _smallest(functools.partial(at, level), len(order), measure, result)
-            if level:  # of those k, only the most sensitive need this level: the rest one level back
-                _smallest(functools.partial(split, level, k), k, measure, result)
-            _restore(result, choices, order, level, max_restores, measure)
-            return result
+        if level < levels - 1 and model.hopeless(at(level, len(order))):
+            continue
+        k = _guided(functools.partial(at, level), len(order), False, model, measure, result)
+        if k is None:
+            continue
+        if level:  # of those k, only the noisiest one level back need this level: the rest stay there
+            _guided(functools.partial(split, level, k), k, True, model, measure, result)
+        _restore(result, choices, order, level, max_restores, measure)
+        return result
     result.met = False
     return result
+
+
+@dataclass
+class NoiseModel:
+    """The search's guess before it measures: a placement's output noise taken as proportional to
+    the sum of its ops' own noise (sensitivity rows: static int8, each emulated alternative, float 0),
+    the proportion fitted on the all-static candidate. `budget` is the sum the target allows; None
+    when the rows cannot say (an op's noise unknown or infinite), and then nothing is guessed."""
+
+    rows: Mapping[str, Mapping[str, Any]]
+    order: list[str]
+    budget: float | None
+
+    HOPELESS = 4.0  # a level is skipped unmeasured only when its best is this far over the budget
+
+    @classmethod
+    def fit(cls, rows: Mapping[str, Mapping[str, Any]], order: list[str], target: Target,
+            figures: list[dict]) -> NoiseModel:
+        model = cls(rows, order, None)
+        static, allowed = model.total({}), _allowed_fraction(target, figures)
+        if math.isfinite(static) and static > 0 and allowed is not None:
+            model.budget = allowed * static
+        return model
+
+    def total(self, overrides: Mapping[str, str]) -> float:
+        return sum(_noise_at(self.rows.get(n, {}), overrides.get(n)) for n in self.order)
+
+    def hopeless(self, overrides: Mapping[str, str]) -> bool:
+        return self.budget is not None and self.total(overrides) > self.HOPELESS * self.budget
+
+    def smallest(self, build: Callable[[int], dict[str, str]], n: int, slack: float = 1.0) -> int | None:
+        """The smallest k in 1..n whose placement the model says meets the target (with `slack`
+        times the noise allowed); None when it cannot tell or no k does."""
+        if self.budget is None:
+            return None
+        return next((k for k in range(1, n + 1) if self.total(build(k)) <= slack * self.budget), None)
+
+
+def _allowed_fraction(target: Target, figures: list[dict]) -> float | None:
+    """How much of the all-static candidate's output error the target allows (error taken as
+    proportional to noise power: 1 - cosine, 10^(-SQNR/10), top-1 disagreements), the tightest over
+    outputs and figures; None when a figure cannot be scaled (non-finite outputs, no error at all)."""
+    fractions = []
+    for f in figures:
+        if f["nonfinite"]:
+            return None
+        if target.min_cosine is not None and f["cosine"] < 1:
+            fractions.append((1 - target.min_cosine) / (1 - f["cosine"]))
+        if target.min_sqnr is not None and math.isfinite(f["sqnr_db"]):
+            fractions.append(10 ** ((f["sqnr_db"] - target.min_sqnr) / 10))
+        if target.max_disagreement is not None and f.get("top1") is not None and f["top1"] < 1:
+            fractions.append(target.max_disagreement / (1 - f["top1"]))
+    return min(fractions) if fractions else None
+
+
+GUESS_SLACK = 2.0  # the bolder guess first: twice the noise the model allows
+
+
+def _guided(build: Callable[[int], dict[str, str]], n: int, n_meets: bool, model: NoiseModel, measure,
+            result: SearchResult) -> int | None:
+    """The smallest k in 1..n whose placement meets the target, measuring the noise model's guesses
+    first (a bolder one, then the plain one): when a guess meets, it is taken without bisecting
+    below it; when both miss, bisection runs above them. None when not even n meets."""
+    lo = 0
+    for slack in (GUESS_SLACK, 1.0):
+        guess = model.smallest(build, n, slack)
+        if guess is None or guess >= n or guess <= lo:
+            continue
+        if measure(build(guess), f"the {guess} op(s) the noise model picks"):
+            return guess
+        lo = guess
+    if not n_meets and not measure(build(n), f"all {n} op(s) moved"):
+        return None
+    return _smallest(build, n, measure, result, lo)
 
 
 def _noise_at(row: Mapping[str, Any], choice: str | None) -> float:
@@ -552,9 +630,9 @@ def _noise_at(row: Mapping[str, Any], choice: str | None) -> float:
     return 0.0 if db is None else 10 ** (-db / 10)
 
 
-def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: SearchResult) -> int:
-    """Bisection for the smallest k in 1..n whose placement meets the target (n is known to)."""
-    lo, hi = 0, n
+def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: SearchResult, lo: int = 0) -> int:
+    """Bisection for the smallest k in lo+1..n whose placement meets the target (n is known to)."""
+    hi = n
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if measure(build(mid), f"the {mid} most sensitive op(s) moved"):

@@ -65,3 +65,43 @@ def test_float_is_the_last_level_and_takes_ops_with_no_other_alternative_only_th
     assert float_levels and probes[float_levels[0]]["attn"] == FLOAT
     # no probe before the float level touched "attn"
     assert all("attn" not in p for p in probes[:float_levels[0]])
+
+
+def _rows_with_noise() -> list[dict]:
+    """Sensitivity rows carrying the ops' own noise (and emulated alternatives), as the search gets them."""
+    rows = []
+    for n in sorted(NOISE, key=lambda n: -NOISE[n]["static"]):
+        alts = {a: -10 * math.log10(v) for a, v in NOISE[n].items() if a not in ("static", FLOAT)}
+        rows.append({"node": n, "own_noise": NOISE[n]["static"], "alternatives_own_sqnr_db": alts})
+    return rows
+
+
+def _amplified(probes: list, amplify: dict[str, float]):
+    """The output noise is each op's own noise times its amplification (the noise model assumes one)."""
+    def evaluate(overrides: dict[str, str]) -> list[dict]:
+        probes.append(dict(overrides))
+        noise = 1e-9 + sum(amplify.get(n, 1.0) * v[overrides.get(n, "static")] for n, v in NOISE.items())
+        return [{"name": "y", "nonfinite": 0, "cosine": 1 - noise / 2, "sqnr_db": -10 * math.log10(noise),
+                 "top1": None}]
+    return evaluate
+
+
+def test_the_noise_model_guess_meets_the_target_in_fewer_probes_than_bisection():
+    guided: list = []
+    found = search(_rows_with_noise(), CHOICES, Target(min_sqnr=25.0), _amplified(guided, {}), lambda s: None,
+                   max_restores=0)
+    blind: list = []
+    plain = search(RANKED, CHOICES, Target(min_sqnr=25.0), _evaluate(blind), lambda s: None, max_restores=0)
+    assert found.met and plain.met
+    assert found.overrides == plain.overrides  # an exact noise model lands where the bisection does...
+    assert len(guided) < len(blind)  # ...measuring fewer candidates
+
+
+def test_a_wrong_guess_falls_back_to_measuring_and_still_meets_the_target():
+    """down1's noise reaches the output 20x amplified: the model's guesses miss, the bisection above them
+    finds a placement that really meets the target."""
+    probes: list = []
+    found = search(_rows_with_noise(), CHOICES, Target(min_sqnr=25.0), _amplified(probes, {"down1": 20.0}),
+                   lambda s: None, max_restores=0)
+    assert found.met and found.figures[0]["sqnr_db"] >= 25.0
+    assert any(t["moved"] and not t["meets_target"] for t in found.trials)  # a guess was measured and missed
