@@ -488,9 +488,13 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     order = [r["node"] for r in ranked if r["node"] in choices]
     result = SearchResult()
 
+    rows = {r["node"]: r for r in ranked}
+    model = NoiseModel(rows, order, target)
+
     def measure(overrides: dict[str, str], what: str) -> bool:
         status(f"placement: scoring {what}")
         figures = evaluate(overrides)
+        model.observe(overrides, figures)
         why = target.shortfall(figures)
         result.trials.append({"moved": dict(overrides), "figures": figures, "meets_target": why is None,
                               "shortfall": why})
@@ -508,35 +512,35 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
             return choices[n][-1]
         return others[min(level, len(others) - 1)] if others else None
 
-    def at(level: int, k: int) -> dict[str, str]:
-        return {n: p for n in order[:k] if (p := pick(n, level)) is not None}
+    def at(level: int, k: int, ranking: list[str]) -> dict[str, str]:
+        return {n: p for n in ranking[:k] if (p := pick(n, level)) is not None}
 
-    rows = {r["node"]: r for r in ranked}
-
-    def split(level: int, k: int, j: int) -> dict[str, str]:
-        """Of the top k, the j that keep the most noise one level back go to `level`; the others stay
-        one level back (an op whose cheaper alternative already holds it does not go float before an
-        attention MatMul whose only alternative is float)."""
-        back = at(level - 1, k)
-        worst = sorted(order[:k], key=lambda n: -_noise_at(rows.get(n, {}), back.get(n)))  # stable: ties by rank
+    def split(level: int, k: int, ranking: list[str], j: int) -> dict[str, str]:
+        """Of the top k, the j that keep the most (gain-weighted) noise one level back go to `level`;
+        the others stay one level back (an op whose cheaper alternative already holds it does not go
+        float before an attention MatMul whose only alternative is float)."""
+        back = at(level - 1, k, ranking)
+        worst = sorted(ranking[:k], key=lambda n: -model.weighted(n, back.get(n)))  # stable: ties by rank
         up = {n: p for n in worst[:j] if (p := pick(n, level)) is not None}
         return {**back, **up}
 
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
         return result
-    model = NoiseModel.fit(rows, order, target, result.figures)
     for level in range(levels):
-        if level and at(level, len(order)) == at(level - 1, len(order)):
+        everything = at(level, len(order), order)
+        if level and everything == at(level - 1, len(order), order):
             continue
-        if level < levels - 1 and model.hopeless(at(level, len(order))):
+        if level < levels - 1 and model.hopeless(everything):
             continue
-        k = _guided(functools.partial(at, level), len(order), False, model, measure, result)
+        # this level's order: by what moving each op removes, as the gains learnt so far weigh it
+        ranking = model.ranked(order, functools.partial(pick, level=level))
+        k = _guided(functools.partial(at, level, ranking=ranking), len(order), False, model, measure, result)
         if k is None:
             continue
         if level:  # of those k, only the noisiest one level back need this level: the rest stay there
-            _guided(functools.partial(split, level, k), k, True, model, measure, result)
-        _restore(result, choices, order, level, max_restores, measure)
+            _guided(functools.partial(split, level, k, ranking), k, True, model, measure, result)
+        _restore(result, choices, ranking, level, max_restores, measure)
         return result
     result.met = False
     return result
@@ -544,55 +548,109 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
 
 @dataclass
 class NoiseModel:
-    """The search's guess before it measures: a placement's output noise taken as proportional to
-    the sum of its ops' own noise (sensitivity rows: static int8, each emulated alternative, float 0),
-    the proportion fitted on the all-static candidate. `budget` is the sum the target allows; None
-    when the rows cannot say (an op's noise unknown or infinite), and then nothing is guessed."""
+    """The search's guess before it measures: a placement's output error, in units of what the
+    target allows (1 or less meets it), taken as sum over ops of gain[op kind] x the op's own noise
+    on its choice (sensitivity rows: static int8, each emulated alternative; float adds none). The
+    gains start as one number fitted on the all-static candidate and are refitted per op kind on
+    every candidate scored in full (a ridge fit pulled towards the common gain), so that a kind
+    whose noise reaches the output amplified (attention MatMuls) is learnt after a miss or two.
+    Nothing is guessed when the rows cannot say (an op's noise unknown or infinite)."""
 
     rows: Mapping[str, Mapping[str, Any]]
     order: list[str]
-    budget: float | None
+    target: Target
+    observed: list[tuple[dict[str, float], float]] = field(default_factory=list)
+    gain: dict[str, float] | None = None
 
-    HOPELESS = 4.0  # a level is skipped unmeasured only when its best is this far over the budget
+    HOPELESS = 4.0  # a level is skipped unmeasured only when its best is this far over the target
+    PRIOR = 0.1  # weight of the pull towards the common gain in the per-kind fit
 
-    @classmethod
-    def fit(cls, rows: Mapping[str, Mapping[str, Any]], order: list[str], target: Target,
-            figures: list[dict]) -> NoiseModel:
-        model = cls(rows, order, None)
-        static, allowed = model.total({}), _allowed_fraction(target, figures)
-        if math.isfinite(static) and static > 0 and allowed is not None:
-            model.budget = allowed * static
-        return model
+    def features(self, overrides: Mapping[str, str]) -> dict[str, float]:
+        """Own noise summed per op kind under a placement."""
+        out: dict[str, float] = {}
+        for n in self.order:
+            row = self.rows.get(n, {})
+            kind = str(row.get("kind", ""))
+            out[kind] = out.get(kind, 0.0) + _noise_at(row, overrides.get(n))
+        return out
 
-    def total(self, overrides: Mapping[str, str]) -> float:
-        return sum(_noise_at(self.rows.get(n, {}), overrides.get(n)) for n in self.order)
+    def observe(self, overrides: Mapping[str, str], figures: list[dict]) -> None:
+        """A candidate scored in full refits the gains; one stopped early only bounds its error."""
+        error = _error(self.target, figures)
+        f = self.features(overrides)
+        if error is None or error <= 0 or any("samples_scored" in x for x in figures) \
+                or not all(math.isfinite(v) for v in f.values()):
+            return
+        self.observed.append((f, error))
+        self._refit()
+
+    def _refit(self) -> None:
+        kinds = sorted({k for f, _ in self.observed for k in f})
+        a = np.array([[f.get(k, 0.0) for k in kinds] for f, _ in self.observed])
+        e = np.array([err for _, err in self.observed])
+        common = float(e.sum() / max(a.sum(), 1e-300))
+        if common <= 0 or not math.isfinite(common):
+            self.gain = None
+            return
+        scaled = a * common / e[:, None]  # relative fit of each candidate's error, in units of the common gain
+        # the pull towards the common gain weighs each kind by its own column: a kind whose noise is a
+        # small part of every candidate's is still fitted from the candidates
+        prior = self.PRIOR * np.maximum((scaled ** 2).sum(axis=0), 1e-300)
+        x = np.linalg.solve(scaled.T @ scaled + np.diag(prior), scaled.T @ np.ones(len(e)) + prior)
+        self.gain = {k: common * max(float(v), 0.0) for k, v in zip(kinds, x)}
+
+    def weighted(self, n: str, choice: str | None) -> float:
+        """An op's own noise on a choice, times its kind's gain (1 before any fit)."""
+        row = self.rows.get(n, {})
+        gain = 1.0 if self.gain is None else self.gain.get(str(row.get("kind", "")), 0.0)
+        noise = _noise_at(row, choice)
+        return noise if gain == 1.0 or noise == 0 else gain * noise
+
+    def ranked(self, order: list[str], choice: Callable[[str], str | None]) -> list[str]:
+        """`order` re-sorted by the weighted noise moving each op to `choice(op)` removes, largest
+        first (ties, and no fit yet: `order` itself)."""
+        if self.gain is None:
+            return list(order)
+
+        def removed(n: str) -> float:
+            before, after = self.weighted(n, None), self.weighted(n, choice(n))
+            return math.inf if math.isinf(before) and not math.isinf(after) else \
+                (0.0 if math.isinf(before) else before - after)
+
+        return sorted(order, key=lambda n: -removed(n))
+
+    def predict(self, overrides: Mapping[str, str]) -> float | None:
+        if self.gain is None:
+            return None
+        return sum(self.gain.get(k, 0.0) * v for k, v in self.features(overrides).items())
 
     def hopeless(self, overrides: Mapping[str, str]) -> bool:
-        return self.budget is not None and self.total(overrides) > self.HOPELESS * self.budget
+        guess = self.predict(overrides)
+        return guess is not None and guess > self.HOPELESS
 
     def smallest(self, build: Callable[[int], dict[str, str]], n: int, slack: float = 1.0) -> int | None:
         """The smallest k in 1..n whose placement the model says meets the target (with `slack`
-        times the noise allowed); None when it cannot tell or no k does."""
-        if self.budget is None:
+        times the error allowed); None when it cannot tell or no k does."""
+        if self.gain is None:
             return None
-        return next((k for k in range(1, n + 1) if self.total(build(k)) <= slack * self.budget), None)
+        return next((k for k in range(1, n + 1) if (self.predict(build(k)) or 0.0) <= slack), None)
 
 
-def _allowed_fraction(target: Target, figures: list[dict]) -> float | None:
-    """How much of the all-static candidate's output error the target allows (error taken as
-    proportional to noise power: 1 - cosine, 10^(-SQNR/10), top-1 disagreements), the tightest over
-    outputs and figures; None when a figure cannot be scaled (non-finite outputs, no error at all)."""
-    fractions = []
+def _error(target: Target, figures: list[dict]) -> float | None:
+    """The output error in units of what the target allows, the worst over outputs and figures
+    (error taken as 1 - cosine, 10^(-SQNR/10), top-1 disagreement): 1 or less meets the target.
+    None when it cannot be scaled (non-finite outputs, no figure the target names)."""
+    errors = []
     for f in figures:
         if f["nonfinite"]:
             return None
-        if target.min_cosine is not None and f["cosine"] < 1:
-            fractions.append((1 - target.min_cosine) / (1 - f["cosine"]))
+        if target.min_cosine is not None and target.min_cosine < 1:
+            errors.append((1 - f["cosine"]) / (1 - target.min_cosine))
         if target.min_sqnr is not None and math.isfinite(f["sqnr_db"]):
-            fractions.append(10 ** ((f["sqnr_db"] - target.min_sqnr) / 10))
-        if target.max_disagreement is not None and f.get("top1") is not None and f["top1"] < 1:
-            fractions.append(target.max_disagreement / (1 - f["top1"]))
-    return min(fractions) if fractions else None
+            errors.append(10 ** ((target.min_sqnr - f["sqnr_db"]) / 10))
+        if target.max_disagreement and f.get("top1") is not None:
+            errors.append((1 - f["top1"]) / target.max_disagreement)
+    return max(errors) if errors else None
 
 
 GUESS_SLACK = 2.0  # the bolder guess first: twice the noise the model allows

@@ -98,10 +98,17 @@ def test_the_noise_model_guess_meets_the_target_in_fewer_probes_than_bisection()
 
 
 def test_a_wrong_guess_falls_back_to_measuring_and_still_meets_the_target():
-    """down1's noise reaches the output 20x amplified: the model's guesses miss, the bisection above them
-    finds a placement that really meets the target."""
+    """The attention MatMul's noise reaches the output 100x amplified: the first guess (from one common gain)
+    leaves it static and misses; the search measures on, learns the kinds' gains, and meets the target."""
     probes: list = []
-    found = search(_rows_with_noise(), CHOICES, Target(min_sqnr=25.0), _amplified(probes, {"down1": 20.0}),
-                   lambda s: None, max_restores=0)
+    rows = _rows_with_noise()
+    for r in rows:
+        r["kind"] = "attention" if r["node"] == "attn" else "matmul"
+    found = search(rows, CHOICES, Target(min_sqnr=25.0), _amplified(probes, {"attn": 100.0}), lambda s: None,
+                   max_restores=0)
     assert found.met and found.figures[0]["sqnr_db"] >= 25.0
     assert any(t["moved"] and not t["meets_target"] for t in found.trials)  # a guess was measured and missed
+    # the gain learnt for the attention kind sends it float first at the float level: the other ops keep
+    # their cheaper alternatives (ranked by own noise alone, all five would have gone float before it)
+    assert found.overrides == {"down0": "weight_only", "down1": "weight_only", "attn": FLOAT}
+    assert len(probes) <= 7
