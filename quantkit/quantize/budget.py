@@ -456,7 +456,10 @@ def by_gain(ranked: list[dict], choices: Mapping[str, list[str]]) -> list[dict]:
     def gain(row: dict) -> float:
         own = row["own_noise"] if row["own_noise"] is not None else math.inf
         first = next(iter(choices.get(row["node"], [FLOAT])))
-        db = (row.get("alternatives_own_sqnr_db") or {}).get(first, 0.0) if first != FLOAT else None
+        emulated = row.get("alternatives_own_sqnr_db") or {}
+        if first == FLOAT or first not in emulated:  # float, or a figure never emulated: all of it
+            return own
+        db = emulated[first]
         return own - (0.0 if db is None else 10 ** (-db / 10))
 
     return sorted(ranked, key=lambda r: (-gain(r), r["node"]))

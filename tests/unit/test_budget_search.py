@@ -112,3 +112,14 @@ def test_a_wrong_guess_falls_back_to_measuring_and_still_meets_the_target():
     # their cheaper alternatives (ranked by own noise alone, all five would have gone float before it)
     assert found.overrides == {"down0": "weight_only", "down1": "weight_only", "attn": FLOAT}
     assert len(probes) <= 7
+
+
+def test_an_op_whose_first_alternative_was_never_emulated_moves_by_its_own_noise():
+    """A Gemm's dynamic alternative is not emulated: it ranks by all of its own noise, not below every op."""
+    from quantkit.quantize.budget import by_gain
+
+    ranked = [{"node": "gemm", "own_noise": 1e-2, "alternatives_own_sqnr_db": {}},
+              {"node": "mm", "own_noise": 5e-3, "alternatives_own_sqnr_db": {"dynamic": 30.0}},
+              {"node": "attn", "own_noise": 1e-3, "alternatives_own_sqnr_db": {}}]
+    choices = {"gemm": ["dynamic", FLOAT], "mm": ["dynamic", FLOAT], "attn": [FLOAT]}
+    assert [r["node"] for r in by_gain(ranked, choices)] == ["gemm", "mm", "attn"]
