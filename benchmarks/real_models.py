@@ -12,7 +12,7 @@ Models (benchmarks/_real_data.py prepares them once under benchmarks/.cache/real
 Tools, each in its own process on the same calibration .npz:
   quantkit static   `quantkit quantize MODEL --calib CALIB --threads 1` (today's defaults)
                     and the same with --no-speed-guard (the placement before any timing), and with a
-                    target: --min-cosine 0.998 (minilm: the issue's need) or --min-sqnr 20 (the others)
+                    target: --min-cosine 0.997 (minilm: on the per-token output, for the issue's pooled 0.998) or --min-sqnr 20 (the others)
   quantkit dynamic  `quantkit quantize MODEL --activations dynamic`
   quantkit int4     `quantkit quantize MODEL --weights int4` (the transformer models)
   onnxruntime static/dynamic   benchmarks/ort_static.py (QDQ, per-channel, MinMax) / ort_dynamic.py
@@ -59,7 +59,7 @@ def tool_commands(kind: str, d: Path, out: Path) -> dict[str, tuple[list[str], P
           "quantkit dynamic": ["--activations", "dynamic", "--eval", calib]}
     # a target the placement aims for: the fastest placement that meets it (SmoothQuant is on by default)
     if kind == "minilm":  # per-token cosine of the raw output; the pooled embedding is scored here
-        qk["quantkit static --min-cosine 0.998"] = ["--calib", calib, "--min-cosine", 0.998]
+        qk["quantkit static --min-cosine 0.997"] = ["--calib", calib, "--min-cosine", 0.997]
     else:
         qk["quantkit static --min-sqnr 20"] = ["--calib", calib, "--min-sqnr", 20]
     if kind in TRANSFORMERS:
