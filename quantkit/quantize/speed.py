@@ -3,10 +3,10 @@ before anything is written, and drop the groups of quantized ops that make the m
 
 Groups are op kinds (QuantizedOp.kind): Conv, depthwise Conv, Gemm, MatMul, attention
 (activation x activation) MatMul... A group is dropped only when the model without it runs at
-least MARGIN faster in each of REPEATS separate interleaved measurements on a calibration batch:
-one noisy comparison, or a burst of load, cannot change the written model. Timing never undoes
-pure compression (int8 embedding tables cost no compute) unless --require-speedup asks for
-speed. When even the fastest placement is not faster than fp32, int8 cannot win on this model:
+least MARGIN faster in a first short look (which settles most groups) and then in each of
+REPEATS separate interleaved measurements on a calibration batch: one noisy comparison, or a
+burst of load, cannot change the written model. Timing never undoes pure compression (int8
+embedding tables cost no compute) unless --require-speedup asks for speed. When even the fastest placement is not faster than fp32, int8 cannot win on this model:
 the full placement (the smallest file) is kept and the report says how much slower it is.
 """
 
@@ -21,6 +21,7 @@ from quantkit.report.latency import interleaved_ms
 
 MARGIN = 0.05  # timing noise on a quiet machine is ~1-2%, a loaded one more: demand a clear win
 REPEATS = 3  # ...in every one of this many separate measurements (stopping at the first that fails)
+QUICK_RUNS = 5  # ...after a first short look that must show the same win (most groups stop there)
 COMPRESSION_ONLY = (OpKind.EMBEDDING,)  # weight storage only: dropped for speed only when asked
 # Groups tried in this order: the likeliest to lose time first, so later trials start from the
 # faster placement.
@@ -54,10 +55,10 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
         status(f"speed guard: timing the model without {kind} quantized")
         trial = build(dropped | {kind})
         trial_sess = session(trial[0])
-        fp32_ms, with_ms, without_ms, keep = _compare(timer, fp32_sess, current_sess, trial_sess, feed, runs)
+        fp32_ms, with_ms, without_ms, keep, used = _compare(timer, fp32_sess, current_sess, trial_sess, feed, runs)
         report.trials.append({"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": without_ms,
-                              "decision": "kept quantized" if keep else "left float (faster)"})
-        report.final_ms = (fp32_ms, with_ms if keep else without_ms, runs)
+                              "runs": used, "decision": "kept quantized" if keep else "left float (faster)"})
+        report.final_ms = (fp32_ms, with_ms if keep else without_ms, used)
         if not keep:
             dropped.add(kind)
             current, current_sess = trial, trial_sess
@@ -75,10 +76,16 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
     return current, report
 
 
-def _compare(timer, fp32_sess, with_sess, without_sess, feed, runs) -> tuple[float, float, float, bool]:
-    """Median timings; `keep` unless the model without the group wins by MARGIN every time."""
+def _compare(timer, fp32_sess, with_sess, without_sess, feed, runs) -> tuple[float, float, float, bool, int]:
+    """Median timings; `keep` unless the model without the group wins by MARGIN every time: in a
+    first short look (QUICK_RUNS each), which settles most groups, and then in each of REPEATS full
+    measurements."""
+    quick = min(QUICK_RUNS, runs)
+    fp32_ms, with_ms, without_ms = timer([fp32_sess, with_sess, without_sess], feed, quick)
+    if without_ms >= with_ms * (1 - MARGIN):
+        return fp32_ms, with_ms, without_ms, True, quick
     for _ in range(REPEATS):
         fp32_ms, with_ms, without_ms = timer([fp32_sess, with_sess, without_sess], feed, runs)
         if without_ms >= with_ms * (1 - MARGIN):
-            return fp32_ms, with_ms, without_ms, True
-    return fp32_ms, with_ms, without_ms, False
+            return fp32_ms, with_ms, without_ms, True, runs
+    return fp32_ms, with_ms, without_ms, False, runs
