@@ -6,8 +6,9 @@ Groups are op kinds (QuantizedOp.kind): Conv, depthwise Conv, Gemm, MatMul, atte
 least MARGIN faster in a first short look (which settles most groups) and then in each of
 REPEATS separate interleaved measurements on a calibration batch: one noisy comparison, or a
 burst of load, cannot change the written model. Timing never undoes pure compression (int8
-embedding tables cost no compute) unless --require-speedup asks for speed. When even the fastest placement is not faster than fp32, int8 cannot win on this model:
-the full placement (the smallest file) is kept and the report says how much slower it is.
+embedding tables cost no compute) unless --require-speedup asks for speed. When even the
+fastest placement is not faster than fp32, int8 cannot win on this model: the full placement
+(the smallest file) is kept and the report says how much slower it is.
 """
 
 from __future__ import annotations

@@ -225,3 +225,39 @@ def test_masked_softmax_gets_a_floor_that_changes_nothing(opset):
 
 def _run_all(model: ir.Model, feed: dict) -> list:
     return runtime.session(model, None, tag="test").run(None, feed)
+
+
+def _conv_relu_conv(rng: np.random.Generator) -> onnx.ModelProto:
+    w1 = rng.normal(size=(8, 3, 3, 3)).astype(np.float32) * 0.3
+    w2 = (rng.normal(size=(4, 8, 1, 1)) * np.array([1, 5, 0.2, 2])[:, None, None, None]).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["h"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "W2"], ["y"], name="conv2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 6, 6])],
+                          [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_weight_only_conv_weights_are_decoded_by_ops_onnxruntime_folds(tmp_path):
+    """Weight-only convolutions (int8 weights, float inputs): the written model decodes the int8 codes with
+    Cast/Mul, which onnxruntime folds at load, not with a DequantizeLinear it runs (and cannot prepack) on
+    every call; the numbers are the DequantizeLinear's. Static int8 convolutions keep their QDQ."""
+    rng = np.random.default_rng(3)
+    model = ir.serde.deserialize_model(_conv_relu_conv(rng))
+    x = rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
+    placement = placement_for(QuantConfig(weights="int4", activations="none"))  # convs: int8 weights behind a DQ
+    plain, _, _ = placement.build(model, set(), "", lower=False)
+    lowered, _, _ = placement.build(model, set(), "")
+    weight_only = Counter(n.op_type for n in plain.graph)["DequantizeLinear"]
+    assert weight_only >= 1
+    ops = Counter(n.op_type for n in lowered.graph)
+    assert ops["DequantizeLinear"] == 0 and ops["Cast"] == ops["Mul"] == weight_only and ops["Conv"] == 2
+    codes = [i for i in lowered.graph.initializers.values() if i.const_value.dtype == ir.DataType.INT8]
+    assert len(codes) == weight_only  # the file still holds int8 codes
+    np.testing.assert_allclose(_run(lowered, x), _run(plain, x), rtol=1e-5, atol=1e-5)  # conv algorithms differ
+
+    static = placement_for(QuantConfig())
+    static.use(collect(model, static.requests(model), ({"x": b} for b in np.array_split(x, 2)), tmp_path))
+    q, _, _ = static.build(model, set(), "")
+    assert Counter(n.op_type for n in q.graph)["Cast"] == 0  # DQ -> Conv <- DQ stays for QLinearConv
