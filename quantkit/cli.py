@@ -20,7 +20,14 @@ from click.core import ParameterSource
 
 from quantkit import __version__
 from quantkit.config import Activations, Algorithm, Format, Method, Weights
-from quantkit.errors import AccuracyGateError, QuantkitError
+from quantkit.errors import (
+    AccuracyGateError,
+    Interrupted,
+    QuantkitError,
+    clear_signals,
+    raise_if_interrupted,
+    signal_received,
+)
 
 EXIT_CODES = """\b
 Exit codes:
@@ -134,6 +141,7 @@ class _Run:
         self.printed = False  # a JSON document is already on stdout
 
     def status(self, msg: str) -> None:
+        raise_if_interrupted()  # a signal whose exception Python dropped (see errors.py)
         if not self.o.get("quiet"):
             click.echo(f"quantkit: {msg}", file=self.err)
 
@@ -196,19 +204,13 @@ def _fail(run: _Run, exc: BaseException, message: str, code: int, prefix: str = 
     return code
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP: unwinds like Ctrl-C, so every temporary file is removed."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.name = signal.Signals(signum).name
-        self.exit_code = 128 + signum
-
-
 @contextlib.contextmanager
 def _signals_interrupt():
     def handler(signum, frame):
+        signal_received(signum)
         raise Interrupted(signum)
+
+    clear_signals()
 
     wanted = [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)]
     try:
@@ -224,6 +226,7 @@ def _signals_interrupt():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        clear_signals()
 
 
 def _own_stream(stream):
@@ -359,6 +362,7 @@ class TerminalProgress:
             self.bar.__enter__()
 
     def advance(self, n: int) -> None:
+        raise_if_interrupted()  # a signal whose exception Python dropped (see errors.py)
         self.done += n
         if self.bar is not None:
             self.bar.update(n)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quantkit.errors import ConfigError, InputError
+from quantkit.errors import ConfigError, InputError, raise_if_interrupted
 
 if TYPE_CHECKING:  # `quantkit apply` writes through here on devices without onnx-ir or onnxruntime
     import onnx_ir as ir
@@ -171,6 +171,7 @@ class Outputs:
         self.stage_written(path, lambda p: shutil.copyfile(src, p))
 
     def commit(self) -> list[Path]:
+        raise_if_interrupted()  # nothing is placed after a signal, even one whose exception Python dropped
         placed: list[Path] = []
         try:
             for staged, dest in self._pending:

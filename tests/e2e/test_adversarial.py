@@ -503,6 +503,43 @@ def test_signals_clean_up_and_exit_128_plus_n(tmp_path, sig, code):
     _outputs_absent(out)
 
 
+def test_a_signal_whose_exception_python_dropped_still_stops_the_run(run, tmp_path, monkeypatch):
+    """The handler's Interrupted can be raised inside a __del__ or a finalizer, where Python only prints
+    "Exception ignored" and goes on: the recorded signal stops the run at the next status line, and
+    nothing is written."""
+    from quantkit import api, errors
+
+    real = api._canonicalize
+
+    def dropped(*a, **k):
+        errors.signal_received(signal.SIGTERM)  # what the handler records before its raise is lost
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "_canonicalize", dropped)
+    out = tmp_path / "o.onnx"
+    r = run(CNN / "model.onnx", "--calib", CNN / "calib.npz", "-o", out, "--report", tmp_path / "r.json",
+            expect=143)
+    assert "interrupted by SIGTERM" in r.stderr
+    _outputs_absent(out, tmp_path / "r.json")
+    assert errors._received == []  # cleared when the command ends
+
+
+def test_outputs_are_not_placed_after_a_signal(tmp_path):
+    from quantkit import errors
+    from quantkit.output import Outputs
+
+    target = tmp_path / "x.json"
+    with Outputs(False) as out:
+        out.stage_json({"a": 1}, target)
+        errors.signal_received(signal.SIGINT)
+        try:
+            with pytest.raises(errors.Interrupted):
+                out.commit()
+        finally:
+            errors.clear_signals()
+    _outputs_absent(target)
+
+
 # ---------------------------------------------------------------- real-world input signatures
 
 def test_stateful_model_with_a_scalar_and_a_state_batched_on_axis_1(run, tmp_path):
