@@ -250,8 +250,10 @@ def test_delta_between_quantized_models_sends_integer_weights_and_scales_exactly
     # every tensor of a quantized weight (integers, and scales however large: int4 block scales
     # of head.1 have 2,048 values) is exact or unchanged, never a 1-bit sign delta
     assert all(by_name[k]["encoding"] in ("exact", "unchanged") for k in wn)
-    assert any(by_name[k]["encoding"] == "unchanged" for k in wn)  # e.g. the weights' zero points
-    assert all(by_name[k]["encoding"] == "unchanged" for k in wn if np.array_equal(wb[k], wn[k]))
+    same = [k for k in wn if k in wb and np.array_equal(wb[k], wn[k])]
+    # e.g. the int8 weights' zero points (int4 runs store their convolutions' codes with no zero point)
+    assert same or "int4" in str(base.parent.name)
+    assert all(by_name[k]["encoding"] == "unchanged" for k in same)
     assert report["bytes"]["update"] < report["bytes"]["zipped_fp32_delta"]
     assert run("apply", base, upd, "-o", out).exit_code == 0
     got = _weights(out)
