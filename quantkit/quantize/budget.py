@@ -518,14 +518,18 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     def at(level: int, k: int, ranking: list[str]) -> dict[str, str]:
         return {n: p for n in ranking[:k] if (p := pick(n, level)) is not None}
 
-    def split(level: int, k: int, ranking: list[str], j: int) -> dict[str, str]:
-        """Of the top k, the j that keep the most (gain-weighted) noise one level back go to `level`;
-        the others stay one level back (an op whose cheaper alternative already holds it does not go
-        float before an attention MatMul whose only alternative is float)."""
+    def split(level: int, k: int, ranking: list[str]) -> Callable[[int], dict[str, str]]:
+        """j -> of the top k, the j that keep the most (gain-weighted) noise one level back go to
+        `level`, the others stay one level back (an op whose cheaper alternative already holds it does
+        not go float before an attention MatMul whose only alternative is float). The order is fixed
+        when the family is made: the gains move as candidates are scored, the family must not."""
         back = at(level - 1, k, ranking)
         worst = sorted(ranking[:k], key=lambda n: -model.weighted(n, back.get(n)))  # stable: ties by rank
-        up = {n: p for n in worst[:j] if (p := pick(n, level)) is not None}
-        return {**back, **up}
+
+        def build(j: int) -> dict[str, str]:
+            return {**back, **{n: p for n in worst[:j] if (p := pick(n, level)) is not None}}
+
+        return build
 
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
@@ -542,7 +546,7 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
         if k is None:
             continue
         if level:  # of those k, only the noisiest one level back need this level: the rest stay there
-            _guided(functools.partial(split, level, k, ranking), k, True, model, measure, result)
+            _guided(split(level, k, ranking), k, True, model, measure, result)
         _restore(result, choices, ranking, level, max_restores, measure)
         return result
     result.met = False

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import pytest
+
 from quantkit.quantize.budget import FLOAT, Target, search
 
 # noise each op adds on each choice (relative power); static default
@@ -123,3 +126,34 @@ def test_an_op_whose_first_alternative_was_never_emulated_moves_by_its_own_noise
               {"node": "attn", "own_noise": 1e-3, "alternatives_own_sqnr_db": {}}]
     choices = {"gemm": ["dynamic", FLOAT], "mm": ["dynamic", FLOAT], "attn": [FLOAT]}
     assert [r["node"] for r in by_gain(ranked, choices)] == ["gemm", "mm", "attn"]
+
+
+@pytest.mark.parametrize("seed", [*range(30), 125, 390])  # 125, 390: a family changed under the bisection
+def test_random_models_and_targets_always_end_in_a_measured_placement(seed):
+    """Random own noises, kinds, amplifications and targets: the search never fails internally (the gains
+    move while it measures: every family it bisects over is fixed when made), every placement it returns
+    was measured, and it meets the target whenever everything float does."""
+    rng = np.random.default_rng(seed)
+    names = [f"op{i}" for i in range(int(rng.integers(3, 25)))]
+    kinds = {n: str(rng.choice(["conv", "matmul", "attention"])) for n in names}
+    static = {n: float(10 ** rng.uniform(-5, -2)) for n in names}
+    alts = {n: {a: static[n] * float(10 ** rng.uniform(-3, 0)) for a in ("dynamic", "weight_only")
+                if kinds[n] != "attention" and rng.random() < 0.8} for n in names}
+    gain = {k: float(10 ** rng.uniform(-1, 2)) for k in ("conv", "matmul", "attention")}
+    choices = {n: [*alts[n], FLOAT] for n in names}
+    ranked = sorted(({"node": n, "kind": kinds[n], "own_noise": static[n],
+                      "alternatives_own_sqnr_db": {a: -10 * math.log10(v) for a, v in alts[n].items()}}
+                     for n in names), key=lambda r: -r["own_noise"])
+
+    def evaluate(overrides):
+        noise = 1e-9 + sum(gain[kinds[n]] * (0.0 if overrides.get(n) == FLOAT else
+                                            alts[n].get(overrides.get(n), static[n])) for n in names)
+        return [{"name": "y", "nonfinite": 0, "cosine": 1 - noise / 2, "sqnr_db": -10 * math.log10(noise),
+                 "top1": None}]
+
+    target = Target(min_sqnr=float(rng.uniform(10, 60)))
+    found = search(ranked, choices, target, evaluate, lambda s: None)
+    assert found.overrides in [t["moved"] for t in found.trials]
+    assert found.met == (target.shortfall(found.figures) is None)
+    if target.shortfall(evaluate(dict.fromkeys(names, FLOAT))) is None:
+        assert found.met
