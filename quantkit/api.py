@@ -239,17 +239,9 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
         pruning["storage"] = summarize(store_sparse(qmodel))
     q_path = workdir / "quantized.onnx"
     runtime.save(qmodel, q_path)
-    try:
-        qsess = runtime.session(q_path, workdir, tag="quantized")
-    except UnsupportedModelError as e:  # our own output failed to load: that is a bug
-        raise RuntimeError(f"internal error: {e}") from e
     # the speed guard timed the very model written unless something changed it afterwards
     guarded = finetuned is None and not inner and not (pruning is not None and cfg.prune.sparse)
-
-    def timed_session():
-        return runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads) if cfg.threads else qsess
-
-    latency = _latency(cfg, inputs, timed_session, guard_report if guarded else GuardReport())
+    qsess, latency = _written(cfg, inputs, q_path, workdir, guard_report if guarded else GuardReport())
     outputs, evaluation = _measure(cfg, inputs, qsess, latency, guard_report, notes, status, progress)
     laps.lap("evaluate")
     report = _report(Outcome(cfg, inputs, placement, calibration, plan, rw, guard_report, outputs, latency,
@@ -499,6 +491,19 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
         built, report = build(set()), GuardReport()
     status(f"quantized {len(built[1].ops)} node(s)")
     return built, report
+
+
+def _written(cfg: RunConfig, inputs: Inputs, q_path: Path, workdir: Path, guard_report: GuardReport):
+    """The written model's session and its latency against fp32."""
+    try:
+        qsess = runtime.session(q_path, workdir, tag="quantized")
+    except UnsupportedModelError as e:  # our own output failed to load: that is a bug
+        raise RuntimeError(f"internal error: {e}") from e
+
+    def timed_session():
+        return runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads) if cfg.threads else qsess
+
+    return qsess, _latency(cfg, inputs, timed_session, guard_report)
 
 
 def _latency(cfg: RunConfig, inputs: Inputs, timed_session, guard_report: GuardReport) -> dict:

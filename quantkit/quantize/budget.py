@@ -476,23 +476,59 @@ class SearchResult:
     shortfall: str | None = None
 
 
+@dataclass
+class Levels:
+    """Each op's choices as levels: level L is its L-th non-float alternative (its last one when it
+    has fewer; none when it has no other), and float is the last level of all: an op with no other
+    alternative (an embedding table, an attention MatMul) stays static int8 until every cheaper scheme
+    of the others has been tried."""
+
+    choices: Mapping[str, list[str]]
+
+    @property
+    def count(self) -> int:
+        return 1 + max((len([c for c in cs if c != FLOAT]) for cs in self.choices.values()), default=0)
+
+    def pick(self, n: str, level: int) -> str | None:
+        others = [c for c in self.choices[n] if c != FLOAT]
+        if level >= self.count - 1:
+            return self.choices[n][-1]
+        return others[min(level, len(others) - 1)] if others else None
+
+    def at(self, level: int, k: int, ranking: list[str]) -> dict[str, str]:
+        """The top k of `ranking` on their level-th choice, the others static."""
+        return {n: p for n in ranking[:k] if (p := self.pick(n, level)) is not None}
+
+    def split(self, level: int, k: int, ranking: list[str], model: NoiseModel) -> Callable[[int], dict[str, str]]:
+        """j -> of the top k, the j that keep the most (gain-weighted) noise one level back go to
+        `level`, the others stay one level back (an op whose cheaper alternative already holds it does
+        not go float before an attention MatMul whose only alternative is float). The order is fixed
+        when the family is made: the gains move as candidates are scored, the family must not."""
+        back = self.at(level - 1, k, ranking)
+        worst = sorted(ranking[:k], key=lambda n: -model.weighted(n, back.get(n)))  # stable: ties by rank
+
+        def build(j: int) -> dict[str, str]:
+            return {**back, **{n: p for n in worst[:j] if (p := self.pick(n, level)) is not None}}
+
+        return build
+
+
 def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
            evaluate: Callable[[dict[str, str]], list[dict]], status: Callable[[str], None],
            max_restores: int = 4) -> SearchResult:
-    """Ops leave static int8 in sensitivity order, level by level, measuring as few candidates
-    as bisection allows (moving more ops off static int8 is assumed not to hurt; every chosen
-    placement is measured, never inferred):
+    """Ops leave static int8 level by level (see Levels), measuring as few candidates as the noise
+    model's guesses and bisection allow (moving more ops off static int8 is assumed not to hurt;
+    every chosen placement is measured, never inferred):
 
-    for level 0, 1, ... each op's level-th alternative (its last one when it has fewer): if the
-    top ops all on that alternative meet the target, the smallest such top-k is bisected for and
-    the search stops there; of those k, the smallest top-j that must stay at that level is
-    bisected for too, the rest going one level back; then the chosen ops least sensitive first go
-    back one more level where the target still holds, at most `max_restores` probes."""
+    for level 0, 1, ... (skipping a level the noise model puts far over the target) the ops, ranked
+    by the weighted noise moving them removes, go to that level's choice: the smallest top-k that
+    meets the target is found (guesses first, bisection above a guess that misses) and the search
+    stops there; of those k, the fewest that must stay at that level are found the same way, the
+    rest going one level back; then the chosen ops least sensitive first go back one more level
+    where the target still holds, at most `max_restores` probes."""
     order = [r["node"] for r in ranked if r["node"] in choices]
     result = SearchResult()
-
-    rows = {r["node"]: r for r in ranked}
-    model = NoiseModel(rows, order, target)
+    model = NoiseModel({r["node"]: r for r in ranked}, order, target)
 
     def measure(overrides: dict[str, str], what: str) -> bool:
         status(f"placement: scoring {what}")
@@ -505,48 +541,23 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
             result.overrides, result.figures, result.shortfall = dict(overrides), figures, why
         return why is None
 
-    # float is its own last level: an op with no other alternative (an embedding table, an attention
-    # MatMul) stays static int8 until every cheaper scheme of the others has been tried
-    levels = 1 + max((len([c for c in cs if c != FLOAT]) for cs in choices.values()), default=0)
-
-    def pick(n: str, level: int) -> str | None:
-        others = [c for c in choices[n] if c != FLOAT]
-        if level >= levels - 1:
-            return choices[n][-1]
-        return others[min(level, len(others) - 1)] if others else None
-
-    def at(level: int, k: int, ranking: list[str]) -> dict[str, str]:
-        return {n: p for n in ranking[:k] if (p := pick(n, level)) is not None}
-
-    def split(level: int, k: int, ranking: list[str]) -> Callable[[int], dict[str, str]]:
-        """j -> of the top k, the j that keep the most (gain-weighted) noise one level back go to
-        `level`, the others stay one level back (an op whose cheaper alternative already holds it does
-        not go float before an attention MatMul whose only alternative is float). The order is fixed
-        when the family is made: the gains move as candidates are scored, the family must not."""
-        back = at(level - 1, k, ranking)
-        worst = sorted(ranking[:k], key=lambda n: -model.weighted(n, back.get(n)))  # stable: ties by rank
-
-        def build(j: int) -> dict[str, str]:
-            return {**back, **{n: p for n in worst[:j] if (p := pick(n, level)) is not None}}
-
-        return build
-
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
         return result
-    for level in range(levels):
-        everything = at(level, len(order), order)
-        if level and everything == at(level - 1, len(order), order):
+    levels = Levels(choices)
+    for level in range(levels.count):
+        everything = levels.at(level, len(order), order)
+        if level and everything == levels.at(level - 1, len(order), order):
             continue
-        if level < levels - 1 and model.hopeless(everything):
+        if level < levels.count - 1 and model.hopeless(everything):
             continue
         # this level's order: by what moving each op removes, as the gains learnt so far weigh it
-        ranking = model.ranked(order, functools.partial(pick, level=level))
-        k = _guided(functools.partial(at, level, ranking=ranking), len(order), False, model, measure, result)
+        ranking = model.ranked(order, functools.partial(levels.pick, level=level))
+        k = _guided(functools.partial(levels.at, level, ranking=ranking), len(order), False, model, measure, result)
         if k is None:
             continue
         if level:  # of those k, only the noisiest one level back need this level: the rest stay there
-            _guided(split(level, k, ranking), k, True, model, measure, result)
+            _guided(levels.split(level, k, ranking, model), k, True, model, measure, result)
         _restore(result, choices, ranking, level, max_restores, measure)
         return result
     result.met = False
