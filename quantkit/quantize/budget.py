@@ -530,7 +530,15 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     result = SearchResult()
     model = NoiseModel({r["node"]: r for r in ranked}, order, target)
 
+    verdicts: dict[frozenset, bool] = {}
+
     def measure(overrides: dict[str, str], what: str) -> bool:
+        key = frozenset(overrides.items())
+        if key in verdicts:  # a family with flat steps (ops with no choice at a level) asks twice
+            if verdicts[key]:
+                result.overrides, result.shortfall = dict(overrides), None
+                result.figures = next(t["figures"] for t in result.trials if t["moved"] == overrides)
+            return verdicts[key]
         status(f"placement: scoring {what}")
         figures = evaluate(overrides)
         model.observe(overrides, figures)
@@ -539,6 +547,7 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
                               "shortfall": why})
         if why is None or not result.figures:
             result.overrides, result.figures, result.shortfall = dict(overrides), figures, why
+        verdicts[key] = why is None
         return why is None
 
     if measure({}, "every op in static int8") or not order:

@@ -157,3 +157,14 @@ def test_random_models_and_targets_always_end_in_a_measured_placement(seed):
     assert found.met == (target.shortfall(found.figures) is None)
     if target.shortfall(evaluate(dict.fromkeys(names, FLOAT))) is None:
         assert found.met
+
+
+def test_no_placement_is_measured_twice():
+    """Ops with no choice at a level make flat steps in its family: the bisection asks for the same
+    placement again, and gets the verdict it already has."""
+    probes: list = []
+    found = search(RANKED, CHOICES, Target(min_sqnr=25.0), _evaluate(probes), lambda s: None)
+    keys = [frozenset(p.items()) for p in probes]
+    assert found.met and len(keys) == len(set(keys))
+    for seed in (3, 125):
+        test_random_models_and_targets_always_end_in_a_measured_placement(seed)  # still consistent
