@@ -716,14 +716,24 @@ def _noise_at(row: Mapping[str, Any], choice: str | None) -> float:
 
 
 def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: SearchResult, lo: int = 0) -> int:
-    """Bisection for the smallest k in lo+1..n whose placement meets the target (n is known to)."""
-    hi = n
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if measure(build(mid), f"the {mid} most sensitive op(s) moved"):
-            hi = mid
+    """Bisection for the smallest k in lo+1..n whose placement meets the target (n is known to), over
+    the k that change the placement (an op with no choice at a level leaves it as it was)."""
+    steps, prev = [], build(lo)
+    for k in range(lo + 1, n + 1):
+        cur = build(k)
+        if cur != prev:
+            steps.append(k)
+            prev = cur
+    if not steps:
+        steps.append(n)
+    a, b = -1, len(steps) - 1  # the last step places what n does (nothing changes after it): it meets
+    while b - a > 1:
+        mid = (a + b) // 2
+        if measure(build(steps[mid]), f"the {steps[mid]} most sensitive op(s) moved"):
+            b = mid
         else:
-            lo = mid
+            a = mid
+    hi = steps[b]
     best = build(hi)
     result.overrides, result.shortfall = best, None
     result.figures = next(t["figures"] for t in reversed(result.trials) if t["moved"] == best)
