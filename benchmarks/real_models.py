@@ -12,7 +12,8 @@ Models (benchmarks/_real_data.py prepares them once under benchmarks/.cache/real
 Tools, each in its own process on the same calibration .npz:
   quantkit static   `quantkit quantize MODEL --calib CALIB --threads 1` (today's defaults)
                     and the same with --no-speed-guard (the placement before any timing), and with a
-                    target: --min-cosine 0.997 (minilm: on the per-token output, for the issue's pooled 0.998) or --min-sqnr 20 (the others)
+                    target: --min-cosine 0.997 (minilm: on the per-token output, for the issue's pooled
+                    0.998) or --min-sqnr 20 (the others)
   quantkit dynamic  `quantkit quantize MODEL --activations dynamic`
   quantkit int4     `quantkit quantize MODEL --weights int4` (the transformer models)
   onnxruntime static/dynamic   benchmarks/ort_static.py (QDQ, per-channel, MinMax) / ort_dynamic.py
