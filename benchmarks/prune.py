@@ -74,14 +74,17 @@ def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
     return out
 
 
-def bench(kind: str, cache: Path, rounds: int) -> dict:
+def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None) -> dict:
     d = cache / kind
     out = ROOT / "benchmarks" / ".cache" / "prune" / kind
     out.mkdir(parents=True, exist_ok=True)
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     runs: dict[str, dict] = {"fp32": {"path": str(d / "model.onnx")}}
-    runs["pruned 30% fp32 (no quantization)"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
+    if not only:
+        runs["pruned 30% fp32 (no quantization)"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
     for name, args in runs_for(kind, d).items():
+        if only and not name.startswith("int8") and not any(o in name for o in only):
+            continue
         path = out / (name.replace(" ", "_").replace("%", "").replace("+", "").replace("(", "").replace(")", "")
                       + ".onnx")
         report = path.with_suffix(".json")
@@ -132,9 +135,12 @@ def main() -> None:
     ap.add_argument("--model", required=True, choices=["minilm", "ocr_rec", "ocr_cls"])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the prepared real models")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing runs per repetition")
+    ap.add_argument("--only", nargs="+", metavar="TEXT", help="only the rows whose name contains one of these "
+                    "(fp32 and int8 alone are always run)")
     args = ap.parse_args()
-    result = bench(args.model, args.cache, args.rounds)
-    out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / "results.json"
+    result = bench(args.model, args.cache, args.rounds, args.only)
+    name = "results.json" if not args.only else "results_" + "_".join(args.only).replace(" ", "-") + ".json"
+    out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / name
     out.write_text(json.dumps(result, indent=1, default=str))
     print(table(args.model, result))
 
