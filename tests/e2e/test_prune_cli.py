@@ -43,11 +43,36 @@ def test_channel_pruning_then_int8_on_the_digits_cnn(samples, tmp_path):
     assert sess.run(None, {name: data[name][:4]})[0].shape[0] == 4
 
 
+def test_sensitivity_allocation_on_the_digits_cnn(samples, tmp_path):
+    d = samples / "digits_cnn"
+    out, rep = tmp_path / "cnn.onnx", tmp_path / "report.json"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
+                 "--report", rep, "--prune", "0.3", "--prune-allocation", "sensitivity", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    p = report["pruning"]
+    assert p["allocation"] == "sensitivity" and report["effective_config"]["prune_allocation"] == "sensitivity"
+    curves = p["sensitivity"]["curves"]
+    assert len(curves) >= 2 and all(c["noise"][0] == 0 and c["ratios"][0] == 0 for c in curves)
+    # 30% of the prunable groups' MACs, spread by the curves (each group rounded to whole channels)
+    removed = sum(c["macs"] * c["chosen"] for c in curves) / sum(c["macs"] for c in curves)
+    assert removed == pytest.approx(0.3, abs=1e-3)  # chosen ratios are reported to 4 decimals
+    chosen = {c["group"]: c["chosen"] for c in curves}
+    for layer in p["layers"]:
+        assert layer["ratio"] == pytest.approx(chosen[layer["layer"]], abs=1 / layer["channels_before"] + 1e-9)
+    assert len({round(c["chosen"], 2) for c in curves}) > 1  # not uniform
+    assert p["macs_after"] < p["macs_before"]
+    assert "per-layer ratios from each group's output noise" in r.output
+    assert report["outputs"][0]["top1_agreement"] > 0.9
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prune", "1.5"], "--prune must be a fraction in (0, 1)"),
     (["--prune-method", "wanda"], "need --prune RATIO"),
     (["--prune", "0.3", "--prune-method", "wanda"], "--prune-method applies to --prune-structure unstructured"),
     (["--prune", "0.3", "--prune-structure", "2:4"], "use --prune 0.5"),
+    (["--prune", "0.3", "--prune-structure", "head", "--prune-allocation", "sensitivity"],
+     "--prune-allocation sensitivity applies to --prune-structure channel"),
 ])
 def test_bad_prune_options_are_usage_errors(samples, tmp_path, args, message):
     d = samples / "digits_cnn"
