@@ -41,15 +41,19 @@ def runs_for(kind: str, d: Path) -> dict[str, list]:
         return {"int8 (dynamic)": int8,
                 "prune 10% FFN + int8": [*int8, "--prune", "0.1"],
                 "prune 30% FFN + int8": [*int8, "--prune", "0.3"],
+                "prune 30% FFN (sensitivity) + int8": [*int8, "--prune", "0.3", "--prune-allocation", "sensitivity"],
                 "prune 25% heads + int8": [*int8, "--prune", "0.25", "--prune-structure", "head"],
                 "int4 (block 128)": int4,
                 "unstructured 50% wanda + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured"],
                 "unstructured 50% sparsegpt + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured",
                                                       "--prune-method", "sparsegpt"]}
     int8 = ["--calib", calib]
+    sens = ["--prune-allocation", "sensitivity"]
     return {"int8 (static)": int8,
             "prune 30% channels + int8": [*int8, "--prune", "0.3"],
-            "prune 50% channels + int8": [*int8, "--prune", "0.5"]}
+            "prune 50% channels + int8": [*int8, "--prune", "0.5"],
+            **{f"prune {p}% MACs (sensitivity) + int8": [*int8, "--prune", str(p / 100), *sens]
+               for p in (10, 12.5, 15, 20, 30)}}
 
 
 def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:

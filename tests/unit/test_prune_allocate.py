@@ -84,3 +84,33 @@ def test_sensitivity_prunes_the_insensitive_layer_more_and_leaves_less_noise(tmp
     assert all(np.diff(c["noise"]).min() >= 0 for c in curves.values())  # more pruning, more noise
     assert sens_noise < 0.5 * out["uniform"][1]
     assert "sensitivity" not in out["uniform"][0]
+
+
+def test_a_ratio_search_measures_the_curves_once_and_meets_its_target(tmp_path, monkeypatch):
+    from quantkit import runtime
+    from quantkit.config import PruneConfig
+    from quantkit.prune import prune_to_target, sensitivity
+    from quantkit.quantize.budget import Target
+
+    rng = np.random.default_rng(1)
+    proto = _two_branches(rng)
+    data = [{"x": rng.normal(0, 1, (32, 16)).astype(np.float32)} for _ in range(4)]
+    ref = _run(ir.serde.deserialize_model(proto), data[0]["x"])
+    calls = []
+    measure = sensitivity.curves
+    monkeypatch.setattr(sensitivity, "curves", lambda *a, **k: calls.append(1) or measure(*a, **k))
+
+    def score(m):
+        sess = runtime.session(m, tmp_path, tag="t")
+        y = sess.run(None, data[0])[0]
+        cos = float(np.mean(np.sum(y * ref, 1) / np.linalg.norm(y, axis=1) / np.linalg.norm(ref, axis=1)))
+        return [{"name": "y", "cosine": cos, "sqnr_db": 40.0, "top1": None, "nonfinite": 0}]
+
+    model = ir.serde.deserialize_model(proto)
+    cfg = PruneConfig(ratio=0.75, allocation="sensitivity")
+    pruned, section = prune_to_target(model, cfg, lambda: iter(data), data[0], tmp_path, Target(min_cosine=0.999),
+                                      score)
+    trials = section["search"]["trials"]
+    assert len(trials) > 1 and len(calls) == 1  # several ratios tried, curves measured once
+    assert score(pruned)[0]["cosine"] >= 1 - (1 - 0.999) / 2  # the half budget pruning may use
+    assert 0 < section["search"]["chosen_ratio"] < 0.75 and section["allocation"] == "sensitivity"
