@@ -53,7 +53,7 @@ def runs_for(kind: str, d: Path) -> dict[str, list]:
             "prune 30% channels + int8": [*int8, "--prune", "0.3"],
             "prune 50% channels + int8": [*int8, "--prune", "0.5"],
             **{f"prune {p}% MACs (sensitivity) + int8": [*int8, "--prune", str(p / 100), *sens]
-               for p in (10, 12.5, 15, 20, 30)}}
+               for p in (10, 12.5, 15, 20, 30, 40)}}
 
 
 def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
