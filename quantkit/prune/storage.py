@@ -310,7 +310,7 @@ def compact_scales(graph: ir.Graph, editor: Editor) -> list[dict]:
             mag = chain.op("Exp", [chain.op("Add", [scaled, chain.const(f"{tag}_lo", np.float32(lo), own=True)])])
             sign = chain.member(signs, len(records), start, start + s.size, s.shape)
             out, stored, start = chain.op("Mul", [mag, sign]), k.nbytes + (s.size + 7) // 8 + 8, start + s.size
-        first = first or node
+        first = node if first is None else first
         node.replace_input_with(i, out)
         graph.initializers.pop(v.name)
         records.append({"tensor": v.name, "dense_bytes": int(s.nbytes), "stored_bytes": int(stored),
