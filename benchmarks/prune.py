@@ -78,7 +78,8 @@ def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
     return out
 
 
-def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None) -> dict:
+def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
+          pruned: list[Path] | None = None) -> dict:
     d = cache / kind
     out = ROOT / "benchmarks" / ".cache" / "prune" / kind
     out.mkdir(parents=True, exist_ok=True)
@@ -86,14 +87,19 @@ def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None) ->
     runs: dict[str, dict] = {"fp32": {"path": str(d / "model.onnx")}}
     if not only:
         runs["pruned 30% fp32 (no quantization)"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
-    for name, args in runs_for(kind, d).items():
-        if only and not name.startswith("int8") and not any(o in name for o in only):
+    rows = {name: (d / "model.onnx", args) for name, args in runs_for(kind, d).items()}
+    int8_args = next(args for name, args in runs_for(kind, d).items() if name.startswith("int8"))
+    # an already pruned float model (e.g. benchmarks/prune_sweep.py's) quantized as int8 alone is: its
+    # placement then holds the default budget against the pruned model instead of the unpruned one
+    rows.update({f"{p.stem} then int8": (p, int8_args) for p in pruned or []})
+    for name, (source, args) in rows.items():
+        if only and not name.startswith("int8") and not any(o in name for o in only) and source == d / "model.onnx":
             continue
         path = out / (name.replace(" ", "_").replace("%", "").replace("+", "").replace("(", "").replace(")", "")
                       + ".onnx")
         report = path.with_suffix(".json")
         print(f"[{kind}] {name} ...", file=sys.stderr, flush=True)
-        cmd = quantkit_cmd("quantize", d / "model.onnx", *args, "-o", path, "--report", report,
+        cmd = quantkit_cmd("quantize", source, *args, "-o", path, "--report", report,
                            "--threads", 1, "--force", "-q")
         runs[name] = {**run_tool(cmd, path, env), "command": " ".join(map(str, cmd[2:]))}
         if runs[name]["path"]:
@@ -141,8 +147,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing runs per repetition")
     ap.add_argument("--only", nargs="+", metavar="TEXT", help="only the rows whose name contains one of these "
                     "(fp32 and int8 alone are always run)")
+    ap.add_argument("--pruned", type=Path, nargs="+", help="pruned float models (benchmarks/prune_sweep.py writes "
+                    "them) to quantize as int8 alone is, each one more row")
     args = ap.parse_args()
-    result = bench(args.model, args.cache, args.rounds, args.only)
+    result = bench(args.model, args.cache, args.rounds, args.only, args.pruned)
     name = "results.json" if not args.only else "results_" + "_".join(args.only).replace(" ", "-") + ".json"
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / name
     out.write_text(json.dumps(result, indent=1, default=str))
