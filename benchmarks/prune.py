@@ -91,7 +91,7 @@ def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
     int8_args = next(args for name, args in runs_for(kind, d).items() if name.startswith("int8"))
     # an already pruned float model (e.g. benchmarks/prune_sweep.py's) quantized as int8 alone is: its
     # placement then holds the default budget against the pruned model instead of the unpruned one
-    rows.update({f"{p.stem} then int8": (p, int8_args) for p in pruned or []})
+    rows.update({f"{p.stem} then int8": (p.resolve(), int8_args) for p in pruned or []})
     for name, (source, args) in rows.items():
         if only and not name.startswith("int8") and not any(o in name for o in only) and source == d / "model.onnx":
             continue
