@@ -41,15 +41,19 @@ def runs_for(kind: str, d: Path) -> dict[str, list]:
         return {"int8 (dynamic)": int8,
                 "prune 10% FFN + int8": [*int8, "--prune", "0.1"],
                 "prune 30% FFN + int8": [*int8, "--prune", "0.3"],
+                "prune 30% FFN (sensitivity) + int8": [*int8, "--prune", "0.3", "--prune-allocation", "sensitivity"],
                 "prune 25% heads + int8": [*int8, "--prune", "0.25", "--prune-structure", "head"],
                 "int4 (block 128)": int4,
                 "unstructured 50% wanda + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured"],
                 "unstructured 50% sparsegpt + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured",
                                                       "--prune-method", "sparsegpt"]}
     int8 = ["--calib", calib]
+    sens = ["--prune-allocation", "sensitivity"]
     return {"int8 (static)": int8,
             "prune 30% channels + int8": [*int8, "--prune", "0.3"],
-            "prune 50% channels + int8": [*int8, "--prune", "0.5"]}
+            "prune 50% channels + int8": [*int8, "--prune", "0.5"],
+            **{f"prune {p}% MACs (sensitivity) + int8": [*int8, "--prune", str(p / 100), *sens]
+               for p in (10, 12.5, 15, 20, 30, 40)}}
 
 
 def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
@@ -74,19 +78,28 @@ def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
     return out
 
 
-def bench(kind: str, cache: Path, rounds: int) -> dict:
+def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
+          pruned: list[Path] | None = None) -> dict:
     d = cache / kind
     out = ROOT / "benchmarks" / ".cache" / "prune" / kind
     out.mkdir(parents=True, exist_ok=True)
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     runs: dict[str, dict] = {"fp32": {"path": str(d / "model.onnx")}}
-    runs["pruned 30% fp32 (no quantization)"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
-    for name, args in runs_for(kind, d).items():
+    if not only:
+        runs["pruned 30% fp32 (no quantization)"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
+    rows = {name: (d / "model.onnx", args) for name, args in runs_for(kind, d).items()}
+    int8_args = next(args for name, args in runs_for(kind, d).items() if name.startswith("int8"))
+    # an already pruned float model (e.g. benchmarks/prune_sweep.py's) quantized as int8 alone is: its
+    # placement then holds the default budget against the pruned model instead of the unpruned one
+    rows.update({f"{p.stem} then int8": (p.resolve(), int8_args) for p in pruned or []})
+    for name, (source, args) in rows.items():
+        if only and not name.startswith("int8") and not any(o in name for o in only) and source == d / "model.onnx":
+            continue
         path = out / (name.replace(" ", "_").replace("%", "").replace("+", "").replace("(", "").replace(")", "")
                       + ".onnx")
         report = path.with_suffix(".json")
         print(f"[{kind}] {name} ...", file=sys.stderr, flush=True)
-        cmd = quantkit_cmd("quantize", d / "model.onnx", *args, "-o", path, "--report", report,
+        cmd = quantkit_cmd("quantize", source, *args, "-o", path, "--report", report,
                            "--threads", 1, "--force", "-q")
         runs[name] = {**run_tool(cmd, path, env), "command": " ".join(map(str, cmd[2:]))}
         if runs[name]["path"]:
@@ -132,9 +145,14 @@ def main() -> None:
     ap.add_argument("--model", required=True, choices=["minilm", "ocr_rec", "ocr_cls"])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the prepared real models")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing runs per repetition")
+    ap.add_argument("--only", nargs="+", metavar="TEXT", help="only the rows whose name contains one of these "
+                    "(fp32 and int8 alone are always run)")
+    ap.add_argument("--pruned", type=Path, nargs="+", help="pruned float models (benchmarks/prune_sweep.py writes "
+                    "them) to quantize as int8 alone is, each one more row")
     args = ap.parse_args()
-    result = bench(args.model, args.cache, args.rounds)
-    out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / "results.json"
+    result = bench(args.model, args.cache, args.rounds, args.only, args.pruned)
+    name = "results.json" if not args.only else "results_" + "_".join(args.only).replace(" ", "-") + ".json"
+    out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / name
     out.write_text(json.dumps(result, indent=1, default=str))
     print(table(args.model, result))
 

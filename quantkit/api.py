@@ -381,7 +381,7 @@ def _prune(cfg: RunConfig, model: ir.Model, inputs: Inputs, workdir: Path, statu
     g = cfg.gates
     if g.min_cosine is None and g.min_sqnr is None and g.max_accuracy_drop is None:
         status(f"pruning {cfg.prune.ratio:.0%} ({cfg.prune.structure})")
-        return model, prune(model, cfg.prune, batches, inputs.feed, workdir)
+        return model, prune(model, cfg.prune, batches, inputs.feed, workdir, status=status)
     target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
     probe = budget.Probe.take(inputs.fp32, batches())
     return prune_to_target(model, cfg.prune, batches, inputs.feed, workdir, target,

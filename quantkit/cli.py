@@ -109,6 +109,7 @@ def cli() -> None:
 @click.option("--prune", type=float, metavar="RATIO", help="Prune this fraction (e.g. 0.3) of channels / heads / weights before quantizing (see --prune-structure).")
 @click.option("--prune-structure", type=click.Choice(["channel", "head", "unstructured", "2:4"]), default="channel", show_default=True, help="channel: output channels and FFN neurons, consumers refitted by least squares; head: attention heads; unstructured / 2:4: single weights zeroed (file stored sparse).")
 @click.option("--prune-method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), help="Which weights unstructured / 2:4 pruning zeroes [default: wanda].")
+@click.option("--prune-allocation", type=click.Choice(["uniform", "sensitivity"]), default="uniform", show_default=True, help="channel: the same ratio in every layer, or per layer from each layer's measured effect on the outputs (RATIO of the prunable MACs removed where it costs the least).")
 @click.option("--finetune", type=int, metavar="STEPS", help="PyTorch models: after quantizing, train the quantized graph STEPS steps against the fp32 model's outputs and block outputs (the unpruned model's with --prune; learned weights, scales and ranges); Ctrl-C stops early and keeps the best so far.")
 @click.option("--lr", type=float, metavar="LR", help="--finetune: Adam learning rate of the weights (activation ranges: 10x, weight scales: 0.1x) [default: 1e-4].")
 @click.option("--finetune-data", type=click.Path(path_type=Path), help="--finetune: training data (same formats) [default: the calibration data].")

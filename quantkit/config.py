@@ -198,6 +198,11 @@ class PruneMethod(Choice):
     SPARSEGPT = "sparsegpt"  # OBS-style: zero and compensate the rest of the row
 
 
+class PruneAllocation(Choice):
+    UNIFORM = "uniform"  # the same ratio in every group
+    SENSITIVITY = "sensitivity"  # per group, from each group's measured output noise (prune/sensitivity.py)
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """--prune RATIO: the fraction of channels / heads / weights removed before quantization."""
@@ -205,9 +210,11 @@ class PruneConfig:
     ratio: float | None = None  # None: no pruning
     structure: PruneStructure = PruneStructure.CHANNEL
     method: PruneMethod | None = None  # unstructured / 2:4 only; default wanda
+    allocation: PruneAllocation = PruneAllocation.UNIFORM  # channel only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "structure", PruneStructure.parse(self.structure, "--prune-structure"))
+        object.__setattr__(self, "allocation", PruneAllocation.parse(self.allocation, "--prune-allocation"))
         if self.method is not None:
             object.__setattr__(self, "method", PruneMethod.parse(self.method, "--prune-method"))
         sparse = self.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI)
@@ -222,6 +229,9 @@ class PruneConfig:
         if self.structure == PruneStructure.SEMI and self.ratio != 0.5:
             raise ConfigError(f"--prune-structure 2:4 removes exactly half the weights: use --prune 0.5, "
                               f"not {self.ratio}")
+        if self.allocation != PruneAllocation.UNIFORM and self.structure != PruneStructure.CHANNEL:
+            raise ConfigError(f"--prune-allocation {self.allocation} applies to --prune-structure channel, "
+                              f"not {self.structure}")
         if self.method is not None and not sparse:
             raise ConfigError(f"--prune-method applies to --prune-structure unstructured or 2:4; {self.structure} "
                               "ranks channels by calibration statistics")

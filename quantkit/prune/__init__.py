@@ -17,14 +17,17 @@ from quantkit.prune.report import cost, summary
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 
 
-def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, np.ndarray], workdir: Path) -> dict:
-    """Prune `model` in place as `cfg` says; returns the report section `pruning`."""
+def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, np.ndarray], workdir: Path,
+          cache: dict | None = None, status=lambda s: None) -> dict:
+    """Prune `model` in place as `cfg` says; returns the report section `pruning`. `cache` keeps
+    what depends on the model only (statistics, sensitivity curves) across calls on copies of it."""
     before = cost(model, feed, workdir)
     fold_constant_shapes(model)
     if cfg.structure == PruneStructure.CHANNEL:
         from quantkit.prune.structured import prune_channels
 
-        section = prune_channels(model, cfg.ratio, batches, workdir)
+        section = prune_channels(model, cfg.ratio, batches, workdir, allocation=cfg.allocation.value, feed=feed,
+                                 cache=cache, status=status)
         for layer in section["layers"]:
             layer["detail"] = f"{layer['channels_before']} -> {layer['channels_after']} channels"
     elif cfg.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI):
@@ -49,6 +52,7 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
                                         "use --prune-structure channel")
     section = {"structure": cfg.structure.value, "ratio": cfg.ratio,
                "method": cfg.method.value if cfg.method is not None else None,
+               "allocation": cfg.allocation.value,
                **summary(before, cost(model, feed, workdir)), **section}
     return section
 
@@ -61,9 +65,11 @@ def prune_to_target(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: d
 
     from quantkit.prune.target import half_budget, search
 
+    cache: dict = {}  # every trial prunes a copy of the same model: statistics and curves measured once
+
     def prune_at(ratio: float):
         candidate = model.clone()
-        return candidate, prune(candidate, replace(cfg, ratio=ratio), batches, feed, workdir)
+        return candidate, prune(candidate, replace(cfg, ratio=ratio), batches, feed, workdir, cache, status)
 
     goal = half_budget(target)
     found = search(cfg.ratio, prune_at, score, goal, status)

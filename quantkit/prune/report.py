@@ -26,10 +26,17 @@ def cost(model: ir.Model, feed: dict[str, np.ndarray], workdir: Path | None = No
 
 
 def _macs(model: ir.Model, feed: dict[str, np.ndarray], workdir: Path | None) -> int | None:
+    per_node = node_macs(model, feed, workdir)
+    return None if per_node is None else sum(per_node.values())
+
+
+def node_macs(model: ir.Model, feed: dict[str, np.ndarray], workdir: Path | None) -> dict[str, int] | None:
+    """Multiply-accumulates per sample of each Conv / MatMul / Gemm node with a constant weight
+    (None when the shapes cannot be measured)."""
     nodes = [n for n in model.graph if n.op_type in WEIGHT_OPS and n.domain in ("", "ai.onnx")
              and n.inputs[1] is not None and n.inputs[1].const_value is not None]
     if not nodes:
-        return 0
+        return {}
     names = list(dict.fromkeys(v.name for n in nodes for v in (n.inputs[0], n.outputs[0])))
     one = {k: v[:1] for k, v in feed.items()}
     try:
@@ -37,17 +44,17 @@ def _macs(model: ir.Model, feed: dict[str, np.ndarray], workdir: Path | None) ->
         shapes = dict(zip(names, (o.shape for o in runtime.run(sess, names, one, "one sample"))))
     except QuantkitError:
         return None
-    total = 0
+    out = {}
     for n in nodes:
-        out, a = shapes[n.outputs[0].name], shapes[n.inputs[0].name]
+        y, a = shapes[n.outputs[0].name], shapes[n.inputs[0].name]
         w = n.inputs[1].const_value.shape.numpy()
         if n.op_type == "Conv":
-            total += int(np.prod(out)) * int(np.prod(w[1:]))
+            out[n.name] = int(np.prod(y)) * int(np.prod(w[1:]))
         elif n.op_type == "Gemm":
-            total += int(np.prod(out)) * a[0 if n.attributes.get_int("transA", 0) else -1]
+            out[n.name] = int(np.prod(y)) * int(a[0 if n.attributes.get_int("transA", 0) else -1])
         else:
-            total += int(np.prod(out)) * a[-1]
-    return total
+            out[n.name] = int(np.prod(y)) * int(a[-1])
+    return out
 
 
 def summary(before: dict, after: dict) -> dict:
@@ -76,6 +83,11 @@ def render_lines(section: dict | None) -> list[str]:
     if section.get("macs_before") and section.get("macs_after"):
         lines.append(f"            MACs/sample {section['macs_before']:,} -> {section['macs_after']:,} "
                      f"({section['macs_after'] / section['macs_before']:.2f}x)")
+    sens = section.get("sensitivity")
+    if sens:
+        whole = sum(1 for c in sens["curves"] if c["chosen"] == 0)
+        lines.append(f"            per-layer ratios from each group's output noise pruned alone ({len(sens['curves'])} "
+                     f"groups, {sens['probe_samples']} probe samples); {whole} group(s) left whole by the allocation")
     if search:
         lines.append(f"            ratio {search['chosen_ratio']:.1%} of at most {search['max_ratio']:.0%}: "
                      f"the largest keeping {search['pruning_target']} ({len(search['trials'])} trials; "

@@ -12,7 +12,8 @@ import onnx_ir as ir
 
 from quantkit.graph.ir_edit import const_array
 from quantkit.prune import refit as rf
-from quantkit.prune.groups import Group, find_groups
+from quantkit.prune.allocate import allocate
+from quantkit.prune.groups import Group
 from quantkit.prune.stats import grams
 
 
@@ -173,19 +174,37 @@ def requests(groups: list[Group]) -> dict[str, tuple[int, int]]:
     return {n.inputs[0].name: (g.channels, g.axis) for g in groups for n in g.consumers}
 
 
-def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit: bool = True) -> dict:
-    """Prune `ratio` of the channels of every safe group in place (`batches()` yields the
-    calibration batches; refit=False: plain removal, for comparison). Returns the report records."""
-    groups = find_groups(model)
-    safe = [g for g in groups if g.reason is None and g.consumers]
-    stats = grams(model, requests(safe), batches(), workdir)
+def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit: bool = True,
+                   allocation: str = "uniform", feed: dict | None = None, cache: dict | None = None,
+                   status=lambda s: None) -> dict:
+    """Prune channels of every safe group in place (`batches()` yields the calibration batches;
+    refit=False: plain removal, for comparison): `ratio` of each group's channels (uniform), or
+    per group as the sensitivity curves allocate `ratio` of the groups' MACs (sensitivity.py).
+    `cache` keeps the statistics and curves of this model for later calls. Returns the records."""
+    from quantkit.prune.sensitivity import curves, safe_groups, section
+
+    cache = {} if cache is None else cache
+    safe, groups = safe_groups(model)
+    if "stats" not in cache:
+        cache["stats"] = grams(model, requests(safe), batches(), workdir)
+    stats = cache["stats"]
+    ratios, alloc = [ratio] * len(safe), None
+    if allocation == "sensitivity" and safe:
+        if "curves" not in cache:
+            cache["curves"] = curves(model, safe, stats, batches, feed, workdir, status)
+        ratios = allocate(cache["curves"], ratio)
+        alloc = section(cache["curves"], ratios)
     layers, skipped = [], [{"layer": g.name, "channels": g.channels, "reason": g.reason}
                            for g in groups if g.reason is not None]
-    for g in safe:
-        keep = choose(g, stats, rf.keep_count(g.channels, ratio))
+    for g, r in zip(safe, ratios):
+        n = rf.keep_count(g.channels, r)
+        if n == g.channels:
+            continue
+        keep = choose(g, stats, n)
         records = prune_group(g, keep, stats, refit)
         layers.append({"layer": g.name, "producers": [p.name for p in g.producers],
                        "consumers": records or [{"layer": c.name} for c in g.consumers],
                        "channels_before": g.channels, "channels_after": int(len(keep)),
                        "ratio": 1 - len(keep) / g.channels})
-    return {"structure": "channel", "layers": layers, "skipped": skipped}
+    return {"structure": "channel", "layers": layers, "skipped": skipped,
+            **({"sensitivity": alloc} if alloc is not None else {})}

@@ -43,11 +43,36 @@ def test_channel_pruning_then_int8_on_the_digits_cnn(samples, tmp_path):
     assert sess.run(None, {name: data[name][:4]})[0].shape[0] == 4
 
 
+def test_sensitivity_allocation_on_the_digits_cnn(samples, tmp_path):
+    d = samples / "digits_cnn"
+    out, rep = tmp_path / "cnn.onnx", tmp_path / "report.json"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
+                 "--report", rep, "--prune", "0.3", "--prune-allocation", "sensitivity", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    p = report["pruning"]
+    assert p["allocation"] == "sensitivity" and report["effective_config"]["prune_allocation"] == "sensitivity"
+    curves = p["sensitivity"]["curves"]
+    assert len(curves) >= 2 and all(c["noise"][0] == 0 and c["ratios"][0] == 0 for c in curves)
+    # 30% of the prunable groups' MACs, spread by the curves (each group rounded to whole channels)
+    removed = sum(c["macs"] * c["chosen"] for c in curves) / sum(c["macs"] for c in curves)
+    assert removed == pytest.approx(0.3, abs=1e-3)  # chosen ratios are reported to 4 decimals
+    chosen = {c["group"]: c["chosen"] for c in curves}
+    for layer in p["layers"]:
+        assert layer["ratio"] == pytest.approx(chosen[layer["layer"]], abs=1 / layer["channels_before"] + 1e-9)
+    assert len({round(c["chosen"], 2) for c in curves}) > 1  # not uniform
+    assert p["macs_after"] < p["macs_before"]
+    assert "per-layer ratios from each group's output noise" in r.output
+    assert report["outputs"][0]["top1_agreement"] > 0.9
+
+
 @pytest.mark.parametrize("args,message", [
     (["--prune", "1.5"], "--prune must be a fraction in (0, 1)"),
     (["--prune-method", "wanda"], "need --prune RATIO"),
     (["--prune", "0.3", "--prune-method", "wanda"], "--prune-method applies to --prune-structure unstructured"),
     (["--prune", "0.3", "--prune-structure", "2:4"], "use --prune 0.5"),
+    (["--prune", "0.3", "--prune-structure", "head", "--prune-allocation", "sensitivity"],
+     "--prune-allocation sensitivity applies to --prune-structure channel"),
 ])
 def test_bad_prune_options_are_usage_errors(samples, tmp_path, args, message):
     d = samples / "digits_cnn"
@@ -136,3 +161,58 @@ def test_with_a_target_the_ratio_is_searched_and_the_gate_holds(samples, tmp_pat
     assert not search["trials"][0]["met"] and any(t["met"] for t in search["trials"])
     assert report["pruning"]["ratio"] == search["chosen_ratio"]
     assert report["outputs"][0]["cosine_mean"] >= 0.99 and report["gates"]["passed"]
+
+
+def _embedding_model(rng) -> tuple[onnx.ModelProto, np.ndarray]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = rng.normal(0, 1, (600, 64)).astype(np.float32)
+    w = rng.normal(0, 0.2, (64, 32)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+                           helper.make_node("MatMul", ["emb", "w"], ["y"], name="proj")], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 8])],
+                          [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["N", 8, 64]),
+                           helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 32])],
+                          [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), table
+
+
+def test_unstructured_int4_prunes_embedding_rows_and_gathers_the_dense_decode(tmp_path):
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(1)
+    proto, table = _embedding_model(rng)
+    onnx.save(proto, str(tmp_path / "emb.onnx"))
+    ids = rng.integers(0, 600, (32, 8)).astype(np.int64)
+    np.savez(tmp_path / "calib.npz", ids=ids)
+    out, rep = tmp_path / "emb.q.onnx", tmp_path / "r.json"
+    r = quantize(tmp_path / "emb.onnx", "--weights", "int4", "--block-size", "32", "--calib", tmp_path / "calib.npz",
+                 "-o", out, "--report", rep, "--prune", "0.5", "--prune-structure", "unstructured", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    p = json.loads(rep.read_text())["pruning"]
+    embed = next(layer for layer in p["layers"] if layer["layer"] == "embed")
+    assert embed["method"] == "magnitude" and embed["ratio"] == 0.5  # a lookup's input norm is 1: Wanda = magnitude
+    stored = {t["tensor"]: t for t in p["storage"]["by_tensor"]}
+    assert stored["table_q4"]["fill_fraction"] >= 0.5
+    assert stored["table_q4"]["stored_bytes"] < 0.8 * stored["table_q4"]["dense_bytes"]
+    assert stored["table_scales"]["stored_bytes"] < 0.3 * stored["table_scales"]["dense_bytes"]  # log grid
+    assert "table_q4" not in {i.name for i in onnx.load(str(out)).graph.initializer}  # stored sparse
+    # onnxruntime rebuilds the dense int4 table at load: the folded model holds it
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    emb, _ = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"ids": ids[:4]})
+    folded = onnx.load(str(tmp_path / "folded.onnx"))
+    (gbq,) = [n for n in folded.graph.node if n.op_type == "GatherBlockQuantized"]
+    inits = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
+    packed, scales = inits[gbq.input[0]], inits[gbq.input[2]]
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(600, 64).astype(np.float32)
+    dense = (codes - 8) * np.repeat(scales.reshape(600, 2), 32, axis=1)
+    np.testing.assert_allclose(emb, dense[ids[:4]], rtol=1e-6, atol=1e-7)  # the gathered rows are the decode
+    zero = codes == 8
+    assert np.all(zero.sum(axis=1) >= 32)  # at least half of every row
+    # the zeros are each row's smallest magnitudes (up to the int4 rounding of kept small weights)
+    pruned = np.argsort(np.abs(table), axis=1, kind="stable")[:, :32]
+    assert np.all(np.take_along_axis(zero, pruned, axis=1))
+    rel = np.abs(dense - table)[~zero] / np.repeat(np.abs(table).reshape(600, 2, 32).max(axis=2), 32, axis=1)[~zero]
+    assert rel.max() < 1 / 8 * (1 + 2 * 2 ** -7)  # kept weights within one int4 step of 1/8 of the extreme

@@ -132,3 +132,88 @@ def test_dense_tensors_are_left_alone():
     model = _matmul_model(w)
     assert storage.store_sparse(model) == []
     assert "w" in model.graph.initializers
+
+
+def _two_matmul_model(w1: np.ndarray, w2: np.ndarray) -> ir.Model:
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                           helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w1.shape[0]])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w2.shape[1]])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_tensors_of_one_kind_share_one_decode_chain(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    w1, w2 = rng.normal(0, 1, (96, 80)).astype(np.float32), rng.normal(0, 1, (80, 40)).astype(np.float32)
+    w1[rng.random(w1.shape) < 0.6] = 0
+    w2[rng.random(w2.shape) < 0.5] = 0
+    x = rng.normal(0, 1, (3, 96)).astype(np.float32)
+    model = _two_matmul_model(w1, w2)
+    (dense,) = _run(_two_matmul_model(w1, w2), {"x": x})
+    records = storage.store_sparse(model)
+    assert [r["tensor"] for r in records] == ["w1", "w2"]
+    assert [r["stored_bytes"] for r in records] == [w.size // 8 + 4 * np.count_nonzero(w) for w in (w1, w2)]
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Where") == 1 and ops.count("CumSum") == 1  # one chain rebuilds both
+    (y,) = _run(model, {"x": x}, optimized=str(tmp_path / "opt.onnx"))
+    np.testing.assert_array_equal(y, dense)
+    assert [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["MatMul", "MatMul"]
+    # a chain is capped: with room for one tensor only, each gets its own
+    monkeypatch.setattr(storage, "MAX_CODES", w1.size)
+    model = _two_matmul_model(w1, w2)
+    storage.store_sparse(model)
+    assert [n.op_type for n in model.graph].count("Where") == 2
+    np.testing.assert_array_equal(_run(model, {"x": x})[0], dense)
+
+
+def test_scales_on_the_log_grid_change_by_less_than_the_bound():
+    rng = np.random.default_rng(7)
+    s = np.exp(rng.uniform(np.log(0.01), np.log(0.3), 500)).astype(np.float32)  # a 30x range
+    s *= np.where(rng.random(500) < 0.5, -1, 1).astype(np.float32)  # symmetric int4 scales carry a sign
+    k, lo, step = storage.log_grid(s)
+    back = storage.log_grid_decode(k, lo, step, s < 0)
+    rel = np.abs(back / s - 1)
+    assert rel.max() <= storage.SCALE_REL_ERROR and rel.max() > storage.SCALE_REL_ERROR / 4
+    assert k.dtype == np.uint8 and k.min() == 0 and k.max() == 255
+    assert storage.log_grid(np.array([0.001, 1.0], np.float32)) is None  # 1000x: steps too coarse
+    assert storage.log_grid(np.array([0.0, 1.0], np.float32)) is None
+    k, lo, step = storage.log_grid(np.full(64, 0.5, np.float32))
+    np.testing.assert_allclose(storage.log_grid_decode(k, lo, step), 0.5, rtol=1e-6)
+
+
+def _nbits_model(k: int, n: int, block: int, rng) -> tuple[ir.Model, np.ndarray]:
+    blocks = k // block
+    q = rng.integers(0, 16, (n, blocks, block // 2)).astype(np.uint8) | (rng.integers(0, 16, (n, blocks, block // 2))
+                                                                         .astype(np.uint8) << 4)
+    scales = np.exp(rng.uniform(np.log(0.02), np.log(0.2), n * blocks)).astype(np.float32)
+    scales *= np.where(rng.random(n * blocks) < 0.5, -1, 1).astype(np.float32)
+    node = helper.make_node("MatMulNBits", ["x", "q", "s"], ["y"], domain="com.microsoft", name="mm",
+                            K=k, N=n, bits=4, block_size=block)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", n])],
+                          [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scales, "s")])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return ir.serde.deserialize_model(proto), scales
+
+
+def test_int4_scales_stored_as_log_codes_rebuild_the_scales_onnxruntime_uses():
+    rng = np.random.default_rng(8)
+    model, scales = _nbits_model(128, 32, 32, rng)
+    x = rng.normal(0, 1, (4, 128)).astype(np.float32)
+    dense = _run(model, {"x": x})[0]
+    (record,) = storage.compact_scales(model.graph, storage.Editor(model.graph))
+    assert record["stored_bytes"] == scales.size + scales.size // 8 + 8  # 8-bit codes, sign bits, grid
+    assert record["dense_bytes"] == 4 * scales.size
+    assert "s" not in model.graph.initializers
+    k, lo, step = storage.log_grid(scales)
+    twin, _ = _nbits_model(128, 32, 32, np.random.default_rng(8))
+    twin.graph.initializers["s"].const_value = ir.tensor(storage.log_grid_decode(k, lo, step, scales < 0),
+                                                                    name="s")
+    (y,) = _run(model, {"x": x})
+    np.testing.assert_allclose(y, _run(twin, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    # each scale moved by at most SCALE_REL_ERROR, so each output by at most that fraction of sum |x w|
+    codes = storage.codes(const_array(twin.graph.initializers["q"]), True).reshape(32, 128).astype(np.float32)
+    w_abs = np.abs(codes - 8) * np.repeat(np.abs(scales), 32).reshape(32, 128)
+    bound = storage.SCALE_REL_ERROR * (np.abs(x) @ w_abs.T)
+    assert np.all(np.abs(y - dense) <= bound + 1e-5) and not np.array_equal(y, dense)

@@ -1,0 +1,64 @@
+"""Issue 14's encoder target step by step: MiniLM with 30% of its FFN neurons pruned, static int8,
+then recovery training (--finetune, distilled from the unpruned model), uniform against per-layer
+(--prune-allocation sensitivity) ratios.
+
+    python benchmarks/prune_finetune.py [--cache benchmarks/.cache/real] [--steps 300 1000] [--match TEXT]
+
+Same setting as benchmarks/finetune.py (whose functions this reuses): the PyTorch checkpoint of
+all-MiniLM-L6-v2 with --model-class, trained on 1,024 docstring sentences the evaluation set does not
+hold, scored on the cache's 256 evaluation sentences (masked mean-pooled cosine to fp32). Each run is
+one `quantkit quantize` process. Results: benchmarks/.cache/prune/minilm/finetune.json (each run
+written as soon as it is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.finetune import bench, minilm_metrics, prepare_minilm, saver  # noqa: E402
+
+
+def runs(steps: list[int], lr: float, case: dict) -> list[tuple[str, list[str]]]:
+    ft = ["--finetune-data", case["finetune_data"], "--lr", str(lr)]
+    out = []
+    for allocation in ("uniform", "sensitivity"):
+        prune = ["--prune", "0.3", "--prune-structure", "channel", "--prune-allocation", allocation]
+        out.append((f"prune 30% FFN ({allocation}) + static int8", prune))
+        out += [(f"prune 30% FFN ({allocation}) + static int8 + finetune {n}", [*prune, "--finetune", str(n), *ft])
+                for n in steps]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("QUANTKIT_REAL_CACHE", HERE / ".cache" / "real")))
+    ap.add_argument("--steps", type=int, nargs="+", default=[300, 1000])
+    ap.add_argument("--lr", type=float, default=1e-4, help="as benchmarks/finetune.py's --lr-prune")
+    ap.add_argument("--match", help="only the runs whose name contains this")
+    a = ap.parse_args()
+    work = HERE / ".cache" / "finetune"
+    work.mkdir(parents=True, exist_ok=True)
+    out = HERE / ".cache" / "prune" / "minilm" / "finetune.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {"QUANTKIT_REAL_CACHE": str(a.cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
+    os.environ.update(env)
+    case = prepare_minilm(a.cache, work)
+    with tempfile.TemporaryDirectory(prefix="qk-prune-finetune-") as tmp:
+        bench(case, runs(a.steps, a.lr, case), minilm_metrics, Path(tmp), env, saver(out, "minilm"), a.match)
+    results = json.loads(out.read_text())["minilm"]
+    for name, r in results.items():
+        m = r["metrics"]
+        print(f"| {name} | {m['pooled cosine']:.4f} | {m['pooled cosine min']:.4f} | {m['token SQNR dB']:.1f} | "
+              f"{r['cpu_minutes']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Channel pruning alone (no quantization) at several ratios, uniform against per-layer ratios
+from the sensitivity curves: accuracy against fp32 on the held-out evaluation set and the MACs
+left, on the real models of benchmarks/real_models.py.
+
+    python benchmarks/prune_sweep.py --model ocr_rec|ocr_cls|minilm [--ratios 0.1 0.2 0.3]
+                                     [--allocation uniform sensitivity] [--cache DIR]
+
+Pruning goes through quantkit's API (quantkit.prune.prune, the step `quantize --prune` runs before
+quantizing), on the calibration set in batches of 8; the sensitivity curves are measured once per
+model and reused for every ratio (as the ratio search does). Results: the table on stdout and
+benchmarks/.cache/prune/<model>/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import real_models  # noqa: E402
+
+from _measure import ROOT  # noqa: E402
+
+DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
+
+
+def load(d: Path):
+    from quantkit.calibrate.data import assign_batch_axes
+    from quantkit.graph import shapes
+    from quantkit.graph.canonicalize import canonicalize
+    from quantkit.load.onnx import input_specs, load_onnx
+    from quantkit.load.source import open_data
+
+    model = load_onnx(d / "model.onnx")
+    canonicalize(model)
+    shapes.infer(model)
+    calib = open_data(d / "calib.npz", assign_batch_axes(input_specs(model), {}), None)
+    return model, calib
+
+
+def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: Path,
+          curves_file: Path | None = None) -> list[dict]:
+    from dataclasses import asdict
+
+    from quantkit import runtime
+    from quantkit.config import PruneConfig
+    from quantkit.prune import prune
+    from quantkit.prune.allocate import Curve
+
+    model, calib = load(d)
+    feed = next(calib.batches(8))
+    with np.load(d / "eval.npz") as z:
+        data = {k: z[k] for k in z.files if k != "labels"}
+    truth = json.loads((d / "eval_truth.json").read_text()) if (d / "eval_truth.json").exists() else []
+    alphabet = None
+    if kind == "ocr_rec":
+        from _real_data import rec_alphabet
+
+        alphabet = rec_alphabet(d / "model.onnx")
+    ref = real_models.run_eval(kind, d / "model.onnx", data)
+    rows = [{"allocation": "-", "ratio": 0.0, "macs": 1.0,
+             "metrics": real_models.metrics(kind, ref, ref, data, truth, alphabet), "seconds": 0.0}]
+    for allocation in allocations:
+        cache: dict = {}
+        if allocation == "sensitivity" and curves_file is not None and curves_file.exists():
+            cache["curves"] = [Curve(**c) for c in json.loads(curves_file.read_text())]
+        for ratio in ratios:
+            print(f"[{kind}] {allocation} {ratio:.0%} ...", file=sys.stderr, flush=True)
+            candidate = model.clone()
+            t = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                section = prune(candidate, PruneConfig(ratio=ratio, allocation=allocation),
+                                lambda: calib.batches(8), feed, Path(tmp), cache)
+            seconds = time.perf_counter() - t
+            path = out / f"sweep_{allocation}_{round(ratio * 100)}.onnx"
+            runtime.save(candidate, path)
+            q = real_models.run_eval(kind, path, data)
+            rows.append({"allocation": allocation, "ratio": ratio, "seconds": round(seconds, 1),
+                         "macs": section["macs_after"] / section["macs_before"],
+                         "metrics": real_models.metrics(kind, ref, q, data, truth, alphabet),
+                         "layers": {la["layer"]: round(la["ratio"], 3) for la in section["layers"]},
+                         "sensitivity": section.get("sensitivity")})
+        if allocation == "sensitivity" and curves_file is not None and "curves" in cache:
+            curves_file.write_text(json.dumps([asdict(c) for c in cache["curves"]]))
+    return rows
+
+
+def tables_share(kind: str, d: Path, ratio: float, methods: list[str], out: Path) -> list[dict]:
+    """Unstructured pruning alone (fp32): every layer as `quantize --prune-structure unstructured`
+    prunes them, against the same with the embedding tables (Gather) put back dense afterwards,
+    to show what pruning the tables costs."""
+    from quantkit import runtime
+    from quantkit.config import PruneConfig
+    from quantkit.prune import prune
+
+    model, calib = load(d)
+    feed = next(calib.batches(8))
+    tables = {n.inputs[0].name: n.inputs[0].const_value for n in model.graph
+              if n.op_type == "Gather" and n.inputs[0].const_value is not None}
+    with np.load(d / "eval.npz") as z:
+        data = {k: z[k] for k in z.files if k != "labels"}
+    ref = real_models.run_eval(kind, d / "model.onnx", data)
+    rows = []
+    for method in methods:
+        candidate = model.clone()
+        with tempfile.TemporaryDirectory() as tmp:
+            prune(candidate, PruneConfig(ratio=ratio, structure="unstructured", method=method),
+                  lambda: calib.batches(8), feed, Path(tmp))
+        for tables_pruned in (True, False):
+            if not tables_pruned:
+                for name, tensor in tables.items():
+                    candidate.graph.initializers[name].const_value = tensor
+            path = out / f"unstructured_{method}_{'all' if tables_pruned else 'dense_tables'}.onnx"
+            runtime.save(candidate, path)
+            q = real_models.run_eval(kind, path, data)
+            rows.append({"allocation": f"unstructured {method}, tables {'pruned' if tables_pruned else 'dense'}",
+                         "ratio": ratio, "macs": 1.0, "seconds": 0.0,
+                         "metrics": real_models.metrics(kind, ref, q, data, [], None)})
+    return rows
+
+
+def table(kind: str, rows: list[dict]) -> str:
+    cols = list(rows[0]["metrics"])
+    lines = [f"### {kind}: pruning alone (fp32)", "",
+             "| allocation | ratio | MACs after/before | " + " | ".join(cols) + " | prune s |",
+             "| --- | ---: | ---: |" + " ---: |" * (len(cols) + 1)]
+    for r in rows:
+        vals = " | ".join(f"{r['metrics'][c]:.4f}" if "cosine" in c else f"{r['metrics'][c]:.1f}" for c in cols)
+        lines.append(f"| {r['allocation']} | {r['ratio']:.0%} | {r['macs']:.3f} | {vals} | {r['seconds']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, choices=["minilm", "ocr_rec", "ocr_cls"])
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the prepared real models")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--allocation", nargs="+", default=["uniform", "sensitivity"], choices=["uniform", "sensitivity"])
+    ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
+                    "curves depend on the model and calibration data only), else written after measuring them")
+    ap.add_argument("--unstructured-tables", nargs="+", metavar="METHOD", choices=["magnitude", "wanda", "sparsegpt"],
+                    help="instead: unstructured pruning at the first --ratios, embedding tables pruned vs kept dense")
+    args = ap.parse_args()
+    out = ROOT / "benchmarks" / ".cache" / "prune" / args.model
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    if args.unstructured_tables:
+        rows = tables_share(args.model, args.cache / args.model, args.ratios[0], args.unstructured_tables, out)
+    else:
+        rows = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves)
+    name = "sweep_tables.json" if args.unstructured_tables else "sweep.json"
+    (out / name).write_text(json.dumps(rows, indent=1, default=str))
+    print(table(args.model, rows))
+    print(f"\nload average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+
+
+if __name__ == "__main__":
+    main()
