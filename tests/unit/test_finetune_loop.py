@@ -69,8 +69,10 @@ def test_padding_positions_are_left_out_of_the_loss_of_token_outputs_only():
     pooled_t, pooled_o = torch.tensor([[2.0, 2.0]]), torch.tensor([[1.0, 2.0]])  # (batch, hidden): not per token
     positions = torch.tensor([[1, 1, 0]])
     b = loop.Batch([], [teacher, pooled_t], positions=positions)
-    token = (1.0 + 0.0) / (4.0 + 4.0)  # squared error over the teacher's square, real tokens only
+    w = loop.PADDING_WEIGHT
+    token = (1.0 + 0.0 + w * 81.0) / (4.0 + 4.0 + w * 81.0)  # squared error over the teacher's square, padding ~0
     assert float(loop.loss_of([out, pooled_o], b, 0.0)) == pytest.approx((token + 1.0 / 8.0) / 2)
+    assert token < 0.14  # 0.125 on the real tokens alone, 0.92 counting the padded one fully
     everywhere = float(loop.loss_of([out, pooled_o], loop.Batch([], [teacher, pooled_t]), 0.0))
     assert everywhere == pytest.approx(((1.0 + 0.0 + 81.0) / (4.0 + 4.0 + 81.0) + 1.0 / 8.0) / 2)
 
