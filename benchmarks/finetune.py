@@ -105,8 +105,8 @@ def run(case: dict, out_dir: Path, name: str, args: list[str], env: dict) -> dic
     return {"command": " ".join(map(str, cmd[1:])), "wall_minutes": m.seconds / 60, "cpu_minutes": m.cpu_seconds / 60,
             "peak_rss_mb": m.peak_rss_mb, "path": str(out),
             "finetune": {k: ft[k] for k in ("steps", "steps_done", "interrupted", "best_step", "seconds",
-                                            "heldout_loss_before", "heldout_loss_after", "torch_vs_onnxruntime", "rounding",
-                                            "train_batches", "heldout_batches")} if ft else None}
+                                            "heldout_loss_before", "heldout_loss_after", "torch_vs_onnxruntime",
+                                            "rounding", "train_batches", "heldout_batches")} if ft else None}
 
 
 def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
