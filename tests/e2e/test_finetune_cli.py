@@ -42,8 +42,9 @@ def test_finetune_int4_lowers_heldout_loss_and_writes_the_trained_model(samples,
 
 
 def test_learned_rounding_runs_first_by_default_for_int4_and_lowers_the_error(samples, tmp_path):
-    q = _run(samples, tmp_path, weights="int4", finetune=20, lr=1e-3)
+    q = _run(samples, tmp_path, weights="int4", finetune=20, lr=1e-3, html=tmp_path / "r.html")
     ft, r = q.report["finetune"], q.report["finetune"]["rounding"]
+    assert "learned rounding first (100 iterations per layer): 2 of 2 int4 layer(s) improved" in q.html.read_text()
     assert r["iterations"] == 100 and r["layers"] == r["layers_done"] == 2 and not r["interrupted"]  # the 2 Linear
     assert r["layers_improved"] == 2 and r["layer_error_after"] < 0.5 * r["layer_error_before"]
     assert r["heldout_loss_after"] < 0.5 * r["heldout_loss_before"]  # the model's outputs, not only its layers
