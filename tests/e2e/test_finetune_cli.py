@@ -108,6 +108,8 @@ def _cli(*args):
     ("model.pt2", ["--finetune", "5", "--activations", "dynamic"], "not to --activations dynamic"),
     ("model.pt2", ["--finetune", "0"], "steps >= 1"),
     ("model.pt2", ["--finetune", "5", "--finetune-labels-weight", "2"], "[0, 1]"),
+    ("model.pt2", ["--finetune-rounding", "50"], "--finetune STEPS, which was not given"),
+    ("model.pt2", ["--finetune", "5", "--finetune-rounding", "-1"], "iterations >= 0"),
 ])
 def test_what_cannot_be_trained_is_a_one_line_usage_error(samples, tmp_path, model, extra, words):
     d = samples / "digits_cnn"
