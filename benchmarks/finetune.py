@@ -106,7 +106,7 @@ def run(case: dict, out_dir: Path, name: str, args: list[str], env: dict) -> dic
             "peak_rss_mb": m.peak_rss_mb, "path": str(out),
             "finetune": {k: ft[k] for k in ("steps", "steps_done", "interrupted", "best_step", "seconds",
                                             "heldout_loss_before", "heldout_loss_after", "torch_vs_onnxruntime",
-                                            "train_batches", "heldout_batches")} if ft else None}
+                                            "rounding", "train_batches", "heldout_batches")} if ft else None}
 
 
 def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
@@ -158,6 +158,7 @@ def bench(case: dict, runs: list[tuple[str, list[str]]], metrics, out_dir: Path,
 def minilm_runs(a: argparse.Namespace, case: dict) -> list[tuple[str, list[str]]]:
     ft = ["--finetune-data", case["finetune_data"]]
     gptq = ["--weights", "int4", "--algorithm", "gptq", "--keep-int8", "Gather"]
+    gptq16 = [*gptq, "--asymmetric", "--block-size", "16"]
     prune = ["--prune", "0.3", "--prune-structure", "channel"]
     return [
         ("int4 PTQ", ["--weights", "int4"]),
@@ -166,6 +167,9 @@ def minilm_runs(a: argparse.Namespace, case: dict) -> list[tuple[str, list[str]]
         ("int4 GPTQ, embeddings int8", gptq),
         (f"int4 GPTQ, embeddings int8 + finetune {a.steps_int4}",
          [*gptq, "--finetune", str(a.steps_int4), *ft, "--lr", str(a.lr)]),
+        ("int4 GPTQ asymmetric block 16, embeddings int8", gptq16),
+        (f"int4 GPTQ asymmetric block 16, embeddings int8 + finetune {a.steps_int4}",
+         [*gptq16, "--finetune", str(a.steps_int4), *ft, "--lr", str(a.lr)]),
         ("static int8 PTQ", []),
         (f"static int8 PTQ + finetune {a.steps_int8} (lr {a.lr_int8:g})",
          ["--finetune", str(a.steps_int8), *ft, "--lr", str(a.lr_int8)]),

@@ -51,20 +51,47 @@ def tap_teacher(fp32: Path, which: str):
     return [v.name for v in chosen], _session(ir.serde.serialize_model(model).SerializeToString())
 
 
-def training_batches(fp32, taps: list[str], tap_sess, batch: int) -> list:
+def training_batches(fp32, taps: list[str], tap_sess, batch: int, masked: bool = False, trim: bool = False,
+                     by_length: bool = False) -> list:
+    """`masked`: the loss over real tokens only; `trim`: each batch cut to its longest sentence;
+    `by_length`: sentences batched in order of length (the batches then shuffled, seed 0)."""
     import torch
 
     from benchmarks._real_data import sentences, tokenize
     from quantkit.finetune.loop import Batch
 
     ids, mask = tokenize(sentences()[384:384 + TRAIN_SENTENCES], max_len=SEQ)
+    starts = list(range(0, len(ids) - batch + 1, batch))
+    if by_length:
+        order = np.argsort(mask.sum(1), kind="stable")
+        ids, mask = ids[order], mask[order]
+        starts = [starts[i] for i in np.random.default_rng(0).permutation(len(starts))]
     out = []
-    for i in range(0, len(ids) - batch + 1, batch):
-        feed = {"input_ids": ids[i:i + batch], "attention_mask": mask[i:i + batch]}
+    for i in starts:
+        n = int(mask[i:i + batch].sum(1).max()) if trim else ids.shape[1]
+        feed = {"input_ids": ids[i:i + batch, :n], "attention_mask": mask[i:i + batch, :n]}
         blocks = [torch.from_numpy(t.astype(np.float16)) for t in tap_sess.run(taps, feed)] if taps else []
         out.append(Batch([torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"])],
-                         [torch.from_numpy(t) for t in fp32.run(None, feed)], taps=blocks))
+                         [torch.from_numpy(t) for t in fp32.run(None, feed)], taps=blocks,
+                         positions=torch.from_numpy(feed["attention_mask"]) if masked else None))
     return out
+
+
+def learned_rounding(g, fp32_path: Path, batches: list, iters: int) -> None:
+    """Learned rounding of every MatMulNBits weight (quantkit/finetune/rounding.py, as --finetune runs
+    it) against the fp32 model's inputs to it over the real tokens of `batches`."""
+    import tempfile
+
+    from quantkit.finetune import rounding
+
+    t0 = time.process_time()
+    feeds = [{"input_ids": b.inputs[0].numpy(), "attention_mask": b.inputs[1].numpy()} for b in batches]
+    with tempfile.TemporaryDirectory() as tmp:
+        layers = rounding.fp32_layers(g, fp32_path, feeds, [f["attention_mask"] for f in feeds], Path(tmp), 1)
+    print(f"grams: {time.process_time() - t0:.0f} CPU s", flush=True)
+    for r in rounding.learn_rounding(g, layers, iters):
+        print(f"{r['name']}: {r['before']:.3e} -> {r['learned']:.3e}", flush=True)
+    print(f"learned rounding: {time.process_time() - t0:.0f} CPU s", flush=True)
 
 
 def scorer(g, fp32, eval_npz: Path):
@@ -94,6 +121,12 @@ def main() -> None:
     ap.add_argument("--no-float-params", action="store_true", help="train codes and scales only")
     ap.add_argument("--blocks", choices=("all", "layers"), help="also distil LayerNorm outputs")
     ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--round-iters", type=int, default=0, help="learned rounding before training (--finetune-rounding)")
+    ap.add_argument("--round-batches", type=int, default=32)
+    ap.add_argument("--masked", action="store_true", help="loss over real tokens only")
+    ap.add_argument("--trim", action="store_true", help="each batch cut to its longest sentence")
+    ap.add_argument("--by-length", action="store_true", help="batch sentences of similar length together")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     import onnx_ir as ir
@@ -111,10 +144,13 @@ def main() -> None:
         g.learn.float_params, g.learn.floats = torch.nn.ParameterList(), {}
     score = scorer(g.eval(), fp32, a.cache / "minilm" / "eval.npz")
     print("step 0", score(), g.learn.count(), f"{len(taps)} block outputs", flush=True)
+    batches = training_batches(fp32, taps, tap_sess, a.batch, a.masked, a.trim, a.by_length)
+    if a.round_iters:
+        learned_rounding(g, fp32_path, batches[:a.round_batches], a.round_iters)
+        print("rounded", score(), flush=True)
     if not a.steps:
         return
-    batches = training_batches(fp32, taps, tap_sess, 8)
-    held = [loop.Batch(b.inputs, b.teacher) for b in batches[-HELD_OUT:]]
+    held = [loop.Batch(b.inputs, b.teacher, positions=b.positions) for b in batches[-HELD_OUT:]]
     loop.WEIGHT_SCALE_LR_FACTOR = a.weight_scale_lr_factor
     t0 = time.process_time()
 

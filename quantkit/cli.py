@@ -113,6 +113,7 @@ def cli() -> None:
 @click.option("--finetune", type=int, metavar="STEPS", help="PyTorch models: after quantizing, train the quantized graph STEPS steps against the fp32 model's outputs and block outputs (the unpruned model's with --prune; learned weights, scales and ranges); Ctrl-C stops early and keeps the best so far.")
 @click.option("--lr", type=float, metavar="LR", help="--finetune: Adam learning rate of the weights (activation ranges: 10x, weight scales: 0.1x) [default: 1e-4].")
 @click.option("--finetune-data", type=click.Path(path_type=Path), help="--finetune: training data (same formats) [default: the calibration data].")
+@click.option("--finetune-rounding", type=int, metavar="ITERS", help="--finetune with int4 weights: first learn each MatMulNBits weight's rounding up or down against its float output on the training data, ITERS iterations per layer (0: off) [default: 100].")
 @click.option("--finetune-labels-weight", type=float, metavar="W", help="--finetune: mix cross-entropy on the data's labels into the loss with weight W in [0, 1] [default: 0].")
 @click.option("--force", is_flag=True, help="Overwrite existing output and report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and --json).")

@@ -254,8 +254,12 @@ class Finetune:
     lr: float = 1e-4  # Adam, latent weights; scales train at 10x this (log-scale)
     data: Path | None = None  # default: the calibration data
     labels_weight: float = 0.0  # share of cross-entropy on labels in the loss (0: distillation only)
+    # iterations of learned rounding of int4 MatMulNBits weights before training (0: none)
+    rounding: int = 100
 
     def __post_init__(self) -> None:
+        if self.rounding < 0:
+            raise ConfigError(f"--finetune-rounding takes a number of iterations >= 0, got {self.rounding}")
         if self.steps < 1:
             raise ConfigError(f"--finetune takes a number of training steps >= 1, got {self.steps}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -74,9 +74,11 @@ OPTIONS = {o.key: o for o in (
     Option("lr", "float"),
     Option("finetune_data", "path"),
     Option("finetune_labels_weight", "float"),
+    Option("finetune_rounding", "int"),
 )}
 
-FINETUNE_ONLY = {"lr": "--lr", "finetune_data": "--finetune-data", "finetune_labels_weight": "--finetune-labels-weight"}
+FINETUNE_ONLY = {"lr": "--lr", "finetune_data": "--finetune-data", "finetune_labels_weight": "--finetune-labels-weight",
+                 "finetune_rounding": "--finetune-rounding"}
 
 
 def _finetune(o: dict):
@@ -89,7 +91,8 @@ def _finetune(o: dict):
             raise ConfigError(f"{', '.join(given)} apply to --finetune STEPS, which was not given")
         return None
     extra = {k: v for k, v in (("lr", o["lr"]), ("data", o["finetune_data"]),
-                               ("labels_weight", o["finetune_labels_weight"])) if v is not None}
+                               ("labels_weight", o["finetune_labels_weight"]),
+                               ("rounding", o["finetune_rounding"])) if v is not None}
     return Finetune(steps=o["finetune"], **extra)
 
 

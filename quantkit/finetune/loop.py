@@ -28,6 +28,10 @@ SCALE_LR_FACTOR = 10.0  # activation ranges
 # MiniLM int4 (BENCHMARKS.md, issue 16)
 WEIGHT_SCALE_LR_FACTOR = 0.1
 EVALS = 20  # held-out evaluations over a run
+# padded positions weigh this much, not 0: with exactly zero gradients on whole rows the backward pass's
+# matrix products ran 5.7x slower on MiniLM (10.5 vs 1.85 CPU s per step, measured; flushing
+# denormals did not help), and 1e-3 of ~60% of the positions leaves the loss what the real tokens make it
+PADDING_WEIGHT = 1e-3
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Batch:
     teacher: list[torch.Tensor]  # fp32 outputs (float outputs only; None for the others)
     labels: torch.Tensor | None = None
     taps: list[torch.Tensor] = field(default_factory=list)  # fp32 block outputs (QuantGraph.taps), maybe float16
+    positions: torch.Tensor | None = None  # (batch, sequence) 1 where a token is real, 0 for padding
 
 
 @dataclass
@@ -49,17 +54,24 @@ class Trained:
     seconds: float = 0.0
 
 
-def _nmse(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _nmse(o: torch.Tensor, t: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared error over the teacher's square; with `positions` ((batch, sequence) 0/1) over the
+    real tokens of an output whose leading axes are (batch, sequence) (padded ones at PADDING_WEIGHT):
+    padded positions' outputs are what no user reads (a mean-pooled sentence embedding masks them out)."""
     t = t.float()
-    return torch.mean((o - t) ** 2) / torch.clamp(torch.mean(t**2), min=1e-12)
+    if positions is None or tuple(o.shape[:2]) != tuple(positions.shape):
+        return torch.mean((o - t) ** 2) / torch.clamp(torch.mean(t**2), min=1e-12)
+    m = positions.to(o.dtype).reshape(*positions.shape, *([1] * (o.dim() - 2)))
+    m = m * (1 - PADDING_WEIGHT) + PADDING_WEIGHT
+    return torch.sum(m * (o - t) ** 2) / torch.clamp(torch.sum(m * t**2), min=1e-12)
 
 
 def loss_of(outs: list[torch.Tensor], b: Batch, labels_weight: float) -> torch.Tensor:
     """`outs`: the graph's outputs, then its taps (ignored when the batch has no teacher for them)."""
-    n = len(b.teacher)
-    distill = torch.stack([_nmse(o, t) for o, t in zip(outs[:n], b.teacher) if t is not None]).mean()
+    n, m = len(b.teacher), b.positions
+    distill = torch.stack([_nmse(o, t, m) for o, t in zip(outs[:n], b.teacher) if t is not None]).mean()
     if b.taps:
-        distill = distill + torch.stack([_nmse(o, t) for o, t in zip(outs[n:], b.taps)]).mean()
+        distill = distill + torch.stack([_nmse(o, t, m) for o, t in zip(outs[n:], b.taps)]).mean()
     if labels_weight > 0 and b.labels is not None:
         ce = torch.nn.functional.cross_entropy(outs[0].reshape(len(b.labels), -1), b.labels)
         return (1 - labels_weight) * distill + labels_weight * ce

@@ -20,6 +20,21 @@ from quantkit.load.source import open_data
 
 HELDOUT_FRACTION = 0.2
 HELDOUT_MAX = 8  # batches: scored ~20 times per run, so kept small
+ROUNDING_BATCHES = 32  # training batches whose layer inputs the learned rounding reconstructs
+# the input whose zeros mark padded tokens (the transformers convention): the loss skips those positions
+PADDING_MASK = "attention_mask"
+
+
+def padding_positions(feed: dict[str, np.ndarray]):
+    """(batch, sequence) 0/1 of the real tokens, when the model reads an attention_mask of 0s and 1s;
+    outputs laid out (batch, sequence, ...) are then distilled on the real tokens only (padded
+    positions' outputs are what a mean-pooled embedding masks out and no user reads)."""
+    import torch
+
+    m = feed.get(PADDING_MASK)
+    if m is None or m.ndim != 2 or m.dtype.kind not in "biu" or not np.isin(m, (0, 1)).all() or not m.any():
+        return None
+    return torch.from_numpy(np.ascontiguousarray(m.astype(np.int64)))
 
 
 def check(cfg: RunConfig) -> None:
@@ -64,7 +79,7 @@ def _batches(cfg: RunConfig, inputs, teacher: Callable[[dict], list[np.ndarray]]
         taps = [torch.from_numpy(np.asarray(t, np.float16)) for t in blocks(feed)] if blocks is not None else []
         out.append(Batch([torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in specs],
                          [torch.from_numpy(np.asarray(r)) if np.asarray(r).dtype.kind == "f" else None for r in ref],
-                         labels, taps))
+                         labels, taps, padding_positions(feed)))
     if not out:
         raise InputError(f"{path} holds fewer samples than one batch of {inputs.batch}")
     return out, str(path)
@@ -95,6 +110,59 @@ def agreement(g, qmodel: ir.Model, batch, workdir: Path) -> dict:
             "max_abs_diff": max(float(np.abs(np.asarray(r, np.float64) - o).max(initial=0)) for r, o in zip(ref, got))}
 
 
+def _round(cfg: RunConfig, g, fp32_path: Path, train_set: list, heldout: list, workdir: Path, status) -> dict | None:
+    """Learned rounding of the int4 MatMulNBits weights (rounding.py) on up to ROUNDING_BATCHES training
+    batches, before the end-to-end training; the report's `rounding` entry, None when nothing rounds.
+    Ctrl-C stops it between layers (the layers done keep their learned codes)."""
+    import time
+
+    from quantkit.finetune import rounding
+    from quantkit.finetune.loop import _interrupted_by_user, heldout_loss
+
+    iters = cfg.finetune.rounding
+    if not iters or not any(n.op_type == "MatMulNBits" for n in g.nodes):
+        return None
+    t0 = time.perf_counter()
+    status("fine-tuning: learning the rounding of the int4 weights")
+    use = train_set[:ROUNDING_BATCHES]
+    feeds = [{n: t.numpy() for n, t in zip(g.inputs, b.inputs)} for b in use]
+    positions = [None if b.positions is None else b.positions.numpy() for b in use]
+    layers = rounding.fp32_layers(g, fp32_path, feeds, positions, workdir, cfg.threads)
+    held_before, done, interrupted = heldout_loss(g, heldout, cfg.finetune.labels_weight), [], False
+    try:
+        rounding.learn_rounding(g, layers, iters, done.append)
+    except KeyboardInterrupt as e:
+        if not _interrupted_by_user(e):
+            raise
+        interrupted = True
+    held_after = heldout_loss(g, heldout, cfg.finetune.labels_weight)
+    return {"iterations": iters, "layers": len(layers), "layers_done": len(done), "interrupted": interrupted,
+            "layers_improved": sum(r["learned"] < r["before"] for r in done), "batches": len(use),
+            "layer_error_before": float(np.mean([r["before"] for r in done])) if done else None,
+            "layer_error_after": float(np.mean([r["after"] for r in done])) if done else None,
+            "heldout_loss_before": held_before, "heldout_loss_after": held_after,
+            "seconds": time.perf_counter() - t0}
+
+
+def _train(cfg: RunConfig, g, train_set: list, heldout: list, status, progress, skip: bool):
+    from quantkit.finetune.loop import Trained, heldout_loss, train
+
+    ft = cfg.finetune
+    if skip:  # Ctrl-C during the rounding: no training, the rounded model is written
+        held = heldout_loss(g, heldout, ft.labels_weight)
+        return Trained(interrupted=True, heldout_before=held, heldout_best=held)
+    progress.start("fine-tuning", ft.steps, unit="steps")
+
+    def on_step(step: int, running: float, held: float | None) -> None:
+        progress.advance(1)
+        if held is not None:
+            status(f"fine-tuning step {step}/{ft.steps}: running loss {running:.4g}, held-out loss {held:.4g}")
+
+    result = train(g, train_set, heldout, ft.steps, ft.lr, ft.labels_weight, on_step)
+    progress.finish()
+    return result
+
+
 def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, progress,
              evaluate: Callable[[ir.Model], list[dict]]) -> tuple[ir.Model, dict]:
     import torch
@@ -102,9 +170,7 @@ def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, pr
     from quantkit.finetune.blocks import block_outputs
     from quantkit.finetune.export import write_back
     from quantkit.finetune.graph import QuantGraph
-    from quantkit.finetune.loop import SCALE_LR_FACTOR, WEIGHT_SCALE_LR_FACTOR, train
 
-    ft = cfg.finetune
     QuantGraph(qmodel)  # refuses ops it cannot run before any work
     status("fine-tuning: scoring the quantized model before training")
     before = evaluate(qmodel)
@@ -117,28 +183,29 @@ def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, pr
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        progress.start("fine-tuning", ft.steps, unit="steps")
-
-        def on_step(step: int, running: float, held: float | None) -> None:
-            progress.advance(1)
-            if held is not None:
-                status(f"fine-tuning step {step}/{ft.steps}: running loss {running:.4g}, held-out loss {held:.4g}")
-
-        result = train(g, train_set, heldout, ft.steps, ft.lr, ft.labels_weight, on_step)
-        progress.finish()
+        rounded = _round(cfg, g, inputs.source.onnx_path, train_set, heldout, workdir, status)
+        result = _train(cfg, g, train_set, heldout, status, progress, bool(rounded and rounded["interrupted"]))
         write_back(g, qmodel)
         exact = agreement(g, qmodel, heldout[0], workdir)
     finally:
         torch.set_num_threads(threads)
     if result.interrupted:
-        notes.append(f"fine-tuning interrupted at step {result.steps_done}/{ft.steps}: the best parameters so far "
-                     f"(held-out loss, step {result.best_step}) were written")
-    section = {"steps": ft.steps, "steps_done": result.steps_done, "interrupted": result.interrupted,
-               "lr": ft.lr, "scale_lr": ft.lr * SCALE_LR_FACTOR,
-               "weight_scale_lr": ft.lr * WEIGHT_SCALE_LR_FACTOR, "labels_weight": ft.labels_weight, "data": path,
-               "train_batches": len(train_set), "heldout_batches": len(heldout), "batch_size": inputs.batch,
-               "trainable": g.learn.count(), "block_outputs": len(taps), "best_step": result.best_step,
-               "heldout_loss_before": result.heldout_before, "heldout_loss_after": result.heldout_best,
-               "seconds": result.seconds, "curve": result.curve, "before": before,
-               "torch_vs_onnxruntime": exact, "notes": notes}
+        notes.append(f"fine-tuning interrupted at step {result.steps_done}/{cfg.finetune.steps}: the best parameters "
+                     f"so far (held-out loss, step {result.best_step}) were written")
+    section = _section(cfg, inputs, g, result, path, (train_set, heldout, batches), len(taps))
+    section.update({"rounding": rounded, "before": before, "torch_vs_onnxruntime": exact, "notes": notes})
     return qmodel, section
+
+
+def _section(cfg: RunConfig, inputs, g, result, path: str, sets: tuple[list, list, list], taps: int) -> dict:
+    from quantkit.finetune.loop import SCALE_LR_FACTOR, WEIGHT_SCALE_LR_FACTOR
+
+    ft, (train_set, heldout, batches) = cfg.finetune, sets
+    return {"steps": ft.steps, "steps_done": result.steps_done, "interrupted": result.interrupted,
+            "lr": ft.lr, "scale_lr": ft.lr * SCALE_LR_FACTOR,
+            "weight_scale_lr": ft.lr * WEIGHT_SCALE_LR_FACTOR, "labels_weight": ft.labels_weight, "data": path,
+            "train_batches": len(train_set), "heldout_batches": len(heldout), "batch_size": inputs.batch,
+            "trainable": g.learn.count(), "block_outputs": taps,
+            "loss_positions": PADDING_MASK if any(b.positions is not None for b in batches) else "all",
+            "best_step": result.best_step, "heldout_loss_before": result.heldout_before,
+            "heldout_loss_after": result.heldout_best, "seconds": result.seconds, "curve": result.curve}

@@ -239,6 +239,12 @@ def _finetune(r: dict) -> str:
              f"{ft['data']}; kept step {ft['best_step']} (lowest held-out loss, {ft['heldout_batches']} batch(es))",
              f"held-out distillation loss {_num(ft['heldout_loss_before'])} -> {_num(ft['heldout_loss_after'])}",
              f"written model against the trained torch graph: SQNR {_num(exact.get('sqnr_db'), '.1f', 'inf')} dB"]
+    rd = ft.get("rounding")
+    if rd:
+        lines.insert(1, f"learned rounding first ({rd['iterations']} iterations per layer): {rd['layers_improved']} of "
+                        f"{rd['layers']} int4 layer(s) improved, mean layer error {_num(rd['layer_error_before'])} -> "
+                        f"{_num(rd['layer_error_after'])}, held-out loss {_num(rd['heldout_loss_before'])} -> "
+                        f"{_num(rd['heldout_loss_after'])}")
     items = "".join(f"<li>{escape(x)}</li>" for x in lines)
     return ("<h2>Fine-tuning</h2>" + f'<ul class="note">{items}</ul>'
             + _table(["output", "figure", "before fine-tuning", "after"], rows, {2, 3})

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -11,7 +12,7 @@ from test_finetune_exact import _cnn, _quantized  # noqa: E402
 
 from quantkit.finetune import loop  # noqa: E402
 from quantkit.finetune.graph import QuantGraph  # noqa: E402
-from quantkit.finetune.step import HELDOUT_MAX, _split  # noqa: E402
+from quantkit.finetune.step import HELDOUT_MAX, _split, padding_positions  # noqa: E402
 
 
 def test_loss_is_normalized_mse_and_mixes_cross_entropy_with_labels():
@@ -60,3 +61,25 @@ def test_training_keeps_the_step_with_the_lowest_heldout_loss(tmp_path):
     assert result.heldout_best == min(held) < held[0]
     assert result.curve[[p["step"] for p in result.curve].index(result.best_step)]["heldout_loss"] == min(held)
     assert math.isclose(loop.heldout_loss(g, batches, 0.0), result.heldout_best, rel_tol=1e-5)  # restored
+
+
+def test_padding_positions_are_left_out_of_the_loss_of_token_outputs_only():
+    teacher = torch.tensor([[[2.0], [2.0], [9.0]]])  # (batch 1, sequence 3, 1): the last token is padding
+    out = torch.tensor([[[1.0], [2.0], [0.0]]])
+    pooled_t, pooled_o = torch.tensor([[2.0, 2.0]]), torch.tensor([[1.0, 2.0]])  # (batch, hidden): not per token
+    positions = torch.tensor([[1, 1, 0]])
+    b = loop.Batch([], [teacher, pooled_t], positions=positions)
+    w = loop.PADDING_WEIGHT
+    token = (1.0 + 0.0 + w * 81.0) / (4.0 + 4.0 + w * 81.0)  # squared error over the teacher's square, padding ~0
+    assert float(loop.loss_of([out, pooled_o], b, 0.0)) == pytest.approx((token + 1.0 / 8.0) / 2)
+    assert token < 0.14  # 0.125 on the real tokens alone, 0.92 counting the padded one fully
+    everywhere = float(loop.loss_of([out, pooled_o], loop.Batch([], [teacher, pooled_t]), 0.0))
+    assert everywhere == pytest.approx(((1.0 + 0.0 + 81.0) / (4.0 + 4.0 + 81.0) + 1.0 / 8.0) / 2)
+
+
+def test_an_attention_mask_of_zeros_and_ones_gives_the_positions_and_nothing_else_does():
+    mask = np.array([[1, 1, 0], [1, 0, 0]], np.int64)
+    assert torch.equal(padding_positions({"input_ids": mask * 7, "attention_mask": mask}), torch.from_numpy(mask))
+    assert padding_positions({"attention_mask": mask.astype(np.float32)}) is None  # an additive float mask
+    assert padding_positions({"attention_mask": mask * 2}) is None
+    assert padding_positions({"mask": mask}) is None  # only the transformers name: other masks mean other things
