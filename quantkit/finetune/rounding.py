@@ -23,6 +23,7 @@ when the learned ones do not reconstruct its output better (the measured error o
 from __future__ import annotations
 
 import math
+from typing import Any
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +193,8 @@ def fp32_layers(g: QuantGraph, fp32_path: Path, feeds: list[dict[str, np.ndarray
     model.graph.outputs.clear()
     model.graph.outputs.extend(values)
     sess = runtime.session(model, workdir, tag="fp32 layer inputs", threads=threads)
-    names, grams = [v.name for v in values], {}
+    names = [v.name for v in values]
+    grams: dict[str, Any] = {}
     for feed, pos in zip(feeds, positions):
         for name, x in zip(names, sess.run(names, feed)):
             rows = _gram_rows(np.asarray(x, np.float64), pos)

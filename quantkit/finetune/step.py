@@ -128,7 +128,8 @@ def _round(cfg: RunConfig, g, fp32_path: Path, train_set: list, heldout: list, w
     feeds = [{n: t.numpy() for n, t in zip(g.inputs, b.inputs)} for b in use]
     positions = [None if b.positions is None else b.positions.numpy() for b in use]
     layers = rounding.fp32_layers(g, fp32_path, feeds, positions, workdir, cfg.threads)
-    held_before, done, interrupted = heldout_loss(g, heldout, cfg.finetune.labels_weight), [], False
+    held_before, interrupted = heldout_loss(g, heldout, cfg.finetune.labels_weight), False
+    done: list[dict] = []
     try:
         rounding.learn_rounding(g, layers, iters, done.append)
     except KeyboardInterrupt as e:

@@ -297,7 +297,8 @@ def compact_scales(graph: ir.Graph, editor: Editor) -> list[dict]:
         digits = chain.op("Cast", [chain.unpack(chain.const("signs", bits, own=True), 8)], {"to": ir.DataType.FLOAT})
         signs = chain.op("Add", [chain.op("Mul", [digits, chain.const("m2", np.float32(-2))]),
                                  chain.const("p1", np.float32(1))])
-    records, start, first = [], 0, None
+    records: list[dict] = []
+    start, first = 0, None
     for (node, i, v, s), grid in zip(targets, grids):
         if grid is None:  # float16
             half = editor.initializer(f"{v.name}_fp16", s.astype(np.float16))
