@@ -23,10 +23,10 @@ when the learned ones do not reconstruct its output better (the measured error o
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
