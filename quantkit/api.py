@@ -414,17 +414,21 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     def session(m: ir.Model):
         return runtime.session(m, workdir, tag="candidate")
 
+    g = cfg.gates
+    target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
+    # after --prune with no target, the default budget keeps the quantized model faithful to the pruned one:
+    # against the original, pruning alone may have spent it, and then no placement (float included) meets it
+    # (with a target, pruning took half of it and quantization is measured against the original for the rest)
+    against_pruned = cfg.prune.enabled and target.default
+    reference = runtime.session(model, workdir, tag="pruned reference") if against_pruned else inputs.fp32
     status("placement: measuring how much error each quantized op adds")
-    probe = budget.Probe.take(inputs.fp32, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed))
+    probe = budget.Probe.take(reference, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed))
     ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
                                 lambda m: runtime.session(m, workdir, tag="single op", lean=True))
     refusals = {s.name.value: s.refuse for s in placement.alternates}
     rows = {r["node"]: r for r in ranked}
     choices = {budget.op_key(op): budget.ladder(budget.alternatives(op, refusals), rows.get(budget.op_key(op)))
                for op in full_plan.ops}
-    g = cfg.gates
-    target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
-
     aim = target.with_margin()
 
     def evaluate(overrides: dict[str, str]) -> list[dict]:
@@ -447,6 +451,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
                      f"static int8: {found.shortfall}")
     samples = sum(len(next(iter(f.values()))) for f in probe.feeds)
     return {"source": "search", "target": target.describe(), "searched_for": target.with_margin().describe(),
+            "reference": "the pruned float model" if against_pruned else "the original model",
             "met": found.met, "moved": found.overrides,
             "probe_samples": samples, "figures": found.figures, "trials": found.trials, "sensitivity": ranked,
             "notes": notes}

@@ -38,6 +38,11 @@ def test_channel_pruning_then_int8_on_the_digits_cnn(samples, tmp_path):
     data = np.load(d / "eval.npz")
     (logits,) = report["outputs"]
     assert logits["top1_agreement"] > 0.9  # pruned 30% without any retraining, then int8
+    # no target: the default budget keeps the int8 model faithful to the pruned float model, which the search
+    # measures against (against the original, pruning alone could spend the budget, and nothing would meet it)
+    placement = report["placement"]
+    assert placement["reference"] == "the pruned float model" and placement["met"]
+    assert all(f["cosine"] >= 0.998 for f in placement["figures"])
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     assert sess.run(None, {name: data[name][:4]})[0].shape[0] == 4
