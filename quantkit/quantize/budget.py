@@ -250,8 +250,8 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     chunk_drift = {n: [0.0, 0.0] for n in wanted}
     chunk_own: dict[str, list] = {k: [0.0, 0.0] for k in measured}
     sims = {k: w for k in measured if (w := _simulated(originals[k])) is not None}
-    emulated = [k for k in measured if alone is not None and outs[k] + WEIGHT_ONLY_ALONE in
-                {o.name for o in alone.get_outputs()}]
+    alone_out = {o.name for o in alone.get_outputs()} if alone is not None else set()
+    emulated = [k for k in measured if outs[k] + WEIGHT_ONLY_ALONE in alone_out]
     held = 0
     for feed in _head(probe.feeds, SENSITIVITY_SAMPLES):
         ref = dict(zip(wanted, ref_s.run(wanted, feed)))
@@ -485,8 +485,8 @@ class Levels:
 
     choices: Mapping[str, list[str]]
 
-    @property
-    def count(self) -> int:
+    @functools.cached_property
+    def count(self) -> int:  # read by every pick: computed once
         return 1 + max((len([c for c in cs if c != FLOAT]) for cs in self.choices.values()), default=0)
 
     def pick(self, n: str, level: int) -> str | None:
@@ -631,7 +631,7 @@ class NoiseModel:
         row = self.rows.get(n, {})
         gain = 1.0 if self.gain is None else self.gain.get(str(row.get("kind", "")), 0.0)
         noise = _noise_at(row, choice)
-        return noise if gain == 1.0 or noise == 0 else gain * noise
+        return noise if noise == 0 else gain * noise  # no 0 x inf
 
     def ranked(self, order: list[str], choice: Callable[[str], str | None]) -> list[str]:
         """`order` re-sorted by the weighted noise moving each op to `choice(op)` removes, largest
