@@ -42,9 +42,15 @@ class Weights:
         """x @ W as each alternative computes it (no bias: it adds the same to all)."""
         x = np.asarray(x, np.float32)
         self.rows += x.size // max(x.shape[-1], 1)
-        return {SchemeName.DYNAMIC.value: _per_tensor_uint8(x) @ self.int8,
-                SchemeName.PER_TOKEN.value: _per_row_int8(x) @ self.int8,
-                SchemeName.WEIGHT_ONLY.value: _per_block_int8(x, WEIGHT_ONLY_INT8_BLOCK) @ self.blocks}
+        return {SchemeName.DYNAMIC.value: _matmul(_per_tensor_uint8(x), self.int8),
+                SchemeName.PER_TOKEN.value: _matmul(_per_row_int8(x), self.int8),
+                SchemeName.WEIGHT_ONLY.value: _matmul(_per_block_int8(x, WEIGHT_ONLY_INT8_BLOCK), self.blocks)}
+
+
+def _matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w for x of any rank, as one 2-D product: numpy's stacked matmul over a (batch, seq, K)
+    input does not reach BLAS and runs ~40x slower than the same product on (batch * seq, K)."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def _per_tensor_uint8(x: np.ndarray) -> np.ndarray:
