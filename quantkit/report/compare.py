@@ -96,23 +96,23 @@ class OutputComparison:
             return
         r = ref.reshape(n, -1).astype(np.float64)
         d = q.reshape(n, -1).astype(np.float64)
-        ref_ok, q_ok = np.isfinite(r), np.isfinite(d)
-        broken = ref_ok & ~q_ok  # the quantized model lost a value the reference has
-        self.nonfinite += int(broken.sum())
-        self.reference_nonfinite += int((~ref_ok).sum())
-        self.disagree_nonfinite += int((~ref_ok & ~((r == d) | (np.isnan(r) & np.isnan(d)))).sum())
-        finite = ref_ok & q_ok
-        r, d = np.where(finite, r, 0.0), np.where(finite, d, 0.0)
-        dot = (r * d).sum(axis=1)
-        norms = np.linalg.norm(r, axis=1) * np.linalg.norm(d, axis=1)
-        both_zero = (np.abs(r).sum(axis=1) == 0) & (np.abs(d).sum(axis=1) == 0)
-        cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
-        cos = np.where(broken.any(axis=1), -1.0, cos)
+        broken_rows = None
+        if not (np.isfinite(ref).all() and np.isfinite(q).all()):
+            r, d, broken_rows = self._finite_part(r, d)
+        # row sums of products in one pass each (einsum), no temporaries the size of the batch
+        rr, dd, rd = (np.einsum("ij,ij->i", a, b) for a, b in ((r, r), (d, d), (r, d)))
+        diff = r - d
+        norms = np.sqrt(rr) * np.sqrt(dd)
+        both_zero = (rr == 0) & (dd == 0)
+        if both_zero.any() or ((norms == 0) & ~both_zero).any():  # squares that underflow: test the values
+            both_zero = (np.abs(r).sum(axis=1) == 0) & (np.abs(d).sum(axis=1) == 0)
+        cos = np.where(norms > 0, rd / np.where(norms > 0, norms, 1.0), np.where(both_zero, 1.0, 0.0))
+        cos = np.where(broken_rows, -1.0, cos) if broken_rows is not None else cos
         self.cos_sum += float(cos.sum())
         self.cos_min = min(self.cos_min, float(cos.min()))
-        self.signal += float((r * r).sum())
-        self.noise += float(((r - d) ** 2).sum())
-        self.max_abs = max(self.max_abs, float(np.abs(r - d).max(initial=0.0)))
+        self.signal += float(rr.sum())
+        self.noise += float(np.einsum("ij,ij->", diff, diff))
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max(initial=0.0)))
         self.scores = self.scores and looks_like_scores(ref)
         self.per_position = self.per_position and per_position_probabilities(ref)
         if self.per_position:
@@ -129,6 +129,17 @@ class OutputComparison:
                 self.labelled += n
                 self.correct_ref += int((top_r == labels).sum())
                 self.correct_q += int((top_q == labels).sum())
+
+    def _finite_part(self, r: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Counts the batch's non-finite values and returns both with them zeroed; marks the rows
+        where the quantized model lost a value the reference has (they score cosine -1)."""
+        ref_ok, q_ok = np.isfinite(r), np.isfinite(d)
+        broken = ref_ok & ~q_ok  # the quantized model lost a value the reference has
+        self.nonfinite += int(broken.sum())
+        self.reference_nonfinite += int((~ref_ok).sum())
+        self.disagree_nonfinite += int((~ref_ok & ~((r == d) | (np.isnan(r) & np.isnan(d)))).sum())
+        finite = ref_ok & q_ok
+        return np.where(finite, r, 0.0), np.where(finite, d, 0.0), broken.any(axis=1)
 
     def result(self) -> dict:
         out: dict = {"name": self.name, "samples": self.samples}
