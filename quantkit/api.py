@@ -33,7 +33,7 @@ from quantkit.quantize import budget, lower, subgraphs
 from quantkit.quantize.plan import OpKind, Plan, SchemeName
 from quantkit.quantize.prepare import Calibration, CalibrationData, calibrate
 from quantkit.quantize.scheme import Placement, RewriteResult, placement_for
-from quantkit.quantize.speed import COMPRESSION_ONLY, GuardReport, guard
+from quantkit.quantize.speed import COMPRESSION_ONLY, GuardReport, guard, timed_kinds
 from quantkit.report import lm, memory
 from quantkit.report.compare import OutputComparison
 from quantkit.report.gates import check_gates
@@ -43,6 +43,7 @@ from quantkit.report.weight_error import weight_errors
 
 DEFAULT_BATCH = 8
 DEFAULT_LATENCY_RUNS = 20
+SHARED_LOOK_BYTES = 2 << 30  # the speed guard's candidates are timed together while their weights fit in this
 SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster without this group quantized"
 
 
@@ -485,12 +486,15 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
         def session(m: ir.Model):
             return runtime.session(m, workdir, tag="candidate", threads=cfg.threads)
 
-        trials = _trials(status, progress, kinds)
         # weight-only quantization is compression: timing never undoes it unless --require-speedup asks
         compression = set(kinds) if cfg.quant.activations == Activations.NONE else set(COMPRESSION_ONLY)
-        built, report = guard(build, session, inputs.fp32_timing, inputs.feed, kinds, status=trials,
-                              for_speed=cfg.gates.require_speedup is not None, compression_only=compression)
-        progress.advance(1)
+        for_speed = cfg.gates.require_speedup is not None
+        progress.start("speed guard", len(timed_kinds(set(kinds), for_speed, compression)), unit="placements")
+        # every group's trial session held at once for the shared first look, when they fit easily
+        shared = model_bytes(inputs.source.onnx_path) * (len(kinds) + 2) <= SHARED_LOOK_BYTES
+        built, report = guard(build, session, inputs.fp32_timing, inputs.feed, kinds, status=status,
+                              for_speed=for_speed, compression_only=compression, shared_look=shared,
+                              advance=progress.advance)
         progress.finish()
     else:
         built, report = build(set()), GuardReport()
@@ -630,16 +634,3 @@ def _load(cfg: RunConfig, workdir: Path, status, progress: Progress) -> Source:
     return source
 
 
-def _trials(status, progress: Progress, kinds: set):
-    """The speed guard's status callback, also counting its trials (one per group) as progress."""
-    progress.start("speed guard", len(kinds), unit="placements")
-    started = False
-
-    def on_status(msg: str) -> None:
-        nonlocal started
-        if started:  # the previous trial is done when the next one starts
-            progress.advance(1)
-        started = True
-        status(msg)
-
-    return on_status

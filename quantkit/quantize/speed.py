@@ -44,25 +44,69 @@ class GuardReport:
 def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], fp32_sess, feed: dict,
           kinds: set[OpKind], runs: int = 10, status: Callable[[str], None] = lambda s: None,
           timer: Callable[..., list[float]] = interleaved_ms, for_speed: bool = False,
-          compression_only: tuple[OpKind, ...] | set[OpKind] = COMPRESSION_ONLY):
+          compression_only: tuple[OpKind, ...] | set[OpKind] = COMPRESSION_ONLY, shared_look: bool = True,
+          advance: Callable[[int], None] = lambda n: None):
     """`build(dropped_kinds)` returns (model, plan, rewrite result); `session(model)` makes an
     onnxruntime session. `for_speed` (--require-speedup) lets timing drop compression-only groups
-    (every group of a weight-only run). Returns the build to write and what was tried."""
+    (every group of a weight-only run). Returns the build to write and what was tried; `advance(n)`
+    counts groups settled (timed_kinds says how many there are).
+
+    With `shared_look` (the caller's call: every candidate's session is held at once), the first short
+    look times every group's trial (the full placement without that group) in one interleaved timing
+    with fp32 and the full placement, instead of one timing of three sessions per group; only groups
+    that win there are measured again, one by one, from the placement the earlier drops left."""
     report = GuardReport()
     dropped: set[OpKind] = set()
     full = build(dropped)
     current, current_sess = full, session(full[0])
-    for kind in [k for k in ORDER if k in kinds and (for_speed or k not in compression_only)]:
+    order = timed_kinds(kinds, for_speed, compression_only)
+    first = _first_look(build, session, timer, fp32_sess, current_sess, feed, order, runs, status) \
+        if shared_look and len(order) > 1 else {}
+    for kind in order:
+        if kind in first and first[kind]["decision"] == KEPT:
+            report.trials.append(first[kind])
+            report.final_ms = (first[kind]["fp32_ms"], first[kind]["with_ms"], first[kind]["runs"]) \
+                if not dropped else report.final_ms
+            advance(1)
+            continue
         status(f"speed guard: timing the model without {kind} quantized")
         trial = build(dropped | {kind})
         trial_sess = session(trial[0])
         fp32_ms, with_ms, without_ms, keep, used = _compare(timer, fp32_sess, current_sess, trial_sess, feed, runs)
         report.trials.append({"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": without_ms,
-                              "runs": used, "decision": "kept quantized" if keep else "left float (faster)"})
+                              "runs": used, "decision": KEPT if keep else "left float (faster)"})
         report.final_ms = (fp32_ms, with_ms if keep else without_ms, used)
         if not keep:
             dropped.add(kind)
             current, current_sess = trial, trial_sess
+        advance(1)
+    return _finish(report, dropped, kinds, full, current, current_sess, fp32_sess, timer, feed, runs)
+
+
+KEPT = "kept quantized"
+
+
+def timed_kinds(kinds: set[OpKind], for_speed: bool = False,
+                compression_only: tuple[OpKind, ...] | set[OpKind] = COMPRESSION_ONLY) -> list[OpKind]:
+    """The groups the guard times, in the order it settles them."""
+    return [k for k in ORDER if k in kinds and (for_speed or k not in compression_only)]
+
+
+def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[OpKind], runs: int,
+                status) -> dict[OpKind, dict]:
+    """Every group's trial against the full placement and fp32 in one short interleaved timing; a
+    group that does not win by MARGIN there is kept (its trial row), the others are timed again."""
+    status(f"speed guard: timing the model without each of {len(order)} groups quantized")
+    trials = [session(build({kind})[0]) for kind in order]
+    quick = min(QUICK_RUNS, runs)
+    fp32_ms, with_ms, *without = timer([fp32_sess, full_sess, *trials], feed, quick)
+    return {kind: {"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": ms, "runs": quick,
+                   "decision": KEPT if ms >= with_ms * (1 - MARGIN) else "timed again"}
+            for kind, ms in zip(order, without)}
+
+
+def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], full, current, current_sess,
+            fp32_sess, timer, feed, runs: int):
     if dropped:
         fp32_ms, best_ms = timer([fp32_sess, current_sess], feed, runs)
         report.final_ms = (fp32_ms, best_ms, runs)

@@ -144,3 +144,30 @@ def test_the_guard_hands_the_report_its_timing_of_the_model_it_returns():
     build, session, timer, _ = make(slower)
     (model, _, _), report = guard(build, session, FP32, {}, {OpKind.CONV, OpKind.GEMM}, timer=timer)
     assert report.int8_cannot_win and report.final_ms is None  # the full model written was not the one timed last
+
+
+def test_the_first_look_times_every_group_together_and_only_winners_again():
+    """One interleaved timing of fp32, the full placement and each group's trial settles the groups that
+    do not win; a group that wins there is measured again on its own (a short look and the repeats) from
+    the placement earlier drops left. Held one at a time (shared_look=False) every group is timed alone."""
+    def cost(d):
+        if d == {"fp32"}:
+            return 100.0
+        return 50.0 - (10.0 if OpKind.CONV in d else 0.0)
+
+    calls = []
+    build, session, timer, _ = make(cost)
+
+    def counting(sessions, feed, runs):
+        calls.append(len(sessions))
+        return timer(sessions, feed, runs)
+
+    kinds = {OpKind.MATMUL, OpKind.CONV, OpKind.GEMM}
+    (model, _, _), report = guard(build, session, FP32, {}, kinds, timer=counting)
+    assert model.dropped == {OpKind.CONV} and report.dropped == [OpKind.CONV.label]
+    # the shared look (fp32 + full + 3 trials), Conv's short look and 3 repeats, the final fp32 timing
+    assert calls == [5, 3, 3, 3, 3, 2]
+    assert [t["decision"] for t in report.trials] == ["kept quantized", "kept quantized", "left float (faster)"]
+    calls.clear()
+    (model, _, _), report = guard(build, session, FP32, {}, kinds, timer=counting, shared_look=False)
+    assert model.dropped == {OpKind.CONV} and calls == [3, 3, 3, 3, 3, 3, 2]
