@@ -440,7 +440,8 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
         """A candidate's probe figures; the all-static one in full (the report's baseline), the others
         stopping as soon as they cannot meet the target (budget.Probe.score)."""
         placement.overrides = overrides
-        return probe.score(session(placement.build(model, set(), "", lower=False)[0]), aim if overrides else None)
+        return probe.score(session(placement.build(model, set(), "", lower=False)[0]), aim if overrides else None,
+                           reorder=not overrides)
 
     found = budget.search(budget.by_gain(ranked, choices), choices, aim, evaluate, status)
     placement.overrides = found.overrides

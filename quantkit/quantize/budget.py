@@ -153,23 +153,49 @@ class Probe:
         end = totals[-1] if totals else [(0, 0.0)] * len(self.names)
         return [[(e[0] - t[0], e[1] - t[1]) for t, e in zip(ts, end)] for ts in totals]
 
-    def score(self, session, target: Target | None = None) -> list[dict]:
+    def score(self, session, target: Target | None = None, reorder: bool = False) -> list[dict]:
         """Per output: mean cosine, SQNR, top-1 agreement (class scores), non-finite count.
 
         With a target, scoring stops at the first batch after which the target can no longer be
         met even if every remaining probe sample came out exactly like fp32's (the figures then
         are that bound, `samples_scored` says on how many samples): a candidate that clearly fails
-        costs a batch or two, and the decision is the one the whole probe would give."""
+        costs a batch or two, and the decision is the one the whole probe would give. `reorder`
+        (the all-static candidate) puts the batches where this session errs most first, so that
+        later candidates that fail show it after fewer batches."""
         comparisons = [OutputComparison(name) for name in self.names]
+        per_batch: list[list[OutputComparison]] = []
         for b, (ref, feed) in enumerate(zip(self.reference, self.feeds)):
-            for c, r, q in zip(comparisons, ref, session.run(self.names, feed)):
+            outs = session.run(self.names, feed)
+            for c, r, q in zip(comparisons, ref, outs):
                 c.update(r, q, feed=feed)
+            if reorder:
+                per_batch.append([OutputComparison(name) for name in self.names])
+                for c, r, q in zip(per_batch[-1], ref, outs):
+                    c.update(r, q, feed=feed)
             last = b == len(self.feeds) - 1
             if target is not None and not last:
                 bound = [_figures(c, *rest) for c, rest in zip(comparisons, self.rest[b])]
                 if target.shortfall(bound) is not None:
                     return [{**f, "samples_scored": c.samples} for f, c in zip(bound, comparisons)]
+        if reorder:
+            self._hardest_first(per_batch)
         return [_figures(c) for c in comparisons]
+
+    def _hardest_first(self, per_batch: list[list[OutputComparison]]) -> None:
+        """Batches sorted by their share of the candidate's error (cosine deficit, error power and
+        top-1 disagreements, each as a share of its total over the probe), largest first; ties keep
+        the probe's order."""
+        def parts(c: OutputComparison) -> tuple[float, float, float]:
+            return c.samples - c.cos_sum, c.noise, float(c.samples - c.top1_agree) if c.scores else 0.0
+
+        rows = [[parts(c) for c in batch] for batch in per_batch]
+        totals = [[sum(r[o][i] for r in rows) for i in range(3)] for o in range(len(self.names))]
+        share = [sum(r[o][i] / totals[o][i] for o in range(len(self.names)) for i in range(3) if totals[o][i] > 0)
+                 for r in rows]
+        order = sorted(range(len(rows)), key=lambda b: (-share[b], b))
+        self.feeds = [self.feeds[b] for b in order]
+        self.reference = [self.reference[b] for b in order]
+        self.rest = self._perfect_rest()
 
 
 def _figures(c: OutputComparison, rest_samples: int = 0, rest_signal: float = 0.0) -> dict:

@@ -97,3 +97,26 @@ def test_non_finite_values_stop_scoring_at_once():
     s = _Fixed(got)
     bound = probe.score(s, Target(min_cosine=0.9))
     assert s.runs == 1 and bound[0]["nonfinite"] == 1
+
+
+def test_the_baseline_puts_its_worst_batches_first_and_later_failures_stop_sooner():
+    """Scoring the all-static candidate with reorder=True sorts the batches by its error share, worst
+    first, with references and bounds moved alike: a later candidate erring on the same batches fails
+    after one batch instead of six, with the whole probe's verdict."""
+    target = Target(min_sqnr=25.0)
+    scales = [0.01] * 8
+    scales[6] = 0.3  # one bad batch, late in the probe
+    probe, refs = _probe()
+    base = _Fixed(_noisy(refs, scales))
+    before = probe.score(base)
+    probe.score(_Fixed(_noisy(refs, scales)), reorder=True)
+    order = [next(i for i, r in enumerate(refs) if r is ref[0]) for ref in probe.reference]
+    assert order[0] == 6 and sorted(order) == list(range(8))
+    (after,) = probe.score(_Fixed([base.outputs[b] for b in order]))
+    assert after["sqnr_db"] == pytest.approx(before[0]["sqnr_db"], rel=1e-9)  # same figures in the new order
+    worse = _noisy(refs, [s * 1.5 for s in scales], seed=2)
+    s_old, s_new = _Fixed(worse), _Fixed([worse[b] for b in order])
+    fresh, _ = _probe()
+    v_old, v_new = fresh.score(s_old, target), probe.score(s_new, target)
+    assert target.shortfall(v_old) is not None and target.shortfall(v_new) is not None
+    assert s_new.runs == 1 and s_old.runs == 7
