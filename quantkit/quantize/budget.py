@@ -45,7 +45,11 @@ from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
 from quantkit.report.compare import OutputComparison
 
 PLAN_FORMAT = "quantkit-plan-1"
-DEFAULT_MIN_COSINE = 0.998  # with no target: every float output keeps this mean cosine on the probe
+DEFAULT_MIN_COSINE = 0.998  # with no target: every float output keeps this mean cosine on the probe...
+# ...and an output of per-position class probabilities (a CTC recognizer's, a tagger's) the same top class at
+# this share of its positions: a reader decodes each position's top class, and the cosine of a whole
+# (positions x classes) map says little about the few positions whose class flips
+DEFAULT_POSITION_AGREEMENT = 0.998
 PROBE_SAMPLES = 64
 SQNR_MARGIN_DB = 1.0  # the search aims this far above --min-sqnr...
 COSINE_MARGIN = 0.8  # ...and at 80% of the cosine error (or top-1 disagreement) allowed
@@ -70,11 +74,13 @@ class Target:
     min_sqnr: float | None = None
     max_disagreement: float | None = None  # top-1 disagreement, from --max-accuracy-drop (points/100)
     default: bool = False
+    max_position_disagreement: float | None = None  # per-position top class (default budget only)
 
     @classmethod
     def from_gates(cls, min_cosine: float | None, min_sqnr: float | None, max_accuracy_drop: float | None) -> Target:
         if min_cosine is None and min_sqnr is None and max_accuracy_drop is None:
-            return cls(min_cosine=DEFAULT_MIN_COSINE, default=True)
+            return cls(min_cosine=DEFAULT_MIN_COSINE, default=True,
+                       max_position_disagreement=1 - DEFAULT_POSITION_AGREEMENT)
         drop = None if max_accuracy_drop is None else max_accuracy_drop / 100.0
         return cls(min_cosine, min_sqnr, drop)
 
@@ -86,15 +92,20 @@ class Target:
             parts.append(f"SQNR >= {self.min_sqnr:g} dB")
         if self.max_disagreement is not None:
             parts.append(f"top-1 agreement >= {100 * (1 - self.max_disagreement):g}%")
+        if self.max_position_disagreement is not None:
+            parts.append(f"per-position top class agreement >= {100 * (1 - self.max_position_disagreement):g}% "
+                         "(outputs of per-position class probabilities)")
         return " and ".join(parts) + (" (default budget)" if self.default else "")
 
     def with_margin(self) -> Target:
         """The target the search aims for: a little above the one asked, since the probe batches
         are a sample and the gates are checked on the evaluation data."""
+        def shrunk(x: float | None) -> float | None:
+            return None if x is None else x * COSINE_MARGIN
+
         return Target(None if self.min_cosine is None else 1 - (1 - self.min_cosine) * COSINE_MARGIN,
                       None if self.min_sqnr is None else self.min_sqnr + SQNR_MARGIN_DB,
-                      None if self.max_disagreement is None else self.max_disagreement * COSINE_MARGIN,
-                      self.default)
+                      shrunk(self.max_disagreement), self.default, shrunk(self.max_position_disagreement))
 
     def shortfall(self, figures: list[dict]) -> str | None:
         """Why the figures miss the target, or None when they meet it."""
@@ -114,6 +125,9 @@ class Target:
         if (self.max_disagreement is not None and f.get("top1") is not None
                 and 1 - f["top1"] > self.max_disagreement):
             return f"output '{f['name']}' top-1 agreement {100 * f['top1']:.2f}% too low"
+        if (self.max_position_disagreement is not None and f.get("positions") is not None
+                and 1 - f["positions"] > self.max_position_disagreement):
+            return f"output '{f['name']}' per-position agreement {100 * f['positions']:.2f}% too low"
         return None
 
 
@@ -125,7 +139,7 @@ class Probe:
     feeds: list[dict[str, np.ndarray]]
     names: list[str]
     reference: list[list[np.ndarray]]
-    rest: list[list[tuple[int, float]]] = field(default_factory=list)  # [batch][output]: what comes after it
+    rest: list[list[tuple[int, float, int]]] = field(default_factory=list)  # [batch][output]: what comes after it
 
     @classmethod
     def take(cls, fp32_session, batches, limit: int = PROBE_SAMPLES) -> Probe:
@@ -141,17 +155,17 @@ class Probe:
         probe.rest = probe._perfect_rest()
         return probe
 
-    def _perfect_rest(self) -> list[list[tuple[int, float]]]:
-        """For each batch, per output: the samples and signal power of the batches after it, as the
-        report's comparison counts them (padding and non-finite reference values left out)."""
+    def _perfect_rest(self) -> list[list[tuple[int, float, int]]]:
+        """For each batch, per output: the samples, signal power and positions of the batches after it,
+        as the report's comparison counts them (padding and non-finite reference values left out)."""
         perfect = [OutputComparison(name) for name in self.names]
         totals = []
         for ref, feed in zip(self.reference, self.feeds):
             for c, r in zip(perfect, ref):
                 c.update(r, r, feed=feed)
-            totals.append([(c.samples, c.signal) for c in perfect])
-        end = totals[-1] if totals else [(0, 0.0)] * len(self.names)
-        return [[(e[0] - t[0], e[1] - t[1]) for t, e in zip(ts, end)] for ts in totals]
+            totals.append([(c.samples, c.signal, c.positions) for c in perfect])
+        end = totals[-1] if totals else [(0, 0.0, 0)] * len(self.names)
+        return [[(e[0] - t[0], e[1] - t[1], e[2] - t[2]) for t, e in zip(ts, end)] for ts in totals]
 
     def score(self, session, target: Target | None = None, reorder: bool = False) -> list[dict]:
         """Per output: mean cosine, SQNR, top-1 agreement (class scores), non-finite count.
@@ -198,21 +212,26 @@ class Probe:
         self.rest = self._perfect_rest()
 
 
-def _figures(c: OutputComparison, rest_samples: int = 0, rest_signal: float = 0.0) -> dict:
+def _figures(c: OutputComparison, rest_samples: int = 0, rest_signal: float = 0.0, rest_positions: int = 0) -> dict:
     """The target's figures for one output from the report's own comparison (report/compare.py);
     with `rest_*`, the best the output could still reach if that many more samples of that much
-    signal matched fp32 exactly (cosine 1, no error, same top class)."""
+    signal matched fp32 exactly (cosine 1, no error, same top class). `positions`: the share of
+    positions with the same top class, for per-position class probabilities; for those outputs
+    `top1` (what --max-accuracy-drop bounds) is that share too."""
     total = max(c.samples + rest_samples, 1)
     if not c.is_float:  # a non-float output: all or nothing
         same = c.exact == c.samples
         return {"name": c.name, "nonfinite": 0, "cosine": 1.0 if same else 0.0,
-                "sqnr_db": math.inf if same else -math.inf, "top1": None}
+                "sqnr_db": math.inf if same else -math.inf, "top1": None, "positions": None}
     if c.nonfinite:
         sqnr = -math.inf
     else:
         sqnr = math.inf if c.noise == 0 else 10.0 * math.log10(max(c.signal + rest_signal, 1e-300) / c.noise)
+    positions = (c.position_agree + rest_positions) / (c.positions + rest_positions) \
+        if c.per_position and c.positions else None
+    top1 = (c.top1_agree + rest_samples) / total if c.scores else positions
     return {"name": c.name, "nonfinite": c.nonfinite, "cosine": (c.cos_sum + rest_samples) / total,
-            "sqnr_db": sqnr, "top1": (c.top1_agree + rest_samples) / total if c.scores else None}
+            "sqnr_db": sqnr, "top1": top1, "positions": positions}
 
 
 # ---------------------------------------------------------------- sensitivity
@@ -703,6 +722,8 @@ def _error(target: Target, figures: list[dict]) -> float | None:
             errors.append(10 ** ((target.min_sqnr - f["sqnr_db"]) / 10))
         if target.max_disagreement and f.get("top1") is not None:
             errors.append((1 - f["top1"]) / target.max_disagreement)
+        if target.max_position_disagreement and f.get("positions") is not None:
+            errors.append((1 - f["positions"]) / target.max_position_disagreement)
     return max(errors) if errors else None
 
 

@@ -120,3 +120,41 @@ def test_the_baseline_puts_its_worst_batches_first_and_later_failures_stop_soone
     v_old, v_new = fresh.score(s_old, target), probe.score(s_new, target)
     assert target.shortfall(v_old) is not None and target.shortfall(v_new) is not None
     assert s_new.runs == 1 and s_old.runs == 7
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_per_position_class_outputs_are_held_to_the_same_class_per_position_by_default():
+    """A CTC recognizer's (batch, positions, classes) probabilities: a candidate whose mean cosine meets
+    the default 0.998 but flips the top class at 1% of the positions misses the default budget on its
+    per-position agreement; --max-accuracy-drop bounds the same share (`top1`)."""
+    rng = np.random.default_rng(0)
+    logits, flipped_logits = [], []
+    for _ in range(4):
+        z = rng.normal(scale=4.0, size=(8, 40, 12))
+        w = z.copy()
+        rows, cols = np.nonzero(rng.random(z.shape[:2]) < 0.01)  # ~1% of positions: a near tie, flipped
+        for r, c in zip(rows, cols):
+            top, second = np.argsort(z[r, c])[[-1, -2]]
+            z[r, c, second] = z[r, c, top] - 0.05
+            w[r, c] = z[r, c]
+            w[r, c, [top, second]] = z[r, c, [second, top]]
+        logits.append(z)
+        flipped_logits.append(w)
+    refs = [_softmax(z) for z in logits]
+    probe = Probe.take(_Fixed(refs), [{"x": np.zeros((8, 1), np.float32)}] * 4)
+    flipped = [_softmax(w) for w in flipped_logits]
+    (f,) = probe.score(_Fixed(flipped))
+    agree = sum(int((r.argmax(-1) == g.argmax(-1)).sum()) for r, g in zip(refs, flipped)) / (4 * 8 * 40)
+    assert f["positions"] == pytest.approx(agree) and f["top1"] == f["positions"] and 0.985 < agree < 0.995
+    default = Target.from_gates(None, None, None)
+    assert f["cosine"] > 0.9999  # the cosine alone passes
+    why = default.with_margin().shortfall([f])
+    assert why is not None and "per-position agreement" in why
+    assert Target.from_gates(None, None, 2.0).shortfall([f]) is None  # a 2-point drop allowed
+    assert Target.from_gates(None, None, 0.5).shortfall([f]) is not None
+    (same,) = probe.score(_Fixed(refs))
+    assert same["positions"] == 1.0 and default.with_margin().shortfall([same]) is None
