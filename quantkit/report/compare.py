@@ -51,6 +51,25 @@ def per_position_probabilities(x: np.ndarray) -> bool:
     return bool(np.all(np.abs(x.sum(axis=-1, dtype=np.float64) - 1.0) < 1e-3))
 
 
+BLANK_SHARE = 0.5  # a per-position output whose commonest top class holds this share of positions is read as CTC
+
+
+def ctc_blank(top: np.ndarray) -> int | None:
+    """The blank class of a CTC output, from its reference top classes (batch, positions): CTC
+    emits blank at most positions, so the commonest top class is blank when it holds at least
+    BLANK_SHARE of them; None when none does (a tagger's output: no decoding applies)."""
+    counts = np.bincount(top.reshape(-1))
+    return int(counts.argmax()) if counts.size and counts.max() >= BLANK_SHARE * top.size else None
+
+
+def ctc_decode(top: np.ndarray, blank: int) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding of each row of top classes: repeats collapsed, blanks removed."""
+    keep = np.ones(top.shape, bool)
+    keep[:, 1:] = top[:, 1:] != top[:, :-1]
+    keep &= top != blank
+    return [tuple(row[k].tolist()) for row, k in zip(top, keep)]
+
+
 def looks_like_scores(x: np.ndarray) -> bool:
     return np.issubdtype(x.dtype, np.floating) and x.ndim == 2 and x.shape[1] >= 2
 
@@ -78,6 +97,8 @@ class OutputComparison:
         self.positions = 0  # per-position class probabilities: positions compared...
         self.position_agree = 0  # ...and where the top class is the same
         self.per_position = True
+        self.blank: int | None = None  # CTC blank class, from the first batch of per-position probabilities
+        self.sequence_agree = 0  # samples whose CTC-decoded sequences are the same
 
     def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None,
                feed: dict[str, np.ndarray] | None = None) -> None:
@@ -116,8 +137,14 @@ class OutputComparison:
         self.scores = self.scores and looks_like_scores(ref)
         self.per_position = self.per_position and per_position_probabilities(ref)
         if self.per_position:
+            top_r, top_q = ref.argmax(axis=-1), q.argmax(axis=-1)
             self.positions += ref.shape[0] * ref.shape[1]
-            self.position_agree += int((ref.argmax(axis=-1) == q.argmax(axis=-1)).sum())
+            self.position_agree += int((top_r == top_q).sum())
+            if self.samples == n:  # the first batch says whether this is a CTC output
+                self.blank = ctc_blank(top_r)
+            if self.blank is not None:
+                self.sequence_agree += sum(a == b for a, b in zip(ctc_decode(top_r, self.blank),
+                                                                 ctc_decode(top_q, self.blank)))
         if self.scores:
             top_r, top_q = ref.argmax(axis=1), q.argmax(axis=1)
             self.top1_agree += int((top_r == top_q).sum())
@@ -163,6 +190,9 @@ class OutputComparison:
         out["max_abs_error"] = None if self.nonfinite else self.max_abs
         if self.per_position and self.positions:
             out["position_top1_agreement"] = self.position_agree / self.positions
+            if self.blank is not None:
+                out["ctc_blank"] = self.blank
+                out["ctc_sequence_agreement"] = self.sequence_agree / max(self.samples, 1)
         if self.scores:
             out["top1_agreement"] = self.top1_agree / max(self.samples, 1)
             if self.labelled:
