@@ -23,6 +23,7 @@ from quantkit.report.latency import interleaved_ms
 MARGIN = 0.05  # timing noise on a quiet machine is ~1-2%, a loaded one more: demand a clear win
 REPEATS = 3  # ...in every one of this many separate measurements (stopping at the first that fails)
 QUICK_RUNS = 5  # ...after a first short look that must show the same win (most groups stop there)
+SHARED_LOOKS = 2  # with every group timed together, a group must win this many shared looks to be timed alone
 COMPRESSION_ONLY = (OpKind.EMBEDDING,)  # weight storage only: dropped for speed only when asked
 # Groups tried in this order: the likeliest to lose time first, so later trials start from the
 # faster placement.
@@ -94,15 +95,24 @@ def timed_kinds(kinds: set[OpKind], for_speed: bool = False,
 
 def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[OpKind], runs: int,
                 status) -> dict[OpKind, dict]:
-    """Every group's trial against the full placement and fp32 in one short interleaved timing; a
-    group that does not win by MARGIN there is kept (its trial row), the others are timed again."""
+    """Every group's trial against the full placement and fp32 in one short interleaved timing, twice
+    (the second time only the groups that won the first: one slow median of the full placement must not
+    send every group to the long measurements); a group that does not win by MARGIN in a look is kept
+    (its trial row), the others are timed again one by one."""
     status(f"speed guard: timing the model without each of {len(order)} groups quantized")
-    trials = [session(build({kind})[0]) for kind in order]
+    sessions = {kind: session(build({kind})[0]) for kind in order}
     quick = min(QUICK_RUNS, runs)
-    fp32_ms, with_ms, *without = timer([fp32_sess, full_sess, *trials], feed, quick)
-    return {kind: {"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": ms, "runs": quick,
-                   "decision": KEPT if ms >= with_ms * (1 - MARGIN) else "timed again"}
-            for kind, ms in zip(order, without)}
+    rows: dict[OpKind, dict] = {}
+    pending = list(order)
+    for _ in range(SHARED_LOOKS):
+        if not pending:
+            break
+        fp32_ms, with_ms, *without = timer([fp32_sess, full_sess, *(sessions[k] for k in pending)], feed, quick)
+        for kind, ms in zip(pending, without):
+            rows[kind] = {"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": ms,
+                          "runs": quick, "decision": KEPT if ms >= with_ms * (1 - MARGIN) else "timed again"}
+        pending = [k for k in pending if rows[k]["decision"] != KEPT]
+    return rows
 
 
 def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], full, current, current_sess,

@@ -148,8 +148,9 @@ def test_the_guard_hands_the_report_its_timing_of_the_model_it_returns():
 
 def test_the_first_look_times_every_group_together_and_only_winners_again():
     """One interleaved timing of fp32, the full placement and each group's trial settles the groups that
-    do not win; a group that wins there is measured again on its own (a short look and the repeats) from
-    the placement earlier drops left. Held one at a time (shared_look=False) every group is timed alone."""
+    do not win; a group that wins there and in a second shared look is measured again on its own (a
+    short look and the repeats) from the placement earlier drops left. Held one at a time
+    (shared_look=False) every group is timed alone."""
     def cost(d):
         if d == {"fp32"}:
             return 100.0
@@ -165,9 +166,26 @@ def test_the_first_look_times_every_group_together_and_only_winners_again():
     kinds = {OpKind.MATMUL, OpKind.CONV, OpKind.GEMM}
     (model, _, _), report = guard(build, session, FP32, {}, kinds, timer=counting)
     assert model.dropped == {OpKind.CONV} and report.dropped == [OpKind.CONV.label]
-    # the shared look (fp32 + full + 3 trials), Conv's short look and 3 repeats, the final fp32 timing
-    assert calls == [5, 3, 3, 3, 3, 2]
+    # the shared look (fp32 + full + 3 trials), a second one for the winner, Conv's short look and 3
+    # repeats, the final fp32 timing
+    assert calls == [5, 3, 3, 3, 3, 3, 2]
     assert [t["decision"] for t in report.trials] == ["kept quantized", "kept quantized", "left float (faster)"]
     calls.clear()
     (model, _, _), report = guard(build, session, FP32, {}, kinds, timer=counting, shared_look=False)
     assert model.dropped == {OpKind.CONV} and calls == [3, 3, 3, 3, 3, 3, 2]
+
+
+def test_one_slow_median_of_the_full_placement_does_not_send_every_group_to_the_long_measurements():
+    """The first shared look catches the full placement in a burst of load (its median 20% high): every
+    trial seems to win; the second shared look, on a quiet clock, settles them all as kept."""
+    looks = []
+
+    def bursty(sessions, feed, runs):
+        looks.append(len(sessions))
+        slow = 1.2 if len(looks) == 1 else 1.0
+        return [100.0 if s.dropped == {"fp32"} else (50.0 * slow if not s.dropped else 50.0) for s in sessions]
+
+    build, session, _, _ = make(lambda d: 0.0)
+    (model, _, _), report = guard(build, session, FP32, {}, {OpKind.MATMUL, OpKind.CONV, OpKind.GEMM}, timer=bursty)
+    assert model.dropped == frozenset() and looks == [5, 5]
+    assert all(t["decision"] == "kept quantized" and t["runs"] == 5 for t in report.trials)
