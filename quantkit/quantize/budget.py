@@ -613,7 +613,7 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
         if k is None:
             continue
         if level:  # of those k, only the noisiest one level back need this level: the rest stay there
-            _guided(levels.split(level, k, ranking, model), k, True, model, measure, result)
+            _split(levels.split(level, k, ranking, model), k, model, measure, result)
         _restore(result, choices, ranking, level, max_restores, measure)
         return result
     result.met = False
@@ -748,6 +748,19 @@ def _guided(build: Callable[[int], dict[str, str]], n: int, n_meets: bool, model
     if not n_meets and not measure(build(n), f"all {n} op(s) moved"):
         return None
     return _smallest(build, n, measure, result, lo)
+
+
+SPLIT_WORTH = 8  # the split is searched only when it can send back more than 1/8 of the ops
+
+
+def _split(build: Callable[[int], dict[str, str]], k: int, model: NoiseModel, measure, result: SearchResult) -> None:
+    """The fewest of the k ops that must stay at the level (build(j): the j noisiest there, the rest one
+    level back). The placement with all but k/SPLIT_WORTH of them there is measured first: when it misses,
+    the split could send back at most that many ops and is not worth its candidates (all k stay)."""
+    few = k - max(1, k // SPLIT_WORTH)
+    if few >= 1 and build(few) != build(k) and not measure(build(few), f"{k - few} op(s) one level back"):
+        return  # the level's own placement (all k there, measured) stays the result
+    _guided(build, max(few, 1), True, model, measure, result)
 
 
 def _noise_at(row: Mapping[str, Any], choice: str | None) -> float:

@@ -168,3 +168,29 @@ def test_no_placement_is_measured_twice():
     assert found.met and len(keys) == len(set(keys))
     for seed in (3, 125):
         test_random_models_and_targets_always_end_in_a_measured_placement(seed)  # still consistent
+
+
+def test_a_split_that_could_send_back_only_a_few_ops_costs_one_candidate():
+    """16 ops that must all go float (their weight-only alternative is barely better than static): the
+    placement with 2 of them (16 // 8) back on weight-only misses, so the split stops after that one
+    candidate instead of bisecting over all 16; the result is the measured all-float placement."""
+    names = [f"op{i:02d}" for i in range(16)]
+    static = {n: 1e-3 * (1 + i / 100) for i, n in enumerate(names)}
+    ranked = [{"node": n, "kind": "conv", "own_noise": static[n],
+               "alternatives_own_sqnr_db": {"weight_only": -10 * math.log10(0.9 * static[n])}} for n in names]
+    choices = {n: ["weight_only", FLOAT] for n in names}
+    probes: list = []
+
+    def evaluate(overrides):
+        probes.append(dict(overrides))
+        noise = 1e-9 + sum({FLOAT: 0.0, "weight_only": 0.9 * static[n]}.get(overrides.get(n), static[n])
+                           for n in names)
+        return [{"name": "y", "nonfinite": 0, "cosine": 1 - noise / 2, "sqnr_db": -10 * math.log10(noise),
+                 "top1": None}]
+
+    found = search(ranked, choices, Target(min_sqnr=31.0), evaluate, lambda s: None)  # allows ~8e-4: one op
+    assert found.met and set(found.overrides.values()) == {FLOAT} and len(found.overrides) >= 15
+    mixed = [p for p in probes if set(p.values()) == {FLOAT, "weight_only"}]
+    # the split's one probe (2 of the 16 back) and at most the restores' single-op moves
+    assert sum(1 for p in mixed if list(p.values()).count("weight_only") == 2) == 1
+    assert all(list(p.values()).count("weight_only") <= 2 for p in mixed)
