@@ -25,7 +25,9 @@ Accuracy is measured here (benchmarks/_real_metrics.py) on the evaluation set, w
 from the calibration set. Speed: every model at 1 intra-op thread on one fixed batch, all models
 interleaved round by round; per model the median of each of 3 repetitions, the best (lowest) of
 the 3 reported. Quantize time is the tool's whole process wall time (imports, calibration, and for
-quantkit its own verification report and speed guard). Results also go to
+quantkit its own verification report and speed guard), and its CPU seconds (user + system, all threads):
+on a machine other jobs load, wall time punishes a tool whose onnxruntime sessions run two threads more
+than one that spends its time in single-threaded Python, and CPU time shows the work done. Results also go to
 benchmarks/.cache/real/<model>/results.json; quantized models to .../quantized/.
 """
 
@@ -171,7 +173,8 @@ def run_tool(cmd: list[str], path: Path, env: dict) -> dict:
         m = run_measured(cmd, env=env, cwd=Path(scratch))
     ok = m.returncode == 0 and path.exists()
     last = (m.stderr.strip().splitlines() or ["?"])[-1][:120]
-    return {"seconds": m.seconds, "peak_rss_mb": m.peak_rss_mb, "path": str(path) if ok else None,
+    return {"seconds": m.seconds, "cpu_seconds": m.cpu_seconds, "peak_rss_mb": m.peak_rss_mb,
+            "path": str(path) if ok else None,
             "error": None if ok else f"exit {m.returncode}: {last}"}
 
 
@@ -232,17 +235,20 @@ def table(kind: str, meta: dict, runs: dict, timing: dict) -> str:
              f"batch {timing['speed_batch']}, best of 3 medians of {timing['rounds']} interleaved runs; "
              f"load average {timing['load_before'][0]:.1f} before, {timing['load_after'][0]:.1f} after timing."), "",
              "| tool | " + " | ".join(cols) + " | size ratio | ms | speedup | quantize s | vs ORT static s "
-             "| peak RSS MB |",
-             "| --- |" + " ---: |" * (len(cols) + 6)]
-    ort_s = next((r["seconds"] for n, r in runs.items() if n.startswith("onnxruntime static") and r.get("path")),
-                 None)
+             "| CPU s | vs ORT static CPU s | peak RSS MB |",
+             "| --- |" + " ---: |" * (len(cols) + 8)]
+    ort = next((r for n, r in runs.items() if n.startswith("onnxruntime static") and r.get("path")), {})
+    ort_s, ort_cpu = ort.get("seconds"), ort.get("cpu_seconds")
     for name, r in runs.items():
         if "metrics" not in r:
-            lines.append(f"| {name} | failed: {r['error']} |" + " |" * (len(cols) + 5))
+            lines.append(f"| {name} | failed: {r['error']} |" + " |" * (len(cols) + 7))
             continue
         vals = " | ".join(f"{r['metrics'][c]:.4f}" if "cosine" in c else f"{r['metrics'][c]:.1f}" for c in cols)
         vs = f"{r['seconds'] / ort_s:.1f}x" if "seconds" in r and ort_s else "-"
-        q = f"{r['seconds']:.1f} | {vs} | {r['peak_rss_mb']:.0f}" if "seconds" in r else "- | - | -"
+        cpu = r.get("cpu_seconds")
+        vs_cpu = f"{cpu / ort_cpu:.1f}x" if cpu and ort_cpu else "-"
+        q = f"{r['seconds']:.1f} | {vs} | {cpu or 0:.1f} | {vs_cpu} | {r['peak_rss_mb']:.0f}" if "seconds" in r \
+            else "- | - | - | - | -"
         lines.append(f"| {name} | {vals} | {r['size_ratio']:.2f}x | {r['ms']:.1f} | {r['speedup']:.2f}x | {q} |")
     dropped = runs.get("quantkit static", {}).get("speed_guard_dropped")
     if dropped:
