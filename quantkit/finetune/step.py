@@ -83,35 +83,51 @@ def _split(batches: list) -> tuple[list, list, list[str]]:
     return batches[:-n], batches[-n:], []
 
 
-def _trimmed(g, specs: list, sets: tuple[list[dict], list[dict]], teacher: Callable[[dict], list[np.ndarray]]):
+def _trimmed(g, specs: list, sets: tuple[list[dict], list[dict]], teachers: tuple[Callable, Callable | None]):
     """Training batches regrouped by length and cut after their last real token, held-out ones cut,
-    when trim.py finds the model's padding masked; and the report's `trimming` entry."""
+    when trim.py finds the model's padding masked; the report's `trimming` entry; and which outputs
+    (the teacher's, then the block outputs) are per token (None when not trimmed)."""
     (train, held), first = sets, sets[0][0]
     cut, reason = trim.plan(specs, first)
     full = int(np.shape(first[trim.PADDING_MASK])[1]) if trim.PADDING_MASK in first else None
     dynamic = sorted({n.op_type for n in g.nodes} & trim.WHOLE_TENSOR_RANGES)
     if cut and dynamic:
         cut, reason = [], f"the quantized graph takes ranges over whole tensors at run time ({', '.join(dynamic)})"
-    db = None
+    db, tokens = None, None
     if cut:
         grouped = trim.by_length(train, {s.name for s in specs if s.batch_axis == 0} | ({LABELS} & set(first)))
-        probe = min(grouped, key=lambda f: int(trim.real_lengths(f[trim.PADDING_MASK]).max()))
-        db = trim.probe_db(lambda f: teacher({s.name: f[s.name] for s in specs}), probe, cut)
-        if db < trim.PROBE_DB:
-            cut, reason = [], (f"the fp32 model's outputs at real tokens change when padding is cut ({db:.1f} dB "
-                               f"against the full length, {trim.PROBE_DB:g} needed): padding reaches them")
-        elif trim.probe_db(trim.graph_runner(g), probe, cut) == -math.inf:
-            cut, reason = [], "the quantized graph cannot run a shorter sequence"
-        else:
+        shortest = min(grouped, key=lambda f: int(trim.real_lengths(f[trim.PADDING_MASK]).max()))
+        reason, db, tokens = _probe(g, specs, shortest, cut, teachers)
+        if reason is None:
             train, held = [trim.cut_batch(f, cut) for f in grouped], [trim.cut_batch(f, cut) for f in held]
+        else:
+            cut, tokens = [], None
     lengths = [int(np.shape(f[trim.PADDING_MASK])[1]) for f in train] if cut else []
     db = None if db is None or math.isinf(db) else db  # inf: bit for bit (the JSON report has no inf)
     return train, held, {"applied": bool(cut), "reason": reason, "inputs": cut, "probe_sqnr_db": db,
-                         "length": full, "mean_length": float(np.mean(lengths)) if lengths else None}
+                         "length": full, "mean_length": float(np.mean(lengths)) if lengths else None}, tokens
+
+
+def _probe(g, specs: list, feed: dict, cut: list[str], teachers: tuple[Callable, Callable | None]):
+    """(why not trimmed or None, the fp32 model's dB cut against full, per-token outputs): the fp32
+    model (outputs and block outputs) must not see the padding, the quantized graph must run the cut batch."""
+    def on_inputs(run):
+        return lambda f: run({s.name: f[s.name] for s in specs})
+
+    db, tokens = trim.probe(on_inputs(teachers[0]), feed, cut)
+    if teachers[1] is not None:
+        tap_db, tap_tokens = trim.probe(on_inputs(teachers[1]), feed, cut)
+        db, tokens = min(db, tap_db), tokens + tap_tokens
+    if db < trim.PROBE_DB:
+        return (f"the fp32 model's outputs at real tokens change when padding is cut ({db:.1f} dB against the full "
+                f"length, {trim.PROBE_DB:g} needed): padding reaches them"), db, None
+    if trim.probe(trim.graph_runner(g), feed, cut)[0] == -math.inf:
+        return "the quantized graph cannot run a shorter sequence", db, None
+    return None, db, tokens
 
 
 def _batches(feeds: list[dict], specs: list, path: str, teacher: Callable[[dict], list[np.ndarray]],
-             blocks: Callable[[dict], list[np.ndarray]] | None = None) -> list:
+             blocks: Callable[[dict], list[np.ndarray]] | None = None, tokens: list[bool] | None = None) -> list:
     """loop.Batch of each feed with the fp32 model's outputs (and block outputs when `blocks` is given,
     kept as float16: only what the loss compares against)."""
     import torch
@@ -126,7 +142,7 @@ def _batches(feeds: list[dict], specs: list, path: str, teacher: Callable[[dict]
         taps = [torch.from_numpy(np.asarray(t, np.float16)) for t in blocks(feed)] if blocks is not None else []
         out.append(Batch([torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in specs],
                          [torch.from_numpy(np.asarray(r)) if np.asarray(r).dtype.kind == "f" else None for r in ref],
-                         labels, taps, padding_positions(feed)))
+                         labels, taps, padding_positions(feed), tokens))
     return out
 
 
@@ -220,12 +236,12 @@ def finetune(cfg: RunConfig, inputs, qmodel: ir.Model, workdir: Path, status, pr
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        train_feeds, short_held, trimming = _trimmed(g, specs, (train_feeds, held_feeds), reference)
+        train_feeds, short_held, trimming, tokens = _trimmed(g, specs, (train_feeds, held_feeds), (reference, blocks))
         if trimming["applied"]:
             status(f"fine-tuning: padding trimmed, training batches of {trimming['mean_length']:.1f} positions on "
                    f"average instead of {trimming['length']}")
-        train_set = _batches(train_feeds, specs, path, reference, blocks)
-        heldout = _batches(short_held, specs, path, reference)  # scored on the outputs only
+        train_set = _batches(train_feeds, specs, path, reference, blocks, tokens)
+        heldout = _batches(short_held, specs, path, reference, tokens=tokens)  # scored on the outputs only
         rounded = _round(cfg, g, inputs.source.onnx_path, train_set, heldout, workdir, status)
         result = _train(cfg, g, train_set, heldout, status, progress, bool(rounded and rounded["interrupted"]))
         write_back(g, qmodel)

@@ -91,27 +91,30 @@ def by_length(feeds: list[dict[str, np.ndarray]], rows: set[str]) -> list[dict[s
             for i in np.random.default_rng(SEED).permutation(len(groups))]
 
 
-def probe_db(run: Callable[[dict[str, np.ndarray]], list], feed: dict[str, np.ndarray], cut: list[str]) -> float:
+def probe(run: Callable[[dict[str, np.ndarray]], list], feed: dict[str, np.ndarray],
+          cut: list[str]) -> tuple[float, list[bool]]:
     """SQNR (dB) of `run`'s outputs on the cut batch against the full one, at the real positions of
-    outputs laid out (batch, sequence, ...) and everywhere on the others; -inf when `run` fails on
-    the cut batch or gives outputs of other shapes."""
+    outputs laid out (batch, sequence, ...) and everywhere on the others (-inf when `run` fails on
+    the cut batch or gives outputs of other shapes), and which outputs are laid out so: told from
+    the full batch, where no other axis can pass for the sequence."""
     short = cut_batch(feed, cut)
     mask, real = feed[PADDING_MASK], short[PADDING_MASK]
     full = [np.asarray(o, np.float64) for o in run(feed)]
+    tokens = [a.ndim >= 2 and a.shape[:2] == mask.shape for a in full]
     try:
         got = [np.asarray(o, np.float64) for o in run(short)]
     except Exception:  # any failure on the shorter length (a shape held in a constant...): it cannot be cut
-        return -math.inf
+        return -math.inf, tokens
     sig = err = 0.0
-    for a, b in zip(full, got):
+    for a, b, token in zip(full, got, tokens):
         w = np.ones(())
-        if a.ndim >= 2 and a.shape[:2] == mask.shape:
+        if token:
             a, w = a[:, :real.shape[1]], real.astype(np.float64).reshape(*real.shape, *([1] * (a.ndim - 2)))
         if a.shape != b.shape:
-            return -math.inf
+            return -math.inf, tokens
         sig += float(np.sum(w * a**2))
         err += float(np.sum(w * (a - b) ** 2))
-    return math.inf if err == 0 else 10 * math.log10(max(sig, 1e-300) / err)
+    return (math.inf if err == 0 else 10 * math.log10(max(sig, 1e-300) / err)), tokens
 
 
 def graph_runner(g) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
