@@ -66,6 +66,9 @@ def test_padding_is_trimmed_in_training_only_and_what_ships_is_what_trained(enco
     logits, pooled = ort.InferenceSession(str(encoder / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
     assert logits.shape == (16, 10) and pooled.shape == (16, 32)
     assert f"instead of {SEQ})" in q.html.read_text() and "padding trimmed" in q.html.read_text()
+    first = (encoder / "q.onnx").read_bytes()
+    again = _run(encoder, force=True)  # the same command: the same batches, the same model
+    assert (encoder / "q.onnx").read_bytes() == first and again.report["finetune"]["curve"] == ft["curve"]
 
 
 def test_a_fixed_sequence_length_trains_on_the_full_length(encoder):
