@@ -118,6 +118,8 @@ def _probe(g, specs: list, feed: dict, cut: list[str], teachers: tuple[Callable,
     if teachers[1] is not None:
         tap_db, tap_tokens = trim.probe(on_inputs(teachers[1]), feed, cut)
         db, tokens = min(db, tap_db), tokens + tap_tokens
+    if db == -math.inf:
+        return "the fp32 model cannot run a shorter sequence", None, None
     if db < trim.PROBE_DB:
         return (f"the fp32 model's outputs at real tokens change when padding is cut ({db:.1f} dB against the full "
                 f"length, {trim.PROBE_DB:g} needed): padding reaches them"), db, None

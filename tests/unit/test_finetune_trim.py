@@ -146,7 +146,7 @@ def test_a_cut_batch_gives_the_loss_and_gradients_of_the_padded_one(encoder, mon
         g.zero_grad(set_to_none=True)
         loss = loop.loss_of(g(*b.inputs), b, 0.0)
         loss.backward()
-        return float(loss), torch.cat([p.grad.reshape(-1) for p in g.parameters() if p.grad is not None])
+        return float(loss.detach()), torch.cat([p.grad.reshape(-1) for p in g.parameters() if p.grad is not None])
 
     g = QuantGraph(ir.load(d / "q.onnx"), taps=taps)
     assert sum(n.op_type == "MatMulNBits" for n in g.nodes) == 8  # q, k, v, o, ff1, ff2, pooler, classifier
