@@ -106,7 +106,7 @@ def run(case: dict, out_dir: Path, name: str, args: list[str], env: dict) -> dic
             "peak_rss_mb": m.peak_rss_mb, "path": str(out),
             "finetune": {k: ft[k] for k in ("steps", "steps_done", "interrupted", "best_step", "seconds",
                                             "heldout_loss_before", "heldout_loss_after", "torch_vs_onnxruntime",
-                                            "rounding", "train_batches", "heldout_batches")} if ft else None}
+                                            "rounding", "trimming", "train_batches", "heldout_batches")} if ft else None}
 
 
 def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:

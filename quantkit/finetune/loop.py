@@ -41,6 +41,10 @@ class Batch:
     labels: torch.Tensor | None = None
     taps: list[torch.Tensor] = field(default_factory=list)  # fp32 block outputs (QuantGraph.taps), maybe float16
     positions: torch.Tensor | None = None  # (batch, sequence) 1 where a token is real, 0 for padding
+    # per output (teacher's, then taps): laid out (batch, sequence, ...), so `positions` apply; None: an
+    # output is per token when its leading axes have the mask's shape (a cut batch says it instead:
+    # a (batch, classes) output could match a shorter sequence)
+    tokens: list[bool] | None = None
 
 
 @dataclass
@@ -68,10 +72,11 @@ def _nmse(o: torch.Tensor, t: torch.Tensor, positions: torch.Tensor | None = Non
 
 def loss_of(outs: list[torch.Tensor], b: Batch, labels_weight: float) -> torch.Tensor:
     """`outs`: the graph's outputs, then its taps (ignored when the batch has no teacher for them)."""
-    n, m = len(b.teacher), b.positions
-    distill = torch.stack([_nmse(o, t, m) for o, t in zip(outs[:n], b.teacher) if t is not None]).mean()
+    n = len(b.teacher)
+    m = [b.positions if b.tokens is None or b.tokens[i] else None for i in range(len(outs))]
+    distill = torch.stack([_nmse(o, t, p) for o, t, p in zip(outs[:n], b.teacher, m) if t is not None]).mean()
     if b.taps:
-        distill = distill + torch.stack([_nmse(o, t, m) for o, t in zip(outs[n:], b.taps)]).mean()
+        distill = distill + torch.stack([_nmse(o, t, p) for o, t, p in zip(outs[n:], b.taps, m[n:])]).mean()
     if labels_weight > 0 and b.labels is not None:
         ce = torch.nn.functional.cross_entropy(outs[0].reshape(len(b.labels), -1), b.labels)
         return (1 - labels_weight) * distill + labels_weight * ce

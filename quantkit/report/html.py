@@ -245,6 +245,12 @@ def _finetune(r: dict) -> str:
                         f"{rd['layers']} int4 layer(s) improved, mean layer error {_num(rd['layer_error_before'])} -> "
                         f"{_num(rd['layer_error_after'])}, held-out loss {_num(rd['heldout_loss_before'])} -> "
                         f"{_num(rd['heldout_loss_after'])}")
+    tr = ft.get("trimming") or {}
+    if tr.get("applied"):
+        lines.insert(1, f"padding trimmed: training batches of similar length, cut after their last real token "
+                        f"({tr['mean_length']:.1f} positions on average instead of {tr['length']})")
+    elif tr.get("length"):
+        lines.insert(1, f"padding not trimmed: {tr['reason']}")
     items = "".join(f"<li>{escape(x)}</li>" for x in lines)
     return ("<h2>Fine-tuning</h2>" + f'<ul class="note">{items}</ul>'
             + _table(["output", "figure", "before fine-tuning", "after"], rows, {2, 3})
