@@ -37,6 +37,10 @@ SEQ = 50  # the cache's MiniLM sequence length
 FINETUNE_SENTENCES = 1024
 
 
+FINETUNE_KEYS = ("steps", "steps_done", "interrupted", "best_step", "seconds", "heldout_loss_before",
+                 "heldout_loss_after", "torch_vs_onnxruntime", "rounding", "trimming", "train_batches",
+                 "heldout_batches")
+
 def prepare_minilm(cache: Path, work: Path) -> dict:
     """The encoder as a state_dict checkpoint and a training set of sentences the eval set does not hold."""
     import torch
@@ -104,9 +108,7 @@ def run(case: dict, out_dir: Path, name: str, args: list[str], env: dict) -> dic
     ft = r.get("finetune") or {}
     return {"command": " ".join(map(str, cmd[1:])), "wall_minutes": m.seconds / 60, "cpu_minutes": m.cpu_seconds / 60,
             "peak_rss_mb": m.peak_rss_mb, "path": str(out),
-            "finetune": {k: ft[k] for k in ("steps", "steps_done", "interrupted", "best_step", "seconds",
-                                            "heldout_loss_before", "heldout_loss_after", "torch_vs_onnxruntime",
-                                            "rounding", "trimming", "train_batches", "heldout_batches")} if ft else None}
+            "finetune": {k: ft[k] for k in FINETUNE_KEYS} if ft else None}
 
 
 def _outputs(path: Path, feeds: list[dict]) -> list[np.ndarray]:
