@@ -31,6 +31,7 @@ QTYPES = {"uint8": UINT8, "int8": INT8}
 # A scale of 0 would make QuantizeLinear divide by zero; an all-zero tensor gets this scale
 # instead, which quantizes every value to the zero point exactly.
 _MIN_SCALE = np.float32(1e-12)
+_EXACT_IN_FLOAT32 = 2**24  # integers of smaller magnitude are exact in float32
 
 
 def qparams(lo, hi, qtype: QType, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -66,17 +67,28 @@ def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 
 
 def quantize(x, scale, zero_point, qtype: QType, axis: int | None = None) -> np.ndarray:
-    """QuantizeLinear: round half to even (np.rint), add zero point, saturate."""
+    """QuantizeLinear: round half to even (np.rint), add zero point, saturate. Types up to 16 bits
+    are computed in float32, which holds their integers exactly (the same codes as in int64, at a
+    fraction of the memory traffic)."""
     x = np.asarray(x, dtype=np.float32)
     s = _broadcast(scale, x.ndim, axis).astype(np.float32)
+    if qtype.qmax - qtype.qmin < _EXACT_IN_FLOAT32:
+        q = np.rint(x / s)
+        q += _broadcast(zero_point, x.ndim, axis).astype(np.float32)
+        np.clip(q, qtype.qmin, qtype.qmax, out=q)
+        return q.astype(qtype.dtype)
     zp = _broadcast(zero_point, x.ndim, axis).astype(np.int64)
     q = np.rint(x / s).astype(np.int64) + zp
     return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.dtype)
 
 
 def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
+    """DequantizeLinear. For codes of up to 16 bits in float32: (q - zp) is exact there, and one
+    float32 product rounds like the float64 product of the wide path cast down."""
     q = np.asarray(q)
     s = _broadcast(scale, q.ndim, axis).astype(np.float32)
+    if q.dtype.itemsize <= 2:
+        return (q.astype(np.float32) - _broadcast(zero_point, q.ndim, axis).astype(np.float32)) * s
     zp = _broadcast(zero_point, q.ndim, axis).astype(np.int64)
     return ((q.astype(np.int64) - zp) * s).astype(np.float32)
 
