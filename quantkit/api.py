@@ -43,6 +43,7 @@ from quantkit.report.weight_error import weight_errors
 
 DEFAULT_BATCH = 8
 DEFAULT_LATENCY_RUNS = 20
+KNOWN_BYTES = 256 << 20  # the probe's fp32 outputs are kept for the evaluation up to this size (an LM's logits...)
 SHARED_LOOK_BYTES = 2 << 30  # the speed guard's candidates are timed together while their weights fit in this
 SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster without this group quantized"
 
@@ -426,7 +427,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     reference = runtime.session(model, workdir, tag="pruned reference") if against_pruned else inputs.fp32
     status("placement: measuring how much error each quantized op adds")
     probe = budget.Probe.take(reference, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed))
-    if reference is inputs.fp32:
+    if reference is inputs.fp32 and sum(a.nbytes for ref in probe.reference for a in ref) <= KNOWN_BYTES:
         inputs.known = list(zip(probe.feeds, probe.reference))
     ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
                                 lambda m: runtime.session(m, workdir, tag="single op", lean=True))
