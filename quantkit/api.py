@@ -416,7 +416,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
         return {}
 
     def session(m: ir.Model):
-        return runtime.session(m, workdir, tag="candidate")
+        return runtime.session(m, workdir, tag="candidate", threads=runtime.PLACEMENT_THREADS)
 
     g = cfg.gates
     target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
@@ -430,7 +430,8 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     if reference is inputs.fp32 and sum(a.nbytes for ref in probe.reference for a in ref) <= KNOWN_BYTES:
         inputs.known = list(zip(probe.feeds, probe.reference))
     ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
-                                lambda m: runtime.session(m, workdir, tag="single op", lean=True))
+                                lambda m: runtime.session(m, workdir, tag="single op", lean=True,
+                                                          threads=runtime.PLACEMENT_THREADS))
     refusals = {s.name.value: s.refuse for s in placement.alternates}
     rows = {r["node"]: r for r in ranked}
     choices = {budget.op_key(op): budget.ladder(budget.alternatives(op, refusals), rows.get(budget.op_key(op)))
@@ -442,7 +443,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
         stopping as soon as they cannot meet the target (budget.Probe.score)."""
         placement.overrides = overrides
         return probe.score(session(placement.build(model, set(), "", lower=False)[0]), aim if overrides else None,
-                           reorder=not overrides)
+                           reorder=not overrides, parallel=runtime.PARALLEL_RUNS)
 
     found = budget.search(budget.by_gain(ranked, choices), choices, aim, evaluate, status)
     placement.overrides = found.overrides

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from quantkit import runtime
 from quantkit.errors import InputError
 from quantkit.graph.ir_edit import const_array, with_outputs
 from quantkit.quantize import qparams as qp
@@ -167,7 +168,7 @@ class Probe:
         end = totals[-1] if totals else [(0, 0.0, 0)] * len(self.names)
         return [[(e[0] - t[0], e[1] - t[1], e[2] - t[2]) for t, e in zip(ts, end)] for ts in totals]
 
-    def score(self, session, target: Target | None = None, reorder: bool = False) -> list[dict]:
+    def score(self, session, target: Target | None = None, reorder: bool = False, parallel: int = 1) -> list[dict]:
         """Per output: mean cosine, SQNR, top-1 agreement (class scores), non-finite count.
 
         With a target, scoring stops at the first batch after which the target can no longer be
@@ -175,11 +176,12 @@ class Probe:
         are that bound, `samples_scored` says on how many samples): a candidate that clearly fails
         costs a batch or two, and the decision is the one the whole probe would give. `reorder`
         (the all-static candidate) puts the batches where this session errs most first, so that
-        later candidates that fail show it after fewer batches."""
+        later candidates that fail show it after fewer batches. `parallel` batches run at a time
+        (runtime.run_all), and are scored in order: the same figures, at most parallel - 1 batches
+        run past an early stop."""
         comparisons = [OutputComparison(name) for name in self.names]
         per_batch: list[list[OutputComparison]] = []
-        for b, (ref, feed) in enumerate(zip(self.reference, self.feeds)):
-            outs = session.run(self.names, feed)
+        for b, (ref, feed, outs) in enumerate(self._runs(session, parallel)):
             for c, r, q in zip(comparisons, ref, outs):
                 c.update(r, q, feed=feed)
             if reorder:
@@ -194,6 +196,15 @@ class Probe:
         if reorder:
             self._hardest_first(per_batch)
         return [_figures(c) for c in comparisons]
+
+    def _runs(self, session, parallel: int):
+        """(reference, feed, the session's outputs) per batch, `parallel` batches run at a time."""
+        step = max(1, parallel)
+        for i in range(0, len(self.feeds), step):
+            feeds = self.feeds[i:i + step]
+            outs = runtime.run_all([functools.partial(session.run, self.names, f) for f in feeds]) \
+                if step > 1 else [session.run(self.names, f) for f in feeds]
+            yield from zip(self.reference[i:i + step], feeds, outs)
 
     def _hardest_first(self, per_batch: list[list[OutputComparison]]) -> None:
         """Batches sorted by their share of the candidate's error (cosine deficit, error power and
@@ -301,8 +312,9 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     emulated = [k for k in measured if outs[k] + WEIGHT_ONLY_ALONE in alone_out]
     held = 0
     for feed in _head(probe.feeds, SENSITIVITY_SAMPLES):
-        ref = dict(zip(wanted, ref_s.run(wanted, feed)))
-        got = dict(zip(wanted, q_s.run(wanted, feed)))
+        ref_out, got_out = runtime.run_all([functools.partial(ref_s.run, wanted, feed),
+                                            functools.partial(q_s.run, wanted, feed)])
+        ref, got = dict(zip(wanted, ref_out)), dict(zip(wanted, got_out))
         held = max(held, sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values()))
         for n in wanted:
             _accumulate_channels(chunk_drift[n], ref[n], got[n], -1)

@@ -174,3 +174,39 @@ def test_a_ctc_output_is_held_to_the_same_decoded_sequences_by_default():
     tagger = [_softmax(rng.normal(scale=2.0, size=(8, 40, 12))) for _ in range(2)]
     (t,) = Probe.take(_Fixed(tagger), [{"x": np.zeros((8, 1), np.float32)}] * 2).score(_Fixed(tagger))
     assert t["positions"] == 1.0 and t["sequences"] is None
+
+
+class _ByFeed:
+    """A session whose outputs depend only on the feed (as onnxruntime's do), safe to run concurrently."""
+
+    def __init__(self, table: dict[int, np.ndarray]):
+        self.table, self.runs = table, 0
+
+    def get_inputs(self):
+        return [type("I", (), {"name": "x"})()]
+
+    def get_outputs(self):
+        return [type("O", (), {"name": "y"})()]
+
+    def run(self, names, feed):
+        self.runs += 1
+        return [self.table[int(feed["x"][0, 0])]]
+
+
+def test_batches_run_in_parallel_give_the_same_figures_and_verdicts():
+    """parallel=2 runs two batches at a time (runtime.run_all) and scores them in order: the figures of a
+    full scoring and of an early stop are those of parallel=1; at most one batch runs past the stop."""
+    rng = np.random.default_rng(0)
+    refs = {b: rng.normal(size=(8, 16)).astype(np.float32) for b in range(8)}
+    feeds = [{"x": np.full((8, 1), b, np.float32)} for b in range(8)]
+    probe = Probe.take(_ByFeed(refs), feeds)
+    for scales, target in (([0.05] * 8, None), ([0.05] * 8, Target(min_sqnr=20.0)), ([0.5] * 8, Target(min_sqnr=30.0))):
+        got = dict(enumerate(_noisy([refs[b] for b in range(8)], scales)))
+        one, two = _ByFeed(got), _ByFeed(got)
+        assert probe.score(one, target) == probe.score(two, target, parallel=2)
+        assert two.runs - one.runs in (0, 1)
+    from quantkit import runtime
+
+    assert runtime.run_all([lambda i=i: i * i for i in range(5)]) == [0, 1, 4, 9, 16]
+    with pytest.raises(ZeroDivisionError):
+        runtime.run_all([lambda: 1, lambda: 1 / 0])
