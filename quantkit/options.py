@@ -182,7 +182,7 @@ def run_config(options: dict):
         gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
                     require_speedup=o["require_speedup"], min_sqnr=o["min_sqnr"]),
         prune=PruneConfig(ratio=o["prune"], structure=o["prune_structure"], method=o["prune_method"],
-                          allocation=o["prune_allocation"]),
+                          allocation=o["prune_allocation"], refit=o["prune_refit"]),
     )
 
 
