@@ -3,6 +3,7 @@ then recovery training (--finetune, distilled from the unpruned model), uniform 
 (--prune-allocation sensitivity) ratios.
 
     python benchmarks/prune_finetune.py [--cache benchmarks/.cache/real] [--steps 300 1000] [--match TEXT]
+                                        [--refit one-shot|sequential] [--calib-sentences N]
 
 Same setting as benchmarks/finetune.py (whose functions this reuses): the PyTorch checkpoint of
 all-MiniLM-L6-v2 with --model-class, trained on 1,024 docstring sentences the evaluation set does not
@@ -26,13 +27,19 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks.finetune import bench, minilm_metrics, prepare_minilm, saver  # noqa: E402
 
 
-def runs(steps: list[int], lr: float, case: dict) -> list[tuple[str, list[str]]]:
+def runs(steps: list[int], lr: float, case: dict, refit: str = "one-shot",
+         calib: str = "") -> list[tuple[str, list[str]]]:
     ft = ["--finetune-data", case["finetune_data"], "--lr", str(lr)]
     out = []
     for allocation in ("uniform", "sensitivity"):
         prune = ["--prune", "0.3", "--prune-structure", "channel", "--prune-allocation", allocation]
-        out.append((f"prune 30% FFN ({allocation}) + static int8", prune))
-        out += [(f"prune 30% FFN ({allocation}) + static int8 + finetune {n}", [*prune, "--finetune", str(n), *ft])
+        what = allocation
+        if refit != "one-shot":
+            prune += ["--prune-refit", refit]
+            what += f", {refit}"
+        what += calib
+        out.append((f"prune 30% FFN ({what}) + static int8", prune))
+        out += [(f"prune 30% FFN ({what}) + static int8 + finetune {n}", [*prune, "--finetune", str(n), *ft])
                 for n in steps]
     return out
 
@@ -43,6 +50,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[300, 1000])
     ap.add_argument("--lr", type=float, default=1e-4, help="as benchmarks/finetune.py's --lr-prune")
     ap.add_argument("--match", help="only the runs whose name contains this")
+    ap.add_argument("--refit", default="one-shot", choices=["one-shot", "sequential"], help="--prune-refit")
+    ap.add_argument("--calib-sentences", type=int, metavar="N", help="calibrate (pruning and int8) on N training "
+                    "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
     a = ap.parse_args()
     work = HERE / ".cache" / "finetune"
     work.mkdir(parents=True, exist_ok=True)
@@ -51,8 +61,15 @@ def main() -> None:
     env = {"QUANTKIT_REAL_CACHE": str(a.cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
     os.environ.update(env)
     case = prepare_minilm(a.cache, work)
+    calib = ""
+    if a.calib_sentences:
+        sys.path.insert(0, str(HERE))
+        from prune_sweep import training_calib
+
+        case["calib"], calib = training_calib(a.calib_sentences), f", {a.calib_sentences} calibration sentences"
     with tempfile.TemporaryDirectory(prefix="qk-prune-finetune-") as tmp:
-        bench(case, runs(a.steps, a.lr, case), minilm_metrics, Path(tmp), env, saver(out, "minilm"), a.match)
+        bench(case, runs(a.steps, a.lr, case, a.refit, calib), minilm_metrics, Path(tmp), env, saver(out, "minilm"),
+              a.match)
     results = json.loads(out.read_text())["minilm"]
     for name, r in results.items():
         m = r["metrics"]

@@ -4,7 +4,7 @@ left, on the real models of benchmarks/real_models.py.
 
     python benchmarks/prune_sweep.py --model ocr_rec|ocr_cls|minilm [--ratios 0.1 0.2 0.3]
                                      [--allocation uniform sensitivity] [--refit one-shot sequential]
-                                     [--calib FILE.npz] [--cache DIR]
+                                     [--calib FILE.npz | --calib-sentences N] [--cache DIR]
 
 Pruning goes through quantkit's API (quantkit.prune.prune, the step `quantize --prune` runs before
 quantizing), on the calibration set in batches of 8; the sensitivity curves are measured once per
@@ -31,6 +31,23 @@ import real_models  # noqa: E402
 from _measure import ROOT  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
+
+
+def training_calib(n: int) -> Path:
+    """MiniLM calibration data of n sentences the evaluation set does not hold: sentences 384 ..
+    384+n-1 of benchmarks/_real_data.py's list (the cache took [0, 384) for calib + eval; 2,352 in
+    all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens."""
+    from _real_data import sentences, tokenize
+
+    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / f"calib_{n}.npz"
+    if not path.exists():
+        texts = sentences()[384:384 + n]
+        ids, mask = tokenize(texts, max_len=50)
+        full_ids, full_mask = np.zeros((len(texts), 50), np.int64), np.zeros((len(texts), 50), np.int64)
+        full_ids[:, :ids.shape[1]], full_mask[:, :mask.shape[1]] = ids, mask
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, input_ids=full_ids, attention_mask=full_mask)
+    return path
 
 
 def load(d: Path, calib_file: Path | None = None):
@@ -150,11 +167,15 @@ def main() -> None:
     ap.add_argument("--refit", nargs="+", default=["one-shot"], choices=["one-shot", "sequential"])
     ap.add_argument("--calib", type=Path, help="calibration .npz instead of the cache's calib.npz (e.g. "
                     "benchmarks/finetune.py's 1,024 training sentences, .cache/finetune/minilm_finetune.npz)")
+    ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate on N training sentences "
+                    "(training_calib; up to 2352) instead of the cache's 128")
     ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
                     "curves depend on the model and calibration data only), else written after measuring them")
     ap.add_argument("--unstructured-tables", nargs="+", metavar="METHOD", choices=["magnitude", "wanda", "sparsegpt"],
                     help="instead: unstructured pruning at the first --ratios, embedding tables pruned vs kept dense")
     args = ap.parse_args()
+    if args.calib_sentences:
+        args.calib = training_calib(args.calib_sentences)
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
