@@ -44,7 +44,7 @@ def runs_for(kind: str, d: Path, calib: Path | None = None) -> dict[str, list]:
                 "prune 30% FFN + int8": [*int8, "--prune", "0.3"],
                 "prune 30% FFN (sensitivity) + int8": [*int8, "--prune", "0.3", "--prune-allocation", "sensitivity"],
                 "prune 30% FFN (sequential) + int8": [*int8, "--prune", "0.3", "--prune-refit", "sequential"],
-                "static int8": ["--calib", calib],
+                "int8 (static)": ["--calib", calib],
                 "prune 30% FFN (sequential) + static int8": ["--calib", calib, "--prune", "0.3",
                                                              "--prune-refit", "sequential"],
                 "prune 30% FFN (sequential, sensitivity) + static int8": [
