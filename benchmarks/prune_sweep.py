@@ -169,6 +169,8 @@ def main() -> None:
                     "benchmarks/finetune.py's 1,024 training sentences, .cache/finetune/minilm_finetune.npz)")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate on N training sentences "
                     "(training_calib; up to 2352) instead of the cache's 128")
+    ap.add_argument("--ridge", type=float, nargs="+", metavar="FRACTION", help="instead of quantkit's ridge "
+                    "(prune/refit.py:ridge_for), each of these fixed fractions of the Gram's mean diagonal in turn")
     ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
                     "curves depend on the model and calibration data only), else written after measuring them")
     ap.add_argument("--unstructured-tables", nargs="+", metavar="METHOD", choices=["magnitude", "wanda", "sparsegpt"],
@@ -181,6 +183,15 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     if args.unstructured_tables:
         rows = tables_share(args.model, args.cache / args.model, args.ratios[0], args.unstructured_tables, out)
+    elif args.ridge:
+        from quantkit.prune import refit
+
+        rows = []
+        for fraction in args.ridge:
+            refit.ridge_for = lambda gram, f=fraction: f  # every refit (and OBS target fit) reads it here
+            got = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
+                        tuple(args.refit), args.calib)
+            rows += [{**r, "allocation": f"{r['allocation']}, ridge {fraction:g}"} for r in got[1:]]
     else:
         rows = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
                      tuple(args.refit), args.calib)
