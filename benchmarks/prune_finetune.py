@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--refit", default="one-shot", choices=["one-shot", "sequential"], help="--prune-refit")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="calibrate (pruning and int8) on N training "
                     "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
+    ap.add_argument("--calib-skip", type=int, default=0, metavar="K", help="with --calib-sentences: start after the "
+                    "first K training sentences (1024: calibration disjoint from the fine-tuning sentences)")
     ap.add_argument("--replay-plan", action="store_true", help="fine-tune on the untrained run's placement with "
                     "its per-token ops moved to dynamic int8 (see above)")
     a = ap.parse_args()
@@ -93,7 +95,8 @@ def main() -> None:
         sys.path.insert(0, str(HERE))
         from prune_sweep import training_calib
 
-        case["calib"], calib = training_calib(a.calib_sentences), f", {a.calib_sentences} calibration sentences"
+        case["calib"] = training_calib(a.calib_sentences, a.calib_skip)
+        calib = f", {a.calib_sentences} calibration sentences" + (f" after {a.calib_skip}" if a.calib_skip else "")
     todo = [r for r in runs(a.steps, a.lr, case, a.refit, calib) if not a.match or a.match in r[0]]
     with tempfile.TemporaryDirectory(prefix="qk-prune-finetune-") as tmp:
         if a.replay_plan:

@@ -33,15 +33,15 @@ from _measure import ROOT  # noqa: E402
 DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
 
 
-def training_calib(n: int) -> Path:
-    """MiniLM calibration data of n sentences the evaluation set does not hold: sentences 384 ..
-    384+n-1 of benchmarks/_real_data.py's list (the cache took [0, 384) for calib + eval; 2,352 in
-    all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens."""
+def training_calib(n: int, skip: int = 0) -> Path:
+    """MiniLM calibration data of n sentences the evaluation set does not hold: sentences 384+skip ..
+    384+skip+n-1 of benchmarks/_real_data.py's list (the cache took [0, 384) for calib + eval; 2,352
+    in all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens."""
     from _real_data import sentences, tokenize
 
-    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / f"calib_{n}.npz"
+    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / f"calib_{n}{f'_from{skip}' if skip else ''}.npz"
     if not path.exists():
-        texts = sentences()[384:384 + n]
+        texts = sentences()[384 + skip:384 + skip + n]
         ids, mask = tokenize(texts, max_len=50)
         full_ids, full_mask = np.zeros((len(texts), 50), np.int64), np.zeros((len(texts), 50), np.int64)
         full_ids[:, :ids.shape[1]], full_mask[:, :mask.shape[1]] = ids, mask
