@@ -192,6 +192,7 @@ def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit:
     cache = {} if cache is None else cache
     safe, groups = safe_groups(model)
     ratios, alloc = [ratio] * len(safe), None
+    sequential = sequential and refit  # plain removal has nothing to refit towards the original
     if (not sequential or allocation == "sensitivity") and "stats" not in cache:
         cache["stats"] = grams(model, requests(safe), batches(), workdir, real_tokens=True)
     if allocation == "sensitivity" and safe:
@@ -200,7 +201,7 @@ def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit:
         ratios = allocate(cache["curves"], ratio)
         alloc = section(cache["curves"], ratios)
     skipped = [{"layer": g.name, "channels": g.channels, "reason": g.reason} for g in groups if g.reason is not None]
-    if sequential and refit:
+    if sequential:
         layers = prune_sequential(model, safe, ratios, batches, workdir)
     else:
         layers = []
@@ -210,5 +211,5 @@ def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit:
                 continue
             keep = choose(g, cache["stats"], n)
             layers.append(layer_record(g, keep, prune_group(g, keep, cache["stats"], refit)))
-    return {"structure": "channel", "refit": "sequential" if sequential and refit else "one-shot",
+    return {"structure": "channel", "refit": "sequential" if sequential else "one-shot",
             "layers": layers, "skipped": skipped, **({"sensitivity": alloc} if alloc is not None else {})}
