@@ -2,6 +2,7 @@
 size and single-thread speed of pruned + int8 models against int8 alone and fp32.
 
     python benchmarks/prune.py --model minilm|ocr_rec|ocr_cls [--cache DIR] [--rounds N]
+                               [--calib-sentences N]  (minilm: calibrate on N training sentences)
 
 The models and data are the ones benchmarks/real_models.py prepares (benchmarks/_real_data.py)
 under DIR (default benchmarks/.cache/real; `QUANTKIT_REAL_CACHE` overrides). Every quantkit run is
@@ -30,9 +31,9 @@ from _measure import ROOT, quantkit_cmd  # noqa: E402
 DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
 
 
-def runs_for(kind: str, d: Path) -> dict[str, list]:
+def runs_for(kind: str, d: Path, calib: Path | None = None) -> dict[str, list]:
     """Each row: the quantkit arguments after MODEL (output, threads and force added)."""
-    calib = d / "calib.npz"
+    calib = calib or d / "calib.npz"
     if kind == "minilm":
         # dynamic int8 is quantkit's fast int8 on this model (static int8 keeps most MatMuls float to
         # meet its default accuracy budget; see BENCHMARKS.md, real models)
@@ -42,6 +43,13 @@ def runs_for(kind: str, d: Path) -> dict[str, list]:
                 "prune 10% FFN + int8": [*int8, "--prune", "0.1"],
                 "prune 30% FFN + int8": [*int8, "--prune", "0.3"],
                 "prune 30% FFN (sensitivity) + int8": [*int8, "--prune", "0.3", "--prune-allocation", "sensitivity"],
+                "prune 30% FFN (sequential) + int8": [*int8, "--prune", "0.3", "--prune-refit", "sequential"],
+                "int8 (static)": ["--calib", calib],
+                "prune 30% FFN (sequential) + static int8": ["--calib", calib, "--prune", "0.3",
+                                                             "--prune-refit", "sequential"],
+                "prune 30% FFN (sequential, sensitivity) + static int8": [
+                    "--calib", calib, "--prune", "0.3", "--prune-refit", "sequential",
+                    "--prune-allocation", "sensitivity"],
                 "prune 25% heads + int8": [*int8, "--prune", "0.25", "--prune-structure", "head"],
                 "int4 (block 128)": int4,
                 "unstructured 50% wanda + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured"],
@@ -79,7 +87,7 @@ def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
 
 
 def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
-          pruned: list[Path] | None = None) -> dict:
+          pruned: list[Path] | None = None, calib: Path | None = None) -> dict:
     d = cache / kind
     out = ROOT / "benchmarks" / ".cache" / "prune" / kind
     out.mkdir(parents=True, exist_ok=True)
@@ -87,8 +95,8 @@ def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
     runs: dict[str, dict] = {"fp32": {"path": str(d / "model.onnx")}}
     if not only:
         runs["pruned 30% fp32 (no quantization)"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
-    rows = {name: (d / "model.onnx", args) for name, args in runs_for(kind, d).items()}
-    int8_args = next(args for name, args in runs_for(kind, d).items() if name.startswith("int8"))
+    rows = {name: (d / "model.onnx", args) for name, args in runs_for(kind, d, calib).items()}
+    int8_args = next(args for name, args in runs_for(kind, d, calib).items() if name.startswith("int8"))
     # an already pruned float model (e.g. benchmarks/prune_sweep.py's) quantized as int8 alone is: its
     # placement then holds the default budget against the pruned model instead of the unpruned one
     rows.update({f"{p.stem} then int8": (p.resolve(), int8_args) for p in pruned or []})
@@ -149,8 +157,15 @@ def main() -> None:
                     "(fp32 and int8 alone are always run)")
     ap.add_argument("--pruned", type=Path, nargs="+", help="pruned float models (benchmarks/prune_sweep.py writes "
                     "them) to quantize as int8 alone is, each one more row")
+    ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate every run on N training "
+                    "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
     args = ap.parse_args()
-    result = bench(args.model, args.cache, args.rounds, args.only, args.pruned)
+    calib = None
+    if args.calib_sentences:
+        from prune_sweep import training_calib
+
+        calib = training_calib(args.calib_sentences)
+    result = bench(args.model, args.cache, args.rounds, args.only, args.pruned, calib)
     name = "results.json" if not args.only else "results_" + "_".join(args.only).replace(" ", "-") + ".json"
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / name
     out.write_text(json.dumps(result, indent=1, default=str))

@@ -3,7 +3,8 @@ from the sensitivity curves: accuracy against fp32 on the held-out evaluation se
 left, on the real models of benchmarks/real_models.py.
 
     python benchmarks/prune_sweep.py --model ocr_rec|ocr_cls|minilm [--ratios 0.1 0.2 0.3]
-                                     [--allocation uniform sensitivity] [--cache DIR]
+                                     [--allocation uniform sensitivity] [--refit one-shot sequential]
+                                     [--calib FILE.npz | --calib-sentences N] [--cache DIR]
 
 Pruning goes through quantkit's API (quantkit.prune.prune, the step `quantize --prune` runs before
 quantizing), on the calibration set in batches of 8; the sensitivity curves are measured once per
@@ -32,7 +33,24 @@ from _measure import ROOT  # noqa: E402
 DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
 
 
-def load(d: Path):
+def training_calib(n: int, skip: int = 0) -> Path:
+    """MiniLM calibration data of n sentences the evaluation set does not hold: sentences 384+skip ..
+    384+skip+n-1 of benchmarks/_real_data.py's list (the cache took [0, 384) for calib + eval; 2,352
+    in all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens."""
+    from _real_data import sentences, tokenize
+
+    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / f"calib_{n}{f'_from{skip}' if skip else ''}.npz"
+    if not path.exists():
+        texts = sentences()[384 + skip:384 + skip + n]
+        ids, mask = tokenize(texts, max_len=50)
+        full_ids, full_mask = np.zeros((len(texts), 50), np.int64), np.zeros((len(texts), 50), np.int64)
+        full_ids[:, :ids.shape[1]], full_mask[:, :mask.shape[1]] = ids, mask
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, input_ids=full_ids, attention_mask=full_mask)
+    return path
+
+
+def load(d: Path, calib_file: Path | None = None):
     from quantkit.calibrate.data import assign_batch_axes
     from quantkit.graph import shapes
     from quantkit.graph.canonicalize import canonicalize
@@ -42,12 +60,13 @@ def load(d: Path):
     model = load_onnx(d / "model.onnx")
     canonicalize(model)
     shapes.infer(model)
-    calib = open_data(d / "calib.npz", assign_batch_axes(input_specs(model), {}), None)
+    calib = open_data(calib_file or d / "calib.npz", assign_batch_axes(input_specs(model), {}), None)
     return model, calib
 
 
 def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: Path,
-          curves_file: Path | None = None) -> list[dict]:
+          curves_file: Path | None = None, refits: tuple[str, ...] = ("one-shot",),
+          calib_file: Path | None = None) -> list[dict]:
     from dataclasses import asdict
 
     from quantkit import runtime
@@ -55,7 +74,7 @@ def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: 
     from quantkit.prune import prune
     from quantkit.prune.allocate import Curve
 
-    model, calib = load(d)
+    model, calib = load(d, calib_file)
     feed = next(calib.batches(8))
     with np.load(d / "eval.npz") as z:
         data = {k: z[k] for k in z.files if k != "labels"}
@@ -68,22 +87,23 @@ def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: 
     ref = real_models.run_eval(kind, d / "model.onnx", data)
     rows = [{"allocation": "-", "ratio": 0.0, "macs": 1.0,
              "metrics": real_models.metrics(kind, ref, ref, data, truth, alphabet), "seconds": 0.0}]
-    for allocation in allocations:
+    for allocation, refit in ((a, r) for a in allocations for r in refits):
         cache: dict = {}
         if allocation == "sensitivity" and curves_file is not None and curves_file.exists():
             cache["curves"] = [Curve(**c) for c in json.loads(curves_file.read_text())]
         for ratio in ratios:
-            print(f"[{kind}] {allocation} {ratio:.0%} ...", file=sys.stderr, flush=True)
+            print(f"[{kind}] {allocation} {refit} {ratio:.0%} ...", file=sys.stderr, flush=True)
             candidate = model.clone()
             t = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                section = prune(candidate, PruneConfig(ratio=ratio, allocation=allocation),
+                section = prune(candidate, PruneConfig(ratio=ratio, allocation=allocation, refit=refit),
                                 lambda: calib.batches(8), feed, Path(tmp), cache)
             seconds = time.perf_counter() - t
-            path = out / f"sweep_{allocation}_{round(ratio * 100)}.onnx"
+            path = out / f"sweep_{allocation}_{refit}_{round(ratio * 100)}.onnx"
             runtime.save(candidate, path)
             q = real_models.run_eval(kind, path, data)
-            rows.append({"allocation": allocation, "ratio": ratio, "seconds": round(seconds, 1),
+            rows.append({"allocation": allocation if refit == "one-shot" else f"{allocation}, {refit}",
+                         "ratio": ratio, "seconds": round(seconds, 1),
                          "macs": section["macs_after"] / section["macs_before"],
                          "metrics": real_models.metrics(kind, ref, q, data, truth, alphabet),
                          "layers": {la["layer"]: round(la["ratio"], 3) for la in section["layers"]},
@@ -144,18 +164,37 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the prepared real models")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--allocation", nargs="+", default=["uniform", "sensitivity"], choices=["uniform", "sensitivity"])
+    ap.add_argument("--refit", nargs="+", default=["one-shot"], choices=["one-shot", "sequential"])
+    ap.add_argument("--calib", type=Path, help="calibration .npz instead of the cache's calib.npz (e.g. "
+                    "benchmarks/finetune.py's 1,024 training sentences, .cache/finetune/minilm_finetune.npz)")
+    ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate on N training sentences "
+                    "(training_calib; up to 2352) instead of the cache's 128")
+    ap.add_argument("--ridge", type=float, nargs="+", metavar="FRACTION", help="instead of quantkit's ridge "
+                    "(prune/refit.py:ridge_for), each of these fixed fractions of the Gram's mean diagonal in turn")
     ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
                     "curves depend on the model and calibration data only), else written after measuring them")
     ap.add_argument("--unstructured-tables", nargs="+", metavar="METHOD", choices=["magnitude", "wanda", "sparsegpt"],
                     help="instead: unstructured pruning at the first --ratios, embedding tables pruned vs kept dense")
     args = ap.parse_args()
+    if args.calib_sentences:
+        args.calib = training_calib(args.calib_sentences)
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     if args.unstructured_tables:
         rows = tables_share(args.model, args.cache / args.model, args.ratios[0], args.unstructured_tables, out)
+    elif args.ridge:
+        from quantkit.prune import refit
+
+        rows = []
+        for fraction in args.ridge:
+            refit.ridge_for = lambda gram, f=fraction: f  # every refit (and OBS target fit) reads it here
+            got = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
+                        tuple(args.refit), args.calib)
+            rows += [{**r, "allocation": f"{r['allocation']}, ridge {fraction:g}"} for r in got[1:]]
     else:
-        rows = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves)
+        rows = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
+                     tuple(args.refit), args.calib)
     name = "sweep_tables.json" if args.unstructured_tables else "sweep.json"
     (out / name).write_text(json.dumps(rows, indent=1, default=str))
     print(table(args.model, rows))

@@ -203,6 +203,11 @@ class PruneAllocation(Choice):
     SENSITIVITY = "sensitivity"  # per group, from each group's measured output noise (prune/sensitivity.py)
 
 
+class PruneRefit(Choice):
+    ONE_SHOT = "one-shot"  # every group measured on the unpruned model, refit towards its own output
+    SEQUENTIAL = "sequential"  # group after group on the pruned model, refit towards the original (prune/sequential.py)
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """--prune RATIO: the fraction of channels / heads / weights removed before quantization."""
@@ -211,10 +216,12 @@ class PruneConfig:
     structure: PruneStructure = PruneStructure.CHANNEL
     method: PruneMethod | None = None  # unstructured / 2:4 only; default wanda
     allocation: PruneAllocation = PruneAllocation.UNIFORM  # channel only
+    refit: PruneRefit = PruneRefit.ONE_SHOT  # channel only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "structure", PruneStructure.parse(self.structure, "--prune-structure"))
         object.__setattr__(self, "allocation", PruneAllocation.parse(self.allocation, "--prune-allocation"))
+        object.__setattr__(self, "refit", PruneRefit.parse(self.refit, "--prune-refit"))
         if self.method is not None:
             object.__setattr__(self, "method", PruneMethod.parse(self.method, "--prune-method"))
         sparse = self.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI)
@@ -232,6 +239,8 @@ class PruneConfig:
         if self.allocation != PruneAllocation.UNIFORM and self.structure != PruneStructure.CHANNEL:
             raise ConfigError(f"--prune-allocation {self.allocation} applies to --prune-structure channel, "
                               f"not {self.structure}")
+        if self.refit != PruneRefit.ONE_SHOT and self.structure != PruneStructure.CHANNEL:
+            raise ConfigError(f"--prune-refit {self.refit} applies to --prune-structure channel, not {self.structure}")
         if self.method is not None and not sparse:
             raise ConfigError(f"--prune-method applies to --prune-structure unstructured or 2:4; {self.structure} "
                               "ranks channels by calibration statistics")

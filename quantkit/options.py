@@ -69,6 +69,7 @@ OPTIONS = {o.key: o for o in (
     Option("prune_structure", "str", "channel"),
     Option("prune_method", "str"),
     Option("prune_allocation", "str", "uniform"),
+    Option("prune_refit", "str", "one-shot"),
     # --finetune (recovery training; the other three apply only with it)
     Option("finetune", "int"),
     Option("lr", "float"),
@@ -182,7 +183,7 @@ def run_config(options: dict):
         gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
                     require_speedup=o["require_speedup"], min_sqnr=o["min_sqnr"]),
         prune=PruneConfig(ratio=o["prune"], structure=o["prune_structure"], method=o["prune_method"],
-                          allocation=o["prune_allocation"]),
+                          allocation=o["prune_allocation"], refit=o["prune_refit"]),
     )
 
 
@@ -224,7 +225,7 @@ def effective_config(cfg) -> dict:
         "force": cfg.force,
         "prune": cfg.prune.ratio, "prune_structure": cfg.prune.structure.value,
         "prune_method": cfg.prune.method.value if cfg.prune.method is not None else None,
-        "prune_allocation": cfg.prune.allocation.value,
+        "prune_allocation": cfg.prune.allocation.value, "prune_refit": cfg.prune.refit.value,
     }
     if cfg.finetune is not None:
         ft, default = cfg.finetune, type(cfg.finetune)(steps=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from quantkit.config import PruneConfig, PruneMethod, PruneStructure
+from quantkit.config import PruneConfig, PruneMethod, PruneRefit, PruneStructure
 from quantkit.errors import UnsupportedModelError
 from quantkit.prune.fold import fold_constant_shapes
 from quantkit.prune.report import cost, summary
@@ -27,7 +27,7 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
         from quantkit.prune.structured import prune_channels
 
         section = prune_channels(model, cfg.ratio, batches, workdir, allocation=cfg.allocation.value, feed=feed,
-                                 cache=cache, status=status)
+                                 cache=cache, status=status, sequential=cfg.refit == PruneRefit.SEQUENTIAL)
         for layer in section["layers"]:
             layer["detail"] = f"{layer['channels_before']} -> {layer['channels_after']} channels"
     elif cfg.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI):
@@ -52,7 +52,7 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
                                         "use --prune-structure channel")
     section = {"structure": cfg.structure.value, "ratio": cfg.ratio,
                "method": cfg.method.value if cfg.method is not None else None,
-               "allocation": cfg.allocation.value,
+               "allocation": cfg.allocation.value, "refit": cfg.refit.value,
                **summary(before, cost(model, feed, workdir)), **section}
     return section
 

@@ -29,11 +29,15 @@ class Curve:
     errors: list[float]
 
 
-def noise(reference: list[np.ndarray], got: list[np.ndarray]) -> float:
-    """Sum over outputs of the noise-to-signal power ratio (non-finite outputs: infinite)."""
+def noise(reference: list[np.ndarray], got: list[np.ndarray], masks: list[np.ndarray | None] | None = None) -> float:
+    """Sum over outputs of the noise-to-signal power ratio (non-finite outputs: infinite). masks:
+    per output, the (batch, sequence) positions to count (real tokens) or None (all)."""
     total = 0.0
-    for r, g in zip(reference, got):
+    for i, (r, g) in enumerate(zip(reference, got)):
         r64, g64 = np.asarray(r, np.float64), np.asarray(g, np.float64)
+        m = masks[i] if masks else None
+        if m is not None:
+            r64, g64 = r64[m], g64[m]
         if not np.all(np.isfinite(g64)):
             return float("inf")
         total += float(np.sum((g64 - r64) ** 2) / max(np.sum(r64 ** 2), 1e-30))

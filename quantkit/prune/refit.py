@@ -10,39 +10,58 @@ channels outside S, the kept weights are re-solved so the block output is preser
 
 whose normal equations only need the Gram: (G_SS + lam I) [W'; b'] = G_S,all [W; b] + lam [W_S; b].
 The ridge pulls towards plain removal (W' = W_S), not towards zero, so a small calibration set
-cannot drive the refit far from the trained weights.
+cannot drive the refit far from the trained weights. Its weight shrinks as the calibration set
+grows (ridge_for): it stands for a fixed amount of prior evidence, not a fixed share of the data.
+
+Positions can be weighted (0 for padded tokens, whose outputs no reader uses), and the target can
+be another model's output (sequential pruning, sequential.py): with T the target rows and X the
+pruned model's inputs, the normal equations need G = X^T X and X^T T only (Target below).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-RIDGE = 1e-1  # lam as a fraction of the mean diagonal of G_SS
+RIDGE = 1e-1  # lam as a fraction of the mean diagonal of G_SS, up to RIDGE_SAMPLES calibration samples
+# beyond them lam stays the evidence of RIDGE_SAMPLES samples (its share falls as 1/samples): on MiniLM
+# the best fraction was 0.1 at 128 sentences and 0.003-0.01 at 1,024 (BENCHMARKS.md, issue 14)
+RIDGE_SAMPLES = 128
+
+
+def rows_of(x: np.ndarray, axis: int) -> np.ndarray:
+    """[positions, channels]: the channels on `axis`, every other axis a position (in order)."""
+    return np.moveaxis(np.asarray(x, np.float32), axis, -1).reshape(-1, x.shape[axis])
 
 
 def _augmented(x: np.ndarray, axis: int) -> np.ndarray:
-    rows = np.moveaxis(np.asarray(x, np.float32), axis, -1).reshape(-1, x.shape[axis])
+    rows = rows_of(x, axis)
     return np.concatenate([rows, np.ones((len(rows), 1), np.float32)], axis=1)
 
 
 class Gram:
     """Sum of [x, 1]^T [x, 1] over all positions of the channels of one tensor (per-batch products
-    in float32, summed in float64); with full=False only the per-channel sums and squares."""
+    in float32, summed in float64), each position weighted (padded tokens: 0); with full=False only
+    the per-channel sums and squares. `count` is the total weight, `samples` the batch items seen."""
 
     def __init__(self, channels: int, full: bool = True):
         self.matrix = np.zeros((channels + 1, channels + 1)) if full else None
         self.sq, self.sum = np.zeros(channels), np.zeros(channels)
-        self.count = 0
+        self.count = 0.0
+        self.samples = 0
 
-    def update(self, x: np.ndarray, axis: int) -> None:
-        """x holds the channels on `axis`; every other axis is a position."""
+    def update(self, x: np.ndarray, axis: int, weights: np.ndarray | None = None) -> np.ndarray:
+        """x holds the channels on `axis`; every other axis is a position. `weights`: one per
+        position (in rows_of order) or None (all 1). Returns the weighted augmented rows."""
         aug = _augmented(x, axis)
-        rows = aug[:, :-1].astype(np.float64)
-        self.sq += np.sum(rows * rows, axis=0)
-        self.sum += np.sum(rows, axis=0)
-        self.count += len(aug)
+        wa = aug if weights is None else aug * np.asarray(weights, np.float32).reshape(-1, 1)
+        rows, wrows = aug[:, :-1].astype(np.float64), wa[:, :-1].astype(np.float64)
+        self.sq += np.sum(wrows * rows, axis=0)
+        self.sum += np.sum(wrows, axis=0)
+        self.count += float(len(aug) if weights is None else np.sum(weights))
+        self.samples += x.shape[0] if axis % x.ndim != 0 else 1
         if self.matrix is not None:
-            self.matrix += aug.T @ aug
+            self.matrix += wa.T @ aug
+        return wa
 
     @property
     def channels(self) -> int:
@@ -54,6 +73,24 @@ class Gram:
 
     def mean(self) -> np.ndarray:
         return self.sum / max(self.count, 1)
+
+
+class Target:
+    """X^T T for a refit towards target rows T ([positions, N]) on inputs X: the right-hand side
+    of the normal equations when the target is not the pruned layer's own output."""
+
+    def __init__(self, channels: int, outputs: int):
+        self.matrix = np.zeros((channels + 1, outputs))
+
+    def update(self, weighted_rows: np.ndarray, target_rows: np.ndarray) -> None:
+        """weighted_rows: what Gram.update returned for the same positions."""
+        self.matrix += weighted_rows.T @ np.asarray(target_rows, np.float32)
+
+
+def ridge_for(gram: Gram) -> float:
+    """The ridge fraction for a refit on `gram`'s data: RIDGE up to RIDGE_SAMPLES samples, then
+    shrinking as 1/samples (a fixed prior weight against a growing amount of evidence)."""
+    return RIDGE * min(1.0, RIDGE_SAMPLES / max(gram.samples, 1))
 
 
 def importance(rms: np.ndarray, w_rows: np.ndarray) -> np.ndarray:
@@ -77,25 +114,42 @@ def select(score: np.ndarray, keep: int) -> np.ndarray:
     return np.sort(order)
 
 
-def refit(gram: Gram, w: np.ndarray, b: np.ndarray | None, keep: np.ndarray,
-          ridge: float = RIDGE) -> tuple[np.ndarray, np.ndarray | None]:
-    """Least-squares weights for the kept input channels of y = x w + b (w [C, N], b [N] or None:
-    then no bias is fitted). Returns (w' [len(keep), N], b' or None)."""
-    c = gram.channels
-    g = gram.matrix
-    full = np.concatenate([w, (b if b is not None else np.zeros(w.shape[1]))[None, :]], axis=0).astype(np.float64)
-    idx = np.concatenate([keep, [c]]) if b is not None else keep
-    start = full[idx] if b is not None else w[keep].astype(np.float64)
+def ridge_solve(g: np.ndarray, rhs: np.ndarray, start: np.ndarray, idx: np.ndarray, ridge: float) -> np.ndarray:
+    """argmin_v ||X_idx v - T||^2 + lam ||v - start||^2 from G = X^T X and rhs = X^T T (all rows;
+    idx selects), lam = ridge x the mean diagonal of G_idx,idx. start [len(idx), N]."""
     a = g[np.ix_(idx, idx)]
     lam = ridge * max(float(np.mean(np.diag(a))), 1e-12)
-    rhs = g[idx] @ full + lam * start
+    lhs, right = a + lam * np.eye(len(idx)), rhs[idx] + lam * start
     try:
-        sol = np.linalg.solve(a + lam * np.eye(len(idx)), rhs)
+        return np.linalg.solve(lhs, right)
     except np.linalg.LinAlgError:
-        sol = np.linalg.lstsq(a + lam * np.eye(len(idx)), rhs, rcond=None)[0]
+        return np.linalg.lstsq(lhs, right, rcond=None)[0]
+
+
+def _stacked(w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    return np.concatenate([w, (b if b is not None else np.zeros(w.shape[1]))[None, :]], axis=0).astype(np.float64)
+
+
+def refit(gram: Gram, w: np.ndarray, b: np.ndarray | None, keep: np.ndarray, ridge: float | None = None,
+          target: Target | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Least-squares weights for the kept input channels of y = x w + b (w [C, N], b [N] or None:
+    then no bias is fitted), towards the layer's own output (target None) or towards `target`'s rows
+    (ridge still towards plain removal). Returns (w' [len(keep), N], b' or None)."""
+    full = _stacked(w, b)
+    idx = np.concatenate([keep, [gram.channels]]) if b is not None else keep
+    rhs = gram.matrix @ full if target is None else target.matrix
+    sol = ridge_solve(gram.matrix, rhs, full[idx], idx, ridge_for(gram) if ridge is None else ridge)
     if b is not None:
         return sol[:-1].astype(w.dtype), sol[-1].astype(b.dtype)
     return sol.astype(w.dtype), None
+
+
+def target_weights(gram: Gram, w: np.ndarray, b: np.ndarray | None, target: Target) -> np.ndarray:
+    """The weights [C, N] that best give `target` from every input channel (ridge towards w): the
+    layer an optimal-brain-surgeon selection then removes rows from (the target's least-squares
+    error splits into this fit's residual plus the removal cost measured on the Gram)."""
+    idx = np.arange(gram.channels + 1)
+    return ridge_solve(gram.matrix, target.matrix, _stacked(w, b), idx, ridge_for(gram))[:-1]
 
 
 def removal_bias(gram: Gram, w_sum: np.ndarray, b: np.ndarray | None, keep: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from quantkit.prune import refit as rf
 from quantkit.prune.allocate import GRID, Curve, noise
 from quantkit.prune.groups import Group, find_groups
 from quantkit.prune.report import node_macs
+from quantkit.report.compare import padding_mask
 
 PROBE_SAMPLES = 32  # calibration samples the curves are measured on
 STOP = 1.0  # a group's curve ends once its noise reaches the signal's power
@@ -51,10 +52,13 @@ class Probe:
                 break
         self.samples = n
         self.reference = [sess.run(None, f) for f in self.feeds]
+        # outputs laid out (batch, sequence, ...) with an attention mask: only the real tokens count
+        self.masks = [[padding_mask(f, y) for y in ref] for f, ref in zip(self.feeds, self.reference)]
 
     def noise(self, model: ir.Model) -> float:
         sess = runtime.session(model, self.workdir, tag="pruning sensitivity")
-        return float(np.mean([noise(r, sess.run(None, f)) for r, f in zip(self.reference, self.feeds)]))
+        return float(np.mean([noise(r, sess.run(None, f), m)
+                              for r, f, m in zip(self.reference, self.feeds, self.masks)]))
 
 
 def _alone(model: ir.Model, index: int, keep: int, stats, choose, prune_group) -> ir.Model:

@@ -57,9 +57,10 @@ class Consumer:
     def bias_array(self) -> np.ndarray | None:
         return None if self.bias is None else const_array(self.bias).reshape(-1)
 
-    def write(self, keep: np.ndarray, gram: rf.Gram) -> dict:
-        """Prune the consumer's input channels to `keep`, refitting its weights; returns the
-        consumer's output error (mean squared, on the calibration statistics) before/after refit."""
+    def write(self, keep: np.ndarray, gram: rf.Gram, target: rf.Target | None = None) -> dict:
+        """Prune the consumer's input channels to `keep`, refitting its weights (towards its own
+        output, or towards `target`: sequential.py); returns the consumer's output error (mean
+        squared, on the calibration statistics, against its own output) before/after refit."""
         b = self.bias_array()
         w = const_array(self.node.inputs[1])
         plain = rf.output_error(gram, self.w, b, keep, self.w[keep], b) if not self.spatial else None
@@ -68,7 +69,7 @@ class Consumer:
             set_const(self.node.inputs[1], np.take(w, keep, axis=1))
             refitted = None
         else:
-            w_new, b_new = rf.refit(gram, self.w, b, keep)
+            w_new, b_new = rf.refit(gram, self.w, b, keep, target=target)
             refitted = rf.output_error(gram, self.w, b, keep, w_new, b_new)
             set_const(self.node.inputs[1], self._layout(w_new, w))
         if b_new is not None:
@@ -149,14 +150,16 @@ def choose(group: Group, stats: dict[str, rf.Gram], keep: int) -> np.ndarray:
     return rf.obs_select([(stats[c.node.inputs[0].name], c.w) for c in consumers], keep)
 
 
-def prune_group(group: Group, keep: np.ndarray, stats: dict[str, rf.Gram], refit: bool = True) -> list[dict]:
-    """Remove every channel of `group` outside `keep`; returns the consumers' error records."""
+def prune_group(group: Group, keep: np.ndarray, stats: dict[str, rf.Gram], refit: bool = True,
+                targets: dict[str, rf.Target] | None = None) -> list[dict]:
+    """Remove every channel of `group` outside `keep`; returns the consumers' error records.
+    `targets`: per consumer node name, the refit's target (sequential.py) instead of its own output."""
     records = []
     for node in group.consumers:
         consumer = Consumer.of(node)
         gram = stats[node.inputs[0].name]
         if refit:
-            records.append(consumer.write(keep, gram))
+            records.append(consumer.write(keep, gram, (targets or {}).get(node.name)))
         else:
             _take(node.inputs[1], keep, 1 if node.op_type == "Conv" or node.op_type == "Gemm"
                   and node.attributes.get_int("transB", 0) == 1 else 0)
@@ -176,35 +179,37 @@ def requests(groups: list[Group]) -> dict[str, tuple[int, int]]:
 
 def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit: bool = True,
                    allocation: str = "uniform", feed: dict | None = None, cache: dict | None = None,
-                   status=lambda s: None) -> dict:
+                   status=lambda s: None, sequential: bool = False) -> dict:
     """Prune channels of every safe group in place (`batches()` yields the calibration batches;
     refit=False: plain removal, for comparison): `ratio` of each group's channels (uniform), or
     per group as the sensitivity curves allocate `ratio` of the groups' MACs (sensitivity.py).
-    `cache` keeps the statistics and curves of this model for later calls. Returns the records."""
+    sequential: group after group on the pruned model's statistics, refit towards the original
+    model (sequential.py). `cache` keeps the one-shot statistics and the curves of this model for
+    later calls. Returns the records."""
     from quantkit.prune.sensitivity import curves, safe_groups, section
+    from quantkit.prune.sequential import layer_record, prune_sequential
 
     cache = {} if cache is None else cache
     safe, groups = safe_groups(model)
-    if "stats" not in cache:
-        cache["stats"] = grams(model, requests(safe), batches(), workdir)
-    stats = cache["stats"]
     ratios, alloc = [ratio] * len(safe), None
+    sequential = sequential and refit  # plain removal has nothing to refit towards the original
+    if (not sequential or allocation == "sensitivity") and "stats" not in cache:
+        cache["stats"] = grams(model, requests(safe), batches(), workdir, real_tokens=True)
     if allocation == "sensitivity" and safe:
         if "curves" not in cache:
-            cache["curves"] = curves(model, safe, stats, batches, feed, workdir, status)
+            cache["curves"] = curves(model, safe, cache["stats"], batches, feed, workdir, status)
         ratios = allocate(cache["curves"], ratio)
         alloc = section(cache["curves"], ratios)
-    layers, skipped = [], [{"layer": g.name, "channels": g.channels, "reason": g.reason}
-                           for g in groups if g.reason is not None]
-    for g, r in zip(safe, ratios):
-        n = rf.keep_count(g.channels, r)
-        if n == g.channels:
-            continue
-        keep = choose(g, stats, n)
-        records = prune_group(g, keep, stats, refit)
-        layers.append({"layer": g.name, "producers": [p.name for p in g.producers],
-                       "consumers": records or [{"layer": c.name} for c in g.consumers],
-                       "channels_before": g.channels, "channels_after": int(len(keep)),
-                       "ratio": 1 - len(keep) / g.channels})
-    return {"structure": "channel", "layers": layers, "skipped": skipped,
-            **({"sensitivity": alloc} if alloc is not None else {})}
+    skipped = [{"layer": g.name, "channels": g.channels, "reason": g.reason} for g in groups if g.reason is not None]
+    if sequential:
+        layers = prune_sequential(model, safe, ratios, batches, workdir)
+    else:
+        layers = []
+        for g, r in zip(safe, ratios):
+            n = rf.keep_count(g.channels, r)
+            if n == g.channels:
+                continue
+            keep = choose(g, cache["stats"], n)
+            layers.append(layer_record(g, keep, prune_group(g, keep, cache["stats"], refit)))
+    return {"structure": "channel", "refit": "sequential" if sequential else "one-shot",
+            "layers": layers, "skipped": skipped, **({"sensitivity": alloc} if alloc is not None else {})}

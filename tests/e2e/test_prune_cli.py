@@ -221,3 +221,27 @@ def test_unstructured_int4_prunes_embedding_rows_and_gathers_the_dense_decode(tm
     assert np.all(np.take_along_axis(zero, pruned, axis=1))
     rel = np.abs(dense - table)[~zero] / np.repeat(np.abs(table).reshape(600, 2, 32).max(axis=2), 32, axis=1)[~zero]
     assert rel.max() < 1 / 8 * (1 + 2 * 2 ** -7)  # kept weights within one int4 step of 1/8 of the extreme
+
+
+def test_sequential_refit_on_the_digits_cnn(samples, tmp_path):
+    """--prune-refit sequential through the CLI: the same groups and channel counts as one-shot, the
+    report and effective config say so, and the int8 model runs; the head structure refuses it."""
+    d = samples / "digits_cnn"
+    sections = {}
+    for refit in ("one-shot", "sequential"):
+        out, rep = tmp_path / f"{refit}.onnx", tmp_path / f"{refit}.json"
+        r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
+                     "--report", rep, "--prune", "0.3", "--prune-refit", refit, "--no-speed-guard")
+        assert r.exit_code == 0, r.output
+        report = json.loads(rep.read_text())
+        sections[refit] = report["pruning"]
+        assert report["pruning"]["refit"] == refit
+        assert report["effective_config"].get("prune_refit", "one-shot") == refit
+        onnx.checker.check_model(str(out), full_check=True)
+        (logits,) = report["outputs"]
+        assert logits["top1_agreement"] > 0.9
+    counts = {k: [(la["layer"], la["channels_after"]) for la in s["layers"]] for k, s in sections.items()}
+    assert counts["sequential"] == counts["one-shot"] and len(counts["one-shot"]) >= 2
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--prune", "0.3", "--prune-structure", "head",
+                 "--prune-refit", "sequential", "-o", tmp_path / "h.onnx")
+    assert r.exit_code == 2 and "--prune-refit sequential applies to --prune-structure channel" in r.output

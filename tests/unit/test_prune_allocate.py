@@ -114,3 +114,14 @@ def test_a_ratio_search_measures_the_curves_once_and_meets_its_target(tmp_path, 
     assert len(trials) > 1 and len(calls) == 1  # several ratios tried, curves measured once
     assert score(pruned)[0]["cosine"] >= 1 - (1 - 0.999) / 2  # the half budget pruning may use
     assert 0 < section["search"]["chosen_ratio"] < 0.75 and section["allocation"] == "sensitivity"
+
+
+def test_noise_counts_only_the_real_tokens_when_given_masks():
+    ref = np.ones((2, 4, 3))
+    got = ref.copy()
+    got[0, 3] += 100.0  # a padded position: whatever it holds, no reader uses it
+    got[1, 0] += 0.5
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool)
+    assert noise([ref], [got], [mask]) == pytest.approx(3 * 0.25 / (7 * 3))
+    assert noise([ref], [got]) == pytest.approx((3 * 100.0 ** 2 + 3 * 0.25) / (8 * 3))
+    assert noise([ref], [got], [None]) == noise([ref], [got])
