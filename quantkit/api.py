@@ -209,7 +209,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     laps.lap("canonicalize")
     model, pruning = _prune(cfg, model, inputs, workdir, status)
     laps.lap("prune")
-    placement = placement_for(cfg.quant)
+    placement = placement_for(cfg.quant, trainable=cfg.finetune is not None)
     lowers = placement.lower
     placement.lower = lowers and cfg.finetune is None  # lowered after training instead
     model = placement.prepare_model(model)

@@ -36,6 +36,15 @@ def test_the_config_picks_one_scheme_per_mode():
     assert [type(s) for s in placement_for(int4).schemes] == [WeightOnlyScheme]
 
 
+def test_a_run_that_fine_tunes_gets_no_per_token_alternative():
+    """--finetune cannot train per-token int8's MatMulInteger + Round decomposition: the placement does not
+    offer it (it exited 4 after a search that picked it); dynamic and weight-only int8 stay."""
+    names = [s.name.value for s in placement_for(QuantConfig()).alternates]
+    trainable = [s.name.value for s in placement_for(QuantConfig(), trainable=True).alternates]
+    assert "per_token" in names and trainable == [n for n in names if n != "per_token"]
+    assert "dynamic" in trainable and "weight_only" in trainable
+
+
 def test_an_op_no_scheme_takes_stays_float_with_the_reason():
     _, model, _ = _cnn()
     plan = placement_for(QuantConfig(activations="dynamic")).plan(model)
