@@ -447,8 +447,18 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
 
     found = budget.search(budget.by_gain(ranked, choices), choices, aim, evaluate, status)
     placement.overrides = found.overrides
+    notes = _budget_notes(found, len(choices), target)
+    samples = sum(len(next(iter(f.values()))) for f in probe.feeds)
+    return {"source": "search", "target": target.describe(), "searched_for": target.with_margin().describe(),
+            "reference": "the pruned float model" if against_pruned else "the original model",
+            "met": found.met, "moved": found.overrides,
+            "probe_samples": samples, "figures": found.figures, "trials": found.trials, "sensitivity": ranked,
+            "notes": notes}
+
+
+def _budget_notes(found: budget.SearchResult, ops: int, target: budget.Target) -> list[str]:
     notes = []
-    if found.overrides and len(found.overrides) == len(choices) and set(found.overrides.values()) == {budget.FLOAT}:
+    if found.overrides and len(found.overrides) == ops and set(found.overrides.values()) == {budget.FLOAT}:
         notes.append(f"to meet {target.describe()} every quantizable op stays float: int8 cannot reach this target "
                      "on this model")
     if found.overrides:
@@ -457,12 +467,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     if not found.met:
         notes.append(f"the target {target.describe()} is not met even with every sensitive op moved out of "
                      f"static int8: {found.shortfall}")
-    samples = sum(len(next(iter(f.values()))) for f in probe.feeds)
-    return {"source": "search", "target": target.describe(), "searched_for": target.with_margin().describe(),
-            "reference": "the pruned float model" if against_pruned else "the original model",
-            "met": found.met, "moved": found.overrides,
-            "probe_samples": samples, "figures": found.figures, "trials": found.trials, "sensitivity": ranked,
-            "notes": notes}
+    return notes
 
 
 def _tally(values) -> str:
