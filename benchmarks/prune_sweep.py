@@ -76,14 +76,7 @@ def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: 
 
     model, calib = load(d, calib_file)
     feed = next(calib.batches(8))
-    with np.load(d / "eval.npz") as z:
-        data = {k: z[k] for k in z.files if k != "labels"}
-    truth = json.loads((d / "eval_truth.json").read_text()) if (d / "eval_truth.json").exists() else []
-    alphabet = None
-    if kind == "ocr_rec":
-        from _real_data import rec_alphabet
-
-        alphabet = rec_alphabet(d / "model.onnx")
+    data, truth, alphabet = real_models.eval_set(kind, d)
     ref = real_models.run_eval(kind, d / "model.onnx", data)
     rows = [{"allocation": "-", "ratio": 0.0, "macs": 1.0,
              "metrics": real_models.metrics(kind, ref, ref, data, truth, alphabet), "seconds": 0.0}]

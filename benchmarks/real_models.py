@@ -201,9 +201,9 @@ def quantize_all(kind: str, d: Path, out: Path, only: list[str] | None = None) -
     return runs
 
 
-def evaluate(kind: str, d: Path, runs: dict, rounds: int) -> dict:
-    """Every run with a model `path` (and fp32) scored on the evaluation set and timed interleaved;
-    fills `runs` in place and returns the timing conditions."""
+def eval_set(kind: str, d: Path) -> tuple[dict[str, np.ndarray], list, list[str] | None]:
+    """A prepared model's evaluation inputs (labels left out), its ground truth (eval_truth.json, or
+    [] when there is none) and, for the recognizer, the alphabet its classes decode to."""
     with np.load(d / "eval.npz") as z:
         data = {k: z[k] for k in z.files if k != "labels"}
     truth = json.loads((d / "eval_truth.json").read_text()) if (d / "eval_truth.json").exists() else []
@@ -212,6 +212,13 @@ def evaluate(kind: str, d: Path, runs: dict, rounds: int) -> dict:
         from _real_data import rec_alphabet
 
         alphabet = rec_alphabet(d / "model.onnx")
+    return data, truth, alphabet
+
+
+def evaluate(kind: str, d: Path, runs: dict, rounds: int) -> dict:
+    """Every run with a model `path` (and fp32) scored on the evaluation set and timed interleaved;
+    fills `runs` in place and returns the timing conditions."""
+    data, truth, alphabet = eval_set(kind, d)
     paths = {"fp32": d / "model.onnx", **{k: Path(r["path"]) for k, r in runs.items() if r.get("path")}}
     ref = run_eval(kind, paths["fp32"], data)
     for name, p in paths.items():
