@@ -5,26 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fake_session import FakeSession
 
 from quantkit.quantize.budget import Probe, Target
 
 
-class _Fixed:
+class _Fixed(FakeSession):
     """A session returning given outputs batch after batch, counting the runs."""
 
     def __init__(self, outputs: list[np.ndarray], names=("y",)):
-        self.outputs, self.runs, self.names = outputs, 0, list(names)
+        super().__init__(inputs=(), outputs=tuple(names))
+        self.given = outputs
 
-    def get_inputs(self):
-        return []
-
-    def get_outputs(self):
-        return [type("O", (), {"name": n})() for n in self.names]
-
-    def run(self, names, feed):
-        out = self.outputs[self.runs % len(self.outputs)]
-        self.runs += 1
-        return [out]
+    def outputs(self, feed):
+        return [self.given[(self.runs - 1) % len(self.given)]]
 
 
 def _probe(batches: int = 8, seed: int = 0) -> tuple[Probe, list[np.ndarray]]:
@@ -112,7 +106,7 @@ def test_the_baseline_puts_its_worst_batches_first_and_later_failures_stop_soone
     probe.score(_Fixed(_noisy(refs, scales)), reorder=True)
     order = [next(i for i, r in enumerate(refs) if r is ref[0]) for ref in probe.reference]
     assert order[0] == 6 and sorted(order) == list(range(8))
-    (after,) = probe.score(_Fixed([base.outputs[b] for b in order]))
+    (after,) = probe.score(_Fixed([base.given[b] for b in order]))
     assert after["sqnr_db"] == pytest.approx(before[0]["sqnr_db"], rel=1e-9)  # same figures in the new order
     worse = _noisy(refs, [s * 1.5 for s in scales], seed=2)
     s_old, s_new = _Fixed(worse), _Fixed([worse[b] for b in order])
@@ -176,20 +170,14 @@ def test_a_ctc_output_is_held_to_the_same_decoded_sequences_by_default():
     assert t["positions"] == 1.0 and t["sequences"] is None
 
 
-class _ByFeed:
+class _ByFeed(FakeSession):
     """A session whose outputs depend only on the feed (as onnxruntime's do), safe to run concurrently."""
 
     def __init__(self, table: dict[int, np.ndarray]):
-        self.table, self.runs = table, 0
+        super().__init__()
+        self.table = table
 
-    def get_inputs(self):
-        return [type("I", (), {"name": "x"})()]
-
-    def get_outputs(self):
-        return [type("O", (), {"name": "y"})()]
-
-    def run(self, names, feed):
-        self.runs += 1
+    def outputs(self, feed):
         return [self.table[int(feed["x"][0, 0])]]
 
 
