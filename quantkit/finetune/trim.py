@@ -32,6 +32,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from quantkit.report.compare import zero_one_mask
+
 # the input whose zeros mark padded tokens (the transformers convention)
 PADDING_MASK = "attention_mask"
 # the fp32 model's outputs at the real positions for a cut batch and the full one agree to float rounding
@@ -44,8 +46,7 @@ SEED = 0  # the order of the by-length batches
 
 
 def is_padding_mask(m) -> bool:
-    return (m is not None and np.ndim(m) == 2 and m.dtype.kind in "biu" and bool(np.isin(m, (0, 1)).all())
-            and bool(m.any()))
+    return zero_one_mask(m) and bool(np.any(m))
 
 
 def real_lengths(mask: np.ndarray) -> np.ndarray:

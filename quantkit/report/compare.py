@@ -26,6 +26,11 @@ from quantkit.errors import InputError
 MASK_INPUTS = ("attention_mask", "input_mask", "padding_mask")
 
 
+def zero_one_mask(m) -> bool:
+    """A (batch, sequence) array of integer 0s and 1s: the shape and values of a padding mask."""
+    return m is not None and np.ndim(m) == 2 and np.asarray(m).dtype.kind in "biu" and bool(np.isin(m, (0, 1)).all())
+
+
 def padding_mask(feed: dict[str, np.ndarray] | None, out: np.ndarray) -> np.ndarray | None:
     """The (batch, sequence) positions of `out` that hold real tokens, from a 0/1 attention-mask
     input (by its name); None when there is no such input, it does not line up with `out`, or
@@ -34,9 +39,7 @@ def padding_mask(feed: dict[str, np.ndarray] | None, out: np.ndarray) -> np.ndar
         if not any(name.lower().endswith(k) for k in MASK_INPUTS):
             continue
         m = np.asarray(m)
-        if m.ndim != 2 or out.ndim < 2 or tuple(out.shape[:2]) != m.shape or m.dtype.kind not in "biu":
-            continue
-        if np.isin(m, (0, 1)).all() and not m.all():
+        if out.ndim >= 2 and tuple(out.shape[:2]) == m.shape and zero_one_mask(m) and not m.all():
             return m.astype(bool)
     return None
 
