@@ -30,6 +30,7 @@ from quantkit.load.source import Source, load_source, open_data
 from quantkit.options import effective_config
 from quantkit.output import Outputs, check_destinations
 from quantkit.quantize import budget, lower, subgraphs
+from quantkit.quantize.outlier_split import SplitScheme
 from quantkit.quantize.plan import OpKind, Plan, SchemeName
 from quantkit.quantize.prepare import Calibration, CalibrationData, calibrate
 from quantkit.quantize.scheme import Placement, RewriteResult, placement_for
@@ -429,9 +430,11 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     probe = budget.Probe.take(reference, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed))
     if reference is inputs.fp32 and sum(a.nbytes for ref in probe.reference for a in ref) <= KNOWN_BYTES:
         inputs.known = list(zip(probe.feeds, probe.reference))
+    split = next((s for s in placement.alternates if isinstance(s, SplitScheme)), None)
     ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
                                 lambda m: runtime.session(m, workdir, tag="single op", lean=True,
-                                                          threads=runtime.PLACEMENT_THREADS))
+                                                          threads=runtime.PLACEMENT_THREADS),
+                                split.emulation if split is not None else lambda x: None)
     refusals = {s.name.value: s.refuse for s in placement.alternates}
     rows = {r["node"]: r for r in ranked}
     choices = {budget.op_key(op): budget.ladder(budget.alternatives(op, refusals), rows.get(budget.op_key(op)))

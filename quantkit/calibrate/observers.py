@@ -243,6 +243,33 @@ class ChannelObserver(Observer):
         return np.maximum(np.abs(self.ch_min), np.abs(self.ch_max))
 
 
+@register("channel_range")
+class ChannelRangeObserver(Observer):
+    """Per-channel min and max over the last axis, nothing else (no sample): what the outlier-channel
+    split (quantize/outlier_split.py) reads to pick the channels it keeps in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ch_min: np.ndarray | None = None
+        self.ch_max: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.ndim == 0 or x.size == 0:
+            return
+        flat = x.reshape(-1, x.shape[-1])
+        lo, hi = flat.min(axis=0).astype(np.float32), flat.max(axis=0).astype(np.float32)
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            self.nonfinite += int((~np.isfinite(flat)).sum())
+        self.count += flat.size
+        if self.ch_min is not None and self.ch_min.shape != lo.shape:  # channels changed: not one tensor
+            self.nonfinite += flat.size
+            return
+        self.ch_min = lo if self.ch_min is None else np.minimum(self.ch_min, lo)
+        self.ch_max = hi if self.ch_max is None else np.maximum(self.ch_max, hi)
+        self.lo, self.hi = min(self.lo, float(lo.min())), max(self.hi, float(hi.max()))
+
+
 @register("gram")
 class GramObserver(Observer):
     """X^T X over the rows of the last axis (float64, K x K): the Hessian GPTQ rounds against."""

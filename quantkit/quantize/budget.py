@@ -256,7 +256,8 @@ def _exposing(model: ir.Model, names: list[str]) -> ir.Model:
 
 
 def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, session: Callable[[ir.Model], Any],
-                lean_session: Callable[[ir.Model], Any] | None = None) -> list[dict]:
+                lean_session: Callable[[ir.Model], Any] | None = None,
+                splits: Callable[[str], Any] = lambda x: None) -> list[dict]:
     """Every planned op with the noise it adds itself, ranked (largest first).
 
     `own_noise`: the op's quantized output against the float op applied to the very inputs it
@@ -271,7 +272,8 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     i, size = 0, FIRST_CHUNK
     while i < len(plan.ops):
         ops = plan.ops[i:i + size]
-        held = _measure_chunk(ops, fp32, quantized, originals, probe, session, lean_session or session, drift, own)
+        held = _measure_chunk(ops, fp32, quantized, originals, probe, session, lean_session or session, drift, own,
+                              splits)
         i += len(ops)
         size = max(1, min(MAX_CHUNK, int(CHUNK_BYTES * len(ops) / max(held, 1))))
     rows: list[dict[str, Any]] = []
@@ -292,7 +294,7 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
 
 def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, originals: dict[str, ir.Node],
                    probe: Probe, session: Callable[[ir.Model], Any], small: Callable[[ir.Model], Any],
-                   drift: dict[str, list], own: dict[str, list]) -> int:
+                   drift: dict[str, list], own: dict[str, list], splits: Callable[[str], Any]) -> int:
     """Drift against fp32 of the ops' tensors, and each op's own noise, over the probe batches.
     Returns the bytes one batch of the exposed tensors took (both models)."""
     outs = {op_key(op): op.node.outputs[0].name for op in ops}
@@ -307,7 +309,7 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     alone_in = [i.name for i in alone.get_inputs()] if alone is not None else []
     chunk_drift = {n: [0.0, 0.0] for n in wanted}
     chunk_own: dict[str, list] = {k: [0.0, 0.0] for k in measured}
-    sims = {k: w for k in measured if (w := _simulated(originals[k])) is not None}
+    sims = {k: w for k in measured if (w := _simulated(originals[k], splits)) is not None}
     alone_out = {o.name for o in alone.get_outputs()} if alone is not None else set()
     emulated = [k for k in measured if outs[k] + WEIGHT_ONLY_ALONE in alone_out]
     held = 0
@@ -348,11 +350,14 @@ def _head(feeds: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np
     return feeds
 
 
-def _simulated(node: ir.Node) -> simulate.Weights | None:
+def _simulated(node: ir.Node, splits: Callable[[str], Any]) -> simulate.Weights | None:
     """A MatMul with a constant 2-D weight: its alternatives are emulated in numpy (quantize/simulate.py).
-    The weight-only alternative runs at accuracy level 4 (--accuracy-level cannot change with static int8)."""
+    The weight-only alternative runs at accuracy level 4 (--accuracy-level cannot change with static int8).
+    `splits(input name)`: the op's outlier-channel split (outlier_split.SplitScheme.emulation) or None."""
     w = const_array(node.inputs[1]) if node.op_type == "MatMul" and len(node.inputs) == 2 else None
-    return simulate.Weights(w) if w is not None and w.ndim == 2 and w.dtype == np.float32 else None
+    if w is None or w.ndim != 2 or w.dtype != np.float32:
+        return None
+    return simulate.Weights(w, splits(node.inputs[0].name))
 
 
 ALONE = "::float_alone"  # suffix of the outputs of the ops recomputed in float on the quantized model's tensors
@@ -472,14 +477,16 @@ def _finite(x: float) -> float | None:
 
 
 def alternatives(op: QuantizedOp, refusals: Mapping[str, Callable[[QuantizedOp], str | None]]) -> list[str]:
-    """Where an op may go when static int8 costs too much, cheapest first: dynamic int8 (int8
+    """Where an op may go when static int8 costs too much, cheapest first: the outlier-channel split
+    (static int8 with the input's few outlier channels in float, quantize/outlier_split.py), dynamic int8 (int8
     weight, activations quantized per run, as fast), per-token dynamic int8 (one scale per token:
     a few outlier tokens no longer set every token's step; slower), weight-only int8 (int8 weight
     in blocks, float activations: the size kept at float speed), float. Embedding tables only go float:
     their weight-only rows already carry almost no error."""
     out = []
     if op.kind != OpKind.EMBEDDING:
-        out += [name for name in (SchemeName.DYNAMIC.value, SchemeName.PER_TOKEN.value, SchemeName.WEIGHT_ONLY.value)
+        out += [name for name in (SchemeName.SPLIT.value, SchemeName.DYNAMIC.value, SchemeName.PER_TOKEN.value,
+                                  SchemeName.WEIGHT_ONLY.value)
                 if name in refusals and refusals[name](op) is None]
     return [*out, FLOAT]
 
@@ -535,20 +542,29 @@ class SearchResult:
     shortfall: str | None = None
 
 
+# Op kinds for which float is the cheapest alternative: an activation x activation MatMul has no weight to
+# store, so int8 could only buy speed, and quantizing both inputs costs about what the integer product saves
+# (all-MiniLM-L6-v2, 1 thread: 2% slower with its 12 attention MatMuls int8 than float)
+FREE_FLOAT_KINDS = (OpKind.ATTENTION_MATMUL.value,)
+
+
 @dataclass
 class Levels:
     """Each op's choices as levels: level L is its L-th non-float alternative (its last one when it
     has fewer; none when it has no other), and float is the last level of all: an op with no other
-    alternative (an embedding table, an attention MatMul) stays static int8 until every cheaper scheme
-    of the others has been tried."""
+    alternative (an embedding table) stays static int8 until every cheaper scheme of the others has been
+    tried. Ops in `free_float` (of FREE_FLOAT_KINDS) go float from the first level on."""
 
     choices: Mapping[str, list[str]]
+    free_float: frozenset[str] = frozenset()
 
     @functools.cached_property
     def count(self) -> int:  # read by every pick: computed once
         return 1 + max((len([c for c in cs if c != FLOAT]) for cs in self.choices.values()), default=0)
 
     def pick(self, n: str, level: int) -> str | None:
+        if n in self.free_float:
+            return FLOAT
         others = [c for c in self.choices[n] if c != FLOAT]
         if level >= self.count - 1:
             return self.choices[n][-1]
@@ -612,7 +628,8 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
         return result
-    levels = Levels(choices)
+    levels = Levels(choices, frozenset(r["node"] for r in ranked if r["node"] in choices
+                                       and r.get("kind") in FREE_FLOAT_KINDS and FLOAT in choices[r["node"]]))
     for level in range(levels.count):
         everything = levels.at(level, len(order), order)
         if level and everything == levels.at(level - 1, len(order), order):

@@ -76,6 +76,7 @@ class SchemeName(str, Enum):
     DYNAMIC = "dynamic"  # int8 weights, activations quantized at run time
     WEIGHT_ONLY = "weight_only"  # int4/int8 weights, float activations
     PER_TOKEN = "per_token"  # int8 weights, activations quantized at run time with one scale per token
+    SPLIT = "split"  # static int8 with the input's few outlier channels computed in float
 
 
 @dataclass

@@ -27,10 +27,11 @@ import onnx_ir as ir
 from quantkit.calibrate import cache
 from quantkit.calibrate.collect import RANGE_KINDS, Statistics, StatRequest, StatsCache, gather
 from quantkit.calibrate.data import DataSource, complete_batches
-from quantkit.calibrate.observers import EXTREME, ChannelObserver, GramObserver, MinMaxObserver
+from quantkit.calibrate.observers import EXTREME, ChannelObserver, ChannelRangeObserver, GramObserver, MinMaxObserver
 from quantkit.config import QuantConfig, RunConfig
 from quantkit.errors import ConfigError
 from quantkit.quantize import smoothquant
+from quantkit.quantize.outlier_split import CHANNEL_RANGE
 from quantkit.quantize.scheme import Placement
 
 
@@ -130,7 +131,8 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
     groups = smoothquant.find_groups(model) if quant.smoothquant is not None else []
     smoothed = {g.source.name for g in groups}
     # ranges of tensors SmoothQuant may rescale are derived from its statistics or wait for a second pass
-    before = placement.requests(model)
+    # (the outlier-channel split's channel ranges are not asked of tensors SmoothQuant rescales: it flattens them)
+    before = [r for r in placement.requests(model) if not (r.tensor in smoothed and r.kind == CHANNEL_RANGE)]
     first = [r for r in before if not (r.tensor in smoothed and r.kind in RANGE_KINDS)]
     first += smoothquant.requests(groups, {r.tensor: r.channel_axis for r in before
                                            if r.tensor in smoothed and r.channel_axis is not None})
@@ -145,9 +147,10 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
         status(f"smoothquant: choosing the smoothing of {len(groups)} LayerNorm output(s)")
         alpha = None if quant.smoothquant == "auto" else float(quant.smoothquant)
         result.smoothing, scaled = smoothquant.smooth(model, groups, stats, alpha) if groups else ([], {})
-        final = placement.requests(model)
+        final = [r for r in placement.requests(model) if not (r.tensor in smoothed and r.kind == CHANNEL_RANGE)]
         _derive_grams(stats, scaled)
         _derive_minmax(stats, scaled, final)
+        _derive_channel_ranges(stats, scaled, final)
         stats.retain({r.tensor for r in final})
         missing = [r for r in final if not stats.satisfies(r)]
         if missing and data is not None:
@@ -185,6 +188,22 @@ def _derive_minmax(stats: Statistics, scaled: dict[str, tuple[str, np.ndarray]],
         if r.channel_axis is not None:
             obs.channel_axis, obs.channel_sum, obs.channel_n = r.channel_axis, ch.channel_sum * inv, ch.channel_n
         stats.observers[(new, "minmax")] = obs
+
+
+def _derive_channel_ranges(stats: Statistics, scaled: dict[str, tuple[str, np.ndarray]],
+                           requests: list[StatRequest]) -> None:
+    """Per-channel ranges of X / s (the outlier-channel split's statistic) from SmoothQuant's of X: with
+    s > 0, channel j's min and max are X_j's times 1/s_j."""
+    wanted = {r.tensor for r in requests if r.kind == CHANNEL_RANGE}
+    for new, (old, s) in scaled.items():
+        ch = stats.get(old, "channel")
+        if new not in wanted or not isinstance(ch, ChannelObserver) or ch.ch_min is None or ch.ch_max is None:
+            continue
+        inv = (1.0 / s).astype(np.float32)
+        obs = ChannelRangeObserver()
+        obs.ch_min, obs.ch_max, obs.count, obs.nonfinite = ch.ch_min * inv, ch.ch_max * inv, ch.count, ch.nonfinite
+        obs.lo, obs.hi = float(obs.ch_min.min()), float(obs.ch_max.max())
+        stats.observers[(new, CHANNEL_RANGE)] = obs
 
 
 def _derive_grams(stats: Statistics, scaled: dict[str, tuple[str, np.ndarray]]) -> None:

@@ -26,7 +26,7 @@ from quantkit.quantize.plan import Plan, QuantizedOp, SchemeName, activation_ten
 from quantkit.quantize.scheme import ActivationQParams, Findings, RewriteResult, Scheme
 
 
-def _insert_qdq(edit: Editor, value: ir.Value, scale: np.ndarray, zp: np.ndarray) -> None:
+def insert_qdq(edit: Editor, value: ir.Value, scale: np.ndarray, zp: np.ndarray) -> None:
     """value -> Q -> DQ, with every consumer of value (and no graph output) reading DQ's output."""
     graph, base = edit.graph, value.name
     s = edit.initializer(f"{base}_scale", np.asarray(scale, dtype=np.float32))
@@ -150,7 +150,7 @@ class StaticScheme(Scheme):
             result.activations[value.name] = ActivationQParams(float(scale), int(zp), self.act_type.name, (lo, hi))
         for value in tensors:
             a = result.activations[value.name]
-            _insert_qdq(edit, value, np.float32(a.scale), np.asarray(a.zero_point, dtype=self.act_type.dtype))
+            insert_qdq(edit, value, np.float32(a.scale), np.asarray(a.zero_point, dtype=self.act_type.dtype))
         weights: dict[tuple[str, int | None], tuple[ir.Value, np.ndarray, np.ndarray]] = {}
         tables: dict[str, tuple[ir.Value, ir.Value]] = {}
         for op in ops:

@@ -166,11 +166,11 @@ class Placement:
 
     def requests(self, model: ir.Model) -> list[StatRequest]:
         plan = self.plan(model)
-        return [r for s in self.schemes for r in s.requests(plan)]
+        return [r for s in [*self.schemes, *self.alternates] for r in s.requests(plan)]
 
     def use(self, stats: Statistics) -> list[str]:
         notes: list[str] = []
-        for scheme in self.schemes:
+        for scheme in [*self.schemes, *self.alternates]:
             found = scheme.use(stats)
             self.float_tensors.update(found.masks)
             notes += found.notes
@@ -225,9 +225,11 @@ class Placement:
 def placement_for(config: QuantConfig, trainable: bool = False) -> Placement:
     """The schemes the config asks for (one per run today; a per-node search may give several).
     `trainable` (--finetune): no per-token alternative, whose MatMulInteger + Round decomposition the
-    fine-tuning graph cannot run (dynamic int8 and weight-only int8 it can)."""
+    fine-tuning graph cannot run (dynamic int8 and weight-only int8 it can), and no outlier-channel split
+    (its float side path is not trained yet)."""
     from quantkit.config import Activations, Weights
     from quantkit.quantize.dynamic import DynamicScheme
+    from quantkit.quantize.outlier_split import SplitScheme
     from quantkit.quantize.per_token import PerTokenScheme
     from quantkit.quantize.qdq import StaticScheme
     from quantkit.quantize.weight_only import WeightOnlyScheme
@@ -240,6 +242,6 @@ def placement_for(config: QuantConfig, trainable: bool = False) -> Placement:
         # int8 weights in blocks along K with float activations (MatMulNBits, 8 bits), rounded to nearest
         int8_blocks = QuantConfig(activations=Activations.NONE, weights=Weights.INT8, block_size=WEIGHT_ONLY_INT8_BLOCK,
                                   exclude=config.exclude, accuracy_level=config.accuracy_level, format=config.format)
-        alternates = [DynamicScheme(config), *([] if trainable else [PerTokenScheme(config)]),
-                      WeightOnlyScheme(int8_blocks)]
+        alternates = [*([] if trainable else [SplitScheme(config)]), DynamicScheme(config),
+                      *([] if trainable else [PerTokenScheme(config)]), WeightOnlyScheme(int8_blocks)]
     return Placement(config, [scheme(config)], alternates)

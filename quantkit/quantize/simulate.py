@@ -7,6 +7,9 @@ emulate each alternative scheme on the same input, without building any model:
   dynamic      input to uint8 per tensor over [min(0, x), max(0, x)] at run time (DynamicQuantizeMatMul),
                weight int8 symmetric per output column
   per_token    input to int8 steps per row, max|row| / 127 (quantize/per_token.py), same weight
+  split        static int8 over the calibrated range of the channels other than the input's outliers, which
+               stay float with their weight rows (quantize/outlier_split.py); weight int8 per output column
+               with those rows zeroed
   weight_only  weight in symmetric 8-bit blocks of WEIGHT_ONLY_INT8_BLOCK along K; MatMulNBits at accuracy
                level 4 (the only level static int8 runs take) also rounds the input to int8 per block of K
 
@@ -21,30 +24,44 @@ import numpy as np
 
 from quantkit.quantize import blockwise as bw
 from quantkit.quantize import qparams as qp
+from quantkit.quantize.outlier_split import Split, split_weight
 from quantkit.quantize.per_token import TINY
 from quantkit.quantize.plan import SchemeName
 from quantkit.quantize.scheme import WEIGHT_ONLY_INT8_BLOCK
 
-SIMULATED = (SchemeName.DYNAMIC.value, SchemeName.PER_TOKEN.value, SchemeName.WEIGHT_ONLY.value)
+SIMULATED = (SchemeName.SPLIT.value, SchemeName.DYNAMIC.value, SchemeName.PER_TOKEN.value, SchemeName.WEIGHT_ONLY.value)
 
 
 class Weights:
-    """One op's weight, as each alternative stores it (computed once, reused for every batch)."""
+    """One op's weight, as each alternative stores it (computed once, reused for every batch). `split`:
+    the op's outlier-channel split and the activation type of static int8, when the op can have one."""
 
-    def __init__(self, w: np.ndarray) -> None:
+    def __init__(self, w: np.ndarray, split: tuple[Split, qp.QType, bool] | None = None) -> None:
         self.rows = 0  # rows emulated so far
         w = np.asarray(w, np.float32)
         q, scale, zp = qp.quantize_weight(w, 1)
         self.int8 = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
         self.blocks = bw.quantize_blockwise(w, bits=8, block=WEIGHT_ONLY_INT8_BLOCK).dequantize()
+        self.split = None
+        if split is not None:
+            how, qtype, symmetric = split
+            rest, kept = split_weight(w, how.channels)
+            q, scale, zp = qp.quantize_weight(rest, 1)
+            rest_dq = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
+            self.split = (how.channels, *how.qparams(qtype, symmetric), qtype, rest_dq, kept)
 
     def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """x @ W as each alternative computes it (no bias: it adds the same to all)."""
         x = np.asarray(x, np.float32)
         self.rows += x.size // max(x.shape[-1], 1)
-        return {SchemeName.DYNAMIC.value: _matmul(_per_tensor_uint8(x), self.int8),
-                SchemeName.PER_TOKEN.value: _matmul(_per_row_int8(x), self.int8),
-                SchemeName.WEIGHT_ONLY.value: _matmul(_per_block_int8(x, WEIGHT_ONLY_INT8_BLOCK), self.blocks)}
+        out = {SchemeName.DYNAMIC.value: _matmul(_per_tensor_uint8(x), self.int8),
+               SchemeName.PER_TOKEN.value: _matmul(_per_row_int8(x), self.int8),
+               SchemeName.WEIGHT_ONLY.value: _matmul(_per_block_int8(x, WEIGHT_ONLY_INT8_BLOCK), self.blocks)}
+        if self.split is not None:
+            channels, scale, zp, qtype, rest, kept = self.split
+            xq = qp.dequantize(qp.quantize(x, scale, zp, qtype), scale, zp)
+            out[SchemeName.SPLIT.value] = _matmul(xq, rest) + _matmul(x[..., channels], kept)
+        return out
 
 
 def _matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:

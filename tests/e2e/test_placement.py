@@ -52,11 +52,11 @@ def test_default_budget_moves_the_outlier_op_and_meets_it(outlier, tmp_path):
     report = json.loads(rep.read_text())
     placement = report["placement"]
     assert placement["met"] and "default budget" in placement["target"]
-    # per-tensor int8 (static or dynamic) cannot hold b's outlier; the cheapest alternative that does keeps
-    # b's weight int8: per-token steps (each row's max) or weight-only int8 blocks
-    assert placement["moved"].get("b") in ("per_token", "weight_only")
+    # per-tensor int8 (static or dynamic) cannot hold b's outlier channel; the cheapest alternative that does
+    # keeps b static int8 with that one channel in float (the outlier-channel split)
+    assert placement["moved"].get("b") == "split"
     emulated = {x["node"]: x for x in report["sensitivity"]}["b"]["alternatives_own_sqnr_db"]
-    assert emulated["dynamic"] < emulated[placement["moved"]["b"]]
+    assert emulated["split"] > max(emulated["dynamic"], emulated["per_token"], emulated["weight_only"]) + 10
     assert "c" not in placement["moved"]
     before = json.loads(plain.stdout)["outputs"][0]["cosine_mean"]
     after = report["outputs"][0]["cosine_mean"]
@@ -64,9 +64,13 @@ def test_default_budget_moves_the_outlier_op_and_meets_it(outlier, tmp_path):
     quantized = {q["node"]: q for q in report["nodes"]["quantized"]}
     assert "b" in quantized and "b" not in {f["node"] for f in report["nodes"]["float"]}
     written = onnx.load(str(tmp_path / "q.onnx"))
-    b_ops = [n.op_type for n in written.graph.node if n.name.startswith("b")]
-    assert b_ops == ["MatMulNBits"] if placement["moved"]["b"] == "weight_only" else "MatMulInteger" in b_ops
-    assert "MatMul" not in b_ops
+    nodes = {n.name: n for n in written.graph.node}
+    assert sorted(n for n in nodes if n.startswith("b")) == ["b", "b_outlier_Add", "b_outlier_Gather",
+                                                              "b_outlier_MatMul"]
+    producers = {o: n for n in written.graph.node for o in n.output}
+    assert [producers[i].op_type for i in nodes["b"].input] == ["DequantizeLinear", "DequantizeLinear"]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in written.graph.initializer}
+    assert inits[nodes["b_outlier_Gather"].input[1]].tolist() == [7]  # the planted channel, and only it
 
 
 def test_a_target_int8_cannot_reach_leaves_the_model_float_and_says_so(outlier, tmp_path):
@@ -106,7 +110,7 @@ def test_from_plan_replays_to_identical_bytes_without_search(outlier, tmp_path):
     first = _run(model, "--calib", calib, "-o", tmp_path / "a.onnx", "--plan", plan)
     assert first.exit_code == 0, first.stderr
     saved = json.loads(plan.read_text())
-    assert saved["nodes"]["b"] in ("per_token", "weight_only")
+    assert saved["nodes"]["b"] == "split"
     again = _run(model, "--calib", calib, "-o", tmp_path / "b.onnx", "--from-plan", plan, "--json")
     assert again.exit_code == 0, again.stderr
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
