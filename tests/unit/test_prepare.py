@@ -151,3 +151,28 @@ def test_gptq_grams_in_groups_within_a_budget_round_the_same(tmp_path, monkeypat
     assert a.keys() == b.keys() and len(a) >= 2
     for k in a:
         np.testing.assert_array_equal(a[k][0].q, b[k][0].q)
+
+
+def test_channel_ranges_of_a_rescaled_tensor_come_from_smoothquants_statistics():
+    """The outlier-channel split's per-channel ranges of X / s need no second pass: for s > 0 channel j
+    spans [min X_j / s_j, max X_j / s_j], computed as x * (1/s) like the graph."""
+    from quantkit.calibrate.collect import Statistics
+    from quantkit.calibrate.observers import ChannelObserver
+    from quantkit.quantize.outlier_split import CHANNEL_RANGE
+    from quantkit.quantize.prepare import _derive_channel_ranges
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 6)).astype(np.float32) * np.array([1, 1, 30, 1, 1, 1], np.float32)
+    s = rng.uniform(0.5, 4, 6).astype(np.float32)
+    obs = ChannelObserver()
+    obs.update(x)
+    stats = Statistics()
+    stats.observers[("x", "channel")] = obs
+    _derive_channel_ranges(stats, {"x_smoothed": ("x", s)}, [StatRequest("x_smoothed", CHANNEL_RANGE)])
+    derived = stats.get("x_smoothed", CHANNEL_RANGE)
+    scaled = x * (1 / s)
+    np.testing.assert_array_equal(derived.ch_min, scaled.min(axis=0))
+    np.testing.assert_array_equal(derived.ch_max, scaled.max(axis=0))
+    # a tensor nobody asked channel ranges of gets none
+    _derive_channel_ranges(stats, {"other": ("x", s)}, [])
+    assert stats.get("other", CHANNEL_RANGE) is None
