@@ -225,8 +225,7 @@ class Placement:
 def placement_for(config: QuantConfig, trainable: bool = False) -> Placement:
     """The schemes the config asks for (one per run today; a per-node search may give several).
     `trainable` (--finetune): no per-token alternative, whose MatMulInteger + Round decomposition the
-    fine-tuning graph cannot run (dynamic int8 and weight-only int8 it can), and no outlier-channel split
-    (its float side path is not trained yet)."""
+    fine-tuning graph cannot run (the outlier-channel split, dynamic int8 and weight-only int8 it can)."""
     from quantkit.config import Activations, Weights
     from quantkit.quantize.dynamic import DynamicScheme
     from quantkit.quantize.outlier_split import SplitScheme
@@ -242,6 +241,6 @@ def placement_for(config: QuantConfig, trainable: bool = False) -> Placement:
         # int8 weights in blocks along K with float activations (MatMulNBits, 8 bits), rounded to nearest
         int8_blocks = QuantConfig(activations=Activations.NONE, weights=Weights.INT8, block_size=WEIGHT_ONLY_INT8_BLOCK,
                                   exclude=config.exclude, accuracy_level=config.accuracy_level, format=config.format)
-        alternates = [*([] if trainable else [SplitScheme(config)]), DynamicScheme(config),
+        alternates = [SplitScheme(config), DynamicScheme(config),
                       *([] if trainable else [PerTokenScheme(config)]), WeightOnlyScheme(int8_blocks)]
     return Placement(config, [scheme(config)], alternates)

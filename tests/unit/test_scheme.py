@@ -38,12 +38,12 @@ def test_the_config_picks_one_scheme_per_mode():
 
 def test_a_run_that_fine_tunes_gets_no_per_token_alternative():
     """--finetune cannot train per-token int8's MatMulInteger + Round decomposition: the placement does not
-    offer it (it exited 4 after a search that picked it), nor the outlier-channel split, whose float side
-    path it does not train; dynamic and weight-only int8 stay."""
+    offer it (it exited 4 after a search that picked it); the outlier-channel split, dynamic and weight-only
+    int8 stay (tests/e2e/test_finetune_split.py trains a split)."""
     names = [s.name.value for s in placement_for(QuantConfig()).alternates]
     trainable = [s.name.value for s in placement_for(QuantConfig(), trainable=True).alternates]
     assert names == ["split", "dynamic", "per_token", "weight_only"]
-    assert trainable == ["dynamic", "weight_only"]
+    assert trainable == ["split", "dynamic", "weight_only"]
     assert "dynamic" in trainable and "weight_only" in trainable
 
 
