@@ -261,8 +261,9 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     """Every planned op with the noise it adds itself, ranked (largest first).
 
     `own_noise`: the op's quantized output against the float op applied to the very inputs it
-    received in the quantized model, relative to that output's power: its weight and input
-    rounding alone, whatever error arrived from upstream. `input_sqnr_db`/`output_sqnr_db`: the
+    received in the quantized model, relative to that output's power: its weight, input and output
+    rounding alone (the output after the op's own output QDQ, when it has one), whatever error arrived
+    from upstream. `input_sqnr_db`/`output_sqnr_db`: the
     fidelity it receives and passes on against fp32. Ops are measured a chunk at a time, so only
     their tensors of one batch (and their single-op sessions) are held at once."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
@@ -298,9 +299,11 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     """Drift against fp32 of the ops' tensors, and each op's own noise, over the probe batches.
     Returns the bytes one batch of the exposed tensors took (both models)."""
     outs = {op_key(op): op.node.outputs[0].name for op in ops}
+    rounded = {op_key(op): name for op in ops if (name := _rounded_output(op)) is not None}
     names = sorted({v.name for op in ops for v in op.inputs} | set(outs.values()))
-    ref_s, q_s = session(_exposing(fp32, names)), session(_exposing(quantized, names))
+    ref_s, q_s = session(_exposing(fp32, names)), session(_exposing(quantized, sorted({*names, *rounded.values()})))
     wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
+    q_wanted = wanted + sorted(set(rounded.values()) & {o.name for o in q_s.get_outputs()})
     available = set(wanted) | set(probe.feeds[0])
     measured = [k for k in outs if outs[k] in wanted and k in originals
                 and all(v.name in available for v in _run_time_inputs(originals[k]))]
@@ -315,8 +318,8 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     held = 0
     for feed in _head(probe.feeds, SENSITIVITY_SAMPLES):
         ref_out, got_out = runtime.run_all([functools.partial(ref_s.run, wanted, feed),
-                                            functools.partial(q_s.run, wanted, feed)])
-        ref, got = dict(zip(wanted, ref_out)), dict(zip(wanted, got_out))
+                                            functools.partial(q_s.run, q_wanted, feed)])
+        ref, got = dict(zip(wanted, ref_out)), dict(zip(q_wanted, got_out))
         held = max(held, sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values()))
         for n in wanted:
             _accumulate_channels(chunk_drift[n], ref[n], got[n], -1)
@@ -330,7 +333,8 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
             _accumulate_channels(chunk_own.setdefault(f"{key}/{SchemeName.WEIGHT_ONLY.value}", [0.0, 0.0]), e, y,
                                  channel_axis(originals[key]))
         for key, e in zip(measured, exact):
-            _accumulate_channels(chunk_own[key], e, got[outs[key]], channel_axis(originals[key]))
+            y = got[rounded[key]] if rounded.get(key) in got else got[outs[key]]
+            _accumulate_channels(chunk_own[key], e, y, channel_axis(originals[key]))
             x = originals[key].inputs[0].name
             if key in sims and sims[key].rows < SIMULATED_ROWS:
                 for alt, y in sims[key].outputs(got[x] if x in got else feed[x]).items():
@@ -338,6 +342,20 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     drift.update(chunk_drift)  # a tensor shared by two chunks is measured alike in both
     own.update(chunk_own)
     return held
+
+
+def _rounded_output(op: QuantizedOp) -> str | None:
+    """The op's output as the quantized model passes it on, after the op's own output QDQ (static int8
+    rounds a convolution's output to int8 for its fused kernel even where float ops read it): that
+    rounding is the op's noise too. None when the op's output is not quantized."""
+    if op.output is None:
+        return None
+    for use in op.node.outputs[0].uses():
+        if use.node.op_type == "QuantizeLinear":
+            for after in use.node.outputs[0].uses():
+                if after.node.op_type == "DequantizeLinear":
+                    return after.node.outputs[0].name
+    return None
 
 
 def _head(feeds: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:

@@ -137,3 +137,35 @@ def test_a_plan_with_the_speed_guard_replays_its_dropped_groups(samples, tmp_pat
                                      "--from-plan", str(plan)])
     assert again.exit_code == 0, again.stderr
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_a_convolution_is_charged_with_the_rounding_of_its_own_output(tmp_path):
+    """Static int8 rounds a convolution's output to int8 (for its fused kernel) even when a float op reads
+    it. Conv "a" has one output channel biased to 500: its output range is 100x what the other channels
+    use, so the output rounding wipes them out, while its weight and input rounding stay fine. The
+    sensitivity must rank it first and the placement must move it (it used to rank it as clean)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    bias = np.zeros(8, np.float32)
+    bias[3] = 500.0
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32), "wa"),
+             numpy_helper.from_array(bias, "ba"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "wb")]
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["ya"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Tanh", ["ya"], ["t"], name="tanh"),
+             helper.make_node("Conv", ["t", "wb"], ["y"], name="b", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              initializer=inits)
+    model, calib, rep = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "r.json"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    np.savez(calib, x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
+    assert _run(model, "--calib", calib, "-o", tmp_path / "q.onnx", "--report", rep).exit_code == 0
+    report = json.loads(rep.read_text())
+    rows = {r["node"]: r for r in report["sensitivity"]}
+    assert report["sensitivity"][0]["node"] == "a"
+    assert rows["a"]["own_sqnr_db"] < 25 and rows["b"]["own_sqnr_db"] > 35  # steps of ~1000/255 on values of ~1
+    assert rows["a"]["alternatives_own_sqnr_db"]["weight_only"] > 35  # no output rounding there
+    placement = report["placement"]
+    assert placement["met"] and placement["moved"].get("a") in ("weight_only", "float")
