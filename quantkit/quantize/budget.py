@@ -268,13 +268,14 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     their tensors of one batch (and their single-op sessions) are held at once."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
     originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
+    consumed = {v.name for op in plan.ops for v in op.inputs}  # tensors planned ops read through QDQ
     drift: dict[str, list] = {}  # against fp32: signal and error power per channel
     own: dict[str, list] = {}  # against the float op on the same inputs, per channel; key/scheme for alternatives
     i, size = 0, FIRST_CHUNK
     while i < len(plan.ops):
         ops = plan.ops[i:i + size]
         held = _measure_chunk(ops, fp32, quantized, originals, probe, session, lean_session or session, drift, own,
-                              splits)
+                              splits, consumed)
         i += len(ops)
         size = max(1, min(MAX_CHUNK, int(CHUNK_BYTES * len(ops) / max(held, 1))))
     rows: list[dict[str, Any]] = []
@@ -295,11 +296,12 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
 
 def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, originals: dict[str, ir.Node],
                    probe: Probe, session: Callable[[ir.Model], Any], small: Callable[[ir.Model], Any],
-                   drift: dict[str, list], own: dict[str, list], splits: Callable[[str], Any]) -> int:
+                   drift: dict[str, list], own: dict[str, list], splits: Callable[[str], Any],
+                   consumed: set[str]) -> int:
     """Drift against fp32 of the ops' tensors, and each op's own noise, over the probe batches.
     Returns the bytes one batch of the exposed tensors took (both models)."""
     outs = {op_key(op): op.node.outputs[0].name for op in ops}
-    rounded = {op_key(op): name for op in ops if (name := _rounded_output(op)) is not None}
+    rounded = {op_key(op): name for op in ops if (name := _rounded_output(op, consumed)) is not None}
     names = sorted({v.name for op in ops for v in op.inputs} | set(outs.values()))
     ref_s, q_s = session(_exposing(fp32, names)), session(_exposing(quantized, sorted({*names, *rounded.values()})))
     wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
@@ -344,11 +346,13 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     return held
 
 
-def _rounded_output(op: QuantizedOp) -> str | None:
-    """The op's output as the quantized model passes it on, after the op's own output QDQ (static int8
-    rounds a convolution's output to int8 for its fused kernel even where float ops read it): that
-    rounding is the op's noise too. None when the op's output is not quantized."""
-    if op.output is None:
+def _rounded_output(op: QuantizedOp, consumed: set[str]) -> str | None:
+    """The op's output as the quantized model passes it on, after its output QDQ, when that QDQ is the
+    op's alone: static int8 rounds a convolution's output to int8 for its fused kernel even where only
+    float ops read it, and that rounding goes when the op leaves static int8. Where a planned op reads
+    the tensor (`consumed`), the QDQ stays as that op's input rounding and counts in its noise. None
+    when the op's output is not quantized or is not the op's own output (a fused Relu between)."""
+    if op.output is None or op.output is not op.node.outputs[0] or op.output.name in consumed:
         return None
     for use in op.node.outputs[0].uses():
         if use.node.op_type == "QuantizeLinear":

@@ -139,11 +139,8 @@ def test_a_plan_with_the_speed_guard_replays_its_dropped_groups(samples, tmp_pat
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
-def test_a_convolution_is_charged_with_the_rounding_of_its_own_output(tmp_path):
-    """Static int8 rounds a convolution's output to int8 (for its fused kernel) even when a float op reads
-    it. Conv "a" has one output channel biased to 500: its output range is 100x what the other channels
-    use, so the output rounding wipes them out, while its weight and input rounding stay fine. The
-    sensitivity must rank it first and the placement must move it (it used to rank it as clean)."""
+def _biased_convs(tmp_path, between: str | None):
+    """x -> Conv a (one output channel biased to 500) [-> `between`] -> Conv b -> y, and calibration data."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -153,8 +150,8 @@ def test_a_convolution_is_charged_with_the_rounding_of_its_own_output(tmp_path):
              numpy_helper.from_array(bias, "ba"),
              numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "wb")]
     nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["ya"], name="a", pads=[1, 1, 1, 1]),
-             helper.make_node("Tanh", ["ya"], ["t"], name="tanh"),
-             helper.make_node("Conv", ["t", "wb"], ["y"], name="b", pads=[1, 1, 1, 1])]
+             *([helper.make_node(between, ["ya"], ["t"], name="between")] if between else []),
+             helper.make_node("Conv", ["t" if between else "ya", "wb"], ["y"], name="b", pads=[1, 1, 1, 1])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
                               initializer=inits)
@@ -162,10 +159,27 @@ def test_a_convolution_is_charged_with_the_rounding_of_its_own_output(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
     np.savez(calib, x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
     assert _run(model, "--calib", calib, "-o", tmp_path / "q.onnx", "--report", rep).exit_code == 0
-    report = json.loads(rep.read_text())
+    return json.loads(rep.read_text())
+
+
+def test_a_convolution_is_charged_with_the_rounding_of_its_own_output(tmp_path):
+    """Static int8 rounds a convolution's output to int8 (for its fused kernel) even when a float op reads
+    it. Conv "a" has one output channel biased to 500: its output range is 100x what the other channels
+    use, so the output rounding wipes them out, while its weight and input rounding stay fine. The
+    sensitivity must rank it first and the placement must move it (it used to rank it as clean)."""
+    report = _biased_convs(tmp_path, "Tanh")
     rows = {r["node"]: r for r in report["sensitivity"]}
     assert report["sensitivity"][0]["node"] == "a"
     assert rows["a"]["own_sqnr_db"] < 25 and rows["b"]["own_sqnr_db"] > 35  # steps of ~1000/255 on values of ~1
     assert rows["a"]["alternatives_own_sqnr_db"]["weight_only"] > 35  # no output rounding there
     placement = report["placement"]
     assert placement["met"] and placement["moved"].get("a") in ("weight_only", "float")
+
+
+def test_an_output_another_int8_op_reads_is_that_ops_input_rounding(tmp_path):
+    """Conv a -> Conv b: the QDQ on a's output is b's input QDQ and stays when a leaves static int8, so it
+    counts in b's own noise, not a's (a's own noise is its weight and input rounding only)."""
+    report = _biased_convs(tmp_path, None)
+    rows = {r["node"]: r for r in report["sensitivity"]}
+    assert report["sensitivity"][0]["node"] == "b"
+    assert rows["a"]["own_sqnr_db"] > 40 and rows["a"]["own_sqnr_db"] > rows["b"]["own_sqnr_db"] + 5
