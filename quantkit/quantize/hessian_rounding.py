@@ -122,8 +122,8 @@ def _layer(op: QuantizedOp) -> _Layer | None:
 def _bytes(layer: _Layer) -> int:
     kind = layer.request.kind
     if kind == "gram":
-        shape = tuple(layer.op.node.inputs[1].const_value.shape)
-        k = shape[1] if layer.layout == "nk" else shape[0]
+        w = const_array(layer.op.node.inputs[1])
+        k = 0 if w is None else w.shape[1] if layer.layout == "nk" else w.shape[0]
         return 8 * k * k
     return ConvGeometry.parse(kind.partition(":")[2]).gram_bytes
 
