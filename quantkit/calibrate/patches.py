@@ -20,6 +20,7 @@ KIND = "patch_gram"
 MAX_GRAM_BYTES = 256 << 20  # a convolution whose Hessians need more is rounded to nearest instead
 PATCH_BYTES = 64 << 20  # patches of at most this size are formed at once
 MIN_ROWS = 256  # positions a batch contributes, at least (8 K when that is more)
+GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,27 @@ class ConvGeometry:
                    (pads[0], pads[1], pads[2], pads[3]), (dil[0], dil[1]), group)
 
 
+def sample_positions(total: int, rows: int | None) -> np.ndarray:
+    """Indices of `rows` of `total` positions (all when rows is None or not fewer), sorted and the
+    same on every run: the golden-ratio sequence frac(i * 0.618...) spreads them over every output
+    row and column of every sample, where a fixed stride would alias with the image width (a step of
+    120 over rows of 160 visits 4 columns)."""
+    if rows is None or rows >= total:
+        return np.arange(total)
+    idx = np.floor(np.mod(np.arange(rows) * GOLDEN, 1.0) * total).astype(np.int64)
+    return np.unique(idx)
+
+
 def _positions(n: int, ho: int, wo: int, rows: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample, output row, output column) of every output position, or of `rows` of them evenly
-    spaced over the batch in (sample, row, column) order (the same ones on every run)."""
-    total = n * ho * wo
-    idx = np.arange(total) if rows is None or rows >= total else (np.arange(rows, dtype=np.int64) * total) // rows
+    """(sample, output row, output column) of every output position, or of about `rows` of them."""
+    idx = sample_positions(n * ho * wo, rows)
     pos = idx % (ho * wo)
     return idx // (ho * wo), pos // wo, pos % wo
 
 
 def patches(x: np.ndarray, geo: ConvGeometry, rows: int | None = None) -> np.ndarray:
     """Samples' patches: x (N, C, H, W) or (N, C, W) -> (group, positions, K), K ordered as the
-    weight's (Cin/group, kh, kw); all N * output positions, or `rows` of them evenly spaced."""
+    weight's (Cin/group, kh, kw); all N * output positions, or about `rows` of them (sample_positions)."""
     x = np.asarray(x, np.float32)
     if x.ndim == 3:
         x = x[:, :, None, :]
@@ -106,7 +116,7 @@ def patches(x: np.ndarray, geo: ConvGeometry, rows: int | None = None) -> np.nda
 @register(KIND)
 class PatchGramObserver(Observer):
     """Per group, the sum of patches^T patches over the positions seen (float64, group x K x K).
-    A batch contributes at most rows_per_batch() positions, evenly spaced: a K x K matrix needs a
+    A batch contributes at most rows_per_batch() positions, spread over it: a K x K matrix needs a
     few times K rows per batch, not the 30 000 output positions of an early layer's batch."""
 
     def __init__(self, arg: str = "") -> None:

@@ -105,7 +105,14 @@ def round_rows(w: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     _, scale, _ = qp.quantize_weight(w.reshape(g * n, k), 0)
     scale = scale.reshape(g, n)
     rtn = np.clip(np.rint(w / scale[:, :, None]), QMIN, QMAX).astype(np.int8)
-    gq = gptq_codes(w, h, scale)
+    if not np.isfinite(h).all() or not np.isfinite(w).all():  # nothing to fit: round to nearest
+        e = row_errors(w, rtn, scale, np.nan_to_num(h))
+        return rtn, scale, e, e
+    try:
+        gq = gptq_codes(w, h, scale)
+    except np.linalg.LinAlgError:  # not positive definite even damped
+        e = row_errors(w, rtn, scale, h)
+        return rtn, scale, e, e
     e_rtn, e_gq = row_errors(w, rtn, scale, h), row_errors(w, gq, scale, h)
     better = e_gq < e_rtn
     codes = np.where(better[:, :, None], gq, rtn)

@@ -41,6 +41,7 @@ class HessianRounding:
     layers: list[_Layer] = field(default_factory=list)
     by_node: dict[str, tuple[Rounded, int]] = field(default_factory=dict)  # node -> (codes, weight axis)
     skipped: int = 0  # layers left to nearest rounding by the memory bound
+    max_bytes: int = MAX_TOTAL_BYTES  # the Hessians held at once (streamed models: a share of the model's size)
 
     def requests(self, ops: list[QuantizedOp]) -> list[StatRequest]:
         self.layers, self.skipped, used, seen = [], 0, 0, set()
@@ -49,7 +50,7 @@ class HessianRounding:
             if found is None or found.op.node.inputs[op.weight_index].name in seen:
                 continue
             size = _bytes(found)
-            if size > MAX_GRAM_BYTES or used + size > MAX_TOTAL_BYTES:
+            if size > MAX_GRAM_BYTES or used + size > self.max_bytes:
                 self.skipped += 1
                 continue
             seen.add(found.op.node.inputs[op.weight_index].name)
@@ -81,7 +82,7 @@ class HessianRounding:
                 f"(per-channel scales unchanged): their summed calibration output error is "
                 f"{after / before if before > 0 else 1.0:.0%} of rounding to nearest")
         skipped = [f"{self.skipped} layer(s) kept rounding to nearest: their input Hessians would exceed "
-                   f"{MAX_TOTAL_BYTES >> 20} MB"] if self.skipped else []
+                   f"{self.max_bytes >> 20} MB"] if self.skipped else []
         return [note, *skipped]
 
     def weight_error(self, node: str, w: np.ndarray) -> tuple[str, bw.RoundingError] | None:

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from quantkit.calibrate.observers import make_observer
-from quantkit.calibrate.patches import ConvGeometry, PatchGramObserver, patches
+from quantkit.calibrate.patches import ConvGeometry, PatchGramObserver, patches, sample_positions
 from quantkit.quantize import qparams as qp
 from quantkit.quantize.gptq_channel import QMAX, QMIN, round_rows, round_weight
 
@@ -80,8 +80,12 @@ def test_a_one_group_convolution_gives_one_hessian_and_many_positions_are_sample
     obs.update(x)
     rows = obs.rows_per_batch()
     assert rows == 288 and obs.rows == rows  # 8 K rows of the batch's 3600, not all of them
+    # spread over the image: an early layer's 8 x 24 x 160 positions, 256 taken, reach most columns and rows
+    # (a fixed stride of 120 would visit 4 columns)
+    idx = sample_positions(8 * 24 * 160, 256)
+    assert len(idx) == 256 and len(np.unique(idx % 160)) > 80 and len(np.unique(idx // 160 % 24)) == 24
     p = patches(x, geo)[0].astype(np.float64)
-    picked = p[(np.arange(rows) * len(p)) // rows]
+    picked = p[sample_positions(len(p), rows)]
     np.testing.assert_allclose(obs.hessians(), (2 * picked.T @ picked / rows)[None], rtol=1e-5, atol=1e-5)
 
 
@@ -140,6 +144,15 @@ def test_a_row_where_gptq_would_lose_keeps_rounding_to_nearest_and_runs_are_iden
     first, again = round_rows(w, h2), round_rows(w.copy(), h2.copy())
     for a, b in zip(first, again):
         assert np.array_equal(a, b)
+
+
+def test_a_hessian_with_non_finite_values_leaves_rounding_to_nearest():
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(1, 4, 8)).astype(np.float32)
+    h = np.eye(8)[None].copy()
+    h[0, 2, 3] = np.nan
+    codes, scale, _, _ = round_rows(w, h)
+    assert np.array_equal(codes, np.clip(np.rint(w / scale[:, :, None]), QMIN, QMAX))
 
 
 def test_dead_input_channels_round_to_nearest():
