@@ -66,12 +66,33 @@ def quantize(model: Path, calib: Path, out: Path, rounding: str, extra: list) ->
     return {"seconds": m.seconds, "report": json.loads(report.read_text()), "gate_failed": m.returncode == 5}
 
 
+def near_ties(model: Path, calib: Path, samples: int = 64, margin: float = 0.01) -> str:
+    """The placement probe's samples (the first 64 of the calibration set) whose fp32 output has a
+    position where the top two class probabilities are within `margin`: a CTC decode any noise may flip."""
+    import numpy as np
+    from real_models import session
+
+    with np.load(calib) as z:
+        feed = {k: z[k][:samples] for k in z.files if k != "labels"}
+    sess = session(model)
+    out = np.concatenate([sess.run(None, {k: v[i:i + 8] for k, v in feed.items()})[0] for i in range(0, samples, 8)])
+    top2 = np.sort(out, axis=-1)[..., -2:]
+    gaps = (top2[..., 1] - top2[..., 0]).min(axis=1)
+    tied = [int(i) for i in np.nonzero(gaps < margin)[0]]
+    return (f"probe samples (calibration 0-{samples - 1}) with a position whose top-2 probabilities are within "
+            f"{margin}: {tied} (their smallest gaps: {', '.join(f'{gaps[i]:.4f}' for i in tied)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ocr_rec")
     ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--ties", action="store_true", help="only list the probe's near-tied samples")
     args = ap.parse_args()
     d = args.cache / args.model
+    if args.ties:
+        print(near_ties(d / "model.onnx", d / "calib.npz"))
+        return
     model, calib = d / "model.onnx", d / "calib.npz"
     data, truth, alphabet = eval_set(args.model, d)
     ref = run_eval(args.model, model, data)
