@@ -7,7 +7,7 @@ Each row is one `quantkit quantize` run on the prepared model (benchmarks/_real_
 placement fixed by a plan (`--from-plan`) so that only the rounding differs between the rtn and gptq
 rows, scored on the evaluation set as benchmarks/real_models.py scores it:
 
-  every weighted op weight-only int8   Conv weights int8 per channel behind a DequantizeLinear, float
+  every Conv weight-only int8, ...     Conv weights int8 per channel behind a DequantizeLinear, float
                                        activations (MatMuls stay float): the weights' share of the error
   every op static int8                 the activations' share on top
   default placement                    no plan: the accuracy budget's own search (quantkit's default)
@@ -100,7 +100,8 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        plans = {"every weighted op weight-only int8": {k: ("weight_only" if t == "Conv" else "float") for k, t in ops},
+        plans = {"every Conv weight-only int8, the rest float": {k: ("weight_only" if t == "Conv" else "float")
+                                                                   for k, t in ops},
                  "every op static int8": {}}
         variants = [(name, ["--from-plan", plan_file(model, nodes, work / f"plan{i}.json")])
                     for i, (name, nodes) in enumerate(plans.items())]
