@@ -39,7 +39,8 @@ class HessianRounding:
     """The layers to round, then their codes by node (for the report; the rewrite reads them from the memo)."""
 
     layers: list[_Layer] = field(default_factory=list)
-    by_node: dict[str, tuple[Rounded, int]] = field(default_factory=dict)  # node -> (codes, weight axis)
+    by_node: dict[str, tuple[Rounded, int]] = field(default_factory=dict)  # op key -> (codes, weight axis)
+    errors: dict[str, bw.RoundingError] = field(default_factory=dict)  # op key -> its weight's rounding error
     skipped: int = 0  # layers left to nearest rounding by the memory bound
     max_bytes: int = MAX_TOTAL_BYTES  # the Hessians held at once (streamed models: a share of the model's size)
 
@@ -69,7 +70,7 @@ class HessianRounding:
                 continue
             rounded = round_weight(w, h, layer.layout)
             memo.put(w_in.const_value, layer.op.weight_axis, (rounded.q, rounded.scale, rounded.zero_point))
-            self.by_node[layer.op.node.name or ""] = (rounded, layer.op.weight_axis)
+            self.by_node[layer.op.key] = (rounded, layer.op.weight_axis)
         for r in {x.request for x in self.layers}:
             obs = stats.get(r.tensor, r.kind)
             if isinstance(obs, (GramObserver, PatchGramObserver)):
@@ -90,10 +91,12 @@ class HessianRounding:
         found = self.by_node.get(node)
         if found is None:
             return None
-        r, axis = found
-        w64 = w.astype(np.float64)
-        deq = qp.dequantize(r.q, r.scale, r.zero_point, axis).astype(np.float64)
-        return HOW, bw.RoundingError(float(np.sum(w64**2)), float(np.sum((w64 - deq) ** 2)), int(w.size))
+        if node not in self.errors:  # every candidate build of the run asks again
+            r, axis = found
+            w64 = w.astype(np.float64)
+            deq = qp.dequantize(r.q, r.scale, r.zero_point, axis).astype(np.float64)
+            self.errors[node] = bw.RoundingError(float(np.sum(w64**2)), float(np.sum((w64 - deq) ** 2)), int(w.size))
+        return HOW, self.errors[node]
 
 
 def _layer(op: QuantizedOp) -> _Layer | None:

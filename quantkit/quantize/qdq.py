@@ -176,10 +176,11 @@ class StaticScheme(Scheme):
         key = (w_in.name, op.weight_axis)
         if key not in cache:
             q, scale, zp = self.memo.quantize(w_in.const_value, op.weight_axis)
-            measured = self.rounding.weight_error(node.name or "", w)
+            measured = self.rounding.weight_error(op.key, w)
             if measured is not None:
-                result.gptq.append(node.name or "")
-                result.weight_error[node.name or ""] = measured
+                result.gptq.append(op.key)
+                if node.name:  # the report keys its weight_error rows by node name
+                    result.weight_error[node.name] = measured
             dq = edit.dequantized(w_in.name, q, scale, zp, op.weight_axis, node)
             # the float dequantized copy is made only when bias correction needs it: kept for
             # every weight it would hold the model's size again
