@@ -31,10 +31,16 @@ def _run(samples, out, *extra):
 
 
 def _weights(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per quantized weight of the written model: (int8 codes, scales)."""
+    """Per quantized weight of the written model: (int8 codes, scales). A weight-only convolution's
+    DequantizeLinear is lowered to Cast -> Mul by a `_DequantizeLinear_step` (its scales, broadcastable)."""
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-    return {k[: -len("_quantized")]: (v, inits[k[: -len("_quantized")] + "_scale"]) for k, v in inits.items()
-            if k.endswith("_quantized") and v.dtype == np.int8 and k[: -len("_quantized")] + "_scale" in inits}
+    out = {}
+    for k, v in inits.items():
+        base = k[: -len("_quantized")]
+        scale = inits.get(base + "_scale", inits.get(base + "_DequantizeLinear_step"))
+        if k.endswith("_quantized") and v.dtype == np.int8 and scale is not None:
+            out[base] = (v, scale.reshape(-1))
+    return out
 
 
 def test_gptq_codes_on_the_same_scales_give_a_valid_model_closer_to_fp32(samples, tmp_path):
@@ -70,3 +76,23 @@ def test_two_runs_write_the_same_bytes(samples, tmp_path):
     _run(samples, tmp_path / "a.onnx")
     _run(samples, tmp_path / "b.onnx")
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_a_convolution_moved_to_weight_only_keeps_its_gptq_codes(samples, tmp_path):
+    """The accuracy budget's alternatives share the static scheme's rounded weights: a convolution a plan
+    moves to weight-only int8 is stored with the very GPTQ codes static int8 would have used."""
+    plan = tmp_path / "plan.json"
+    static = _run(samples, tmp_path / "static.onnx", "--plan", plan)
+    assert static["placement"]["moved"] == {}  # every op static int8 at this loose target
+    conv = next(n["node"] for n in static["nodes"]["quantized"] if n["op_type"] == "Conv")
+    saved = json.loads(plan.read_text())
+    saved["nodes"] = {conv: "weight_only"}
+    plan.write_text(json.dumps(saved))
+    moved = _run(samples, tmp_path / "moved.onnx", "--from-plan", plan)
+    assert {n["node"]: n["scheme"] for n in moved["nodes"]["quantized"]}[conv] == "weight_only"
+    _run(samples, tmp_path / "rtn.onnx", "--from-plan", plan, "--weight-rounding", "rtn")
+    ws, wm, wr = (_weights(tmp_path / f"{n}.onnx") for n in ("static", "moved", "rtn"))
+    assert ws.keys() == wm.keys() == wr.keys()
+    for name in ws:  # the moved convolution's weight among them: same codes and scales as static's
+        assert np.array_equal(ws[name][0], wm[name][0]) and np.array_equal(ws[name][1], wm[name][1]), name
+    assert any(not np.array_equal(wm[n][0], wr[n][0]) for n in wm)
