@@ -434,7 +434,8 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
                                 lambda m: runtime.session(m, workdir, tag="single op", lean=True,
                                                           threads=runtime.PLACEMENT_THREADS),
-                                split.emulation if split is not None else lambda x: None)
+                                split.emulation if split is not None else lambda x: None,
+                                placement.schemes[0].memo)  # a convolution's weight-only int8: its GPTQ codes
     refusals = {s.name.value: s.refuse for s in placement.alternates}
     rows = {r["node"]: r for r in ranked}
     choices = {budget.op_key(op): budget.ladder(budget.alternatives(op, refusals), rows.get(budget.op_key(op)))

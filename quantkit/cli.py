@@ -19,7 +19,7 @@ import click
 from click.core import ParameterSource
 
 from quantkit import __version__
-from quantkit.config import Activations, Algorithm, Format, Method, Weights
+from quantkit.config import Activations, Algorithm, Format, Method, Rounding, Weights
 from quantkit.errors import (
     AccuracyGateError,
     Interrupted,
@@ -87,6 +87,7 @@ def cli() -> None:
 @click.option("--stats-cache", type=click.Path(path_type=Path), help="Save/reuse calibration histograms here; a rerun on the same model and data skips the forward passes.")
 @click.option("--smoothquant", is_flag=False, flag_value="auto", default=None, metavar="[ALPHA|off]", help="Smooth activation outliers into the weights of MatMuls fed by LayerNorm; alpha searched per layer unless given. On by default for static int8; 'off' turns it off.")
 @click.option("--bias-correction", is_flag=True, help="Shift each channel's bias by the mean error the int8 weights introduce, measured on the calibration data.")
+@click.option("--weight-rounding", type=click.Choice(Rounding.values()), default=Rounding.RTN.value, show_default=True, help="Static int8: round each per-channel weight to nearest, or against its layer's calibration inputs (GPTQ, same scales; slower calibration).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Node names or op types (glob, comma-separated, repeatable) to keep float.")
 @click.option("--preprocess", metavar="STEPS", help="Image folders as data: e.g. resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw (see README).")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")

@@ -58,6 +58,13 @@ class Algorithm(Choice):
     AWQ = "awq"  # activation-aware input-channel scales, then round to nearest (quantize/awq.py)
 
 
+class Rounding(Choice):
+    """How static int8 weights are rounded onto their per-channel grid."""
+
+    GPTQ = "gptq"  # against the layers' calibration inputs (quantize/gptq_channel.py)
+    RTN = "rtn"  # to nearest
+
+
 class Format(Choice):
     ORT = "ort"  # onnxruntime contrib ops (MatMulNBits, GatherBlockQuantized)
     QDQ = "qdq"  # standard DequantizeLinear with blocked int4 (opset 21)
@@ -80,6 +87,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     attention_matmuls: bool = True  # also quantize activation x activation MatMuls
     bias_correction: bool = False  # shift biases by the mean error int8 weights introduce
+    weight_rounding: Rounding = Rounding.RTN  # static int8 weights: to nearest, or GPTQ codes on the per-channel grid
     smoothquant: float | str | None = None  # None: off; "auto": alpha searched per layer; or alpha
     weights: Weights = Weights.INT8  # int8, or int4 (weight-only: activations "none")
     block_size: int = 32  # weight-only: rows of K sharing one scale
@@ -91,7 +99,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         for name, kind in (("activations", Activations), ("method", Method), ("weights", Weights),
-                           ("algorithm", Algorithm), ("format", Format)):
+                           ("algorithm", Algorithm), ("format", Format), ("weight_rounding", Rounding)):
             object.__setattr__(self, name, kind.parse(getattr(self, name), f"--{name}"))
         if self.weights == Weights.INT4 and self.activations != Activations.NONE:
             raise ConfigError("int4 weights are weight-only: use --activations none (the default with --weights int4)")
@@ -115,10 +123,11 @@ class QuantConfig:
         """An option set away from its default must act on the chosen mode: never ignored silently."""
         default = QuantConfig.__dataclass_fields__
         weight_only = ("block_size", "symmetric", "algorithm", "accuracy_level", "keep_int8")
-        static = ("method", "percentile", "bias_correction")
+        static = ("method", "percentile", "bias_correction", "weight_rounding")
         flag = {"block_size": "--block-size", "symmetric": "--asymmetric", "algorithm": "--algorithm",
                 "accuracy_level": "--accuracy-level", "format": "--format", "keep_int8": "--keep-int8",
-                "method": "--method", "percentile": "--percentile", "bias_correction": "--bias-correction"}
+                "method": "--method", "percentile": "--percentile", "bias_correction": "--bias-correction",
+                "weight_rounding": "--weight-rounding"}
         changed = [k for k in (*weight_only, *static) if getattr(self, k) != default[k].default]
         if self.format != default["format"].default and self.activations == "dynamic":
             raise ConfigError("--format qdq applies to static and weight-only quantization; dynamic int8 runs on "

@@ -148,6 +148,10 @@ def gather(model: ir.Model, requests: list[StatRequest], batches: Callable[[], I
     stats = collect(model, missing, batches(), workdir, on_batch) if missing else Statistics()
     stats.notes += [reason] if reason else []
     ranges = [r for r in requests if r.kind == "histogram"]
+    if ranges and stats.passes and not any(r.kind == "histogram" for r in missing):
+        kinds = ", ".join(sorted({r.kind.partition(":")[0] for r in missing}))
+        stats.notes.append(f"activation histograms read from {stats_cache.path}; the cache holds no other statistic, "
+                           f"so one pass gathered the rest ({kinds})")
     if ranges and not stats.passes:
         stats.notes.append(f"activation statistics read from {stats_cache.path}; no forward pass needed")
     elif any(r.kind == "histogram" for r in missing):

@@ -201,7 +201,9 @@ class HistogramObserver(Observer):
 
 
 def make_observer(kind: str) -> Observer:
-    return OBSERVERS[kind]()
+    """An observer by its registered name; "name:arg" passes arg (e.g. a convolution's window)."""
+    name, _, arg = kind.partition(":")
+    return OBSERVERS[name](arg) if arg else OBSERVERS[name]()  # type: ignore[call-arg]
 
 
 @register("channel")

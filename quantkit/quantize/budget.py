@@ -257,7 +257,7 @@ def _exposing(model: ir.Model, names: list[str]) -> ir.Model:
 
 def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, session: Callable[[ir.Model], Any],
                 lean_session: Callable[[ir.Model], Any] | None = None,
-                splits: Callable[[str], Any] = lambda x: None) -> list[dict]:
+                splits: Callable[[str], Any] = lambda x: None, memo: qp.WeightMemo | None = None) -> list[dict]:
     """Every planned op with the noise it adds itself, ranked (largest first).
 
     `own_noise`: the op's quantized output against the float op applied to the very inputs it
@@ -275,7 +275,7 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     while i < len(plan.ops):
         ops = plan.ops[i:i + size]
         held = _measure_chunk(ops, fp32, quantized, originals, probe, session, lean_session or session, drift, own,
-                              splits, consumed)
+                              splits, consumed, memo)
         i += len(ops)
         size = max(1, min(MAX_CHUNK, int(CHUNK_BYTES * len(ops) / max(held, 1))))
     rows: list[dict[str, Any]] = []
@@ -297,7 +297,7 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
 def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, originals: dict[str, ir.Node],
                    probe: Probe, session: Callable[[ir.Model], Any], small: Callable[[ir.Model], Any],
                    drift: dict[str, list], own: dict[str, list], splits: Callable[[str], Any],
-                   consumed: set[str]) -> int:
+                   consumed: set[str], memo: qp.WeightMemo | None = None) -> int:
     """Drift against fp32 of the ops' tensors, and each op's own noise, over the probe batches.
     Returns the bytes one batch of the exposed tensors took (both models)."""
     outs = {op_key(op): op.node.outputs[0].name for op in ops}
@@ -310,7 +310,8 @@ def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, 
     measured = [k for k in outs if outs[k] in wanted and k in originals
                 and all(v.name in available for v in _run_time_inputs(originals[k]))]
     axes = {op_key(op): op.weight_axis for op in ops}
-    alone = small(_alone(fp32, [originals[k] for k in measured], [axes[k] for k in measured])) if measured else None
+    alone = small(_alone(fp32, [originals[k] for k in measured], [axes[k] for k in measured], memo)) \
+        if measured else None
     alone_in = [i.name for i in alone.get_inputs()] if alone is not None else []
     chunk_drift = {n: [0.0, 0.0] for n in wanted}
     chunk_own: dict[str, list] = {k: [0.0, 0.0] for k in measured}
@@ -390,7 +391,8 @@ def _run_time_inputs(node: ir.Node) -> list[ir.Value]:
     return [v for v in node.inputs if v is not None and v.name and (v.const_value is None or v.is_graph_input())]
 
 
-def _alone(model: ir.Model, nodes: list[ir.Node], axes: list[int | None] | None = None) -> ir.Model:
+def _alone(model: ir.Model, nodes: list[ir.Node], axes: list[int | None] | None = None,
+           memo: qp.WeightMemo | None = None) -> ir.Model:
     """The nodes side by side, each alone and in float: constant inputs kept, the others graph
     inputs (fed from the quantized model's tensors), each output renamed with ALONE so that one op
     never reads another's float recomputation. One session for a whole chunk of ops. A convolution
@@ -416,7 +418,7 @@ def _alone(model: ir.Model, nodes: list[ir.Node], axes: list[int | None] | None 
         clones.append(ir.node(node.op_type, inputs=ins, attributes=dict(node.attributes), domain=node.domain,
                               outputs=outs))
         outputs.append(outs[0])
-        rounded = _weight_only_conv(node, axes[i] if axes else None)
+        rounded = _weight_only_conv(node, axes[i] if axes else None, memo)
         if rounded is not None:
             w = ir.Value(name=node.inputs[1].name + WEIGHT_ONLY_ALONE, shape=ins[1].shape, type=ins[1].type,
                          const_value=ir.tensor(rounded, name=node.inputs[1].name + WEIGHT_ONLY_ALONE))
@@ -430,15 +432,16 @@ def _alone(model: ir.Model, nodes: list[ir.Node], axes: list[int | None] | None 
     return ir.Model(graph, ir_version=model.ir_version)
 
 
-def _weight_only_conv(node: ir.Node, axis: int | None) -> np.ndarray | None:
+def _weight_only_conv(node: ir.Node, axis: int | None, memo: qp.WeightMemo | None = None) -> np.ndarray | None:
     """A convolution's constant float weight as weight-only int8 stores it (quantize/weight_only.py:
-    symmetric int8 behind a DequantizeLinear), dequantized; None for any other node."""
+    symmetric int8 behind a DequantizeLinear), dequantized; None for any other node. With the run's `memo`,
+    the codes the run stores (GPTQ's, quantize/hessian_rounding.py), else rounded to nearest."""
     if node.op_type not in ("Conv", "ConvTranspose") or len(node.inputs) < 2 or node.inputs[1] is None:
         return None
     w = const_array(node.inputs[1])
     if w is None or w.dtype != np.float32 or node.inputs[1].is_graph_input():
         return None
-    q, scale, zp = qp.quantize_weight(w, axis)
+    q, scale, zp = memo.quantize(node.inputs[1].const_value, axis) if memo is not None else qp.quantize_weight(w, axis)
     return qp.dequantize(q, scale, zp, axis)
 
 

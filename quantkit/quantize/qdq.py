@@ -18,10 +18,11 @@ import onnx_ir as ir
 from quantkit.calibrate.collect import RANGE_KINDS, Statistics, StatRequest
 from quantkit.calibrate.observers import Observer
 from quantkit.calibrate.ranges import Levels, observer_kind, select_range
-from quantkit.config import Activations, QuantConfig
+from quantkit.config import Activations, QuantConfig, Rounding
 from quantkit.graph.ir_edit import Editor, bias_add, const_array, drop_unused
 from quantkit.quantize import embedding
 from quantkit.quantize import qparams as qp
+from quantkit.quantize.hessian_rounding import HessianRounding
 from quantkit.quantize.plan import Plan, QuantizedOp, SchemeName, activation_tensors
 from quantkit.quantize.scheme import ActivationQParams, Findings, RewriteResult, Scheme
 
@@ -114,13 +115,16 @@ class StaticScheme(Scheme):
         self.channel_means: dict[str, np.ndarray] = {}
         self.observers: dict[str, Observer] = {}
         self.range_seconds = 0.0
+        self.rounding = HessianRounding()  # GPTQ codes of the weights (--weight-rounding gptq)
 
     def requests(self, plan: Plan) -> list[StatRequest]:
         """A range on every QDQ tensor; per-channel input means for bias correction."""
         axes = {op.inputs[0].name: 1 if op.node.op_type == "Conv" else -1
                 for op in plan.ops if op.scheme == self.name and op.weighted and op.inputs} \
             if self.config.bias_correction else {}
-        return [StatRequest(v.name, self.range_kind, axes.get(v.name)) for v in plan.activation_tensors(self.name)]
+        ranges = [StatRequest(v.name, self.range_kind, axes.get(v.name)) for v in plan.activation_tensors(self.name)]
+        mine = [op for op in plan.ops if op.scheme == self.name]
+        return ranges + (self.rounding.requests(mine) if self.config.weight_rounding == Rounding.GPTQ else [])
 
     def use(self, stats: Statistics) -> Findings:
         """Mask-like tensors stay float; every other tensor gets its range."""
@@ -137,6 +141,7 @@ class StaticScheme(Scheme):
             if (mean := obs.channel_mean()) is not None:
                 self.channel_means[name] = mean
         self.range_seconds += time.perf_counter() - t0
+        found.notes += self.rounding.use(stats, self.memo)
         return found
 
     def rewrite(self, model: ir.Model, ops: list[QuantizedOp], edit: Editor) -> RewriteResult:
@@ -171,6 +176,11 @@ class StaticScheme(Scheme):
         key = (w_in.name, op.weight_axis)
         if key not in cache:
             q, scale, zp = self.memo.quantize(w_in.const_value, op.weight_axis)
+            measured = self.rounding.weight_error(op.key, w)
+            if measured is not None:
+                result.gptq.append(op.key)
+                if node.name:  # the report keys its weight_error rows by node name
+                    result.weight_error[node.name] = measured
             dq = edit.dequantized(w_in.name, q, scale, zp, op.weight_axis, node)
             # the float dequantized copy is made only when bias correction needs it: kept for
             # every weight it would hold the model's size again

@@ -119,6 +119,11 @@ class WeightMemo:
     def __init__(self) -> None:
         self._done: dict[tuple[int, int | None, bool], tuple[object, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
 
+    def put(self, tensor, axis: int | None, codes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Codes chosen otherwise (GPTQ) on the same per-channel grid: every scheme of the run that
+        stores this weight int8 along `axis` gets them (static, dynamic, per-token, weight-only int8)."""
+        self._done[(id(tensor), axis, False)] = (tensor, codes)
+
     def quantize(self, tensor, axis: int | None, transposed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         key = (id(tensor), axis, transposed)
         if key not in self._done:

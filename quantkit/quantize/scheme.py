@@ -243,4 +243,7 @@ def placement_for(config: QuantConfig, trainable: bool = False) -> Placement:
                                   exclude=config.exclude, accuracy_level=config.accuracy_level, format=config.format)
         alternates = [SplitScheme(config), DynamicScheme(config),
                       *([] if trainable else [PerTokenScheme(config)]), WeightOnlyScheme(int8_blocks)]
-    return Placement(config, [scheme(config)], alternates)
+    main = scheme(config)
+    for alt in alternates:  # one memo: an op moved to an alternative keeps its weight's int8 (GPTQ) codes
+        alt.memo = main.memo
+    return Placement(config, [main], alternates)

@@ -36,6 +36,7 @@ from quantkit.load.onnx import model_bytes, model_files
 from quantkit.output import Outputs
 from quantkit.quantize import subgraphs
 from quantkit.quantize.prepare import CalibrationData, calibrate
+from quantkit.quantize.qdq import StaticScheme
 from quantkit.quantize.scheme import placement_for
 from quantkit.quantize.speed import GuardReport
 from quantkit.quantize.weight_only import AUTO, WeightOnlyScheme
@@ -188,6 +189,8 @@ def quantize(cfg, workdir: Path, status, progress, t_start: float) -> api.Result
     for scheme in placement.schemes:
         if isinstance(scheme, WeightOnlyScheme):  # GPTQ's rounded layers wait on disk
             scheme.spill = workdir
+        if isinstance(scheme, StaticScheme):  # static int8's GPTQ Hessians within the same share
+            scheme.rounding.max_bytes = budget
     calibration = calibrate(model, placement, cfg.quant, data, workdir, status, progress, gram_budget=budget)
     notes += calibration.notes + [NOTE]
     laps.lap("calibrate")

@@ -26,7 +26,6 @@ from quantkit.graph.ir_edit import Editor, const_array, k_major_weight
 from quantkit.load.external import read_ahead
 from quantkit.quantize import awq
 from quantkit.quantize import blockwise as bw
-from quantkit.quantize import qparams as qp
 from quantkit.quantize.gptq import gptq_many
 from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
 from quantkit.quantize.scheme import Findings, RewriteResult, Scheme, Trial
@@ -242,7 +241,7 @@ class WeightOnlyScheme(Scheme):
 
     def _conv(self, edit: Editor, op: QuantizedOp) -> None:
         node = op.node
-        q, scale, zp = qp.quantize_weight(const_array(node.inputs[1]), op.weight_axis)
+        q, scale, zp = self.memo.quantize(node.inputs[1].const_value, op.weight_axis)  # GPTQ codes when static's
         node.replace_input_with(1, edit.dequantized(node.inputs[1].name, q, scale, zp, op.weight_axis, node))
 
     def _embedding(self, edit: Editor, op: QuantizedOp, name: str, table_t: np.ndarray) -> bw.RoundingError:
