@@ -584,7 +584,9 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     meets the target is found (guesses first, bisection above a guess that misses) and the search
     stops there; of those k, the fewest that must stay at that level are found the same way, the
     rest going one level back; then the chosen ops least sensitive first go back one more level
-    where the target still holds, at most `max_restores` probes."""
+    where the target still holds, at most `max_restores` probes. When that placement moves more
+    than 1/CROWDED of the ops (the level's everything-moved placement barely met the target), the
+    next non-float level is searched as well and the placement moving fewer ops is kept."""
     order = [r["node"] for r in ranked if r["node"] in choices]
     result = SearchResult()
     model = NoiseModel({r["node"]: r for r in ranked}, order, target)
@@ -612,7 +614,14 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     if measure({}, "every op in static int8") or not order:
         result.met = result.shortfall is None
         return result
-    levels = Levels(choices)
+    result.met = _by_level(order, Levels(choices), model, measure, result, max_restores)
+    return result
+
+
+def _by_level(order: list[str], levels: Levels, model: NoiseModel, measure, result: SearchResult,
+              max_restores: int) -> bool:
+    """search's level loop: leaves the chosen placement in `result`; whether it meets the target."""
+    crowded: tuple[dict[str, str], list[dict]] | None = None  # a level's placement that moved most ops
     for level in range(levels.count):
         everything = levels.at(level, len(order), order)
         if level and everything == levels.at(level - 1, len(order), order):
@@ -626,10 +635,19 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
             continue
         if level:  # of those k, only the noisiest one level back need this level: the rest stay there
             _split(levels.split(level, k, ranking, model), k, model, measure, result)
-        _restore(result, choices, ranking, level, max_restores, measure)
-        return result
-    result.met = False
-    return result
+        _restore(result, levels.choices, ranking, level, max_restores, measure)
+        if crowded is None and level + 1 < levels.count - 1 and len(result.overrides) * CROWDED > len(order):
+            # met only with most ops on this level (its everything-moved placement barely did): a few ops
+            # one level up may do, which costs less than most ops here, so that level is searched too
+            crowded = (dict(result.overrides), result.figures)
+            continue
+        break
+    else:
+        if crowded is None:
+            return False
+    if crowded is not None and len(crowded[0]) <= len(result.overrides):  # the placement moving fewer ops
+        result.overrides, result.figures, result.shortfall = dict(crowded[0]), crowded[1], None
+    return True
 
 
 @dataclass
@@ -762,6 +780,7 @@ def _guided(build: Callable[[int], dict[str, str]], n: int, n_meets: bool, model
     return _smallest(build, n, measure, result, lo)
 
 
+CROWDED = 2  # a level whose placement moves more than 1/CROWDED of the ops: the next level is searched too
 SPLIT_WORTH = 8  # the split is searched only when it can send back more than 1/8 of the ops
 
 
