@@ -3,6 +3,7 @@ size and single-thread speed of pruned + int8 models against int8 alone and fp32
 
     python benchmarks/prune.py --model minilm|ocr_rec|ocr_cls [--cache DIR] [--rounds N]
                                [--calib-sentences N]  (minilm: calibrate on N training sentences)
+                               [--more-sentences N]   (minilm: ... on N sentences of _real_data.more_sentences())
 
 The models and data are the ones benchmarks/real_models.py prepares (benchmarks/_real_data.py)
 under DIR (default benchmarks/.cache/real; `QUANTKIT_REAL_CACHE` overrides). Every quantkit run is
@@ -159,12 +160,16 @@ def main() -> None:
                     "them) to quantize as int8 alone is, each one more row")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate every run on N training "
                     "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
+    ap.add_argument("--more-sentences", type=int, metavar="N", help="minilm: calibrate every run on the first N "
+                    "sentences of _real_data.more_sentences() (the larger corpus, disjoint from the evaluation set)")
     args = ap.parse_args()
     calib = None
-    if args.calib_sentences:
-        from prune_sweep import training_calib
+    from prune_sweep import training_calib
 
+    if args.calib_sentences:
         calib = training_calib(args.calib_sentences)
+    if args.more_sentences:
+        calib = training_calib(args.more_sentences, more=True)
     result = bench(args.model, args.cache, args.rounds, args.only, args.pruned, calib)
     name = "results.json" if not args.only else "results_" + "_".join(args.only).replace(" ", "-") + ".json"
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / name

@@ -5,13 +5,14 @@ then recovery training (--finetune, distilled from the unpruned model), uniform 
     python benchmarks/prune_finetune.py [--cache benchmarks/.cache/real] [--steps 300 1000] [--match TEXT]
                                         [--refit one-shot|sequential] [--calib-sentences N]
                                         [--replay-plan | --all-static] [--more-sentences N]
-                                        [--finetune-sentences M] [--time]
+                                        [--finetune-sentences M] [--time] [--allocation uniform|sensitivity]
+                                        [--trained-only]
 
 --replay-plan: the int8 run without training writes its placement (--plan); its per-token dynamic
 int8 ops (MatMulInteger + Round, which --finetune cannot run in torch) are moved to dynamic int8
 (DynamicQuantizeMatMul, which it trains), and the fine-tuned runs replay that plan (--from-plan).
---all-static: the same, but every op of the replayed plan static int8 (nothing moved off it), and
-the untrained model run again on that plan too.
+--all-static: every run (trained or not) on a plan keeping every op static int8 (nothing moved off
+it; --from-plan, so no placement search).
 --more-sentences N: calibrate on the first N sentences of benchmarks/_real_data.py:more_sentences()
 (a larger corpus, disjoint from the evaluation set); --finetune-sentences M: train on the M after them.
 --time: single-thread speed of every output against the run's own fp32 export (batch 8 of the
@@ -38,11 +39,11 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks.finetune import bench, minilm_metrics, prepare_minilm, saver  # noqa: E402
 
 
-def runs(steps: list[int], lr: float, case: dict, refit: str = "one-shot",
-         calib: str = "") -> list[tuple[str, list[str]]]:
+def runs(steps: list[int], lr: float, case: dict, refit: str = "one-shot", calib: str = "",
+         allocations: tuple[str, ...] = ("uniform", "sensitivity")) -> list[tuple[str, list[str]]]:
     ft = ["--finetune-data", case["finetune_data"], "--lr", str(lr)]
     out = []
-    for allocation in ("uniform", "sensitivity"):
+    for allocation in allocations:
         prune = ["--prune", "0.3", "--prune-structure", "channel", "--prune-allocation", allocation]
         what = allocation
         if refit != "one-shot":
@@ -55,11 +56,9 @@ def runs(steps: list[int], lr: float, case: dict, refit: str = "one-shot",
     return out
 
 
-def replayed(todo: list[tuple[str, list[str]]], case: dict, tmp: Path, env: dict, save,
-             all_static: bool = False) -> list:
+def replayed(todo: list[tuple[str, list[str]]], case: dict, tmp: Path, env: dict, save) -> list:
     """Run the untrained rows with --plan, then give the trained rows that plan, its per-token ops
-    made dynamic int8 (--from-plan); with all_static, every op static int8 instead, and the untrained
-    row run again on it. Returns the rows left to run."""
+    made dynamic int8 (--from-plan). Returns the rows left to run."""
     trained = [(n, args) for n, args in todo if "--finetune" in args]
     for name, args in todo:
         if "--finetune" in args:
@@ -69,16 +68,22 @@ def replayed(todo: list[tuple[str, list[str]]], case: dict, tmp: Path, env: dict
         data = json.loads(plan.read_text())
         moved = sorted(k for k, v in data["nodes"].items() if v == "per_token")
         data["nodes"] = {k: "dynamic" if v == "per_token" else v for k, v in data["nodes"].items()}
-        tag = ", plan replayed (per-token -> dynamic)"
-        if all_static:
-            data["nodes"], tag, moved = {}, ", every op static int8 (plan replayed)", []
         print(f"per-token ops moved to dynamic int8: {moved}", flush=True)
         replay = tmp / "plan_replay.json"
         replay.write_text(json.dumps(data))
-        trained = [(n + tag, [*a, "--from-plan", str(replay)]) for n, a in trained if n.startswith(name)]
-        if all_static:
-            trained.insert(0, (name + tag, [*args, "--from-plan", str(replay)]))
+        trained = [(n + ", plan replayed (per-token -> dynamic)", [*a, "--from-plan", str(replay)])
+                   for n, a in trained if n.startswith(name)]
     return trained
+
+
+def all_static(todo: list[tuple[str, list[str]]], case: dict, tmp: Path) -> list:
+    """Every row on a plan that keeps every op static int8 (--from-plan: no placement search)."""
+    from quantkit.load.onnx import file_sha256
+
+    plan = tmp / "plan_all_static.json"
+    plan.write_text(json.dumps({"format": "quantkit-plan-1", "nodes": {}, "speed_dropped": [],
+                                "model_sha256": file_sha256(case["model"]), "target": "every op static int8"}))
+    return [(n + ", every op static int8", [*a, "--from-plan", str(plan)]) for n, a in todo]
 
 
 def timed(case: dict, paths: dict[str, Path], rounds: int) -> dict[str, float]:
@@ -118,6 +123,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[300, 1000])
     ap.add_argument("--lr", type=float, default=1e-4, help="as benchmarks/finetune.py's --lr-prune")
     ap.add_argument("--match", help="only the runs whose name contains this")
+    ap.add_argument("--allocation", nargs="+", default=["uniform", "sensitivity"], choices=["uniform", "sensitivity"])
+    ap.add_argument("--trained-only", action="store_true", help="only the --finetune runs")
     ap.add_argument("--refit", default="one-shot", choices=["one-shot", "sequential"], help="--prune-refit")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="calibrate (pruning and int8) on N training "
                     "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
@@ -125,8 +132,8 @@ def main() -> None:
                     "first K training sentences (1024: calibration disjoint from the fine-tuning sentences)")
     ap.add_argument("--replay-plan", action="store_true", help="fine-tune on the untrained run's placement with "
                     "its per-token ops moved to dynamic int8 (see above)")
-    ap.add_argument("--all-static", action="store_true", help="replay the untrained run's plan with every op static "
-                    "int8, untrained and fine-tuned (see above)")
+    ap.add_argument("--all-static", action="store_true", help="every run on a plan keeping every op static int8 "
+                    "(see above)")
     ap.add_argument("--more-sentences", type=int, metavar="N", help="calibrate on the first N sentences of "
                     "_real_data.more_sentences() (the larger corpus, disjoint from the evaluation set)")
     ap.add_argument("--finetune-sentences", type=int, metavar="M", help="--finetune-data: the M more_sentences() "
@@ -142,10 +149,13 @@ def main() -> None:
     (HERE / ".cache" / "finetune").mkdir(parents=True, exist_ok=True)
     case = prepare_minilm(a.cache, HERE / ".cache" / "finetune")
     calib = data_files(a, case)
-    todo = [r for r in runs(a.steps, a.lr, case, a.refit, calib) if not a.match or a.match in r[0]]
+    todo = [r for r in runs(a.steps, a.lr, case, a.refit, calib, tuple(a.allocation))
+            if (not a.match or a.match in r[0]) and (not a.trained_only or "--finetune" in r[1])]
     names = [n for n, args in todo if "--finetune" not in args]
-    if a.replay_plan or a.all_static:
-        todo = replayed(todo, case, work, env, saver(out, "minilm"), a.all_static)
+    if a.all_static:
+        todo, names = all_static(todo, case, work), []
+    elif a.replay_plan:
+        todo = replayed(todo, case, work, env, saver(out, "minilm"))
     else:
         names = []
     names += [n for n, _ in todo]

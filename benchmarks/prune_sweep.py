@@ -40,18 +40,30 @@ def training_calib(n: int, skip: int = 0, more: bool = False) -> Path:
     in all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens.
     more: sentences skip .. skip+n-1 of _real_data.more_sentences() instead (about 108,000, disjoint
     from that list)."""
-    from _real_data import more_sentences, sentences, tokenize
+    from _real_data import sentences, tokenize
 
     name = f"{'more_' if more else ''}calib_{n}{f'_from{skip}' if skip else ''}.npz"
     path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / name
     if not path.exists():
-        texts = more_sentences()[skip:skip + n] if more else sentences()[384 + skip:384 + skip + n]
+        texts = _more()[skip:skip + n] if more else sentences()[384 + skip:384 + skip + n]
         ids, mask = tokenize(texts, max_len=50)
         full_ids, full_mask = np.zeros((len(texts), 50), np.int64), np.zeros((len(texts), 50), np.int64)
         full_ids[:, :ids.shape[1]], full_mask[:, :mask.shape[1]] = ids, mask
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, input_ids=full_ids, attention_mask=full_mask)
     return path
+
+
+def _more() -> list[str]:
+    """_real_data.more_sentences(), kept in a JSON file next to the data made from it (reading ~10,000
+    source files takes a minute)."""
+    from _real_data import more_sentences
+
+    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / "more_sentences.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(more_sentences()))
+    return json.loads(path.read_text())
 
 
 def load(d: Path, calib_file: Path | None = None):
