@@ -103,19 +103,20 @@ def _good_sentences(doc: str):
                 yield s
 
 
-def more_sentences() -> list[str]:
+def more_sentences(packages: tuple[str, ...] = tuple(MORE_PACKAGES)) -> list[str]:
     """A larger English corpus than sentences(), read offline and disjoint from it (so from the cache's
     calibration and evaluation sentences and from benchmarks/finetune.py's training ones): the same
     filter over the Python reference manual's text (pydoc_data.topics), the docstrings of every
-    standard-library source file (tests left out) and of the installed MORE_PACKAGES, read with ast.
+    standard-library source file (tests left out) and of the installed `packages`, read with ast.
     Fixed pseudo-random order (sha1), as sentences(); the list depends on the Python and package
-    versions installed (107,891 sentences with this venv: Python 3.11.7, torch 2.13.0 ...)."""
+    versions installed (107,891 sentences with this venv: Python 3.11.7, torch 2.13.0 ...; 10,758 with
+    packages=(), the reference manual and the standard library only)."""
     import pydoc_data.topics
     import sysconfig
 
     docs: list[str] = list(pydoc_data.topics.topics.values())
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    roots = [(stdlib, True)] + [(Path(sysconfig.get_paths()["purelib"]) / p, False) for p in MORE_PACKAGES]
+    roots = [(stdlib, True)] + [(Path(sysconfig.get_paths()["purelib"]) / p, False) for p in packages]
     for root, is_stdlib in roots:
         for f in sorted(root.rglob("*.py")):
             parts = set(f.relative_to(root).parts)

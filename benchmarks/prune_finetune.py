@@ -106,14 +106,14 @@ def data_files(a: argparse.Namespace, case: dict) -> str:
 
     calib = ""
     if a.more_sentences:
-        case["calib"] = training_calib(a.more_sentences, more=True)
-        calib = f", {a.more_sentences} calibration sentences (more_sentences)"
+        case["calib"] = training_calib(a.more_sentences, more=a.more_corpus)
+        calib = f", {a.more_sentences} calibration sentences (more_sentences, {a.more_corpus})"
     elif a.calib_sentences:
         case["calib"] = training_calib(a.calib_sentences, a.calib_skip)
         calib = f", {a.calib_sentences} calibration sentences" + (f" after {a.calib_skip}" if a.calib_skip else "")
     if a.finetune_sentences:
-        case["finetune_data"] = training_calib(a.finetune_sentences, a.more_sentences or 0, more=True)
-        calib += f", trained on {a.finetune_sentences} more_sentences"
+        case["finetune_data"] = training_calib(a.finetune_sentences, a.more_sentences or 0, more=a.more_corpus)
+        calib += f", trained on {a.finetune_sentences} more_sentences ({a.more_corpus})"
     return calib
 
 
@@ -134,6 +134,8 @@ def main() -> None:
                     "its per-token ops moved to dynamic int8 (see above)")
     ap.add_argument("--all-static", action="store_true", help="every run on a plan keeping every op static int8 "
                     "(see above)")
+    ap.add_argument("--more-corpus", default="all", choices=["all", "stdlib"], help="--more-sentences from all of "
+                    "more_sentences() or from its reference-manual and standard-library part only")
     ap.add_argument("--more-sentences", type=int, metavar="N", help="calibrate on the first N sentences of "
                     "_real_data.more_sentences() (the larger corpus, disjoint from the evaluation set)")
     ap.add_argument("--finetune-sentences", type=int, metavar="M", help="--finetune-data: the M more_sentences() "

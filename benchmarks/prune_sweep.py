@@ -34,18 +34,18 @@ from _measure import ROOT  # noqa: E402
 DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
 
 
-def training_calib(n: int, skip: int = 0, more: bool = False) -> Path:
+def training_calib(n: int, skip: int = 0, more: str = "") -> Path:
     """MiniLM calibration data of n sentences the evaluation set does not hold: sentences 384+skip ..
     384+skip+n-1 of benchmarks/_real_data.py's list (the cache took [0, 384) for calib + eval; 2,352
     in all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens.
-    more: sentences skip .. skip+n-1 of _real_data.more_sentences() instead (about 108,000, disjoint
-    from that list)."""
+    more="all": sentences skip .. skip+n-1 of _real_data.more_sentences() instead (about 108,000,
+    disjoint from that list); more="stdlib": of its reference-manual and standard-library part (10,758)."""
     from _real_data import sentences, tokenize
 
-    name = f"{'more_' if more else ''}calib_{n}{f'_from{skip}' if skip else ''}.npz"
+    name = f"{ {'': '', 'all': 'more_', 'stdlib': 'stdlib_'}[more]}calib_{n}{f'_from{skip}' if skip else ''}.npz"
     path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / name
     if not path.exists():
-        texts = _more()[skip:skip + n] if more else sentences()[384 + skip:384 + skip + n]
+        texts = _more(more)[skip:skip + n] if more else sentences()[384 + skip:384 + skip + n]
         ids, mask = tokenize(texts, max_len=50)
         full_ids, full_mask = np.zeros((len(texts), 50), np.int64), np.zeros((len(texts), 50), np.int64)
         full_ids[:, :ids.shape[1]], full_mask[:, :mask.shape[1]] = ids, mask
@@ -54,15 +54,16 @@ def training_calib(n: int, skip: int = 0, more: bool = False) -> Path:
     return path
 
 
-def _more() -> list[str]:
-    """_real_data.more_sentences(), kept in a JSON file next to the data made from it (reading ~10,000
-    source files takes a minute)."""
+def _more(corpus: str) -> list[str]:
+    """_real_data.more_sentences() ("all"; "stdlib": packages=()), kept in a JSON file next to the data
+    made from it (reading ~10,000 source files takes a minute)."""
     from _real_data import more_sentences
 
-    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / "more_sentences.json"
+    name = "more_sentences_stdlib.json" if corpus == "stdlib" else "more_sentences.json"
+    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(more_sentences()))
+        path.write_text(json.dumps(more_sentences() if corpus == "all" else more_sentences(())))
     return json.loads(path.read_text())
 
 
@@ -180,6 +181,8 @@ def main() -> None:
                     "(training_calib; up to 2352) instead of the cache's 128")
     ap.add_argument("--more-sentences", type=int, metavar="N", help="minilm: calibrate on the first N sentences of "
                     "_real_data.more_sentences() (the larger corpus, disjoint from the evaluation set)")
+    ap.add_argument("--more-corpus", default="all", choices=["all", "stdlib"], help="--more-sentences from all of "
+                    "more_sentences() or from its reference-manual and standard-library part only")
     ap.add_argument("--ridge", type=float, nargs="+", metavar="FRACTION", help="instead of quantkit's ridge "
                     "(prune/refit.py:ridge_for), each of these fixed fractions of the Gram's mean diagonal in turn")
     ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
@@ -190,7 +193,7 @@ def main() -> None:
     if args.calib_sentences:
         args.calib = training_calib(args.calib_sentences)
     if args.more_sentences:
-        args.calib = training_calib(args.more_sentences, more=True)
+        args.calib = training_calib(args.more_sentences, more=args.more_corpus)
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
