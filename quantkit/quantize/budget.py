@@ -833,7 +833,7 @@ def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: S
     return hi
 
 
-def _restore(result: SearchResult, choices: dict[str, list[str]], order: list[str], level: int,
+def _restore(result: SearchResult, choices: Mapping[str, list[str]], order: list[str], level: int,
              max_restores: int, measure) -> None:
     """Move the chosen ops, least sensitive first, one level back where the target still holds."""
     if level == 0:
