@@ -5,7 +5,7 @@ left, on the real models of benchmarks/real_models.py.
     python benchmarks/prune_sweep.py --model ocr_rec|ocr_cls|minilm [--ratios 0.1 0.2 0.3]
                                      [--allocation uniform sensitivity] [--refit one-shot sequential]
                                      [--calib FILE.npz | --calib-sentences N | --more-sentences N]
-                                     [--cache DIR]
+                                     [--more-corpus all|stdlib] [--cache DIR]
 
 Pruning goes through quantkit's API (quantkit.prune.prune, the step `quantize --prune` runs before
 quantizing), on the calibration set in batches of 8; the sensitivity curves are measured once per
