@@ -79,6 +79,55 @@ def sentences() -> list[str]:
     return sorted(found, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
 
 
+MORE_PACKAGES = ["numpy", "scipy", "torch", "sklearn", "sympy", "networkx", "matplotlib", "transformers"]
+
+
+def _source_docstrings(path: Path):
+    """Every module, class and function docstring of one source file (read with ast: nothing imported)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield ast.get_docstring(node) or ""
+
+
+def _good_sentences(doc: str):
+    for para in doc.split("\n\n"):
+        text = " ".join(para.split())
+        for s in re.split(r"(?<=[.!?])\s+", text):
+            if s and _good_sentence(s):
+                yield s
+
+
+def more_sentences(packages: tuple[str, ...] = tuple(MORE_PACKAGES)) -> list[str]:
+    """A larger English corpus than sentences(), read offline and disjoint from it (so from the cache's
+    calibration and evaluation sentences and from benchmarks/finetune.py's training ones): the same
+    filter over the Python reference manual's text (pydoc_data.topics), the docstrings of every
+    standard-library source file (tests left out) and of the installed `packages`, read with ast.
+    Fixed pseudo-random order (sha1), as sentences(); the list depends on the Python and package
+    versions installed (107,891 sentences with this venv: Python 3.11.7, torch 2.13.0 ...; 10,758 with
+    packages=(), the reference manual and the standard library only)."""
+    import pydoc_data.topics
+    import sysconfig
+
+    docs: list[str] = list(pydoc_data.topics.topics.values())
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    roots = [(stdlib, True)] + [(Path(sysconfig.get_paths()["purelib"]) / p, False) for p in packages]
+    for root, is_stdlib in roots:
+        for f in sorted(root.rglob("*.py")):
+            parts = set(f.relative_to(root).parts)
+            if is_stdlib and parts & {"site-packages", "test", "tests", "idlelib"}:
+                continue
+            docs.extend(_source_docstrings(f))
+    old = set(sentences())
+    found = {s for doc in docs for s in _good_sentences(doc)} - old
+    return sorted(found, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+
+
 def fragments(texts: list[str], max_chars: int, alphabet: set[str] | None = None) -> list[str]:
     """Consecutive word runs of at most max_chars characters cut from the sentences (text lines
     for OCR), keeping only characters the recognizer's dictionary has."""

@@ -4,7 +4,8 @@ left, on the real models of benchmarks/real_models.py.
 
     python benchmarks/prune_sweep.py --model ocr_rec|ocr_cls|minilm [--ratios 0.1 0.2 0.3]
                                      [--allocation uniform sensitivity] [--refit one-shot sequential]
-                                     [--calib FILE.npz | --calib-sentences N] [--cache DIR]
+                                     [--calib FILE.npz | --calib-sentences N | --more-sentences N]
+                                     [--more-corpus all|stdlib] [--cache DIR]
 
 Pruning goes through quantkit's API (quantkit.prune.prune, the step `quantize --prune` runs before
 quantizing), on the calibration set in batches of 8; the sensitivity curves are measured once per
@@ -33,21 +34,37 @@ from _measure import ROOT  # noqa: E402
 DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
 
 
-def training_calib(n: int, skip: int = 0) -> Path:
+def training_calib(n: int, skip: int = 0, more: str = "") -> Path:
     """MiniLM calibration data of n sentences the evaluation set does not hold: sentences 384+skip ..
     384+skip+n-1 of benchmarks/_real_data.py's list (the cache took [0, 384) for calib + eval; 2,352
-    in all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens."""
+    in all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens.
+    more="all": sentences skip .. skip+n-1 of _real_data.more_sentences() instead (about 108,000,
+    disjoint from that list); more="stdlib": of its reference-manual and standard-library part (10,758)."""
     from _real_data import sentences, tokenize
 
-    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / f"calib_{n}{f'_from{skip}' if skip else ''}.npz"
+    name = f"{ {'': '', 'all': 'more_', 'stdlib': 'stdlib_'}[more]}calib_{n}{f'_from{skip}' if skip else ''}.npz"
+    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / name
     if not path.exists():
-        texts = sentences()[384 + skip:384 + skip + n]
+        texts = _more(more)[skip:skip + n] if more else sentences()[384 + skip:384 + skip + n]
         ids, mask = tokenize(texts, max_len=50)
         full_ids, full_mask = np.zeros((len(texts), 50), np.int64), np.zeros((len(texts), 50), np.int64)
         full_ids[:, :ids.shape[1]], full_mask[:, :mask.shape[1]] = ids, mask
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, input_ids=full_ids, attention_mask=full_mask)
     return path
+
+
+def _more(corpus: str) -> list[str]:
+    """_real_data.more_sentences() ("all"; "stdlib": packages=()), kept in a JSON file next to the data
+    made from it (reading ~10,000 source files takes a minute)."""
+    from _real_data import more_sentences
+
+    name = "more_sentences_stdlib.json" if corpus == "stdlib" else "more_sentences.json"
+    path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(more_sentences() if corpus == "all" else more_sentences(())))
+    return json.loads(path.read_text())
 
 
 def load(d: Path, calib_file: Path | None = None):
@@ -162,6 +179,10 @@ def main() -> None:
                     "benchmarks/finetune.py's 1,024 training sentences, .cache/finetune/minilm_finetune.npz)")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate on N training sentences "
                     "(training_calib; up to 2352) instead of the cache's 128")
+    ap.add_argument("--more-sentences", type=int, metavar="N", help="minilm: calibrate on the first N sentences of "
+                    "_real_data.more_sentences() (the larger corpus, disjoint from the evaluation set)")
+    ap.add_argument("--more-corpus", default="all", choices=["all", "stdlib"], help="--more-sentences from all of "
+                    "more_sentences() or from its reference-manual and standard-library part only")
     ap.add_argument("--ridge", type=float, nargs="+", metavar="FRACTION", help="instead of quantkit's ridge "
                     "(prune/refit.py:ridge_for), each of these fixed fractions of the Gram's mean diagonal in turn")
     ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
@@ -171,6 +192,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.calib_sentences:
         args.calib = training_calib(args.calib_sentences)
+    if args.more_sentences:
+        args.calib = training_calib(args.more_sentences, more=args.more_corpus)
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model
     out.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]

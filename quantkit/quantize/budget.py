@@ -625,7 +625,9 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
     meets the target is found (guesses first, bisection above a guess that misses) and the search
     stops there; of those k, the fewest that must stay at that level are found the same way, the
     rest going one level back; then the chosen ops least sensitive first go back one more level
-    where the target still holds, at most `max_restores` probes."""
+    where the target still holds, at most `max_restores` probes. When that placement moves more
+    than 1/CROWDED of the ops (the level's everything-moved placement barely met the target), the
+    next non-float level is searched as well and the placement moving fewer ops is kept."""
     order = [r["node"] for r in ranked if r["node"] in choices]
     result = SearchResult()
     model = NoiseModel({r["node"]: r for r in ranked}, order, target)
@@ -655,6 +657,14 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
         return result
     levels = Levels(choices, frozenset(r["node"] for r in ranked if r["node"] in choices
                                        and r.get("kind") in FREE_FLOAT_KINDS and FLOAT in choices[r["node"]]))
+    result.met = _by_level(order, levels, model, measure, result, max_restores)
+    return result
+
+
+def _by_level(order: list[str], levels: Levels, model: NoiseModel, measure, result: SearchResult,
+              max_restores: int) -> bool:
+    """search's level loop: leaves the chosen placement in `result`; whether it meets the target."""
+    crowded: tuple[dict[str, str], list[dict]] | None = None  # a level's placement that moved most ops
     for level in range(levels.count):
         everything = levels.at(level, len(order), order)
         if level and everything == levels.at(level - 1, len(order), order):
@@ -668,10 +678,19 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
             continue
         if level:  # of those k, only the noisiest one level back need this level: the rest stay there
             _split(levels.split(level, k, ranking, model), k, model, measure, result)
-        _restore(result, choices, ranking, level, max_restores, measure)
-        return result
-    result.met = False
-    return result
+        _restore(result, levels.choices, ranking, level, max_restores, measure)
+        if crowded is None and level + 1 < levels.count - 1 and len(result.overrides) * CROWDED > len(order):
+            # met only with most ops on this level (its everything-moved placement barely did): a few ops
+            # one level up may do, which costs less than most ops here, so that level is searched too
+            crowded = (dict(result.overrides), result.figures)
+            continue
+        break
+    else:
+        if crowded is None:
+            return False
+    if crowded is not None and len(crowded[0]) <= len(result.overrides):  # the placement moving fewer ops
+        result.overrides, result.figures, result.shortfall = dict(crowded[0]), crowded[1], None
+    return True
 
 
 @dataclass
@@ -804,6 +823,7 @@ def _guided(build: Callable[[int], dict[str, str]], n: int, n_meets: bool, model
     return _smallest(build, n, measure, result, lo)
 
 
+CROWDED = 2  # a level whose placement moves more than 1/CROWDED of the ops: the next level is searched too
 SPLIT_WORTH = 8  # the split is searched only when it can send back more than 1/8 of the ops
 
 
@@ -856,7 +876,7 @@ def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: S
     return hi
 
 
-def _restore(result: SearchResult, choices: dict[str, list[str]], order: list[str], level: int,
+def _restore(result: SearchResult, choices: Mapping[str, list[str]], order: list[str], level: int,
              max_restores: int, measure) -> None:
     """Move the chosen ops, least sensitive first, one level back where the target still holds."""
     if level == 0:

@@ -194,3 +194,32 @@ def test_a_split_that_could_send_back_only_a_few_ops_costs_one_candidate():
     # the split's one probe (2 of the 16 back) and at most the restores' single-op moves
     assert sum(1 for p in mixed if list(p.values()).count("weight_only") == 2) == 1
     assert all(list(p.values()).count("weight_only") <= 2 for p in mixed)
+
+
+def test_a_level_met_only_with_most_ops_on_it_gives_way_to_a_few_ops_one_level_up():
+    """18.7 dB allows 1.349e-2 of noise: everything on dynamic int8 keeps 1.34e-2 and just meets it, so the
+    cheapest level needs 4 of the 6 ops moved (the pruned MiniLM's 29 of 36); one op on weight-only meets it
+    too (7.6e-3). The next level is searched as well and the placement moving fewer ops kept."""
+    probes: list = []
+    found = search(RANKED, CHOICES, Target(min_sqnr=18.7), _evaluate(probes), lambda s: None)
+    assert found.met and found.overrides == {"down0": "weight_only"}
+    assert found.figures == _evaluate([])({"down0": "weight_only"})
+    # the crowded dynamic placement was found and measured first: 4 ops, meeting the target
+    crowded = [t for t in found.trials if t["meets_target"] and set(t["moved"].values()) == {"dynamic"}]
+    assert crowded and min(len(t["moved"]) for t in crowded) == 4
+
+
+def test_the_crowded_level_is_kept_when_the_next_one_needs_as_many_ops():
+    """When weight-only is no better per op (equal noise to dynamic here), the next level needs as many ops:
+    the cheaper level's placement stays the result."""
+    noise = {n: {**v, "weight_only": v.get("dynamic", v["static"])} for n, v in NOISE.items()}
+    rows = [{"node": n} for n in sorted(noise, key=lambda n: -noise[n]["static"])]
+
+    def evaluate(overrides: dict[str, str]) -> list[dict]:
+        total = 1e-9 + sum(v[overrides.get(n, "static")] for n, v in noise.items())
+        return [{"name": "y", "nonfinite": 0, "cosine": 1 - total / 2, "sqnr_db": -10 * math.log10(total),
+                 "top1": None}]
+
+    found = search(rows, CHOICES, Target(min_sqnr=18.7), evaluate, lambda s: None)
+    assert found.met and set(found.overrides.values()) == {"dynamic"} and len(found.overrides) == 4
+    assert any(set(t["moved"].values()) == {"weight_only"} for t in found.trials)  # the next level was tried
