@@ -42,7 +42,7 @@ from quantkit.errors import InputError
 from quantkit.graph.ir_edit import const_array, with_outputs
 from quantkit.quantize import qparams as qp
 from quantkit.quantize import simulate
-from quantkit.quantize.plan import OpKind, Plan, QuantizedOp, SchemeName
+from quantkit.quantize.plan import SPEED_ONLY_KINDS, OpKind, Plan, QuantizedOp, SchemeName
 from quantkit.report.compare import OutputComparison
 
 PLAN_FORMAT = "quantkit-plan-1"
@@ -567,10 +567,8 @@ class SearchResult:
     shortfall: str | None = None
 
 
-# Op kinds for which float is the cheapest alternative: an activation x activation MatMul has no weight to
-# store, so int8 could only buy speed, and quantizing both inputs costs about what the integer product saves
-# (all-MiniLM-L6-v2, 1 thread: 2% slower with its 12 attention MatMuls int8 than float)
-FREE_FLOAT_KINDS = (OpKind.ATTENTION_MATMUL.value,)
+# Op kinds for which float is the cheapest alternative (plan.SPEED_ONLY_KINDS: no weight to store)
+FREE_FLOAT_KINDS = tuple(k.value for k in SPEED_ONLY_KINDS)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from quantkit.quantize.plan import OpKind
+from quantkit.quantize.plan import SPEED_ONLY_KINDS, OpKind
 from quantkit.report.latency import interleaved_ms
 
 MARGIN = 0.05  # timing noise on a quiet machine is ~1-2%, a loaded one more: demand a clear win
@@ -25,10 +25,6 @@ REPEATS = 3  # ...in every one of this many separate measurements (stopping at t
 QUICK_RUNS = 5  # ...after a first short look that must show the same win (most groups stop there)
 SHARED_LOOKS = 2  # with every group timed together, a group must win this many shared looks to be timed alone
 COMPRESSION_ONLY = (OpKind.EMBEDDING,)  # weight storage only: dropped for speed only when asked
-# No weight to store: int8 can only buy speed, so it must show a clear, repeated win to stay (the burden of
-# proof reversed). Activation x activation MatMuls quantize both inputs on every run; on all-MiniLM-L6-v2 the
-# model without them int8 timed 0-5% faster in every run, a difference that sat at MARGIN and flipped.
-SPEED_ONLY = (OpKind.ATTENTION_MATMUL,)
 # Groups tried in this order: the likeliest to lose time first, so later trials start from the
 # faster placement.
 ORDER = (OpKind.INT8_REGION, OpKind.CONV_UNFUSED_ACTIVATION, OpKind.ATTENTION_MATMUL, OpKind.DEPTHWISE_CONV,
@@ -85,10 +81,10 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
         trial = build(dropped | {kind})
         trial_sess = session(trial[0])
         fp32_ms, with_ms, without_ms, keep, used = _compare(timer, fp32_sess, current_sess, trial_sess, feed, runs,
-                                                            kind in SPEED_ONLY)
+                                                            kind in SPEED_ONLY_KINDS)
         report.trials.append({"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": without_ms,
                               "runs": used, "decision": KEPT if keep else
-                              (NOT_CLEARLY_FASTER if kind in SPEED_ONLY else "left float (faster)")})
+                              (NOT_CLEARLY_FASTER if kind in SPEED_ONLY_KINDS else "left float (faster)")})
         report.final_ms = (fp32_ms, with_ms if keep else without_ms, used)
         if not keep:
             dropped.add(kind)
@@ -112,7 +108,7 @@ def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[O
     """Every group's trial against the full placement and fp32 in one short interleaved timing, twice
     (the second time only the groups that won the first: one slow median of the full placement must not
     send every group to the long measurements); a group that does not win by MARGIN in a look is kept
-    (its trial row), the others are timed again one by one. A SPEED_ONLY group is the other way round: it
+    (its trial row), the others are timed again one by one. A group of SPEED_ONLY_KINDS is the other way round: it
     is timed again only while int8 wins by MARGIN, and left float as soon as it does not."""
     status(f"speed guard: timing the model without each of {len(order)} groups quantized")
     sessions = {kind: session(build({kind})[0]) for kind in order}
@@ -124,10 +120,9 @@ def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[O
             break
         fp32_ms, with_ms, *without = timer([fp32_sess, full_sess, *(sessions[k] for k in pending)], feed, quick)
         for kind, ms in zip(pending, without):
-            if kind in SPEED_ONLY:
-                decision = "timed again" if with_ms <= ms * (1 - MARGIN) else NOT_CLEARLY_FASTER
-            else:
-                decision = KEPT if ms >= with_ms * (1 - MARGIN) else "timed again"
+            speed_only = kind in SPEED_ONLY_KINDS
+            decision = (NOT_CLEARLY_FASTER if speed_only else KEPT) if _settled(with_ms, ms, speed_only) \
+                else "timed again"
             rows[kind] = {"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": ms,
                           "runs": quick, "decision": decision}
         pending = [k for k in pending if rows[k]["decision"] == "timed again"]
@@ -156,16 +151,18 @@ def _compare(timer, fp32_sess, with_sess, without_sess, feed, runs,
     first short look (QUICK_RUNS each), which settles most groups, and then in each of REPEATS full
     measurements. `speed_only` (a group with no weights): left float unless the model *with* it wins
     by MARGIN every time."""
-
-    def settles(with_ms: float, without_ms: float) -> bool:
-        return with_ms > without_ms * (1 - MARGIN) if speed_only else without_ms >= with_ms * (1 - MARGIN)
-
     quick = min(QUICK_RUNS, runs)
     fp32_ms, with_ms, without_ms = timer([fp32_sess, with_sess, without_sess], feed, quick)
-    if settles(with_ms, without_ms):
+    if _settled(with_ms, without_ms, speed_only):
         return fp32_ms, with_ms, without_ms, not speed_only, quick
     for _ in range(REPEATS):
         fp32_ms, with_ms, without_ms = timer([fp32_sess, with_sess, without_sess], feed, runs)
-        if settles(with_ms, without_ms):
+        if _settled(with_ms, without_ms, speed_only):
             return fp32_ms, with_ms, without_ms, not speed_only, runs
     return fp32_ms, with_ms, without_ms, speed_only, runs
+
+
+def _settled(with_ms: float, without_ms: float, speed_only: bool) -> bool:
+    """Whether one look settles a group in its default direction (kept int8; float for a group with no
+    weights): the other side did not win by MARGIN."""
+    return with_ms > without_ms * (1 - MARGIN) if speed_only else without_ms >= with_ms * (1 - MARGIN)
