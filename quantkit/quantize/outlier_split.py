@@ -159,14 +159,11 @@ class SplitScheme(Scheme):
         out = last.outputs[0]
         total = edit.node("Add", [out, side.outputs[0]], name=f"{base}_outlier_Add", output=f"{out.name}_with_outliers")
         total.outputs[0].type, total.outputs[0].shape = out.type, out.shape
-        for use in list(out.uses()):
-            if use.node is not total:
-                use.node.replace_input_with(use.idx, total.outputs[0])
-        graph = edit.graph
-        if out.is_graph_output():  # the graph output keeps its name, now on the sum
-            i = next(j for j, v in enumerate(graph.outputs) if v is out)
+        graph_output = out.is_graph_output()
+        out.replace_all_uses_with(total.outputs[0], replace_graph_outputs=True)
+        total.replace_input_with(0, out)  # the sum itself still reads the product
+        if graph_output:  # the graph output keeps its name, now on the sum
             name = out.name
             out.name = edit.name(f"{name}_before_outliers")
             total.outputs[0].name = name
-            graph.outputs[i] = total.outputs[0]
-        graph.insert_after(last, [gather, side, total])
+        edit.graph.insert_after(last, [gather, side, total])

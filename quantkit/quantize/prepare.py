@@ -131,8 +131,7 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
     groups = smoothquant.find_groups(model) if quant.smoothquant is not None else []
     smoothed = {g.source.name for g in groups}
     # ranges of tensors SmoothQuant may rescale are derived from its statistics or wait for a second pass
-    # (the outlier-channel split's channel ranges are not asked of tensors SmoothQuant rescales: it flattens them)
-    before = [r for r in placement.requests(model) if not (r.tensor in smoothed and r.kind == CHANNEL_RANGE)]
+    before = _requests(placement, model, smoothed)
     first = [r for r in before if not (r.tensor in smoothed and r.kind in RANGE_KINDS)]
     first += smoothquant.requests(groups, {r.tensor: r.channel_axis for r in before
                                            if r.tensor in smoothed and r.channel_axis is not None})
@@ -147,7 +146,7 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
         status(f"smoothquant: choosing the smoothing of {len(groups)} LayerNorm output(s)")
         alpha = None if quant.smoothquant == "auto" else float(quant.smoothquant)
         result.smoothing, scaled = smoothquant.smooth(model, groups, stats, alpha) if groups else ([], {})
-        final = [r for r in placement.requests(model) if not (r.tensor in smoothed and r.kind == CHANNEL_RANGE)]
+        final = _requests(placement, model, smoothed)
         _derive_grams(stats, scaled)
         _derive_minmax(stats, scaled, final)
         _derive_channel_ranges(stats, scaled, final)
@@ -166,6 +165,12 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
     result.samples, result.passes, result.timings = stats.samples, stats.passes, stats.timings
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _requests(placement: Placement, model: ir.Model, smoothed: set[str]) -> list[StatRequest]:
+    """The placement's statistics, except the outlier-channel split's channel ranges of tensors SmoothQuant
+    rescales (it flattens them)."""
+    return [r for r in placement.requests(model) if not (r.tensor in smoothed and r.kind == CHANNEL_RANGE)]
 
 
 def _derive_minmax(stats: Statistics, scaled: dict[str, tuple[str, np.ndarray]], requests: list[StatRequest]) -> None:

@@ -39,15 +39,13 @@ class Weights:
     def __init__(self, w: np.ndarray, split: tuple[Split, qp.QType, bool] | None = None) -> None:
         self.rows = 0  # rows emulated so far
         w = np.asarray(w, np.float32)
-        q, scale, zp = qp.quantize_weight(w, 1)
-        self.int8 = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
+        self.int8 = qp.dequantize(*qp.quantize_weight(w, 1), axis=1)
         self.blocks = bw.quantize_blockwise(w, bits=8, block=WEIGHT_ONLY_INT8_BLOCK).dequantize()
         self.split = None
         if split is not None:
             how, qtype, symmetric = split
             rest, kept = split_weight(w, how.channels)
-            q, scale, zp = qp.quantize_weight(rest, 1)
-            rest_dq = (q.astype(np.float32) - zp.astype(np.float32)) * scale.astype(np.float32)
+            rest_dq = qp.dequantize(*qp.quantize_weight(rest, 1), axis=1)
             self.split = (how.channels, *how.qparams(qtype, symmetric), qtype, rest_dq, kept)
 
     def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
