@@ -21,10 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from quantkit.quantize import qparams as qp
-from quantkit.quantize.gptq import upper_factor_of_inverse
+from quantkit.quantize.gptq import DAMP, LAZY, upper_factor_of_inverse
 
-DAMP = 0.01  # fraction of the mean diagonal added to H, as in the paper
-LAZY = 128  # columns updated together before the rest of the row block is touched
 QMIN, QMAX = qp.INT8.qmin, qp.INT8.qmax
 
 
@@ -51,8 +49,9 @@ def _upper_factors(h: np.ndarray) -> np.ndarray:
     return np.triu(np.linalg.inv(r))
 
 
-def _prepared(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Damped Hessians and the mask of dead columns (inputs always 0: any code does, RTN is kept)."""
+def _prepared(h: np.ndarray) -> np.ndarray:
+    """Damped Hessians. A dead column (input always 0: any code does) gets a unit diagonal and no coupling,
+    so U is 0 off its diagonal, no error moves in or out, and it rounds to nearest."""
     h = np.array(h, np.float64)
     diag = np.einsum("gkk->gk", h)
     dead = diag <= 0
@@ -63,17 +62,15 @@ def _prepared(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = np.maximum(np.einsum("gkk->gk", h).mean(axis=1), 1e-12)
     idx = np.arange(h.shape[1])
     h[:, idx, idx] += DAMP * mean[:, None]
-    return h, dead
+    return h
 
 
 def gptq_codes(w: np.ndarray, h: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """w: (G, n, K) rows of G groups; h: (G, K, K) each group's Hessian; scale: (G, n) the fixed
     per-row steps. Returns the int8 codes (G, n, K) GPTQ picks on that grid."""
-    hd, dead = _prepared(h)
-    u = _upper_factors(hd)
+    u = _upper_factors(_prepared(h))
     W = np.array(w, np.float64)
     s = scale.astype(np.float64)[:, :, None]
-    del dead  # dead columns: U is 0 off their diagonal, so no error moves in or out and they round to nearest
     q = np.zeros(W.shape, np.int8)
     k = W.shape[2]
     for i1 in range(0, k, LAZY):
