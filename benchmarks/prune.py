@@ -153,6 +153,8 @@ def table(kind: str, result: dict) -> str:
 
 
 def main() -> None:
+    from prune_sweep import add_corpus_options, training_calib
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, choices=["minilm", "ocr_rec", "ocr_cls"])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the prepared real models")
@@ -163,14 +165,9 @@ def main() -> None:
                     "them) to quantize as int8 alone is, each one more row")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate every run on N training "
                     "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
-    ap.add_argument("--more-corpus", default="all", choices=["all", "stdlib"], help="--more-sentences from all of "
-                    "more_sentences() or from its reference-manual and standard-library part only")
-    ap.add_argument("--more-sentences", type=int, metavar="N", help="minilm: calibrate every run on the first N "
-                    "sentences of _real_data.more_sentences() (the larger corpus, disjoint from the evaluation set)")
+    add_corpus_options(ap)
     args = ap.parse_args()
     calib = None
-    from prune_sweep import training_calib
-
     if args.calib_sentences:
         calib = training_calib(args.calib_sentences)
     if args.more_sentences:

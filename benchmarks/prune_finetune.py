@@ -118,6 +118,9 @@ def data_files(a: argparse.Namespace, case: dict) -> str:
 
 
 def main() -> None:
+    sys.path.insert(0, str(HERE))
+    from prune_sweep import add_corpus_options
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("QUANTKIT_REAL_CACHE", HERE / ".cache" / "real")))
     ap.add_argument("--steps", type=int, nargs="+", default=[300, 1000])
@@ -134,10 +137,7 @@ def main() -> None:
                     "its per-token ops moved to dynamic int8 (see above)")
     ap.add_argument("--all-static", action="store_true", help="every run on a plan keeping every op static int8 "
                     "(see above)")
-    ap.add_argument("--more-corpus", default="all", choices=["all", "stdlib"], help="--more-sentences from all of "
-                    "more_sentences() or from its reference-manual and standard-library part only")
-    ap.add_argument("--more-sentences", type=int, metavar="N", help="calibrate on the first N sentences of "
-                    "_real_data.more_sentences() (the larger corpus, disjoint from the evaluation set)")
+    add_corpus_options(ap)
     ap.add_argument("--finetune-sentences", type=int, metavar="M", help="--finetune-data: the M more_sentences() "
                     "after the calibration ones instead of benchmarks/finetune.py's 1,024")
     ap.add_argument("--time", action="store_true", help="time every output against the run's fp32 export")

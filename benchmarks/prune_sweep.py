@@ -168,6 +168,14 @@ def table(kind: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_corpus_options(ap: argparse.ArgumentParser) -> None:
+    """--more-sentences / --more-corpus (training_calib's `more`), shared with prune.py and prune_finetune.py."""
+    ap.add_argument("--more-sentences", type=int, metavar="N", help="minilm: calibrate on the first N sentences of "
+                    "_real_data.more_sentences() (the larger corpus, disjoint from the evaluation set)")
+    ap.add_argument("--more-corpus", default="all", choices=["all", "stdlib"], help="--more-sentences from all of "
+                    "more_sentences() or from its reference-manual and standard-library part only")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, choices=["minilm", "ocr_rec", "ocr_cls"])
@@ -179,10 +187,7 @@ def main() -> None:
                     "benchmarks/finetune.py's 1,024 training sentences, .cache/finetune/minilm_finetune.npz)")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate on N training sentences "
                     "(training_calib; up to 2352) instead of the cache's 128")
-    ap.add_argument("--more-sentences", type=int, metavar="N", help="minilm: calibrate on the first N sentences of "
-                    "_real_data.more_sentences() (the larger corpus, disjoint from the evaluation set)")
-    ap.add_argument("--more-corpus", default="all", choices=["all", "stdlib"], help="--more-sentences from all of "
-                    "more_sentences() or from its reference-manual and standard-library part only")
+    add_corpus_options(ap)
     ap.add_argument("--ridge", type=float, nargs="+", metavar="FRACTION", help="instead of quantkit's ridge "
                     "(prune/refit.py:ridge_for), each of these fixed fractions of the Gram's mean diagonal in turn")
     ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
