@@ -13,6 +13,7 @@ fastest placement is not faster than fp32, int8 cannot win on this model: the fu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,11 @@ MARGIN = 0.05  # timing noise on a quiet machine is ~1-2%, a loaded one more: de
 REPEATS = 3  # ...in every one of this many separate measurements (stopping at the first that fails)
 QUICK_RUNS = 5  # ...after a first short look that must show the same win (most groups stop there)
 SHARED_LOOKS = 2  # with every group timed together, a group must win this many shared looks to be timed alone
+# runs of each session before its timed runs: a session's first run plans and allocates its memory, the
+# next ones are steady; the median of the timed runs absorbs one slow run more (the report's own latency
+# timing and the benchmarks warm up 3 times)
+WARMUP = 1
+TIMER = functools.partial(interleaved_ms, warmup=WARMUP)
 COMPRESSION_ONLY = (OpKind.EMBEDDING,)  # weight storage only: dropped for speed only when asked
 # Groups tried in this order: the likeliest to lose time first, so later trials start from the
 # faster placement.
@@ -44,7 +50,7 @@ class GuardReport:
 
 def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], fp32_sess, feed: dict,
           kinds: set[OpKind], runs: int = 10, status: Callable[[str], None] = lambda s: None,
-          timer: Callable[..., list[float]] = interleaved_ms, for_speed: bool = False,
+          timer: Callable[..., list[float]] = TIMER, for_speed: bool = False,
           compression_only: tuple[OpKind, ...] | set[OpKind] = COMPRESSION_ONLY, shared_look: bool = True,
           advance: Callable[[int], None] = lambda n: None):
     """`build(dropped_kinds)` returns (model, plan, rewrite result); `session(model)` makes an
@@ -61,25 +67,29 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
     full = build(dropped)
     current, current_sess = full, session(full[0])
     order = timed_kinds(kinds, for_speed, compression_only)
-    first = _first_look(build, session, timer, fp32_sess, current_sess, feed, order, runs, status) \
-        if shared_look and len(order) > 1 else {}
+    first, looked = _first_look(build, session, timer, fp32_sess, current_sess, feed, order, runs, status) \
+        if shared_look and len(order) > 1 else ({}, {})
     for kind in order:
-        if kind in first and first[kind]["decision"] == KEPT:
-            report.trials.append(first[kind])
-            report.final_ms = (first[kind]["fp32_ms"], first[kind]["with_ms"], first[kind]["runs"]) \
-                if not dropped else report.final_ms
+        row = first.get(kind)
+        if row is not None and row["decision"] == KEPT:
+            report.trials.append(row)
+            report.final_ms = (row["fp32_ms"], row["with_ms"], row["runs"]) if not dropped else report.final_ms
             advance(1)
             continue
-        if kind in first and first[kind]["decision"] == NOT_CLEARLY_FASTER:  # settled: no weights, no clear win
-            report.trials.append(first[kind])
+        if row is not None and row["decision"] == NOT_CLEARLY_FASTER:  # settled: no weights, no clear win
+            report.trials.append(row)
             dropped.add(kind)
             current = build(dropped)
-            current_sess = session(current[0])
+            # the model without just this group was timed in the look: its session and timing serve on
+            alone = dropped == {kind}
+            current_sess = looked[kind] if alone else None
+            report.final_ms = (row["fp32_ms"], row["without_ms"], row["runs"]) if alone else None
             advance(1)
             continue
         status(f"speed guard: timing the model without {kind} quantized")
         trial = build(dropped | {kind})
         trial_sess = session(trial[0])
+        current_sess = current_sess or session(current[0])
         fp32_ms, with_ms, without_ms, keep, used = _compare(timer, fp32_sess, current_sess, trial_sess, feed, runs,
                                                             kind in SPEED_ONLY_KINDS)
         report.trials.append({"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": without_ms,
@@ -90,7 +100,8 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
             dropped.add(kind)
             current, current_sess = trial, trial_sess
         advance(1)
-    return _finish(report, dropped, kinds, full, current, current_sess, fp32_sess, timer, feed, runs)
+    return _finish(report, dropped, kinds, build, full, current, current_sess or (lambda: session(current[0])),
+                   fp32_sess, timer, feed, runs)
 
 
 KEPT = "kept quantized"
@@ -104,12 +115,13 @@ def timed_kinds(kinds: set[OpKind], for_speed: bool = False,
 
 
 def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[OpKind], runs: int,
-                status) -> dict[OpKind, dict]:
+                status) -> tuple[dict[OpKind, dict], dict[OpKind, Any]]:
     """Every group's trial against the full placement and fp32 in one short interleaved timing, twice
     (the second time only the groups that won the first: one slow median of the full placement must not
     send every group to the long measurements); a group that does not win by MARGIN in a look is kept
     (its trial row), the others are timed again one by one. A group of SPEED_ONLY_KINDS is the other way round: it
-    is timed again only while int8 wins by MARGIN, and left float as soon as it does not."""
+    is timed again only while int8 wins by MARGIN, and left float as soon as it does not. Returns the rows
+    and each group's trial session."""
     status(f"speed guard: timing the model without each of {len(order)} groups quantized")
     sessions = {kind: session(build({kind})[0]) for kind in order}
     quick = min(QUICK_RUNS, runs)
@@ -126,20 +138,31 @@ def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[O
             rows[kind] = {"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": ms,
                           "runs": quick, "decision": decision}
         pending = [k for k in pending if rows[k]["decision"] == "timed again"]
-    return rows
+    return rows, sessions
 
 
-def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], full, current, current_sess,
+def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build, full, current, current_sess,
             fp32_sess, timer, feed, runs: int):
+    """`current_sess`: the written model's session, or a callable that makes it (only when it is timed)."""
     if dropped:
-        fp32_ms, best_ms = timer([fp32_sess, current_sess], feed, runs)
-        report.final_ms = (fp32_ms, best_ms, runs)
-        # quantizing nothing, or still losing to fp32: int8 cannot win, so write the smallest model
+        # the written model timed already (in the look that settled the last drop) and clearly faster than
+        # fp32: that timing is the report's; otherwise, or when it is close, a full timing decides
+        if report.final_ms is None or report.final_ms[1] >= report.final_ms[0] * (1 - MARGIN):
+            sess = current_sess() if callable(current_sess) else current_sess
+            report.final_ms = (*timer([fp32_sess, sess], feed, runs), runs)
+        fp32_ms, best_ms, _ = report.final_ms
+        # quantizing nothing, or still losing to fp32: int8 cannot win, so write the smallest model: the
+        # groups with weights come back; groups with none (SPEED_ONLY_KINDS) stay float, since int8 there
+        # shrinks nothing, so this verdict (a single timing's) never changes the written model through them
         if dropped == kinds or best_ms >= fp32_ms:
             report.int8_cannot_win = True
-            report.trials.append({"group": "(all dropped groups restored)", "fp32_ms": fp32_ms, "with_ms": best_ms,
+            restored = {k for k in dropped if k in SPEED_ONLY_KINDS}
+            report.trials.append({"group": "(all dropped groups with weights restored)", "fp32_ms": fp32_ms,
+                                  "with_ms": best_ms,
                                   "decision": "no placement beats fp32: writing the smallest model"})
-            dropped, current, report.final_ms = set(), full, None
+            if restored != dropped:
+                current = full if not restored else build(restored)
+                dropped, report.final_ms = restored, None
     report.dropped = sorted(k.label for k in dropped)
     report.dropped_kinds = sorted(k.value for k in dropped)
     return current, report
