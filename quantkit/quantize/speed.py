@@ -105,6 +105,7 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
 
 
 KEPT = "kept quantized"
+RESTORED = "(dropped groups with weights restored)"  # the trial row saying int8 cannot win
 NOT_CLEARLY_FASTER = "left float (no weights to shrink, and int8 not clearly faster)"
 
 
@@ -157,7 +158,7 @@ def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build
         if dropped == kinds or best_ms >= fp32_ms:
             report.int8_cannot_win = True
             restored = {k for k in dropped if k in SPEED_ONLY_KINDS}
-            report.trials.append({"group": "(all dropped groups with weights restored)", "fp32_ms": fp32_ms,
+            report.trials.append({"group": RESTORED, "fp32_ms": fp32_ms,
                                   "with_ms": best_ms,
                                   "decision": "no placement beats fp32: writing the smallest model"})
             if restored != dropped:

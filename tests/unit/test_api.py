@@ -98,7 +98,9 @@ def test_progress_reaches_export_calibration_speed_guard_and_evaluation(cnn, tmp
     assert list(by) == ["exporting the PyTorch model to ONNX", "calibrating", "speed guard", "evaluating"]
     assert all(s["finished"] and s["done"] == s["total"] for s in rec.stages), rec.stages
     assert by["calibrating"]["total"] == 64 and by["evaluating"]["total"] == 360
-    trials = [t for t in q.report["speed_guard"]["trials"] if t["group"] != "(all dropped groups restored)"]
+    from quantkit.quantize.speed import RESTORED
+
+    trials = [t for t in q.report["speed_guard"]["trials"] if t["group"] != RESTORED]
     assert by["speed guard"]["total"] == len(trials) and by["speed guard"]["unit"] == "placements"
 
 

@@ -198,3 +198,25 @@ def test_batches_run_in_parallel_give_the_same_figures_and_verdicts():
     assert runtime.run_all([lambda i=i: i * i for i in range(5)]) == [0, 1, 4, 9, 16]
     with pytest.raises(ZeroDivisionError):
         runtime.run_all([lambda: 1, lambda: 1 / 0])
+
+
+def test_a_ctc_output_gets_a_probe_twice_as_large():
+    """Decoded sequences are all-or-nothing per sample: with a CTC output the probe takes
+    SEQUENCE_PROBE_SAMPLES (judged on the first PROBE_SAMPLES), other outputs PROBE_SAMPLES."""
+    from quantkit.quantize.budget import PROBE_SAMPLES, SEQUENCE_PROBE_SAMPLES
+
+    rng = np.random.default_rng(3)
+
+    def ctc_batch():
+        z = rng.normal(scale=2.0, size=(8, 40, 12))
+        z[..., 0] += 5.0  # blank wins at most positions
+        return _softmax(z)
+
+    many = SEQUENCE_PROBE_SAMPLES // 8 + 4
+    feeds = [{"x": np.zeros((8, 1), np.float32)}] * many
+    ctc = Probe.take(_Fixed([ctc_batch() for _ in range(many)]), feeds)
+    assert sum(len(r[0]) for r in ctc.reference) == SEQUENCE_PROBE_SAMPLES > PROBE_SAMPLES
+    plain = Probe.take(_Fixed([rng.normal(size=(8, 16)).astype(np.float32)]), feeds)
+    assert sum(len(r[0]) for r in plain.reference) == PROBE_SAMPLES
+    (f,) = ctc.score(_Fixed([r[0] for r in ctc.reference]))
+    assert f["sequences"] == 1.0
