@@ -69,6 +69,8 @@ def tool_commands(kind: str, d: Path, out: Path) -> dict[str, tuple[list[str], P
         qk["quantkit static --min-cosine 0.997"] = ["--calib", calib, "--min-cosine", 0.997]
     else:
         qk["quantkit static --min-sqnr 20"] = ["--calib", calib, "--min-sqnr", 20]
+    if kind in ("ocr_det", "layout"):  # the detectors' top-anchor / F1 figures want a tighter score map
+        qk["quantkit static --min-sqnr 35"] = ["--calib", calib, "--min-sqnr", 35]
     if kind in TRANSFORMERS:
         qk["quantkit int4"] = ["--weights", "int4", "--eval", calib]
     cmds = {}

@@ -183,3 +183,32 @@ def test_an_output_another_int8_op_reads_is_that_ops_input_rounding(tmp_path):
     rows = {r["node"]: r for r in report["sensitivity"]}
     assert report["sensitivity"][0]["node"] == "b"
     assert rows["a"]["own_sqnr_db"] > 40 and rows["a"]["own_sqnr_db"] > rows["b"]["own_sqnr_db"] + 5
+
+
+def test_the_sensitivity_stops_a_chunk_once_its_ops_have_seen_enough_values(tmp_path, monkeypatch):
+    """Each further probe batch reruns the model up to the chunk: once every op of the chunk has seen
+    SENSITIVITY_VALUES values per output channel the rest are skipped. Here a batch gives each of the two
+    convolutions' channels 8 x 64 = 512 values: at 1,000 two batches of the four run, at the default all
+    four, and the ranking is the same."""
+    import importlib
+
+    budget = importlib.import_module("quantkit.quantize.budget")
+    calls = []
+    accumulate = budget._accumulate_channels
+
+    def counted(acc, ref, got, axis):
+        calls.append(ref.shape)
+        return accumulate(acc, ref, got, axis)
+
+    monkeypatch.setattr(budget, "_accumulate_channels", counted)
+    (tmp_path / "all").mkdir()
+    (tmp_path / "few").mkdir()
+    full = _biased_convs(tmp_path / "all", "Tanh")
+    every = len(calls)
+    calls.clear()
+    monkeypatch.setattr(budget, "SENSITIVITY_VALUES", 1000)
+    few = _biased_convs(tmp_path / "few", "Tanh")
+    assert len(calls) * 2 == every and every > 0
+    assert [r["node"] for r in few["sensitivity"]] == [r["node"] for r in full["sensitivity"]]
+    own = {r["node"]: r["own_sqnr_db"] for r in full["sensitivity"]}
+    assert all(abs(r["own_sqnr_db"] - own[r["node"]]) < 3 for r in few["sensitivity"])
