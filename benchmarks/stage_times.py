@@ -1,0 +1,66 @@
+"""Where a `quantkit quantize` run spends its time, for two versions of quantkit side by side.
+
+    python benchmarks/stage_times.py --model minilm --code /path/to/old/checkout /path/to/this/checkout
+                                     [--repeats 3] [--cache DIR]
+
+Each repeat runs the default command (`quantkit quantize MODEL --calib CALIB --threads 1`, as
+benchmarks/real_models.py's "quantkit static") once per checkout, alternating, each in its own process
+with that checkout as its working directory and first on PYTHONPATH, and reads the report's `stage_seconds` and `seconds`. Alternating
+makes machine load hit both versions alike; the table gives per stage the median over the repeats, and
+whether the written files were byte-identical across repeats (the placement must not depend on timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from _measure import ROOT, quantkit_cmd, run_measured
+
+DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
+
+
+def _run(code: Path, model: Path, calib: Path, out: Path) -> dict:
+    report = out.with_suffix(".json")
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    m = run_measured(quantkit_cmd("quantize", model, "--calib", calib, "--threads", 1, "-o", out, "--report",
+                                  report, "--force", "-q"), env=env, cwd=code)
+    if m.returncode != 0:
+        raise SystemExit(f"{code}: quantkit failed: {m.stderr.strip().splitlines()[-1:]}")
+    r = json.loads(report.read_text())
+    return {**r["stage_seconds"], "total (report)": r["seconds"], "process wall": m.seconds,
+            "process CPU": m.cpu_seconds, "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--code", nargs=2, type=Path, required=True, help="two quantkit checkouts: before, after")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cache", type=Path, default=None)
+    args = ap.parse_args()
+    d = (args.cache or DEFAULT_CACHE) / args.model
+    rows: dict[Path, list[dict]] = {c: [] for c in args.code}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            for j, code in enumerate(args.code):
+                rows[code].append(_run(code.resolve(), d / "model.onnx", d / "calib.npz", Path(tmp) / f"{j}_{i}.onnx"))
+    load = os.getloadavg()[0]
+    stages = [k for k in rows[args.code[0]][0] if k != "sha256"]
+    print(f"### {args.model}: stage seconds, median of {args.repeats} alternating runs (load average {load:.1f} "
+          "after)\n")
+    print("| stage | " + " | ".join(str(c) for c in args.code) + " |")
+    print("| --- |" + " ---: |" * len(args.code))
+    for s in stages:
+        print(f"| {s} | " + " | ".join(f"{statistics.median(r[s] for r in rows[c]):.2f}" for c in args.code) + " |")
+    same = ["yes" if len({r["sha256"] for r in rows[c]}) == 1 else "NO" for c in args.code]
+    print("| same bytes every repeat | " + " | ".join(same) + " |")
+
+
+if __name__ == "__main__":
+    main()
