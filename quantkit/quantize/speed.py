@@ -7,8 +7,8 @@ least MARGIN faster in a first short look (which settles most groups) and then i
 REPEATS separate interleaved measurements on a calibration batch: one noisy comparison, or a
 burst of load, cannot change the written model. Timing never undoes pure compression (int8
 embedding tables cost no compute) unless --require-speedup asks for speed. When even the
-fastest placement is not faster than fp32, int8 cannot win on this model: the full placement
-(the smallest file) is kept and the report says how much slower it is.
+fastest placement is not faster than fp32, int8 cannot win on this model: the groups with weights
+come back (the smallest file; groups with none stay float) and the report says how much slower it is.
 """
 
 from __future__ import annotations
@@ -157,13 +157,12 @@ def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build
         # shrinks nothing, so this verdict (a single timing's) never changes the written model through them
         if dropped == kinds or best_ms >= fp32_ms:
             report.int8_cannot_win = True
-            restored = {k for k in dropped if k in SPEED_ONLY_KINDS}
-            report.trials.append({"group": RESTORED, "fp32_ms": fp32_ms,
-                                  "with_ms": best_ms,
+            still_float = {k for k in dropped if k in SPEED_ONLY_KINDS}
+            report.trials.append({"group": RESTORED, "fp32_ms": fp32_ms, "with_ms": best_ms,
                                   "decision": "no placement beats fp32: writing the smallest model"})
-            if restored != dropped:
-                current = full if not restored else build(restored)
-                dropped, report.final_ms = restored, None
+            if still_float != dropped:
+                current = full if not still_float else build(still_float)
+                dropped, report.final_ms = still_float, None
     report.dropped = sorted(k.label for k in dropped)
     report.dropped_kinds = sorted(k.value for k in dropped)
     return current, report
