@@ -5,9 +5,10 @@
 
 Each repeat runs the default command (`quantkit quantize MODEL --calib CALIB --threads 1`, as
 benchmarks/real_models.py's "quantkit static") once per checkout, alternating, each in its own process
-with that checkout as its working directory and first on PYTHONPATH, and reads the report's `stage_seconds` and `seconds`. Alternating
-makes machine load hit both versions alike; the table gives per stage the median over the repeats, and
-whether the written files were byte-identical across repeats (the placement must not depend on timing).
+with that checkout as its working directory and first on PYTHONPATH, and reads the report's
+`stage_seconds` and `seconds`. Alternating makes machine load hit both versions alike; the table gives per
+stage the median over the repeats, whether the written files were byte-identical across repeats (the
+placement must not depend on timing) and whether they are the first checkout's.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main() -> None:
         print(f"| {s} | " + " | ".join(f"{statistics.median(r[s] for r in rows[c]):.2f}" for c in args.code) + " |")
     same = ["yes" if len({r["sha256"] for r in rows[c]}) == 1 else "NO" for c in args.code]
     print("| same bytes every repeat | " + " | ".join(same) + " |")
+    first = rows[args.code[0]][0]["sha256"]
+    print("| same bytes as the first checkout | " + " | ".join(
+        "yes" if rows[c][0]["sha256"] == first else "no" for c in args.code) + " |")
 
 
 if __name__ == "__main__":

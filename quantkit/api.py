@@ -221,7 +221,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     laps.lap("calibrate")
     notes += placement.tune(model, lambda m: _sqnr(m, inputs, workdir), status)
     laps.lap("tune")
-    placed = _budget(cfg, model, placement, inputs, workdir, status)
+    placed = _budget(cfg, model, placement, inputs, workdir, status, calibration.batch_bytes)
     notes += placed.get("notes", [])
     laps.lap("placement")
     (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status, placed, progress)
@@ -402,9 +402,12 @@ def _sqnr(model: ir.Model, inputs: Inputs, workdir: Path) -> float:
     return float(10 * np.log10(sig / max(err, 1e-30)))
 
 
-def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs, workdir: Path, status) -> dict:
+def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs, workdir: Path, status,
+            calibration_bytes: int = 0) -> dict:
     """Per-node placement for static int8: replayed from --from-plan, or searched to meet the
-    accuracy target (quantize/budget.py). Sets `placement.overrides`; returns the report section."""
+    accuracy target (quantize/budget.py). Sets `placement.overrides`; returns the report section.
+    `calibration_bytes`: the largest batch of tensors the calibration pass held; the sensitivity step
+    holds up to twice that (the pass holds two batches at once), so it adds nothing to the run's peak."""
     if not cfg.quant.activations.static:
         return {}
     if cfg.plan_in is not None:
@@ -435,7 +438,8 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
                                 lambda m: runtime.session(m, workdir, tag="single op", lean=True,
                                                           threads=runtime.PLACEMENT_THREADS),
                                 split.emulation if split is not None else lambda x: None,
-                                placement.schemes[0].memo)  # a convolution's weight-only int8: its GPTQ codes
+                                placement.schemes[0].memo,  # a convolution's weight-only int8: its GPTQ codes
+                                max(budget.CHUNK_BYTES, 2 * calibration_bytes))
     refusals = {s.name.value: s.refuse for s in placement.alternates}
     rows = {r["node"]: r for r in ranked}
     choices = {budget.op_key(op): budget.ladder(budget.alternatives(op, refusals), rows.get(budget.op_key(op)))

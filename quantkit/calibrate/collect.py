@@ -48,6 +48,7 @@ class Statistics:
     passes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    batch_bytes: int = 0  # the largest batch of exposed tensors a pass held (up to two are held at once)
 
     def get(self, tensor: str, kind: str) -> Observer | None:
         return self.observers.get((tensor, kind))
@@ -66,6 +67,7 @@ class Statistics:
     def merge(self, other: Statistics) -> None:
         self.observers.update(other.observers)
         self.samples = max(self.samples, other.samples)
+        self.batch_bytes = max(self.batch_bytes, other.batch_bytes)
         self.passes += other.passes
         for k, v in other.timings.items():
             self.timings[k] = self.timings.get(k, 0.0) + v
@@ -111,6 +113,7 @@ def collect(model: ir.Model, requests: list[StatRequest], batches: Iterable[dict
         pending = None
         for batch in batches:
             outs = runtime.run(sess, names, {k: v for k, v in batch.items() if k in feeds}, "the calibration data")
+            stats.batch_bytes = max(stats.batch_bytes, sum(getattr(o, "nbytes", 0) for o in outs))
             if pending is not None:
                 pending.result()
             pending = pool.submit(observe, outs)

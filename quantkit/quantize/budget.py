@@ -62,7 +62,8 @@ SEQUENCE_PROBE_SAMPLES = 128
 SQNR_MARGIN_DB = 1.0  # the search aims this far above --min-sqnr...
 COSINE_MARGIN = 0.8  # ...and at 80% of the cosine error (or top-1 disagreement) allowed
 # the sensitivity step exposes a chunk of ops' tensors at a time: the first chunk has FIRST_CHUNK ops, later
-# ones as many as keep one batch of their tensors (both models) near CHUNK_BYTES, between 1 and MAX_CHUNK
+# ones as many as keep one batch of their tensors (both models) near CHUNK_BYTES (or what the calibration pass
+# held already, when more), between 1 and MAX_CHUNK: each chunk reruns the models up to its ops
 FIRST_CHUNK, MAX_CHUNK, CHUNK_BYTES = 4, 64, 256 << 20
 SENSITIVITY_SAMPLES = 32  # of the probe's at most: each op's noise is a ratio of sums over thousands of values
 # ...and fewer when every op of a chunk has seen this many values per output channel already (a convolution's
@@ -284,7 +285,8 @@ def _exposing(model: ir.Model, names: list[str]) -> ir.Model:
 
 def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, session: Callable[[ir.Model], Any],
                 lean_session: Callable[[ir.Model], Any] | None = None,
-                splits: Callable[[str], Any] = lambda x: None, memo: qp.WeightMemo | None = None) -> list[dict]:
+                splits: Callable[[str], Any] = lambda x: None, memo: qp.WeightMemo | None = None,
+                chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
     """Every planned op with the noise it adds itself, ranked (largest first).
 
     `own_noise`: the op's quantized output against the float op applied to the very inputs it
@@ -292,7 +294,8 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     rounding alone (the output after the op's own output QDQ, when it has one), whatever error arrived
     from upstream. `input_sqnr_db`/`output_sqnr_db`: the
     fidelity it receives and passes on against fp32. Ops are measured a chunk at a time, so only
-    their tensors of one batch (and their single-op sessions) are held at once."""
+    their tensors of one batch (and their single-op sessions) are held at once: about `chunk_bytes`
+    of them (the caller passes what calibration held already, when that is more than CHUNK_BYTES)."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
     originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
     consumed = {v.name for op in plan.ops for v in op.inputs}  # tensors planned ops read through QDQ
@@ -304,7 +307,7 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
         held = _measure_chunk(ops, fp32, quantized, originals, probe, session, lean_session or session, drift, own,
                               splits, consumed, memo)
         i += len(ops)
-        size = max(1, min(MAX_CHUNK, int(CHUNK_BYTES * len(ops) / max(held, 1))))
+        size = max(1, min(MAX_CHUNK, int(chunk_bytes * len(ops) / max(held, 1))))
     rows: list[dict[str, Any]] = []
     for op in plan.ops:
         key = op_key(op)
@@ -485,13 +488,17 @@ def _accumulate_channels(acc: list, ref: np.ndarray, got: np.ndarray, axis: int)
     """Per output channel: signal power and error power (summed over every other axis)."""
     ref, got = np.atleast_1d(ref), np.atleast_1d(got)
     axes = tuple(i for i in range(ref.ndim) if i != axis % ref.ndim)
-    finite = np.isfinite(ref)
-    if not finite.all() or np.abs(ref).max(initial=0.0) > 1e18:  # rare: the exact path, in float64
+    # squares in float32, sums in float64: finite sums unless a value is non-finite or its square overflows
+    with np.errstate(over="ignore", invalid="ignore"):
+        power = np.sum(np.square(ref), axis=axes, dtype=np.float64)
+    if np.isfinite(power).all():
+        diff = got - ref
+    else:  # rare: the exact path, in float64, non-finite reference values left out
+        finite = np.isfinite(ref)
         ref64 = np.where(finite, ref.astype(np.float64), 0.0)
         diff = np.where(finite, got.astype(np.float64) - ref64, 0.0)
-    else:  # squares in float32 (no overflow below 1e18), sums in float64
-        ref64, diff = ref, got - ref
-    acc[0] = acc[0] + np.sum(np.square(ref64), axis=axes, dtype=np.float64)
+        power = np.sum(np.square(ref64), axis=axes, dtype=np.float64)
+    acc[0] = acc[0] + power
     err = np.sum(np.square(diff), axis=axes, dtype=np.float64)
     acc[1] = (acc[1] + err) if np.isfinite(err).all() else math.inf
 

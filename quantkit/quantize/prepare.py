@@ -73,6 +73,7 @@ class Calibration:
     timings: dict[str, float] = field(default_factory=dict)
     smoothing: list[dict] | None = None  # SmoothQuant's choices, None when not asked
     notes: list[str] = field(default_factory=list)
+    batch_bytes: int = 0  # the largest batch of tensors a pass held (Statistics.batch_bytes)
 
 
 def _describe(requests: list[StatRequest]) -> str:
@@ -160,9 +161,11 @@ def calibrate(model: ir.Model, placement: Placement, quant: QuantConfig, data: C
         result.notes += placement.use(more)  # rounds these layers; their Grams are dropped
         extra.passes += more.passes
         extra.timings = {k: extra.timings.get(k, 0.0) + v for k, v in more.timings.items()}
+        extra.batch_bytes = max(extra.batch_bytes, more.batch_bytes)
     stats.merge(extra)
     result.notes = stats.notes + result.notes + placement.use(stats)
     result.samples, result.passes, result.timings = stats.samples, stats.passes, stats.timings
+    result.batch_bytes = stats.batch_bytes
     result.seconds = time.perf_counter() - t0
     return result
 
