@@ -406,8 +406,8 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
             calibration_bytes: int = 0) -> dict:
     """Per-node placement for static int8: replayed from --from-plan, or searched to meet the
     accuracy target (quantize/budget.py). Sets `placement.overrides`; returns the report section.
-    `calibration_bytes`: the largest batch of tensors the calibration pass held; the sensitivity step
-    holds up to twice that (the pass holds two batches at once), so it adds nothing to the run's peak."""
+    `calibration_bytes`: the largest batch of tensors the calibration pass held; a sensitivity chunk may
+    hold as much (twice that grew ocr_rec's peak by a tenth: the chunk's sessions come on top)."""
     if not cfg.quant.activations.static:
         return {}
     if cfg.plan_in is not None:
@@ -439,7 +439,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
                                                           threads=runtime.PLACEMENT_THREADS),
                                 split.emulation if split is not None else lambda x: None,
                                 placement.schemes[0].memo,  # a convolution's weight-only int8: its GPTQ codes
-                                max(budget.CHUNK_BYTES, 2 * calibration_bytes))
+                                max(budget.CHUNK_BYTES, calibration_bytes))
     refusals = {s.name.value: s.refuse for s in placement.alternates}
     rows = {r["node"]: r for r in ranked}
     choices = {budget.op_key(op): budget.ladder(budget.alternatives(op, refusals), rows.get(budget.op_key(op)))

@@ -48,7 +48,7 @@ class Statistics:
     passes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    batch_bytes: int = 0  # the largest batch of exposed tensors a pass held (up to two are held at once)
+    batch_bytes: int = 0  # the largest batch of exposed tensors a pass held (it holds up to two at once)
 
     def get(self, tensor: str, kind: str) -> Observer | None:
         return self.observers.get((tensor, kind))
