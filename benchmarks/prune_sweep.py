@@ -4,6 +4,7 @@ left, on the real models of benchmarks/real_models.py.
 
     python benchmarks/prune_sweep.py --model ocr_rec|ocr_cls|minilm [--ratios 0.1 0.2 0.3]
                                      [--allocation uniform sensitivity] [--refit one-shot sequential]
+                                     [--refit ... train [--train steps=1500 lr=1e-4 ...]]
                                      [--calib FILE.npz | --calib-sentences N | --more-sentences N]
                                      [--more-corpus all|stdlib] [--cache DIR]
 
@@ -83,7 +84,7 @@ def load(d: Path, calib_file: Path | None = None):
 
 def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: Path,
           curves_file: Path | None = None, refits: tuple[str, ...] = ("one-shot",),
-          calib_file: Path | None = None) -> list[dict]:
+          calib_file: Path | None = None, prefix: str = "") -> list[dict]:
     from dataclasses import asdict
 
     from quantkit import runtime
@@ -109,10 +110,11 @@ def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: 
                 section = prune(candidate, PruneConfig(ratio=ratio, allocation=allocation, refit=refit),
                                 lambda: calib.batches(8), feed, Path(tmp), cache)
             seconds = time.perf_counter() - t
-            path = out / f"sweep_{allocation}_{refit}_{round(ratio * 100)}.onnx"
+            path = out / f"{prefix}sweep_{allocation}_{refit}_{round(ratio * 100)}.onnx"
             runtime.save(candidate, path)
             q = real_models.run_eval(kind, path, data)
             rows.append({"allocation": allocation if refit == "one-shot" else f"{allocation}, {refit}",
+                         "training": [la.get("training") for la in section["layers"]],
                          "ratio": ratio, "seconds": round(seconds, 1),
                          "macs": section["macs_after"] / section["macs_before"],
                          "metrics": real_models.metrics(kind, ref, q, data, truth, alphabet),
@@ -182,7 +184,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the prepared real models")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--allocation", nargs="+", default=["uniform", "sensitivity"], choices=["uniform", "sensitivity"])
-    ap.add_argument("--refit", nargs="+", default=["one-shot"], choices=["one-shot", "sequential"])
+    ap.add_argument("--refit", nargs="+", default=["one-shot"], choices=["one-shot", "sequential", "train"])
+    ap.add_argument("--train", nargs="+", metavar="KEY=VALUE", default=[], help="--refit train: override "
+                    "quantkit.prune.blocktrain.SETTINGS fields (steps, batch, lr, every, patience, holdout)")
     ap.add_argument("--calib", type=Path, help="calibration .npz instead of the cache's calib.npz (e.g. "
                     "benchmarks/finetune.py's 1,024 training sentences, .cache/finetune/minilm_finetune.npz)")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate on N training sentences "
@@ -190,11 +194,19 @@ def main() -> None:
     add_corpus_options(ap)
     ap.add_argument("--ridge", type=float, nargs="+", metavar="FRACTION", help="instead of quantkit's ridge "
                     "(prune/refit.py:ridge_for), each of these fixed fractions of the Gram's mean diagonal in turn")
+    ap.add_argument("--prefix", default="", help="prefix of the files written (models and sweep.json)")
     ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
                     "curves depend on the model and calibration data only), else written after measuring them")
     ap.add_argument("--unstructured-tables", nargs="+", metavar="METHOD", choices=["magnitude", "wanda", "sparsegpt"],
                     help="instead: unstructured pruning at the first --ratios, embedding tables pruned vs kept dense")
     args = ap.parse_args()
+    if args.train:
+        from dataclasses import replace
+
+        from quantkit.prune import blocktrain
+
+        blocktrain.SETTINGS = replace(blocktrain.SETTINGS, **{k: float(v) if k == "lr" else int(v)
+                                                              for k, v in (kv.split("=") for kv in args.train)})
     if args.calib_sentences:
         args.calib = training_calib(args.calib_sentences)
     if args.more_sentences:
@@ -211,12 +223,12 @@ def main() -> None:
         for fraction in args.ridge:
             refit.ridge_for = lambda gram, f=fraction: f  # every refit (and OBS target fit) reads it here
             got = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
-                        tuple(args.refit), args.calib)
+                        tuple(args.refit), args.calib, args.prefix)
             rows += [{**r, "allocation": f"{r['allocation']}, ridge {fraction:g}"} for r in got[1:]]
     else:
         rows = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
-                     tuple(args.refit), args.calib)
-    name = "sweep_tables.json" if args.unstructured_tables else "sweep.json"
+                     tuple(args.refit), args.calib, args.prefix)
+    name = args.prefix + ("sweep_tables.json" if args.unstructured_tables else "sweep.json")
     (out / name).write_text(json.dumps(rows, indent=1, default=str))
     print(table(args.model, rows))
     print(f"\nload average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")

@@ -21,13 +21,18 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
           cache: dict | None = None, status=lambda s: None) -> dict:
     """Prune `model` in place as `cfg` says; returns the report section `pruning`. `cache` keeps
     what depends on the model only (statistics, sensitivity curves) across calls on copies of it."""
+    if cfg.refit == PruneRefit.TRAIN:
+        from quantkit.prune.blocktrain import require_torch
+
+        require_torch()  # before any calibration pass
     before = cost(model, feed, workdir)
     fold_constant_shapes(model)
     if cfg.structure == PruneStructure.CHANNEL:
         from quantkit.prune.structured import prune_channels
 
         section = prune_channels(model, cfg.ratio, batches, workdir, allocation=cfg.allocation.value, feed=feed,
-                                 cache=cache, status=status, sequential=cfg.refit == PruneRefit.SEQUENTIAL)
+                                 cache=cache, status=status, sequential=cfg.refit != PruneRefit.ONE_SHOT,
+                                 train=cfg.refit == PruneRefit.TRAIN)
         for layer in section["layers"]:
             layer["detail"] = f"{layer['channels_before']} -> {layer['channels_after']} channels"
     elif cfg.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI):
