@@ -4,7 +4,7 @@ left, on the real models of benchmarks/real_models.py.
 
     python benchmarks/prune_sweep.py --model ocr_rec|ocr_cls|minilm [--ratios 0.1 0.2 0.3]
                                      [--allocation uniform sensitivity] [--refit one-shot sequential]
-                                     [--refit ... train [--train steps=1500 lr=1e-4 ...]]
+                                     [--refit ... train [--train steps=1500 lr=1e-4 ...] [--train-more N]]
                                      [--calib FILE.npz | --calib-sentences N | --more-sentences N]
                                      [--more-corpus all|stdlib] [--cache DIR]
 
@@ -35,7 +35,7 @@ from _measure import ROOT  # noqa: E402
 DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
 
 
-def training_calib(n: int, skip: int = 0, more: str = "") -> Path:
+def training_calib(n: int, skip: int = 0, more: str = "", prefix: str = "") -> Path:
     """MiniLM calibration data of n sentences the evaluation set does not hold: sentences 384+skip ..
     384+skip+n-1 of benchmarks/_real_data.py's list (the cache took [0, 384) for calib + eval; 2,352
     in all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens.
@@ -43,10 +43,11 @@ def training_calib(n: int, skip: int = 0, more: str = "") -> Path:
     disjoint from that list); more="stdlib": of its reference-manual and standard-library part (10,758)."""
     from _real_data import sentences, tokenize
 
-    name = f"{ {'': '', 'all': 'more_', 'stdlib': 'stdlib_'}[more]}calib_{n}{f'_from{skip}' if skip else ''}.npz"
+    kind = {'': '', 'all': 'more_', 'stdlib': 'stdlib_'}[more]
+    name = f"{prefix}{kind}calib_{n}{f'_from{skip}' if skip else ''}.npz"
     path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / name
     if not path.exists():
-        texts = _more(more)[skip:skip + n] if more else sentences()[384 + skip:384 + skip + n]
+        texts = _more(more, prefix)[skip:skip + n] if more else sentences()[384 + skip:384 + skip + n]
         ids, mask = tokenize(texts, max_len=50)
         full_ids, full_mask = np.zeros((len(texts), 50), np.int64), np.zeros((len(texts), 50), np.int64)
         full_ids[:, :ids.shape[1]], full_mask[:, :mask.shape[1]] = ids, mask
@@ -55,12 +56,12 @@ def training_calib(n: int, skip: int = 0, more: str = "") -> Path:
     return path
 
 
-def _more(corpus: str) -> list[str]:
+def _more(corpus: str, prefix: str = "") -> list[str]:
     """_real_data.more_sentences() ("all"; "stdlib": packages=()), kept in a JSON file next to the data
     made from it (reading ~10,000 source files takes a minute)."""
     from _real_data import more_sentences
 
-    name = "more_sentences_stdlib.json" if corpus == "stdlib" else "more_sentences.json"
+    name = prefix + ("more_sentences_stdlib.json" if corpus == "stdlib" else "more_sentences.json")
     path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,7 @@ def load(d: Path, calib_file: Path | None = None):
 
 def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: Path,
           curves_file: Path | None = None, refits: tuple[str, ...] = ("one-shot",),
-          calib_file: Path | None = None, prefix: str = "") -> list[dict]:
+          calib_file: Path | None = None, prefix: str = "", train_file: Path | None = None) -> list[dict]:
     from dataclasses import asdict
 
     from quantkit import runtime
@@ -93,6 +94,7 @@ def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: 
     from quantkit.prune.allocate import Curve
 
     model, calib = load(d, calib_file)
+    extra = load(d, train_file)[1] if train_file is not None else None
     feed = next(calib.batches(8))
     data, truth, alphabet = real_models.eval_set(kind, d)
     ref = real_models.run_eval(kind, d / "model.onnx", data)
@@ -108,7 +110,8 @@ def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: 
             t = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 section = prune(candidate, PruneConfig(ratio=ratio, allocation=allocation, refit=refit),
-                                lambda: calib.batches(8), feed, Path(tmp), cache)
+                                lambda: calib.batches(8), feed, Path(tmp), cache,
+                                train_batches=(lambda: extra.batches(8)) if extra is not None else None)
             seconds = time.perf_counter() - t
             path = out / f"{prefix}sweep_{allocation}_{refit}_{round(ratio * 100)}.onnx"
             runtime.save(candidate, path)
@@ -194,6 +197,8 @@ def main() -> None:
     add_corpus_options(ap)
     ap.add_argument("--ridge", type=float, nargs="+", metavar="FRACTION", help="instead of quantkit's ridge "
                     "(prune/refit.py:ridge_for), each of these fixed fractions of the Gram's mean diagonal in turn")
+    ap.add_argument("--train-more", type=int, metavar="N", help="--refit train: the block training also on the first "
+                    "N sentences of more_sentences() (--more-corpus), which the refit does not see")
     ap.add_argument("--prefix", default="", help="prefix of the files written (models and sweep.json)")
     ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
                     "curves depend on the model and calibration data only), else written after measuring them")
@@ -207,6 +212,7 @@ def main() -> None:
 
         blocktrain.SETTINGS = replace(blocktrain.SETTINGS, **{k: float(v) if k == "lr" else int(v)
                                                               for k, v in (kv.split("=") for kv in args.train)})
+    train_file = training_calib(args.train_more, more=args.more_corpus, prefix=args.prefix) if args.train_more else None
     if args.calib_sentences:
         args.calib = training_calib(args.calib_sentences)
     if args.more_sentences:
@@ -223,11 +229,11 @@ def main() -> None:
         for fraction in args.ridge:
             refit.ridge_for = lambda gram, f=fraction: f  # every refit (and OBS target fit) reads it here
             got = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
-                        tuple(args.refit), args.calib, args.prefix)
+                        tuple(args.refit), args.calib, args.prefix, train_file)
             rows += [{**r, "allocation": f"{r['allocation']}, ridge {fraction:g}"} for r in got[1:]]
     else:
         rows = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
-                     tuple(args.refit), args.calib, args.prefix)
+                     tuple(args.refit), args.calib, args.prefix, train_file)
     name = args.prefix + ("sweep_tables.json" if args.unstructured_tables else "sweep.json")
     (out / name).write_text(json.dumps(rows, indent=1, default=str))
     print(table(args.model, rows))

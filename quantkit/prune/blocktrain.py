@@ -117,6 +117,7 @@ class Rows:
     targets: dict[str, list[np.ndarray]] = field(default_factory=dict)
     held: list[np.ndarray] = field(default_factory=list)
     batches: int = 0
+    extra: bool = False  # rows added now come from extra training data: never held out
 
     def add(self, inputs: dict[str, np.ndarray], targets: dict[str, np.ndarray], weights: np.ndarray | None) -> None:
         """inputs: name -> [positions, C_in] rows, targets: consumer -> [positions, N], in the same
@@ -127,8 +128,8 @@ class Rows:
             for name, rows in src.items():
                 d.setdefault(name, []).append(np.asarray(rows, np.float32)[real])
                 n = len(d[name][-1])
-        self.held.append(np.full(n, self.batches % SETTINGS.holdout == SETTINGS.holdout - 1))
-        self.batches += 1
+        self.held.append(np.full(n, not self.extra and self.batches % SETTINGS.holdout == SETTINGS.holdout - 1))
+        self.batches += not self.extra
 
     def arrays(self):
         cat = {k: np.concatenate(v) for k, v in self.inputs.items()}

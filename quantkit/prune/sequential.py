@@ -86,10 +86,10 @@ def _links(group: Group, consumer_of) -> list[Link]:
 
 
 def paired_pass(original: ir.Model, current: ir.Model, links: list[Link], batches, workdir: Path,
-                rows=None, inputs: tuple[str, ...] = ()) -> None:
+                rows=None, inputs: tuple[str, ...] = (), stats: bool = True) -> None:
     """Accumulate every link's Gram of its inputs in `current` and X_p^T T, T from `original`.
     rows (blocktrain.Rows): also keep the rows of the tensors `inputs` in `current` and each
-    link's target rows (real tokens only), for training the block."""
+    link's target rows (real tokens only), for training the block; stats=False: only those."""
     names = list(dict.fromkeys([lk.node.inputs[0].name for lk in links]
                                + [lk.residual for lk in links if lk.residual is not None] + list(inputs)))
     sess_o = runtime.session(with_outputs(original, names), workdir, tag="pruning statistics (original)")
@@ -104,9 +104,9 @@ def paired_pass(original: ir.Model, current: ir.Model, links: list[Link], batche
         for lk in links:
             x_p = got_p[lk.node.inputs[0].name]
             weights = position_weights(batch, x_p, lk.axis)
-            wa = lk.gram.update(x_p, lk.axis, weights)
             t = lk.target_rows(got_o[lk.node.inputs[0].name], got_o.get(lk.residual), got_p.get(lk.residual))
-            lk.target.update(wa, t)
+            if stats:
+                lk.target.update(lk.gram.update(x_p, lk.axis, weights), t)
             targets[lk.node.name] = t
         if rows is not None:
             rows.add({n: rf.rows_of(got_p[n], -1) for n in inputs}, targets, weights)
@@ -116,11 +116,12 @@ def paired_pass(original: ir.Model, current: ir.Model, links: list[Link], batche
 
 
 def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], batches, workdir: Path,
-                     train: bool = False) -> list[dict]:
+                     train: bool = False, train_batches=None) -> list[dict]:
     """Prune the safe groups of `model` in place, in order, each on the statistics of the model
     pruned so far (groups with spatial consumers: the one-shot rule on those statistics; the rest
-    refit towards the original model, and with `train` then trained towards it: blocktrain.py).
-    Returns the per-group records."""
+    refit towards the original model, and with `train` then trained towards it: blocktrain.py,
+    on the calibration tokens plus, when given, those of `train_batches()`, which the refit and
+    the held-out check do not use). Returns the per-group records."""
     from quantkit.prune import blocktrain
     from quantkit.prune.structured import Consumer, choose, prune_group
 
@@ -140,8 +141,11 @@ def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], ba
             links = _links(g, Consumer.of)
             why = blocktrain.path_nodes(model, g) if train else "not asked"
             rows = blocktrain.Rows() if not isinstance(why, str) else None
-            paired_pass(original, model, links, batches(), workdir, rows,
-                        tuple(dict.fromkeys(p.inputs[0].name for p in g.producers)) if rows is not None else ())
+            inputs = tuple(dict.fromkeys(p.inputs[0].name for p in g.producers)) if rows is not None else ()
+            paired_pass(original, model, links, batches(), workdir, rows, inputs)
+            if rows is not None and train_batches is not None:
+                rows.extra = True
+                paired_pass(original, model, links, train_batches(), workdir, rows, inputs, stats=False)
             keep = rf.obs_select([(lk.gram, rf.target_weights(lk.gram, lk.w, lk.b, lk.target)) for lk in links], n)
             records = prune_group(g, keep, {lk.node.inputs[0].name: lk.gram for lk in links},
                                   targets={lk.node.name: lk.target for lk in links})

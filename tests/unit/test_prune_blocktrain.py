@@ -138,3 +138,17 @@ def test_without_torch_the_train_refit_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="--prune-refit train.*pip install"):
         prune(model, PruneConfig(ratio=0.5, refit="train"), lambda: iter(_data(np.random.default_rng(0), 2)),
               {}, None)
+
+
+def test_extra_training_batches_are_trained_on_but_never_held_out(quick):
+    blocktrain.SETTINGS = replace(blocktrain.SETTINGS, steps=20)  # counting rows only (quick restores it)
+    rng = np.random.default_rng(6)
+    calib, extra = _data(rng, 10), _data(rng, 4)
+    base = prune_channels(_model(), 0.5, lambda: iter(calib), workdir=None, sequential=True, train=True)
+    more = prune_channels(_model(), 0.5, lambda: iter(calib), workdir=None, sequential=True, train=True,
+                          train_batches=lambda: iter(extra))
+    added = int(sum(b["attention_mask"].sum() for b in extra))
+    held = int(sum(b["attention_mask"].sum() for b in calib[4::5]))  # every 5th calibration batch
+    for a, b in zip(base["layers"], more["layers"]):
+        assert a["training"]["held_out_tokens"] == b["training"]["held_out_tokens"] == held
+        assert b["training"]["tokens"] == a["training"]["tokens"] + added
