@@ -41,6 +41,7 @@ class Settings:
     patience: int = 6  # checks without a held-out gain before stopping
     holdout: int = 8  # every holdout-th calibration batch is held out (never trained on)
     seed: int = 0
+    norm: bool = True  # residual Add -> LayerNormalization: match after the LayerNorm (see layer_norm_after)
 
 
 SETTINGS = Settings()  # module level so a benchmark can set it (as prune_sweep.py sets the ridge)
@@ -115,16 +116,18 @@ class Rows:
 
     inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     targets: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    residuals: dict[str, list[np.ndarray]] = field(default_factory=dict)  # per consumer: r_p, when it has one
     held: list[np.ndarray] = field(default_factory=list)
     batches: int = 0
     extra: bool = False  # rows added now come from extra training data: never held out
 
-    def add(self, inputs: dict[str, np.ndarray], targets: dict[str, np.ndarray], weights: np.ndarray | None) -> None:
-        """inputs: name -> [positions, C_in] rows, targets: consumer -> [positions, N], in the same
-        row order; weights: one per position (0 for padded tokens) or None."""
+    def add(self, inputs: dict[str, np.ndarray], targets: dict[str, np.ndarray], weights: np.ndarray | None,
+            residuals: dict[str, np.ndarray] | None = None) -> None:
+        """inputs: name -> [positions, C_in] rows, targets (and residuals): consumer -> [positions, N],
+        in the same row order; weights: one per position (0 for padded tokens) or None."""
         real = slice(None) if weights is None else np.asarray(weights).reshape(-1) > 0
         n = 0
-        for d, src in ((self.inputs, inputs), (self.targets, targets)):
+        for d, src in ((self.inputs, inputs), (self.targets, targets), (self.residuals, residuals or {})):
             for name, rows in src.items():
                 d.setdefault(name, []).append(np.asarray(rows, np.float32)[real])
                 n = len(d[name][-1])
@@ -132,8 +135,34 @@ class Rows:
         self.batches += not self.extra
 
     def arrays(self):
-        cat = {k: np.concatenate(v) for k, v in self.inputs.items()}
-        return cat, {k: np.concatenate(v) for k, v in self.targets.items()}, np.concatenate(self.held)
+        """Inputs, targets, residuals (each name -> rows) and the held-out flag per row."""
+        def cat(d):
+            return {k: np.concatenate(v) for k, v in d.items()}
+
+        return cat(self.inputs), cat(self.targets), cat(self.residuals), np.concatenate(self.held)
+
+
+def layer_norm_after(consumer: ir.Node) -> tuple[np.ndarray, float] | None:
+    """(scale, epsilon) of the LayerNormalization over the last axis that is the only reader of
+    the residual Add the consumer's output reaches (through its bias Add), or None. In a post-LN
+    encoder (BERT, MiniLM) that LayerNorm's output is what the next layer reads: the error that
+    counts is after it, where each token's error is divided by that token's spread and each
+    channel's multiplied by its scale (the shift cancels)."""
+    value = consumer.outputs[0]
+    for _ in range(3):
+        uses = list(value.uses())
+        if len(uses) != 1:
+            return None
+        node = uses[0].node
+        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx"):
+            scale = const_array(node.inputs[1])
+            axis = node.attributes.get_int("axis", -1)
+            ok = scale is not None and scale.ndim == 1 and axis in (-1, len(value.shape or ()) - 1)
+            return (scale.astype(np.float32), node.attributes.get_float("epsilon", 1e-5)) if ok else None
+        if node.op_type != "Add":
+            return None
+        value = node.outputs[0]
+    return None
 
 
 class Block:
@@ -195,16 +224,43 @@ class Block:
             set_const(value, p.detach().numpy().astype(const_array(value).dtype).reshape(const_array(value).shape))
 
 
-def _loss(block: Block, x: dict, t: dict, idx) -> object:
-    out = block.forward({k: v[idx] for k, v in x.items()})
-    return sum(((out[k] - t[k][idx]) ** 2).mean() for k in out)
+class Problem:
+    """The training data as tensors and the space the error is measured in: per consumer, its
+    output against its target rows, or, when a LayerNorm follows the residual Add (Settings.norm),
+    scale * normalize(output + r_p) against scale * normalize(target + r_p)."""
 
+    def __init__(self, rows: Rows, consumers: list[ir.Node], norm: bool):
+        import torch
 
-def _held_loss(block: Block, x: dict, t: dict, idx) -> float:
-    import torch
+        xs, ts, rs, self.held = rows.arrays()
+        self.x = {k: torch.from_numpy(v) for k, v in xs.items()}
+        self.r = {k: torch.from_numpy(v) for k, v in rs.items()}
+        self.norms = {}
+        for c in consumers:
+            found = layer_norm_after(c) if norm and c.name in self.r else None
+            if found is not None:
+                self.norms[c.name] = (torch.from_numpy(found[0]), found[1])
+        self.t = {k: self.space(k, torch.from_numpy(v), slice(None)) for k, v in ts.items()}
 
-    with torch.no_grad():  # the mean over every held-out row, in chunks
-        return float(sum(float(_loss(block, x, t, c)) * len(c) for c in torch.split(idx, 8192)) / len(idx))
+    def space(self, name: str, y, idx):
+        import torch
+
+        if name not in self.norms:
+            return y
+        scale, eps = self.norms[name]
+        z = y + self.r[name][idx]
+        z = z - z.mean(-1, keepdim=True)
+        return scale * z * torch.rsqrt((z * z).mean(-1, keepdim=True) + eps)
+
+    def loss(self, block: Block, idx):
+        out = block.forward({k: v[idx] for k, v in self.x.items()})
+        return sum(((self.space(k, y, idx) - self.t[k][idx]) ** 2).mean() for k, y in out.items())
+
+    def held_loss(self, block: Block, idx) -> float:
+        import torch
+
+        with torch.no_grad():  # the mean over every held-out row, in chunks
+            return float(sum(float(self.loss(block, c)) * len(c) for c in torch.split(idx, 8192)) / len(idx))
 
 
 def train_block(model: ir.Model, group: Group, rows: Rows, settings: Settings | None = None) -> dict:
@@ -215,27 +271,26 @@ def train_block(model: ir.Model, group: Group, rows: Rows, settings: Settings | 
     nodes = path_nodes(model, group)
     if isinstance(nodes, str):
         return {"trained": False, "reason": nodes}
-    xs, ts, held = rows.arrays()
-    x = {k: torch.from_numpy(v) for k, v in xs.items()}
-    t = {k: torch.from_numpy(v) for k, v in ts.items()}
-    fit_idx, held_idx = torch.from_numpy(np.flatnonzero(~held)), torch.from_numpy(np.flatnonzero(held))
+    data = Problem(rows, group.consumers, s.norm)
+    fit_idx = torch.from_numpy(np.flatnonzero(~data.held))
+    held_idx = torch.from_numpy(np.flatnonzero(data.held))
     if len(fit_idx) == 0 or len(held_idx) == 0:
         return {"trained": False, "reason": f"too few calibration batches ({rows.batches}) to hold some out"}
     block = Block(group, nodes)
     gen = torch.Generator().manual_seed(s.seed)
     opt = torch.optim.Adam(list(block.params.values()), lr=s.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, s.steps)
-    start = best = _held_loss(block, x, t, held_idx)
+    start = best = data.held_loss(block, held_idx)
     best_state, best_step, stale, step = {k: p.detach().clone() for k, p in block.params.items()}, 0, 0, 0
     for step in range(1, s.steps + 1):
         idx = fit_idx[torch.randint(len(fit_idx), (min(s.batch, len(fit_idx)),), generator=gen)]
         opt.zero_grad()
-        _loss(block, x, t, idx).backward()
+        data.loss(block, idx).backward()
         opt.step()
         sched.step()
         if step % s.every and step != s.steps:
             continue
-        got = _held_loss(block, x, t, held_idx)
+        got = data.held_loss(block, held_idx)
         if got < best:
             best, best_step, stale = got, step, 0
             best_state = {k: p.detach().clone() for k, p in block.params.items()}
@@ -248,4 +303,5 @@ def train_block(model: ir.Model, group: Group, rows: Rows, settings: Settings | 
             p.copy_(best_state[k])
     block.store()
     return {"trained": True, "steps": step, "best_step": best_step, "tokens": int(len(fit_idx)),
-            "held_out_tokens": int(len(held_idx)), "held_out_mse_refit": start, "held_out_mse_trained": best}
+            "held_out_tokens": int(len(held_idx)), "after_layer_norm": sorted(data.norms),
+            "held_out_mse_refit": start, "held_out_mse_trained": best}

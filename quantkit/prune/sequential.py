@@ -109,7 +109,10 @@ def paired_pass(original: ir.Model, current: ir.Model, links: list[Link], batche
                 lk.target.update(lk.gram.update(x_p, lk.axis, weights), t)
             targets[lk.node.name] = t
         if rows is not None:
-            rows.add({n: rf.rows_of(got_p[n], -1) for n in inputs}, targets, weights)
+            residuals = {lk.node.name: rf.rows_of(got_p[lk.residual], lk.out_axis) for lk in links
+                         if lk.residual is not None}
+            residuals = {k: v for k, v in residuals.items() if v.shape == targets[k].shape}
+            rows.add({n: rf.rows_of(got_p[n], -1) for n in inputs}, targets, weights, residuals)
         seen += 1
     if seen == 0:
         raise ConfigError("pruning needs calibration data: pass --calib with at least one batch")

@@ -24,18 +24,21 @@ from quantkit.prune.structured import prune_channels  # noqa: E402
 D, H = 8, 32
 
 
-def _block(i: int, x: str, act: str) -> str:
+def _block(i: int, x: str, act: str, ln: bool) -> str:
     gelu = (f"u{i} = Div(a{i}, sqrt2)\n e{i} = Erf(u{i})\n f{i} = Add(e{i}, one)\n k{i} = Mul(a{i}, f{i})\n"
             f" g{i} = Mul(k{i}, half)" if act == "gelu" else f"g{i} = Clip(a{i}, lo, hi)")
+    out = f"s{i} = Add(p{i}, {x})\n y{i} = LayerNormalization<axis = -1>(s{i}, n{i}, m{i})" if ln \
+        else f"y{i} = Add(p{i}, {x})"
     return (f"h{i} = MatMul({x}, w{i})\n a{i} = Add(h{i}, c{i})\n {gelu}\n o{i} = MatMul(g{i}, v{i})\n"
-            f" p{i} = Add(o{i}, d{i})\n y{i} = Add(p{i}, {x})\n")
+            f" p{i} = Add(o{i}, d{i})\n {out}\n")
 
 
-def _model(seed: int = 1, second: str = "gelu") -> ir.Model:
+def _model(seed: int = 1, second: str = "gelu", ln: bool = False) -> ir.Model:
+    """Two FFN blocks on a residual stream (post-LayerNorm as in BERT when `ln`)."""
     text = f"""
     <ir_version: 8, opset_import: ["" : 17]>
     encoder (float[N, T, {D}] x, int64[N, T] attention_mask) => (float[N, T, {D}] y) {{
-        {_block(1, "x", "gelu")} {_block(2, "y1", second)}
+        {_block(1, "x", "gelu", ln)} {_block(2, "y1", second, ln)}
         m = Cast<to = 1>(attention_mask)
         mu = Unsqueeze(m, axes)
         y = Mul(y2, mu)
@@ -46,6 +49,9 @@ def _model(seed: int = 1, second: str = "gelu") -> ir.Model:
             "d1": rng.normal(0, 0.1, D), "w2": rng.normal(0, 0.6, (D, H)), "c2": rng.normal(0, 0.5, H),
             "v2": rng.normal(0, 0.4, (H, D)), "d2": rng.normal(0, 0.1, D), "sqrt2": np.sqrt(2.0), "one": 1.0,
             "half": 0.5, "lo": -0.5, "hi": 1.5, "axes": np.array([2])}
+    if ln:  # scales far from 1 in a few channels, as trained LayerNorms have
+        init.update({f"n{i}": rng.choice([0.2, 1.0, 3.0], D) for i in (1, 2)})
+        init.update({f"m{i}": rng.normal(0, 0.1, D) for i in (1, 2)})
     proto.graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(v, np.int64 if k == "axes" else
                                                                            np.float32), k) for k, v in init.items())
     onnx.checker.check_model(proto, full_check=True)
@@ -152,3 +158,22 @@ def test_extra_training_batches_are_trained_on_but_never_held_out(quick):
     for a, b in zip(base["layers"], more["layers"]):
         assert a["training"]["held_out_tokens"] == b["training"]["held_out_tokens"] == held
         assert b["training"]["tokens"] == a["training"]["tokens"] + added
+
+
+def test_after_a_layer_norm_the_error_is_measured_where_the_next_layer_reads_it(quick):
+    rng = np.random.default_rng(2)
+    calib, held = _data(rng, 30), _data(rng, 10)
+    ref = [_session(_model(ln=True)).run(["y"], b)[0] for b in held]
+    refit, trained = _model(ln=True), _model(ln=True)
+    prune_channels(refit, 0.5, lambda: iter(calib), workdir=None, sequential=True)
+    section = prune_channels(trained, 0.5, lambda: iter(calib), workdir=None, sequential=True, train=True)
+    names = [n.name for n in trained.graph if n.op_type == "MatMul"][1::2]  # the two consumers
+    assert [la["training"]["after_layer_norm"] for la in section["layers"]] == [[names[0]], [names[1]]]
+    fresh = _model(ln=True)
+    scale, eps = blocktrain.layer_norm_after(next(n for n in fresh.graph if n.outputs[0].name == "o2"))
+    np.testing.assert_array_equal(scale, const_array(fresh.graph.initializers["n2"]))
+    assert eps == pytest.approx(1e-5)
+    e_refit, e_trained = _error(refit, ref, held), _error(trained, ref, held)
+    # the graph output is the second LayerNorm's: measured 0.325 (refit) -> 0.173 (trained) at seed 2
+    assert e_trained < 0.8 * e_refit, (e_trained, e_refit)
+    assert blocktrain.layer_norm_after(next(n for n in _model().graph if n.outputs[0].name == "o2")) is None
