@@ -106,6 +106,8 @@ def path_nodes(model: ir.Model, group: Group) -> list[ir.Node] | str:
     for n in nodes:
         if n.op_type not in OPS or n.domain not in ("", "ai.onnx") or len(n.outputs) != 1:
             return f"{n.op_type} {n.name} between the layers is not an op the training runs"
+        if any(v is None or (id(v) not in inside and const_array(v) is None) for v in n.inputs):
+            return f"{n.op_type} {n.name} between the layers reads a tensor from outside the block"
     return nodes
 
 
@@ -179,11 +181,11 @@ class Block:
             self._param(node.inputs[1])
         for v in group.constants:
             self._param(v)
-        from quantkit.prune.structured import _matmul_bias
+        from quantkit.prune.structured import Consumer
 
         self.biases = {}
         for node in group.consumers:
-            bias = _matmul_bias(node, const_array(node.inputs[1]).shape[1])
+            bias = Consumer.of(node).bias
             if bias is not None:
                 self._param(bias)
                 self.biases[node.name] = bias.name
