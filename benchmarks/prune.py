@@ -1,7 +1,7 @@
 """Pruning + quantization on real pretrained models: accuracy against fp32 on held-out data,
 size and single-thread speed of pruned + int8 models against int8 alone and fp32.
 
-    python benchmarks/prune.py --model minilm|ocr_rec|ocr_cls [--cache DIR] [--rounds N]
+    python benchmarks/prune.py --model minilm|ocr_rec|ocr_cls [--cache DIR] [--rounds N] [--prefix P]
                                [--calib-sentences N]  (minilm: calibrate on N training sentences)
                                [--more-sentences N]   (minilm: ... on N sentences of _real_data.more_sentences())
 
@@ -48,6 +48,7 @@ def runs_for(kind: str, d: Path, calib: Path | None = None) -> dict[str, list]:
                 "int8 (static)": ["--calib", calib],
                 "prune 30% FFN (sequential) + static int8": ["--calib", calib, "--prune", "0.3",
                                                              "--prune-refit", "sequential"],
+                "prune 30% FFN (train) + static int8": ["--calib", calib, "--prune", "0.3", "--prune-refit", "train"],
                 "prune 30% FFN (sequential, sensitivity) + static int8": [
                     "--calib", calib, "--prune", "0.3", "--prune-refit", "sequential",
                     "--prune-allocation", "sensitivity"],
@@ -88,24 +89,26 @@ def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
 
 
 def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
-          pruned: list[Path] | None = None, calib: Path | None = None) -> dict:
+          pruned: list[Path] | None = None, calib: Path | None = None, prefix: str = "",
+          pruned_int8: str = "") -> dict:
     d = cache / kind
     out = ROOT / "benchmarks" / ".cache" / "prune" / kind
     out.mkdir(parents=True, exist_ok=True)
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     runs: dict[str, dict] = {"fp32": {"path": str(d / "model.onnx")}}
     if not only:
-        runs["pruned 30% fp32 (no quantization)"] = {"path": str(pruned_fp32(d, 0.3, out / "pruned30_fp32.onnx"))}
+        fp32_pruned = pruned_fp32(d, 0.3, out / f"{prefix}pruned30_fp32.onnx")
+        runs["pruned 30% fp32 (no quantization)"] = {"path": str(fp32_pruned)}
     rows = {name: (d / "model.onnx", args) for name, args in runs_for(kind, d, calib).items()}
-    int8_args = next(args for name, args in runs_for(kind, d, calib).items() if name.startswith("int8"))
+    int8_args = next(args for name, args in runs_for(kind, d, calib).items() if name.startswith("int8" + pruned_int8))
     # an already pruned float model (e.g. benchmarks/prune_sweep.py's) quantized as int8 alone is: its
     # placement then holds the default budget against the pruned model instead of the unpruned one
-    rows.update({f"{p.stem} then int8": (p.resolve(), int8_args) for p in pruned or []})
+    rows.update({f"{p.stem} then int8{pruned_int8}": (p.resolve(), int8_args) for p in pruned or []})
     for name, (source, args) in rows.items():
         if only and not name.startswith("int8") and not any(o in name for o in only) and source == d / "model.onnx":
             continue
-        path = out / (name.replace(" ", "_").replace("%", "").replace("+", "").replace("(", "").replace(")", "")
-                      + ".onnx")
+        stem = name.replace(" ", "_").replace("%", "").replace("+", "").replace("(", "").replace(")", "")
+        path = out / f"{prefix}{stem}.onnx"
         report = path.with_suffix(".json")
         print(f"[{kind}] {name} ...", file=sys.stderr, flush=True)
         # with a large calibration set, the report's own evaluation on the held-out set instead of on all of
@@ -163,6 +166,9 @@ def main() -> None:
                     "(fp32 and int8 alone are always run)")
     ap.add_argument("--pruned", type=Path, nargs="+", help="pruned float models (benchmarks/prune_sweep.py writes "
                     "them) to quantize as int8 alone is, each one more row")
+    ap.add_argument("--prefix", default="", help="prefix of the files written under benchmarks/.cache/prune/<model>/")
+    ap.add_argument("--pruned-int8", default="", choices=["static", "dynamic"], help="--pruned: quantized "
+                    "as this int8 row is (default: the first int8 row: minilm dynamic, the others static)")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate every run on N training "
                     "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
     add_corpus_options(ap)
@@ -172,8 +178,10 @@ def main() -> None:
         calib = training_calib(args.calib_sentences)
     if args.more_sentences:
         calib = training_calib(args.more_sentences, more=args.more_corpus)
-    result = bench(args.model, args.cache, args.rounds, args.only, args.pruned, calib)
+    result = bench(args.model, args.cache, args.rounds, args.only, args.pruned, calib, args.prefix,
+                   f" ({args.pruned_int8})" if args.pruned_int8 else "")
     name = "results.json" if not args.only else "results_" + "_".join(args.only).replace(" ", "-") + ".json"
+    name = args.prefix + name
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / name
     out.write_text(json.dumps(result, indent=1, default=str))
     print(table(args.model, result))

@@ -3,7 +3,7 @@ then recovery training (--finetune, distilled from the unpruned model), uniform 
 (--prune-allocation sensitivity) ratios.
 
     python benchmarks/prune_finetune.py [--cache benchmarks/.cache/real] [--steps 300 1000] [--match TEXT]
-                                        [--refit one-shot|sequential] [--calib-sentences N]
+                                        [--refit one-shot|sequential|train] [--calib-sentences N]
                                         [--replay-plan | --all-static] [--more-sentences N]
                                         [--finetune-sentences M] [--time] [--allocation uniform|sensitivity]
                                         [--trained-only]
@@ -106,13 +106,14 @@ def data_files(a: argparse.Namespace, case: dict) -> str:
 
     calib = ""
     if a.more_sentences:
-        case["calib"] = training_calib(a.more_sentences, more=a.more_corpus)
+        case["calib"] = training_calib(a.more_sentences, more=a.more_corpus, prefix=a.prefix)
         calib = f", {a.more_sentences} calibration sentences (more_sentences, {a.more_corpus})"
     elif a.calib_sentences:
-        case["calib"] = training_calib(a.calib_sentences, a.calib_skip)
+        case["calib"] = training_calib(a.calib_sentences, a.calib_skip, prefix=a.prefix)
         calib = f", {a.calib_sentences} calibration sentences" + (f" after {a.calib_skip}" if a.calib_skip else "")
     if a.finetune_sentences:
-        case["finetune_data"] = training_calib(a.finetune_sentences, a.more_sentences or 0, more=a.more_corpus)
+        case["finetune_data"] = training_calib(a.finetune_sentences, a.more_sentences or 0, more=a.more_corpus,
+                                                prefix=a.prefix)
         calib += f", trained on {a.finetune_sentences} more_sentences ({a.more_corpus})"
     return calib
 
@@ -128,7 +129,7 @@ def main() -> None:
     ap.add_argument("--match", help="only the runs whose name contains this")
     ap.add_argument("--allocation", nargs="+", default=["uniform", "sensitivity"], choices=["uniform", "sensitivity"])
     ap.add_argument("--trained-only", action="store_true", help="only the --finetune runs")
-    ap.add_argument("--refit", default="one-shot", choices=["one-shot", "sequential"], help="--prune-refit")
+    ap.add_argument("--refit", default="one-shot", choices=["one-shot", "sequential", "train"], help="--prune-refit")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="calibrate (pruning and int8) on N training "
                     "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
     ap.add_argument("--calib-skip", type=int, default=0, metavar="K", help="with --calib-sentences: start after the "
@@ -140,16 +141,19 @@ def main() -> None:
     add_corpus_options(ap)
     ap.add_argument("--finetune-sentences", type=int, metavar="M", help="--finetune-data: the M more_sentences() "
                     "after the calibration ones instead of benchmarks/finetune.py's 1,024")
+    ap.add_argument("--prefix", default="", help="prefix of everything written under benchmarks/.cache/prune/minilm/ "
+                    "(with it, the checkpoint and training data go there too instead of benchmarks/.cache/finetune/)")
     ap.add_argument("--time", action="store_true", help="time every output against the run's fp32 export")
     ap.add_argument("--rounds", type=int, default=10, help="--time: interleaved runs per repetition")
     a = ap.parse_args()
-    out = HERE / ".cache" / "prune" / "minilm" / "finetune.json"
-    work = out.parent / "finetune_runs"  # the outputs are kept (for --time)
+    out = HERE / ".cache" / "prune" / "minilm" / f"{a.prefix}finetune.json"
+    work = out.parent / f"{a.prefix}finetune_runs"  # the outputs are kept (for --time)
     work.mkdir(parents=True, exist_ok=True)
     env = {"QUANTKIT_REAL_CACHE": str(a.cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
     os.environ.update(env)
-    (HERE / ".cache" / "finetune").mkdir(parents=True, exist_ok=True)
-    case = prepare_minilm(a.cache, HERE / ".cache" / "finetune")
+    prep = out.parent / f"{a.prefix}finetune_prep" if a.prefix else HERE / ".cache" / "finetune"
+    prep.mkdir(parents=True, exist_ok=True)
+    case = prepare_minilm(a.cache, prep)
     calib = data_files(a, case)
     todo = [r for r in runs(a.steps, a.lr, case, a.refit, calib, tuple(a.allocation))
             if (not a.match or a.match in r[0]) and (not a.trained_only or "--finetune" in r[1])]

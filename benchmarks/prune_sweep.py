@@ -4,6 +4,7 @@ left, on the real models of benchmarks/real_models.py.
 
     python benchmarks/prune_sweep.py --model ocr_rec|ocr_cls|minilm [--ratios 0.1 0.2 0.3]
                                      [--allocation uniform sensitivity] [--refit one-shot sequential]
+                                     [--refit ... train [--train steps=1500 lr=1e-4 ...] [--train-more N]]
                                      [--calib FILE.npz | --calib-sentences N | --more-sentences N]
                                      [--more-corpus all|stdlib] [--cache DIR]
 
@@ -34,7 +35,7 @@ from _measure import ROOT  # noqa: E402
 DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
 
 
-def training_calib(n: int, skip: int = 0, more: str = "") -> Path:
+def training_calib(n: int, skip: int = 0, more: str = "", prefix: str = "") -> Path:
     """MiniLM calibration data of n sentences the evaluation set does not hold: sentences 384+skip ..
     384+skip+n-1 of benchmarks/_real_data.py's list (the cache took [0, 384) for calib + eval; 2,352
     in all; the first 1,024 are benchmarks/finetune.py's training sentences), padded to 50 tokens.
@@ -42,10 +43,11 @@ def training_calib(n: int, skip: int = 0, more: str = "") -> Path:
     disjoint from that list); more="stdlib": of its reference-manual and standard-library part (10,758)."""
     from _real_data import sentences, tokenize
 
-    name = f"{ {'': '', 'all': 'more_', 'stdlib': 'stdlib_'}[more]}calib_{n}{f'_from{skip}' if skip else ''}.npz"
+    kind = {'': '', 'all': 'more_', 'stdlib': 'stdlib_'}[more]
+    name = f"{prefix}{kind}calib_{n}{f'_from{skip}' if skip else ''}.npz"
     path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / name
     if not path.exists():
-        texts = _more(more)[skip:skip + n] if more else sentences()[384 + skip:384 + skip + n]
+        texts = _more(more, prefix)[skip:skip + n] if more else sentences()[384 + skip:384 + skip + n]
         ids, mask = tokenize(texts, max_len=50)
         full_ids, full_mask = np.zeros((len(texts), 50), np.int64), np.zeros((len(texts), 50), np.int64)
         full_ids[:, :ids.shape[1]], full_mask[:, :mask.shape[1]] = ids, mask
@@ -54,12 +56,12 @@ def training_calib(n: int, skip: int = 0, more: str = "") -> Path:
     return path
 
 
-def _more(corpus: str) -> list[str]:
+def _more(corpus: str, prefix: str = "") -> list[str]:
     """_real_data.more_sentences() ("all"; "stdlib": packages=()), kept in a JSON file next to the data
     made from it (reading ~10,000 source files takes a minute)."""
     from _real_data import more_sentences
 
-    name = "more_sentences_stdlib.json" if corpus == "stdlib" else "more_sentences.json"
+    name = prefix + ("more_sentences_stdlib.json" if corpus == "stdlib" else "more_sentences.json")
     path = ROOT / "benchmarks" / ".cache" / "prune" / "minilm" / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,7 @@ def load(d: Path, calib_file: Path | None = None):
 
 def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: Path,
           curves_file: Path | None = None, refits: tuple[str, ...] = ("one-shot",),
-          calib_file: Path | None = None) -> list[dict]:
+          calib_file: Path | None = None, prefix: str = "", train_file: Path | None = None) -> list[dict]:
     from dataclasses import asdict
 
     from quantkit import runtime
@@ -92,6 +94,7 @@ def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: 
     from quantkit.prune.allocate import Curve
 
     model, calib = load(d, calib_file)
+    extra = load(d, train_file)[1] if train_file is not None else None
     feed = next(calib.batches(8))
     data, truth, alphabet = real_models.eval_set(kind, d)
     ref = real_models.run_eval(kind, d / "model.onnx", data)
@@ -107,12 +110,14 @@ def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: 
             t = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 section = prune(candidate, PruneConfig(ratio=ratio, allocation=allocation, refit=refit),
-                                lambda: calib.batches(8), feed, Path(tmp), cache)
+                                lambda: calib.batches(8), feed, Path(tmp), cache,
+                                train_batches=(lambda: extra.batches(8)) if extra is not None else None)
             seconds = time.perf_counter() - t
-            path = out / f"sweep_{allocation}_{refit}_{round(ratio * 100)}.onnx"
+            path = out / f"{prefix}sweep_{allocation}_{refit}_{round(ratio * 100)}.onnx"
             runtime.save(candidate, path)
             q = real_models.run_eval(kind, path, data)
             rows.append({"allocation": allocation if refit == "one-shot" else f"{allocation}, {refit}",
+                         "training": [la.get("training") for la in section["layers"]],
                          "ratio": ratio, "seconds": round(seconds, 1),
                          "macs": section["macs_after"] / section["macs_before"],
                          "metrics": real_models.metrics(kind, ref, q, data, truth, alphabet),
@@ -182,7 +187,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the prepared real models")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--allocation", nargs="+", default=["uniform", "sensitivity"], choices=["uniform", "sensitivity"])
-    ap.add_argument("--refit", nargs="+", default=["one-shot"], choices=["one-shot", "sequential"])
+    ap.add_argument("--refit", nargs="+", default=["one-shot"], choices=["one-shot", "sequential", "train"])
+    ap.add_argument("--train", nargs="+", metavar="KEY=VALUE", default=[], help="--refit train: override "
+                    "quantkit.prune.blocktrain.SETTINGS fields (steps, batch, lr, every, patience, holdout)")
     ap.add_argument("--calib", type=Path, help="calibration .npz instead of the cache's calib.npz (e.g. "
                     "benchmarks/finetune.py's 1,024 training sentences, .cache/finetune/minilm_finetune.npz)")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate on N training sentences "
@@ -190,11 +197,22 @@ def main() -> None:
     add_corpus_options(ap)
     ap.add_argument("--ridge", type=float, nargs="+", metavar="FRACTION", help="instead of quantkit's ridge "
                     "(prune/refit.py:ridge_for), each of these fixed fractions of the Gram's mean diagonal in turn")
+    ap.add_argument("--train-more", type=int, metavar="N", help="--refit train: the block training also on the first "
+                    "N sentences of more_sentences() (--more-corpus), which the refit does not see")
+    ap.add_argument("--prefix", default="", help="prefix of the files written (models and sweep.json)")
     ap.add_argument("--curves", type=Path, help="JSON file of the sensitivity curves: read when it exists (the "
                     "curves depend on the model and calibration data only), else written after measuring them")
     ap.add_argument("--unstructured-tables", nargs="+", metavar="METHOD", choices=["magnitude", "wanda", "sparsegpt"],
                     help="instead: unstructured pruning at the first --ratios, embedding tables pruned vs kept dense")
     args = ap.parse_args()
+    if args.train:
+        from dataclasses import replace
+
+        from quantkit.prune import blocktrain
+
+        blocktrain.SETTINGS = replace(blocktrain.SETTINGS, **{k: float(v) if k == "lr" else int(v)
+                                                              for k, v in (kv.split("=") for kv in args.train)})
+    train_file = training_calib(args.train_more, more=args.more_corpus, prefix=args.prefix) if args.train_more else None
     if args.calib_sentences:
         args.calib = training_calib(args.calib_sentences)
     if args.more_sentences:
@@ -211,12 +229,12 @@ def main() -> None:
         for fraction in args.ridge:
             refit.ridge_for = lambda gram, f=fraction: f  # every refit (and OBS target fit) reads it here
             got = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
-                        tuple(args.refit), args.calib)
+                        tuple(args.refit), args.calib, args.prefix, train_file)
             rows += [{**r, "allocation": f"{r['allocation']}, ridge {fraction:g}"} for r in got[1:]]
     else:
         rows = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
-                     tuple(args.refit), args.calib)
-    name = "sweep_tables.json" if args.unstructured_tables else "sweep.json"
+                     tuple(args.refit), args.calib, args.prefix, train_file)
+    name = args.prefix + ("sweep_tables.json" if args.unstructured_tables else "sweep.json")
     (out / name).write_text(json.dumps(rows, indent=1, default=str))
     print(table(args.model, rows))
     print(f"\nload average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")

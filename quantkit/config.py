@@ -215,6 +215,7 @@ class PruneAllocation(Choice):
 class PruneRefit(Choice):
     ONE_SHOT = "one-shot"  # every group measured on the unpruned model, refit towards its own output
     SEQUENTIAL = "sequential"  # group after group on the pruned model, refit towards the original (prune/sequential.py)
+    TRAIN = "train"  # sequential, then each block's kept parameters trained towards the original (prune/blocktrain.py)
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,22 @@ Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 
 
 def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, np.ndarray], workdir: Path,
-          cache: dict | None = None, status=lambda s: None) -> dict:
+          cache: dict | None = None, status=lambda s: None, train_batches: Batches | None = None) -> dict:
     """Prune `model` in place as `cfg` says; returns the report section `pruning`. `cache` keeps
-    what depends on the model only (statistics, sensitivity curves) across calls on copies of it."""
+    what depends on the model only (statistics, sensitivity curves) across calls on copies of it.
+    train_batches: extra data for `--prune-refit train`'s block training only (blocktrain.py)."""
+    if cfg.refit == PruneRefit.TRAIN:
+        from quantkit.prune.blocktrain import require_torch
+
+        require_torch()  # before any calibration pass
     before = cost(model, feed, workdir)
     fold_constant_shapes(model)
     if cfg.structure == PruneStructure.CHANNEL:
         from quantkit.prune.structured import prune_channels
 
         section = prune_channels(model, cfg.ratio, batches, workdir, allocation=cfg.allocation.value, feed=feed,
-                                 cache=cache, status=status, sequential=cfg.refit == PruneRefit.SEQUENTIAL)
+                                 cache=cache, status=status, sequential=cfg.refit != PruneRefit.ONE_SHOT,
+                                 train=cfg.refit == PruneRefit.TRAIN, train_batches=train_batches)
         for layer in section["layers"]:
             layer["detail"] = f"{layer['channels_before']} -> {layer['channels_after']} channels"
     elif cfg.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI):

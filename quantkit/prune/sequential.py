@@ -85,10 +85,13 @@ def _links(group: Group, consumer_of) -> list[Link]:
     return out
 
 
-def paired_pass(original: ir.Model, current: ir.Model, links: list[Link], batches, workdir: Path) -> None:
-    """Accumulate every link's Gram of its inputs in `current` and X_p^T T, T from `original`."""
+def paired_pass(original: ir.Model, current: ir.Model, links: list[Link], batches, workdir: Path,
+                rows=None, inputs: tuple[str, ...] = (), stats: bool = True) -> None:
+    """Accumulate every link's Gram of its inputs in `current` and X_p^T T, T from `original`.
+    rows (blocktrain.Rows): also keep the rows of the tensors `inputs` in `current` and each
+    link's target rows (real tokens only), for training the block; stats=False: only those."""
     names = list(dict.fromkeys([lk.node.inputs[0].name for lk in links]
-                               + [lk.residual for lk in links if lk.residual is not None]))
+                               + [lk.residual for lk in links if lk.residual is not None] + list(inputs)))
     sess_o = runtime.session(with_outputs(original, names), workdir, tag="pruning statistics (original)")
     sess_p = runtime.session(with_outputs(current, names), workdir, tag="pruning statistics")
     feeds = {i.name for i in sess_o.get_inputs()}
@@ -97,20 +100,32 @@ def paired_pass(original: ir.Model, current: ir.Model, links: list[Link], batche
         feed = {k: v for k, v in batch.items() if k in feeds}
         got_o = dict(zip(names, runtime.run(sess_o, names, feed, "the calibration data")))
         got_p = dict(zip(names, runtime.run(sess_p, names, feed, "the calibration data")))
+        targets = {}
         for lk in links:
             x_p = got_p[lk.node.inputs[0].name]
-            wa = lk.gram.update(x_p, lk.axis, position_weights(batch, x_p, lk.axis))
+            weights = position_weights(batch, x_p, lk.axis)
             t = lk.target_rows(got_o[lk.node.inputs[0].name], got_o.get(lk.residual), got_p.get(lk.residual))
-            lk.target.update(wa, t)
+            if stats:
+                lk.target.update(lk.gram.update(x_p, lk.axis, weights), t)
+            targets[lk.node.name] = t
+        if rows is not None:
+            residuals = {lk.node.name: rf.rows_of(got_p[lk.residual], lk.out_axis) for lk in links
+                         if lk.residual is not None}
+            residuals = {k: v for k, v in residuals.items() if v.shape == targets[k].shape}
+            rows.add({n: rf.rows_of(got_p[n], -1) for n in inputs}, targets, weights, residuals)
         seen += 1
     if seen == 0:
         raise ConfigError("pruning needs calibration data: pass --calib with at least one batch")
 
 
-def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], batches, workdir: Path) -> list[dict]:
+def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], batches, workdir: Path,
+                     train: bool = False, train_batches=None) -> list[dict]:
     """Prune the safe groups of `model` in place, in order, each on the statistics of the model
     pruned so far (groups with spatial consumers: the one-shot rule on those statistics; the rest
-    refit towards the original model). Returns the per-group records."""
+    refit towards the original model, and with `train` then trained towards it: blocktrain.py,
+    on the calibration tokens plus, when given, those of `train_batches()`, which the refit and
+    the held-out check do not use). Returns the per-group records."""
+    from quantkit.prune import blocktrain
     from quantkit.prune.structured import Consumer, choose, prune_group
 
     original = model.clone()
@@ -119,6 +134,7 @@ def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], ba
         n = rf.keep_count(g.channels, r)
         if n == g.channels:
             continue
+        rows, why = None, "spatial consumers: not trained"
         if any(Consumer.of(c).spatial for c in g.consumers):
             stats = grams(model, {c.inputs[0].name: (g.channels, g.axis) for c in g.consumers}, batches(),
                           workdir, real_tokens=True)
@@ -126,11 +142,20 @@ def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], ba
             records = prune_group(g, keep, stats)
         else:
             links = _links(g, Consumer.of)
-            paired_pass(original, model, links, batches(), workdir)
+            why = blocktrain.path_nodes(model, g) if train else "not asked"
+            rows = blocktrain.Rows() if not isinstance(why, str) else None
+            inputs = tuple(dict.fromkeys(p.inputs[0].name for p in g.producers)) if rows is not None else ()
+            paired_pass(original, model, links, batches(), workdir, rows, inputs)
+            if rows is not None and train_batches is not None:
+                rows.extra = True
+                paired_pass(original, model, links, train_batches(), workdir, rows, inputs, stats=False)
             keep = rf.obs_select([(lk.gram, rf.target_weights(lk.gram, lk.w, lk.b, lk.target)) for lk in links], n)
             records = prune_group(g, keep, {lk.node.inputs[0].name: lk.gram for lk in links},
                                   targets={lk.node.name: lk.target for lk in links})
         layers.append(layer_record(g, keep, records))
+        if train:
+            layers[-1]["training"] = blocktrain.train_block(model, g, rows) if rows is not None else \
+                {"trained": False, "reason": why}
     return layers
 
 

@@ -179,13 +179,15 @@ def requests(groups: list[Group]) -> dict[str, tuple[int, int]]:
 
 def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit: bool = True,
                    allocation: str = "uniform", feed: dict | None = None, cache: dict | None = None,
-                   status=lambda s: None, sequential: bool = False) -> dict:
+                   status=lambda s: None, sequential: bool = False, train: bool = False,
+                   train_batches=None) -> dict:
     """Prune channels of every safe group in place (`batches()` yields the calibration batches;
     refit=False: plain removal, for comparison): `ratio` of each group's channels (uniform), or
     per group as the sensitivity curves allocate `ratio` of the groups' MACs (sensitivity.py).
     sequential: group after group on the pruned model's statistics, refit towards the original
-    model (sequential.py). `cache` keeps the one-shot statistics and the curves of this model for
-    later calls. Returns the records."""
+    model (sequential.py); train: each block then trained towards it (blocktrain.py; train_batches:
+    extra tokens for that training only). `cache`
+    keeps the one-shot statistics and the curves of this model for later calls. Returns the records."""
     from quantkit.prune.sensitivity import curves, safe_groups, section
     from quantkit.prune.sequential import layer_record, prune_sequential
 
@@ -202,7 +204,7 @@ def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit:
         alloc = section(cache["curves"], ratios)
     skipped = [{"layer": g.name, "channels": g.channels, "reason": g.reason} for g in groups if g.reason is not None]
     if sequential:
-        layers = prune_sequential(model, safe, ratios, batches, workdir)
+        layers = prune_sequential(model, safe, ratios, batches, workdir, train, train_batches)
     else:
         layers = []
         for g, r in zip(safe, ratios):
@@ -211,5 +213,5 @@ def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit:
                 continue
             keep = choose(g, cache["stats"], n)
             layers.append(layer_record(g, keep, prune_group(g, keep, cache["stats"], refit)))
-    return {"structure": "channel", "refit": "sequential" if sequential else "one-shot",
+    return {"structure": "channel", "refit": ("train" if train else "sequential") if sequential else "one-shot",
             "layers": layers, "skipped": skipped, **({"sensitivity": alloc} if alloc is not None else {})}

@@ -245,3 +245,28 @@ def test_sequential_refit_on_the_digits_cnn(samples, tmp_path):
     r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--prune", "0.3", "--prune-structure", "head",
                  "--prune-refit", "sequential", "-o", tmp_path / "h.onnx")
     assert r.exit_code == 2 and "--prune-refit sequential applies to --prune-structure channel" in r.output
+
+
+def test_trained_refit_on_the_digits_transformer(samples, tmp_path, monkeypatch):
+    """--prune-refit train through the CLI: every pruned group carries its training record (trained,
+    never worse on its held-out calibration tokens than the refit it started from, or why not)."""
+    pytest.importorskip("torch")
+    from dataclasses import replace
+
+    from quantkit.prune import blocktrain
+
+    monkeypatch.setattr(blocktrain, "SETTINGS", replace(blocktrain.SETTINGS, steps=150))  # a short test
+    d = samples / "digits_transformer"
+    out, rep = tmp_path / "t.onnx", tmp_path / "t.json"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
+                 "--report", rep, "--prune", "0.3", "--prune-refit", "train", "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    p = report["pruning"]
+    assert p["refit"] == "train" and report["effective_config"]["prune_refit"] == "train"
+    records = [la["training"] for la in p["layers"]]
+    assert records and any(t["trained"] for t in records), records
+    for t in records:
+        assert t["held_out_mse_trained"] <= t["held_out_mse_refit"] if t["trained"] else t["reason"]
+    onnx.checker.check_model(str(out), full_check=True)
+    assert report["outputs"][0]["top1_agreement"] > 0.9
