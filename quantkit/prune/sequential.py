@@ -142,8 +142,9 @@ def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], ba
             records = prune_group(g, keep, stats)
         else:
             links = _links(g, Consumer.of)
-            why = blocktrain.path_nodes(model, g) if train else "not asked"
-            rows = blocktrain.Rows() if not isinstance(why, str) else None
+            path = blocktrain.path_nodes(model, g) if train else "not asked"
+            why = path if isinstance(path, str) else ""
+            rows = blocktrain.Rows() if not isinstance(path, str) else None
             inputs = tuple(dict.fromkeys(p.inputs[0].name for p in g.producers)) if rows is not None else ()
             paired_pass(original, model, links, batches(), workdir, rows, inputs)
             if rows is not None and train_batches is not None:
