@@ -259,6 +259,12 @@ def _batchnorm(node, ins):
     return [(x - m.reshape(shape)) * inv.reshape(shape) + b.reshape(shape)]
 
 
+def _selu(node, ins):
+    alpha = attr(node, "alpha", 1.67326319217681884765625)
+    gamma = attr(node, "gamma", 1.05070102214813232421875)
+    return [gamma * torch.where(ins[0] > 0, ins[0], alpha * torch.expm1(ins[0]))]
+
+
 def _variadic(fn):
     def op(node, ins):
         out = ins[0]
@@ -303,6 +309,8 @@ FLOAT_OPS = {
     "Relu": _unary(torch.relu), "Clip": _clip, "Softmax": _softmax, "LayerNormalization": _layer_norm,
     "HardSigmoid": lambda n, i: [torch.clamp(attr(n, "alpha", 0.2) * i[0] + attr(n, "beta", 0.5), 0, 1)],
     "HardSwish": _unary(F.hardswish), "LeakyRelu": lambda n, i: [F.leaky_relu(i[0], attr(n, "alpha", 0.01))],
+    "Elu": lambda n, i: [F.elu(i[0], attr(n, "alpha", 1.0))], "Selu": _selu, "Softplus": _unary(F.softplus),
+    "Mish": _unary(F.mish), "Dropout": lambda n, i: [i[0]],  # inference: the input (no mask output)
     "Gelu": lambda n, i: [F.gelu(i[0], approximate="tanh" if attr(n, "approximate", "none") == "tanh" else "none")],
     "Conv": _conv, "MaxPool": _pool, "AveragePool": _pool, "BatchNormalization": _batchnorm,
     "GlobalAveragePool": lambda n, i: [i[0].mean(list(range(2, i[0].dim())), keepdim=True)],

@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from quantkit.errors import ConfigError
 from quantkit.graph.ir_edit import const_array
-from quantkit.prune.groups import Group
+from quantkit.prune.groups import BINARY, UNARY, Group
 
 
 @dataclass(frozen=True)
@@ -56,39 +56,10 @@ def require_torch() -> None:
                           "pip install 'quantkit[torch]' (CPU torch) or use --prune-refit sequential")
 
 
-def _unary():
-    import torch
-    import torch.nn.functional as F
-
-    return {"Relu": torch.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf,
-            "Identity": lambda x: x, "Dropout": lambda x: x, "Neg": torch.neg, "Abs": torch.abs,
-            "Sqrt": torch.sqrt, "Exp": torch.exp, "Softplus": F.softplus, "Mish": F.mish,
-            "HardSwish": F.hardswish, "Elu": F.elu, "Selu": F.selu}
-
-
-BINARY = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
-          "Div": lambda a, b: a / b, "Pow": lambda a, b: a ** b}
-
-
-def _op(node: ir.Node):
-    """The torch function of an elementwise node (inputs in order), or None."""
-    if node.op_type in BINARY and len(node.inputs) == 2:
-        return BINARY[node.op_type]
-    if node.op_type == "Gelu":
-        import torch.nn.functional as F
-
-        approx = node.attributes.get_string("approximate", "none")
-        return lambda x: F.gelu(x, approximate=approx)
-    if node.op_type == "LeakyRelu":
-        import torch.nn.functional as F
-
-        alpha = node.attributes.get_float("alpha", 0.01)
-        return lambda x: F.leaky_relu(x, alpha)
-    return _unary().get(node.op_type) if len(node.inputs) == 1 else None
-
-
-OPS = set(BINARY) | {"Relu", "Sigmoid", "Tanh", "Erf", "Identity", "Dropout", "Neg", "Abs", "Sqrt", "Exp",
-                     "Softplus", "Mish", "HardSwish", "Elu", "Selu", "Gelu", "LeakyRelu"}
+# the elementwise ops a block may hold between its layers: those channel groups pass through
+# (prune/groups.py), run in torch by finetune/ops.py, but Clip, HardSigmoid and PRelu (a block with them
+# keeps its refit)
+OPS = (UNARY | BINARY) - {"Clip", "HardSigmoid", "PRelu"}
 
 
 def path_nodes(model: ir.Model, group: Group) -> list[ir.Node] | str:
@@ -200,6 +171,8 @@ class Block:
         """Consumer name -> output (bias included) for the producer inputs `inputs` (name -> rows)."""
         import torch
 
+        from quantkit.finetune.ops import FLOAT_OPS
+
         env = {id(p.outputs[0]): inputs[p.inputs[0].name] @ self.params[p.inputs[1].name]
                for p in self.group.producers}
         for node in self.nodes:
@@ -211,7 +184,7 @@ class Block:
                     args.append(self.params[v.name])
                 else:
                     args.append(torch.tensor(np.array(const_array(v))))
-            env[id(node.outputs[0])] = _op(node)(*args)
+            env[id(node.outputs[0])] = FLOAT_OPS[node.op_type](node, args)[0]
         out = {}
         for c in self.group.consumers:
             y = env[id(c.inputs[0])] @ self.params[c.inputs[1].name]
