@@ -100,7 +100,7 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
             dropped.add(kind)
             current, current_sess = trial, trial_sess
         advance(1)
-    return _finish(report, dropped, kinds, build, full, current, current_sess or (lambda: session(current[0])),
+    return _finish(report, dropped, kinds, build, full, current, lambda: current_sess or session(current[0]),
                    fp32_sess, timer, feed, runs)
 
 
@@ -142,15 +142,14 @@ def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[O
     return rows, sessions
 
 
-def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build, full, current, current_sess,
-            fp32_sess, timer, feed, runs: int):
-    """`current_sess`: the written model's session, or a callable that makes it (only when it is timed)."""
+def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build, full, current,
+            current_sess: Callable[[], Any], fp32_sess, timer, feed, runs: int):
+    """`current_sess()`: the written model's session (made only when it is timed)."""
     if dropped:
         # the written model timed already (in the look that settled the last drop) and clearly faster than
         # fp32: that timing is the report's; otherwise, or when it is close, a full timing decides
         if report.final_ms is None or report.final_ms[1] >= report.final_ms[0] * (1 - MARGIN):
-            sess = current_sess() if callable(current_sess) else current_sess
-            report.final_ms = (*timer([fp32_sess, sess], feed, runs), runs)
+            report.final_ms = (*timer([fp32_sess, current_sess()], feed, runs), runs)
         fp32_ms, best_ms, _ = report.final_ms
         # quantizing nothing, or still losing to fp32: int8 cannot win, so write the smallest model: the
         # groups with weights come back; groups with none (SPEED_ONLY_KINDS) stay float, since int8 there
