@@ -182,7 +182,7 @@ class Probe:
         for ref, feed in zip(reference, feeds):
             for c, r in zip(perfect, ref):
                 c.update(r, r, feed=feed)
-        return any(c.samples and c.per_position and c.blank is not None for c in perfect)
+        return any(c.samples and c.ctc for c in perfect)
 
     def _perfect_rest(self) -> list[list[tuple[int, float, int]]]:
         """For each batch, per output: the samples, signal power and positions of the batches after it,
@@ -270,7 +270,7 @@ def _figures(c: OutputComparison, rest_samples: int = 0, rest_signal: float = 0.
     positions = (c.position_agree + rest_positions) / (c.positions + rest_positions) \
         if c.per_position and c.positions else None
     top1 = (c.top1_agree + rest_samples) / total if c.scores else positions
-    sequences = (c.sequence_agree + rest_samples) / total if c.per_position and c.blank is not None else None
+    sequences = (c.sequence_agree + rest_samples) / total if c.ctc else None
     return {"name": c.name, "nonfinite": c.nonfinite, "cosine": (c.cos_sum + rest_samples) / total,
             "sqnr_db": sqnr, "top1": top1, "positions": positions, "sequences": sequences}
 

@@ -103,6 +103,11 @@ class OutputComparison:
         self.blank: int | None = None  # CTC blank class, from the first batch of per-position probabilities
         self.sequence_agree = 0  # samples whose CTC-decoded sequences are the same
 
+    @property
+    def ctc(self) -> bool:
+        """Whether the output is read as CTC: per-position class probabilities with a blank class."""
+        return self.per_position and self.blank is not None
+
     def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None,
                feed: dict[str, np.ndarray] | None = None) -> None:
         """One batch; `feed` (the batch's inputs) lets padding positions be left out."""
