@@ -112,3 +112,21 @@ def attention_block(rng: np.random.Generator, d: int = 16, heads: int = 4,
                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d]),
                    helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, 1, "T"])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", d])], t)
+
+
+def padded_sequences(rng: np.random.Generator, n: int, dims: int, rank: int, t: int = 12,
+                     pad_scale: float | None = None) -> list[dict[str, np.ndarray]]:
+    """Batches of 32 sequences for an encoder on [N, T, dims]: x near a `rank`-dimensional subspace plus a
+    little noise, the last positions of each sequence padded (attention_mask 0); with `pad_scale` the padded
+    positions are redrawn at that scale, unlike the real tokens."""
+    basis = np.random.default_rng(99).normal(0, 1, (rank, dims))
+    out = []
+    for _ in range(n):
+        x = rng.normal(0, 1, (32, t, rank)) @ basis + rng.normal(0, 0.2, (32, t, dims))
+        mask = np.ones((32, t), np.int64)
+        for i, real in enumerate(rng.integers(t // 3, t, 32)):
+            mask[i, real:] = 0
+            if pad_scale is not None:
+                x[i, real:] = rng.normal(0, pad_scale, (t - real, dims))
+        out.append({"x": x.astype(np.float32), "attention_mask": mask})
+    return out

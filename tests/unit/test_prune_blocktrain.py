@@ -15,6 +15,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+from prune_models import padded_sequences  # noqa: E402
+
 from quantkit.config import PruneConfig  # noqa: E402
 from quantkit.errors import ConfigError  # noqa: E402
 from quantkit.graph.ir_edit import const_array  # noqa: E402
@@ -60,15 +62,7 @@ def _model(seed: int = 1, second: str = "gelu", ln: bool = False) -> ir.Model:
 
 def _data(rng, n: int, t: int = 12) -> list[dict[str, np.ndarray]]:
     """Batches of 32 sequences, x near a 4-dimensional subspace, the tail of each sequence padded."""
-    basis = np.random.default_rng(99).normal(0, 1, (4, D))
-    out = []
-    for _ in range(n):
-        x = rng.normal(0, 1, (32, t, 4)) @ basis + rng.normal(0, 0.2, (32, t, D))
-        mask = np.ones((32, t), np.int64)
-        for i, real in enumerate(rng.integers(t // 3, t, 32)):
-            mask[i, real:] = 0
-        out.append({"x": x.astype(np.float32), "attention_mask": mask})
-    return out
+    return padded_sequences(rng, n, D, 4, t)
 
 
 def _session(model: ir.Model) -> ort.InferenceSession:

@@ -8,6 +8,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from prune_models import padded_sequences
 
 from quantkit.graph.ir_edit import const_array
 from quantkit.prune import refit as rf
@@ -55,16 +56,7 @@ def _model(rng) -> ir.Model:
 def _data(rng, n: int, t: int = 12, pad_scale: float = 1.0) -> list[dict[str, np.ndarray]]:
     """Batches of 32 sequences: x from a 3-dimensional subspace plus a little noise; the last
     positions of each sequence padded (mask 0) and, scaled by pad_scale, unlike the real tokens."""
-    basis = np.random.default_rng(99).normal(0, 1, (3, D))
-    out = []
-    for _ in range(n):
-        x = rng.normal(0, 1, (32, t, 3)) @ basis + rng.normal(0, 0.2, (32, t, D))
-        mask = np.ones((32, t), np.int64)
-        for i, real in enumerate(rng.integers(t // 3, t, 32)):
-            mask[i, real:] = 0
-            x[i, real:] = rng.normal(0, pad_scale, (t - real, D))
-        out.append({"x": x.astype(np.float32), "attention_mask": mask})
-    return out
+    return padded_sequences(rng, n, D, 3, t, pad_scale)
 
 
 def _run(model: ir.Model, batches) -> list[np.ndarray]:
