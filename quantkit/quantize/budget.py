@@ -743,6 +743,7 @@ class NoiseModel:
     target: Target
     observed: list[tuple[dict[str, float], float]] = field(default_factory=list)
     gain: dict[str, float] | None = None
+    misses: list[tuple[dict[str, str], float]] = field(default_factory=list)  # placements that missed, error
 
     HOPELESS = 4.0  # a level is skipped unmeasured only when its best is this far over the target
     PRIOR = 0.1  # weight of the pull towards the common gain in the per-kind fit
@@ -757,8 +758,11 @@ class NoiseModel:
         return out
 
     def observe(self, overrides: Mapping[str, str], figures: list[dict]) -> None:
-        """A candidate scored in full refits the gains; one stopped early only bounds its error."""
+        """A candidate scored in full refits the gains; one stopped early only bounds its error.
+        A candidate that misses the target is kept for `correction` either way."""
         error = _error(self.target, figures)
+        if error is not None and 1 < error < math.inf:
+            self.misses.append((dict(overrides), error))
         f = self.features(overrides)
         if error is None or error <= 0 or any("samples_scored" in x for x in figures) \
                 or not all(math.isfinite(v) for v in f.values()):
@@ -810,12 +814,22 @@ class NoiseModel:
         guess = self.predict(overrides)
         return guess is not None and guess > self.HOPELESS
 
-    def smallest(self, build: Callable[[int], dict[str, str]], n: int, slack: float = 1.0) -> int | None:
+    def correction(self, since: int = 0) -> float:
+        """How far the model underestimated the misses recorded from `since` on: the largest ratio of
+        a miss's error (for one stopped early, the bound it had already passed) to the model's
+        prediction for it, at least 1. A guess that missed thus moves the next guess further out."""
+        ratios = [error / p for overrides, error in self.misses[since:] if (p := self.predict(overrides))]
+        return max([1.0, *ratios])
+
+    def smallest(self, build: Callable[[int], dict[str, str]], n: int, slack: float = 1.0,
+                 since: int | None = None) -> int | None:
         """The smallest k in 1..n whose placement the model says meets the target (with `slack`
-        times the error allowed); None when it cannot tell or no k does."""
+        times the error allowed; with `since`, its predictions scaled by `correction(since)`);
+        None when it cannot tell or no k does."""
         if self.gain is None:
             return None
-        return next((k for k in range(1, n + 1) if (self.predict(build(k)) or 0.0) <= slack), None)
+        scale = 1.0 if since is None else self.correction(since)
+        return next((k for k in range(1, n + 1) if scale * (self.predict(build(k)) or 0.0) <= slack), None)
 
 
 def _error(target: Target, figures: list[dict]) -> float | None:
@@ -838,18 +852,23 @@ def _error(target: Target, figures: list[dict]) -> float | None:
 
 
 GUESS_SLACK = 2.0  # the bolder guess first: twice the noise the model allows
+GUESSES = 3  # plain guesses at most, each after the model is corrected by the misses before it
 
 
 def _guided(build: Callable[[int], dict[str, str]], n: int, n_meets: bool, model: NoiseModel, measure,
             result: SearchResult) -> int | None:
     """The smallest k in 1..n whose placement meets the target, measuring the noise model's guesses
-    first (a bolder one, then the plain one): when a guess meets, it is taken without bisecting
-    below it; when both miss, bisection runs above them. None when not even n meets."""
-    lo = 0
-    for slack in (GUESS_SLACK, 1.0):
-        guess = model.smallest(build, n, slack)
+    first: a bolder one, then plain ones, each scaled by how far the model underestimated this
+    family's misses so far (NoiseModel.correction), so a miss pushes the next guess out; when a
+    guess meets, it is taken without bisecting below it. When the guesses miss (or stop moving),
+    all n moved is measured, and bisection runs above the last miss. None when not even n meets."""
+    lo, since = 0, len(model.misses)
+    for slack in (GUESS_SLACK, *[1.0] * GUESSES):
+        guess = model.smallest(build, n, slack, since)
         if guess is None or guess >= n or guess <= lo:
-            continue
+            if slack == GUESS_SLACK:
+                continue
+            break
         if measure(build(guess), f"the {guess} op(s) the noise model picks"):
             return guess
         lo = guess

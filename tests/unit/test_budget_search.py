@@ -223,3 +223,54 @@ def test_the_crowded_level_is_kept_when_the_next_one_needs_as_many_ops():
     found = search(rows, CHOICES, Target(min_sqnr=18.7), evaluate, lambda s: None)
     assert found.met and set(found.overrides.values()) == {"dynamic"} and len(found.overrides) == 4
     assert any(set(t["moved"].values()) == {"weight_only"} for t in found.trials)  # the next level was tried
+
+
+def _damped_search(monkeypatch, guesses: int, target: float) -> tuple[dict[str, str], list[dict]]:
+    """24 ops of one kind; the 6 noisiest reach the output at 0.3x, the rest at 1x: the gain fitted on the
+    all-static candidate overestimates what moving the first ops removes, so plain guesses land short."""
+    from quantkit.quantize import budget
+
+    names = [f"op{i:02d}" for i in range(24)]
+    own = {m: 1e-3 * 0.8 ** i for i, m in enumerate(names)}
+    reach = {m: 0.3 if i < 6 else 1.0 for i, m in enumerate(names)}
+    rows = [{"node": m, "kind": "matmul", "own_noise": own[m], "alternatives_own_sqnr_db": {}} for m in names]
+    probes: list[dict] = []
+
+    def evaluate(overrides):
+        probes.append(dict(overrides))
+        noise = 1e-9 + sum(reach[m] * own[m] for m in names if overrides.get(m) != FLOAT)
+        return [{"name": "y", "nonfinite": 0, "cosine": 1 - noise / 2, "sqnr_db": -10 * math.log10(noise),
+                 "top1": None}]
+
+    monkeypatch.setattr(budget, "GUESSES", guesses)
+    found = search(rows, {m: [FLOAT] for m in names}, Target(min_sqnr=target), evaluate, lambda s: None,
+                   max_restores=0)
+    assert found.met and found.figures[0]["sqnr_db"] >= target
+    return found.overrides, probes
+
+
+@pytest.mark.parametrize("target", [28.0, 30.0, 32.0, 34.0])
+def test_guesses_that_miss_push_the_next_guess_out_instead_of_bisecting(monkeypatch, target):
+    """Each missed guess scales the model by how far it underestimated the miss (NoiseModel.correction):
+    three corrected guesses land on the placement the bisection finds (one guess then bisection over all
+    24), in at most two thirds of the candidates."""
+    one, bisected = _damped_search(monkeypatch, 1, target)
+    three, guessed = _damped_search(monkeypatch, 3, target)
+    assert three == one
+    assert 3 * len(guessed) <= 2 * len(bisected)
+    assert [len(p) for p in guessed] == sorted(len(p) for p in guessed)  # each guess further out than the last
+    assert not any(len(p) == 24 for p in guessed)  # all 24 moved was never needed
+
+
+def test_the_correction_is_the_largest_underestimate_of_the_misses_since_a_mark():
+    from quantkit.quantize.budget import NoiseModel
+
+    model = NoiseModel({"a": {"kind": "k", "own_noise": 1.0}, "b": {"kind": "k", "own_noise": 1.0}}, ["a", "b"],
+                       Target(min_cosine=0.99))
+    model.gain = {"k": 1.0}  # predicts 2 with both static, 1 with one float
+    model.misses = [({}, 3.0), ({"a": FLOAT}, 1.5), ({"b": FLOAT}, 1.2)]
+    assert model.correction() == pytest.approx(1.5)
+    assert model.correction(since=2) == pytest.approx(1.2)
+    assert model.correction(since=3) == 1.0  # no miss: no correction, never below 1
+    assert model.smallest(lambda k: {"a": FLOAT} if k == 1 else {"a": FLOAT, "b": FLOAT}, 2, 1.0, since=2) == 2
+    assert model.smallest(lambda k: {"a": FLOAT} if k == 1 else {"a": FLOAT, "b": FLOAT}, 2, 1.0) == 1
