@@ -439,7 +439,8 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
                                                           threads=runtime.PLACEMENT_THREADS),
                                 split.emulation if split is not None else lambda x: None,
                                 placement.schemes[0].memo,  # a convolution's weight-only int8: its GPTQ codes
-                                max(budget.CHUNK_BYTES, calibration_bytes))
+                                max(budget.CHUNK_BYTES, calibration_bytes),
+                                2 * calibration_bytes)  # the pass exposed every op's tensors, in fp32 only
     refusals = {s.name.value: s.refuse for s in placement.alternates}
     rows = {r["node"]: r for r in ranked}
     choices = {budget.op_key(op): budget.ladder(budget.alternatives(op, refusals), rows.get(budget.op_key(op)))

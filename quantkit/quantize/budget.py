@@ -286,7 +286,7 @@ def _exposing(model: ir.Model, names: list[str]) -> ir.Model:
 def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, session: Callable[[ir.Model], Any],
                 lean_session: Callable[[ir.Model], Any] | None = None,
                 splits: Callable[[str], Any] = lambda x: None, memo: qp.WeightMemo | None = None,
-                chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
+                chunk_bytes: int = CHUNK_BYTES, expected_bytes: int = 0) -> list[dict]:
     """Every planned op with the noise it adds itself, ranked (largest first).
 
     `own_noise`: the op's quantized output against the float op applied to the very inputs it
@@ -295,13 +295,16 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     from upstream. `input_sqnr_db`/`output_sqnr_db`: the
     fidelity it receives and passes on against fp32. Ops are measured a chunk at a time, so only
     their tensors of one batch (and their single-op sessions) are held at once: about `chunk_bytes`
-    of them (the caller passes what calibration held already, when that is more than CHUNK_BYTES)."""
+    of them (the caller passes what calibration held already, when that is more than CHUNK_BYTES).
+    `expected_bytes`: what one batch of every op's tensors should take (both models), from the
+    calibration pass; when it fits `chunk_bytes`, the first chunk takes every op (up to MAX_CHUNK)
+    instead of FIRST_CHUNK ops measured only to size the next chunks."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
     originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
     consumed = {v.name for op in plan.ops for v in op.inputs}  # tensors planned ops read through QDQ
     drift: dict[str, list] = {}  # against fp32: signal and error power per channel
     own: dict[str, list] = {}  # against the float op on the same inputs, per channel; key/scheme for alternatives
-    i, size = 0, FIRST_CHUNK
+    i, size = 0, MAX_CHUNK if 0 < expected_bytes <= chunk_bytes else FIRST_CHUNK
     while i < len(plan.ops):
         ops = plan.ops[i:i + size]
         held = _measure_chunk(ops, fp32, quantized, originals, probe, session, lean_session or session, drift, own,

@@ -212,3 +212,32 @@ def test_the_sensitivity_stops_a_chunk_once_its_ops_have_seen_enough_values(tmp_
     assert [r["node"] for r in few["sensitivity"]] == [r["node"] for r in full["sensitivity"]]
     own = {r["node"]: r["own_sqnr_db"] for r in full["sensitivity"]}
     assert all(abs(r["own_sqnr_db"] - own[r["node"]]) < 3 for r in few["sensitivity"])
+
+
+def test_the_sensitivity_measures_every_op_in_one_chunk_when_calibration_says_they_fit(outlier, tmp_path,
+                                                                                       monkeypatch):
+    """The calibration pass exposed every op's tensors: when twice what it held (both models) fits a
+    chunk, the sensitivity step measures every op in one chunk, not a first small chunk that only sizes
+    the next ones. Where it does not fit (the chunk budget shrunk to the pass's own batch), chunks of
+    FIRST_CHUNK ops and on; the figures are the same either way."""
+    import importlib
+
+    budget = importlib.import_module("quantkit.quantize.budget")
+    chunks: list[int] = []
+    measure = budget._measure_chunk
+
+    def counted(ops, *args, **kwargs):
+        chunks.append(len(ops))
+        return measure(ops, *args, **kwargs)
+
+    monkeypatch.setattr(budget, "_measure_chunk", counted)
+    monkeypatch.setattr(budget, "FIRST_CHUNK", 1)
+    model, calib = outlier
+    reports = []
+    for name in ("fits", "tight"):
+        rep = tmp_path / f"{name}.json"
+        assert _run(model, "--calib", calib, "-o", tmp_path / f"{name}.onnx", "--report", rep).exit_code == 0
+        reports.append(json.loads(rep.read_text())["sensitivity"])
+        monkeypatch.setattr(budget, "CHUNK_BYTES", 1)  # the chunk budget is then the pass's batch: half the need
+    assert chunks[0] == 3 and chunks[1:][0] == 1 and sum(chunks[1:]) == 3
+    assert reports[0] == reports[1]
