@@ -201,7 +201,8 @@ class Probe:
 
         With a target, scoring stops at the first batch after which the target can no longer be
         met even if every remaining probe sample came out exactly like fp32's (the figures then
-        are that bound, `samples_scored` says on how many samples): a candidate that clearly fails
+        are that bound, `samples_scored` says on how many samples, `scored_only` gives the figures
+        of those samples alone, the search's estimate of the whole): a candidate that clearly fails
         costs a batch or two, and the decision is the one the whole probe would give. `reorder`
         (the all-static candidate) puts the batches where this session errs most first, so that
         later candidates that fail show it after fewer batches. `parallel` batches run at a time
@@ -220,7 +221,8 @@ class Probe:
             if target is not None and not last:
                 bound = [_figures(c, *rest) for c, rest in zip(comparisons, self.rest[b])]
                 if target.shortfall(bound) is not None:
-                    return [{**f, "samples_scored": c.samples} for f, c in zip(bound, comparisons)]
+                    return [{**f, "samples_scored": c.samples, "scored_only": _figures(c)}
+                            for f, c in zip(bound, comparisons)]
         if reorder:
             self._hardest_first(per_batch)
         return [_figures(c) for c in comparisons]
@@ -764,8 +766,9 @@ class NoiseModel:
         """A candidate scored in full refits the gains; one stopped early only bounds its error.
         A candidate that misses the target is kept for `correction` either way."""
         error = _error(self.target, figures)
-        if error is not None and 1 < error < math.inf:
-            self.misses.append((dict(overrides), error))
+        if error is not None and 1 < error < math.inf:  # stopped early: its scored samples' error, not the bound
+            estimate = _error(self.target, [f.get("scored_only", f) for f in figures])
+            self.misses.append((dict(overrides), max(error, estimate or error)))
         f = self.features(overrides)
         if error is None or error <= 0 or any("samples_scored" in x for x in figures) \
                 or not all(math.isfinite(v) for v in f.values()):
@@ -819,8 +822,9 @@ class NoiseModel:
 
     def correction(self, since: int = 0) -> float:
         """How far the model underestimated the misses recorded from `since` on: the largest ratio of
-        a miss's error (for one stopped early, the bound it had already passed) to the model's
-        prediction for it, at least 1. A guess that missed thus moves the next guess further out."""
+        a miss's error (for one stopped early, that of the samples it was scored on: the bound it
+        passed takes every later sample as perfect, just past the target by construction) to the
+        model's prediction for it, at least 1. A guess that missed thus moves the next guess out."""
         ratios = [error / p for overrides, error in self.misses[since:] if (p := self.predict(overrides))]
         return max([1.0, *ratios])
 
