@@ -40,7 +40,8 @@ import onnx_ir as ir
 
 from quantkit import runtime
 from quantkit.errors import InputError
-from quantkit.graph.ir_edit import const_array, with_outputs
+from quantkit.graph import segments
+from quantkit.graph.ir_edit import const_array
 from quantkit.quantize import qparams as qp
 from quantkit.quantize import simulate
 from quantkit.quantize.plan import SPEED_ONLY_KINDS, OpKind, Plan, QuantizedOp, SchemeName
@@ -279,12 +280,6 @@ def _figures(c: OutputComparison, rest_samples: int = 0, rest_signal: float = 0.
 
 # ---------------------------------------------------------------- sensitivity
 
-def _exposing(model: ir.Model, names: list[str]) -> ir.Model:
-    """A copy whose outputs are the named tensors that nodes of the model compute."""
-    produced = {v.name for node in model.graph for v in node.outputs if v.name}
-    return with_outputs(model, [n for n in names if n in produced])
-
-
 def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, session: Callable[[ir.Model], Any],
                 lean_session: Callable[[ir.Model], Any] | None = None,
                 splits: Callable[[str], Any] = lambda x: None, memo: qp.WeightMemo | None = None,
@@ -296,23 +291,43 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     rounding alone (the output after the op's own output QDQ, when it has one), whatever error arrived
     from upstream. `input_sqnr_db`/`output_sqnr_db`: the
     fidelity it receives and passes on against fp32. Ops are measured a chunk at a time, so only
-    their tensors of one batch (and their single-op sessions) are held at once: about `chunk_bytes`
+    their tensors of one batch (and the chunks' sessions) are held at once: about `chunk_bytes`
     of them (the caller passes what calibration held already, when that is more than CHUNK_BYTES).
     `expected_bytes`: what one batch of every op's tensors should take (both models), from the
     calibration pass; when it fits `chunk_bytes`, the first chunk takes every op (up to MAX_CHUNK)
-    instead of FIRST_CHUNK ops measured only to size the next chunks."""
+    instead of FIRST_CHUNK ops measured only to size the next chunks. Each chunk's tensors come from a
+    segment of each model that computes only what earlier chunks' segments did not (graph/segments.py),
+    batch by batch, every chunk in turn, until every chunk's ops have seen SENSITIVITY_VALUES values."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
-    originals = {(n.name or n.outputs[0].name): n for n in fp32.graph}  # plan.ops are the rewritten copies
-    consumed = {v.name for op in plan.ops for v in op.inputs}  # tensors planned ops read through QDQ
+    small = lean_session or session  # many sessions alive at once: no arena kept per session
+    ctx = _ChunkContext(segments.Pipeline(fp32, small), segments.Pipeline(quantized, small),
+                        {(n.name or n.outputs[0].name): n for n in fp32.graph},  # plan.ops are the rewritten copies
+                        small, splits, {v.name for op in plan.ops for v in op.inputs}, memo)
+    chunks: list[_Chunk] = []
+    for b, feed in enumerate(_head(probe.feeds, SENSITIVITY_SAMPLES)):
+        kept: tuple[dict, dict] = ({}, {})  # what each model's segments pass on, this batch only
+        if b == 0:
+            i, size = 0, MAX_CHUNK if 0 < expected_bytes <= chunk_bytes else FIRST_CHUNK
+            while i < len(plan.ops):
+                chunks.append(_Chunk(plan.ops[i:i + size], ctx, kept))
+                held = chunks[-1].step(ctx, feed, kept)
+                i += size
+                size = max(1, min(MAX_CHUNK, int(chunk_bytes * len(chunks[-1].ops) / max(held, 1))))
+            continue
+        last = max((j for j, c in enumerate(chunks) if not c.satisfied()), default=-1)
+        if last < 0:
+            break
+        for c in chunks[:last + 1]:  # a satisfied chunk's segments still run: later ones read what they pass on
+            c.step(ctx, feed, kept, measure=not c.satisfied())
     drift: dict[str, list] = {}  # against fp32: signal and error power per channel
     own: dict[str, list] = {}  # against the float op on the same inputs, per channel; key/scheme for alternatives
-    i, size = 0, MAX_CHUNK if 0 < expected_bytes <= chunk_bytes else FIRST_CHUNK
-    while i < len(plan.ops):
-        ops = plan.ops[i:i + size]
-        held = _measure_chunk(ops, fp32, quantized, originals, probe, session, lean_session or session, drift, own,
-                              splits, consumed, memo)
-        i += len(ops)
-        size = max(1, min(MAX_CHUNK, int(chunk_bytes * len(ops) / max(held, 1))))
+    for c in chunks:
+        drift.update(c.drift)  # a tensor shared by two chunks is measured alike in both
+        own.update(c.own)
+    return _sensitivity_rows(plan, outs, drift, own)
+
+
+def _sensitivity_rows(plan: Plan, outs: dict[str, str], drift: dict[str, list], own: dict[str, list]) -> list[dict]:
     rows: list[dict[str, Any]] = []
     for op in plan.ops:
         key = op_key(op)
@@ -329,60 +344,83 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     return rows
 
 
-def _measure_chunk(ops: list[QuantizedOp], fp32: ir.Model, quantized: ir.Model, originals: dict[str, ir.Node],
-                   probe: Probe, session: Callable[[ir.Model], Any], small: Callable[[ir.Model], Any],
-                   drift: dict[str, list], own: dict[str, list], splits: Callable[[str], Any],
-                   consumed: set[str], memo: qp.WeightMemo | None = None) -> int:
-    """Drift against fp32 of the ops' tensors, and each op's own noise, over the probe batches.
-    Returns the bytes one batch of the exposed tensors took (both models)."""
-    outs = {op_key(op): op.node.outputs[0].name for op in ops}
-    rounded = {op_key(op): name for op in ops if (name := _rounded_output(op, consumed)) is not None}
-    names = sorted({v.name for op in ops for v in op.inputs} | set(outs.values()))
-    ref_s, q_s = session(_exposing(fp32, names)), session(_exposing(quantized, sorted({*names, *rounded.values()})))
-    wanted = sorted({o.name for o in ref_s.get_outputs()} & {o.name for o in q_s.get_outputs()} & set(names))
-    q_wanted = wanted + sorted(set(rounded.values()) & {o.name for o in q_s.get_outputs()})
-    available = set(wanted) | set(probe.feeds[0])
-    measured = [k for k in outs if outs[k] in wanted and k in originals
-                and all(v.name in available for v in _run_time_inputs(originals[k]))]
-    axes = {op_key(op): op.weight_axis for op in ops}
-    alone = small(_alone(fp32, [originals[k] for k in measured], [axes[k] for k in measured], memo)) \
-        if measured else None
-    alone_in = [i.name for i in alone.get_inputs()] if alone is not None else []
-    chunk_drift = {n: [0.0, 0.0] for n in wanted}
-    chunk_own: dict[str, list] = {k: [0.0, 0.0] for k in measured}
-    sims = {k: w for k in measured if (w := _simulated(originals[k], splits)) is not None}
-    alone_out = {o.name for o in alone.get_outputs()} if alone is not None else set()
-    emulated = [k for k in measured if outs[k] + WEIGHT_ONLY_ALONE in alone_out]
-    held, seen = 0, dict.fromkeys(measured, 0)  # values per output channel each op's own noise was measured on
-    for feed in _head(probe.feeds, SENSITIVITY_SAMPLES):
-        if seen and min(seen.values()) >= SENSITIVITY_VALUES:
-            break
-        ref_out, got_out = runtime.run_all([functools.partial(ref_s.run, wanted, feed),
-                                            functools.partial(q_s.run, q_wanted, feed)])
-        ref, got = dict(zip(wanted, ref_out)), dict(zip(q_wanted, got_out))
-        held = max(held, sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values()))
-        for n in wanted:
-            _accumulate_channels(chunk_drift[n], ref[n], got[n], -1)
-        if alone is None:
-            continue
-        run = alone.run([outs[k] + ALONE for k in measured] + [outs[k] + WEIGHT_ONLY_ALONE for k in emulated],
-                        {n: got[n] if n in got else feed[n] for n in alone_in})
+@dataclass
+class _ChunkContext:
+    ref: segments.Pipeline  # the fp32 model's segments
+    q: segments.Pipeline  # the quantized model's
+    originals: dict[str, ir.Node]
+    small: Callable[[ir.Model], Any]  # session maker for the single-op models
+    splits: Callable[[str], Any]
+    consumed: set[str]  # tensors planned ops read through QDQ
+    memo: qp.WeightMemo | None
+
+
+class _Chunk:
+    """A chunk of ops: its segment of each model, the session recomputing each op alone in float on the
+    quantized model's tensors, and its ops' accumulated drift and own noise."""
+
+    def __init__(self, ops: list[QuantizedOp], ctx: _ChunkContext, kept: tuple[dict, dict]) -> None:
+        self.ops = ops
+        self.outs = outs = {op_key(op): op.node.outputs[0].name for op in ops}
+        self.rounded = {op_key(op): name for op in ops if (name := _rounded_output(op, ctx.consumed)) is not None}
+        names = sorted({v.name for op in ops for v in op.inputs} | set(outs.values()))
+        self.ref_segment = ctx.ref.add(names, kept[0])
+        self.q_segment = ctx.q.add(sorted({*names, *self.rounded.values()}), kept[1])
+        self.wanted = [n for n in names if n in ctx.ref.produced and n in ctx.q.produced]
+        self.q_wanted = self.wanted + sorted(set(self.rounded.values()) & set(ctx.q.produced))
+        available = set(self.wanted) | ctx.ref.graph_inputs
+        originals = ctx.originals
+        self.measured = [k for k in outs if outs[k] in self.wanted and k in originals
+                         and all(v.name in available for v in _run_time_inputs(originals[k]))]
+        axes = {op_key(op): op.weight_axis for op in ops}
+        self.alone = ctx.small(_alone(ctx.ref.model, [originals[k] for k in self.measured],
+                                      [axes[k] for k in self.measured], ctx.memo)) if self.measured else None
+        self.alone_in = [i.name for i in self.alone.get_inputs()] if self.alone is not None else []
+        self.drift = {n: [0.0, 0.0] for n in self.wanted}
+        self.own: dict[str, list] = {k: [0.0, 0.0] for k in self.measured}
+        self.sims = {k: w for k in self.measured if (w := _simulated(originals[k], ctx.splits)) is not None}
+        alone_out = {o.name for o in self.alone.get_outputs()} if self.alone is not None else set()
+        self.emulated = [k for k in self.measured if outs[k] + WEIGHT_ONLY_ALONE in alone_out]
+        self.seen = dict.fromkeys(self.measured, 0)  # values per output channel each op's own noise was measured on
+
+    def satisfied(self) -> bool:
+        return bool(self.seen) and min(self.seen.values()) >= SENSITIVITY_VALUES
+
+    def step(self, ctx: _ChunkContext, feed: dict[str, np.ndarray], kept: tuple[dict, dict],
+             measure: bool = True) -> int:
+        """Run the chunk's segments on a batch and (with `measure`) accumulate; returns the bytes the
+        chunk's tensors of the batch took (both models)."""
+        ref_out, got_out = runtime.run_all([functools.partial(ctx.ref.run, self.ref_segment, feed, kept[0]),
+                                            functools.partial(ctx.q.run, self.q_segment, feed, kept[1])])
+        if not measure:
+            return 0
+        ref = {n: ref_out[n] for n in self.wanted}
+        got = {n: got_out[n] for n in self.q_wanted}
+        for n in self.wanted:
+            _accumulate_channels(self.drift[n], ref[n], got[n], -1)
+        if self.alone is not None:
+            self._own(ctx.originals, feed, got)
+        return sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values())
+
+    def _own(self, originals: dict[str, ir.Node], feed: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
+        """Each op's own noise on the batch: its float recomputation on the quantized model's tensors."""
+        outs, measured = self.outs, self.measured
+        assert self.alone is not None
+        run = self.alone.run([outs[k] + ALONE for k in measured] + [outs[k] + WEIGHT_ONLY_ALONE for k in self.emulated],
+                             {n: got[n] if n in got else feed[n] for n in self.alone_in})
         exact = run[:len(measured)]
-        for key, y in zip(emulated, run[len(measured):]):  # a convolution's weight-only alternative
+        for key, y in zip(self.emulated, run[len(measured):]):  # a convolution's weight-only alternative
             e = exact[measured.index(key)]
-            _accumulate_channels(chunk_own.setdefault(f"{key}/{SchemeName.WEIGHT_ONLY.value}", [0.0, 0.0]), e, y,
+            _accumulate_channels(self.own.setdefault(f"{key}/{SchemeName.WEIGHT_ONLY.value}", [0.0, 0.0]), e, y,
                                  channel_axis(originals[key]))
         for key, e in zip(measured, exact):
-            seen[key] += e.size // max(e.shape[channel_axis(originals[key]) % e.ndim], 1) if e.ndim else 1
-            y = got[rounded[key]] if rounded.get(key) in got else got[outs[key]]
-            _accumulate_channels(chunk_own[key], e, y, channel_axis(originals[key]))
+            self.seen[key] += e.size // max(e.shape[channel_axis(originals[key]) % e.ndim], 1) if e.ndim else 1
+            y = got[self.rounded[key]] if self.rounded.get(key) in got else got[outs[key]]
+            _accumulate_channels(self.own[key], e, y, channel_axis(originals[key]))
             x = originals[key].inputs[0].name
-            if key in sims and sims[key].rows < SIMULATED_ROWS:
-                for alt, y in sims[key].outputs(got[x] if x in got else feed[x]).items():
-                    _accumulate_channels(chunk_own.setdefault(f"{key}/{alt}", [0.0, 0.0]), e, y, -1)
-    drift.update(chunk_drift)  # a tensor shared by two chunks is measured alike in both
-    own.update(chunk_own)
-    return held
+            if key in self.sims and self.sims[key].rows < SIMULATED_ROWS:
+                for alt, y in self.sims[key].outputs(got[x] if x in got else feed[x]).items():
+                    _accumulate_channels(self.own.setdefault(f"{key}/{alt}", [0.0, 0.0]), e, y, -1)
 
 
 def _rounded_output(op: QuantizedOp, consumed: set[str]) -> str | None:

@@ -224,13 +224,13 @@ def test_the_sensitivity_measures_every_op_in_one_chunk_when_calibration_says_th
 
     budget = importlib.import_module("quantkit.quantize.budget")
     chunks: list[int] = []
-    measure = budget._measure_chunk
+    make = budget._Chunk.__init__
 
-    def counted(ops, *args, **kwargs):
+    def counted(self, ops, *args, **kwargs):
         chunks.append(len(ops))
-        return measure(ops, *args, **kwargs)
+        make(self, ops, *args, **kwargs)
 
-    monkeypatch.setattr(budget, "_measure_chunk", counted)
+    monkeypatch.setattr(budget._Chunk, "__init__", counted)
     monkeypatch.setattr(budget, "FIRST_CHUNK", 1)
     model, calib = outlier
     reports = []

@@ -1,0 +1,134 @@
+"""Running a model in consecutive segments, each exposing the tensors asked of it.
+
+The sensitivity step (quantize/budget.py) looks at every quantized op's tensors, a chunk of ops at a
+time so that one batch of them fits in memory. Exposing a chunk's tensors from the graph inputs reruns
+every node before the chunk, so a model cut into many chunks (a CNN's feature maps fill the budget after
+a few ops) reran its early layers once per chunk. A Pipeline instead gives segment k only the nodes no
+earlier segment computed: its inputs are the tensors earlier segments passed on (those that nodes still
+to come read), kept for the current batch only and dropped once nothing later reads them.
+
+A segment is built while the first batch runs, so the arrays passed on to it say its inputs' types.
+Graphs with subgraphs (If/Loop bodies may read any outer tensor) and segments that would need a tensor
+no earlier segment kept are built the old way, from the graph inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from quantkit.graph.ir_edit import drop_unused, with_outputs
+
+
+@dataclass
+class Segment:
+    session: Any
+    inputs: list[str]  # what the session reads: graph inputs fed per batch, tensors earlier segments kept
+    outputs: list[str]  # what it computes: asked tensors, then tensors passed on
+    kept: list[str]  # of the outputs, those later segments read
+    asked: list[str]  # the tensors asked of this segment (computed here, or kept by earlier ones, or fed)
+    freed: list[str] = field(default_factory=list)  # kept tensors nothing after this segment reads
+
+
+class Pipeline:
+    """Segments of one model, run in order on a batch: `add` builds the next segment (during the first
+    batch), `run` runs segment i on a batch given what the earlier ones kept of it (`kept`, updated)."""
+
+    def __init__(self, model: ir.Model, session: Callable[[ir.Model], Any]) -> None:
+        self.model = model
+        self.session = session
+        self.nodes = list(model.graph)
+        self.produced = {v.name: v for n in self.nodes for v in n.outputs if v.name}
+        self.graph_inputs = {v.name for v in model.graph.inputs if v.name}
+        self.segmented = not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                                 for n in model.graph.all_nodes() for a in n.attributes.values())
+        self.done: set[int] = set()  # ids of the nodes earlier segments computed
+        self.segments: list[Segment] = []
+
+    def add(self, names: list[str], kept: Mapping[str, np.ndarray]) -> int:
+        """A segment computing the tensors `names` (those the model computes or is fed) from what earlier
+        segments `kept` of the current batch (their arrays type its inputs). Returns its index."""
+        names = [n for n in names if n in self.produced or n in self.graph_inputs]
+        nodes, boundary = self._nodes(names, kept)
+        ids = {id(n) for n in nodes}
+        self.done |= ids
+        later = [v.name for n in nodes for v in n.outputs if v.name and not self._spent(v.name)]
+        computed = [n for n in names if n in self.produced and id(self.produced[n].producer()) in ids]
+        outputs = list(dict.fromkeys([*computed, *later]))
+        sess = self.session(self._cut(nodes, boundary, outputs, kept)) if outputs else None
+        inputs = [i.name for i in sess.get_inputs()] if sess is not None else []
+        freed = [k for k in [*kept, *later] if self._spent(k)]
+        self.segments.append(Segment(sess, inputs, outputs, later, names, freed))
+        return len(self.segments) - 1
+
+    def run(self, i: int, feed: Mapping[str, np.ndarray], kept: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Segment i on one batch: the asked tensors; `kept` gains what later segments read and loses
+        what none does any more."""
+        s = self.segments[i]
+        values = dict(zip(s.outputs, s.session.run(s.outputs, {n: kept[n] if n in kept else feed[n]
+                                                                for n in s.inputs}))) if s.session else {}
+        asked = {n: values[n] if n in values else kept[n] if n in kept else feed[n] for n in s.asked}
+        kept.update((n, values[n]) for n in s.kept)
+        for n in s.freed:
+            kept.pop(n, None)
+        return asked
+
+    def _nodes(self, names: list[str], kept: Mapping[str, np.ndarray]) -> tuple[list[ir.Node], list[str]]:
+        """The nodes a segment runs and the tensors it reads from earlier segments: the nodes the tensors
+        need that no earlier segment computed; all they need, from the graph inputs, when the graph has
+        subgraphs or an earlier segment computed a tensor it did not keep."""
+        nodes = self._ancestors(names, self.done if self.segmented else set())
+        ids = {id(n) for n in nodes}
+        boundary = sorted({v.name for n in nodes for v in n.inputs if v is not None and v.name in self.produced
+                           and id(self.produced[v.name].producer()) not in ids})
+        asked = [n for n in names if n in self.produced and id(self.produced[n].producer()) not in ids]
+        if self.segmented and all(b in kept for b in boundary) and all(n in kept for n in asked):
+            return nodes, boundary
+        return self._ancestors(names, set()), []
+
+    def _spent(self, name: str) -> bool:
+        """Whether every node reading the tensor has been computed."""
+        return all(id(u.node) in self.done for u in self.produced[name].uses())
+
+    def _ancestors(self, names: list[str], done: set[int]) -> list[ir.Node]:
+        """The nodes the tensors need that `done` does not hold, in graph order."""
+        want: set[int] = set()
+        stack = [p for n in names if n in self.produced and (p := self.produced[n].producer()) is not None]
+        while stack:
+            node = stack.pop()
+            if id(node) in want or id(node) in done:
+                continue
+            want.add(id(node))
+            stack.extend(p for v in node.inputs if v is not None and (p := v.producer()) is not None)
+        return [n for n in self.nodes if id(n) in want]
+
+    def _cut(self, nodes: list[ir.Node], boundary: list[str], outputs: list[str],
+             kept: Mapping[str, np.ndarray]) -> ir.Model:
+        """A copy holding `nodes` only, reading the `boundary` tensors as graph inputs."""
+        if not boundary:  # from the graph inputs: the nodes the outputs need, as the old way made it
+            return with_outputs(self.model, outputs)
+        copy = self.model.clone()
+        index = {id(n): i for i, n in enumerate(self.nodes)}
+        cloned = list(copy.graph)
+        keep = {id(cloned[index[id(n)]]) for n in nodes}
+        values = ir.convenience.create_value_mapping(copy.graph)
+        fed = []
+        for name in boundary:
+            a = kept[name]
+            value = ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
+                             shape=ir.Shape([None] * a.ndim))
+            values[name].replace_all_uses_with(value)
+            fed.append(value)
+        copy.graph.outputs.clear()
+        copy.graph.outputs.extend(values[n] for n in outputs)
+        copy.graph.remove([n for n in reversed(cloned) if id(n) not in keep], safe=True)
+        used = {v.name for n in copy.graph for v in n.inputs if v is not None}
+        inputs = [v for v in copy.graph.inputs if v.name in used] + fed
+        copy.graph.inputs.clear()
+        copy.graph.inputs.extend(inputs)
+        drop_unused(copy)
+        return copy
