@@ -293,3 +293,19 @@ def test_weights_handed_as_arrays_give_the_serialized_models_session_and_leave_t
     assert np.linalg.norm(handed - exact) / np.linalg.norm(exact) < 0.02
     assert {name: v.const_value for name, v in model.graph.initializers.items()} == before
     assert not any(isinstance(t, ir.ExternalTensor) for t in before.values())
+
+
+def test_model_bytes_counts_external_data_and_sees_a_file_written_again(tmp_path):
+    """The external data files a model references are parsed once per version of the file: writing
+    the model again (other weights, other data file) gives the new size, not the remembered one."""
+    from quantkit.load.onnx import model_bytes
+
+    path = tmp_path / "m.onnx"
+    for n in (64, 256):
+        w = numpy_helper.from_array(np.ones((n, n), np.float32), "W")
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w])
+        onnx.save(helper.make_model(g), str(path), save_as_external_data=True, location=f"w{n}.bin",
+                  size_threshold=0)
+        assert model_bytes(path) == path.stat().st_size + n * n * 4
