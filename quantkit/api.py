@@ -270,7 +270,7 @@ def _complete(report: dict, cfg: RunConfig, model: ir.Model, placement: Placemen
     _move_subgraph_nodes(report["nodes"], inner)
     report["sensitivity"] = placed.get("sensitivity", [])
     report["weight_error"] = weight_errors(model, cfg.quant, {s["node"] for s in report["nodes"]["float"]},
-                                           rw.weight_error)
+                                           rw.weight_error, placement.schemes[0].memo if placement.schemes else None)
     report["effective_config"] = effective_config(cfg)
     observers = {k: v for scheme in placement.schemes for k, v in getattr(scheme, "observers", {}).items()}
     report["histograms"] = histograms(observers, report["activations"])

@@ -27,8 +27,9 @@ def _int8(w: np.ndarray, axis: int | None) -> np.ndarray:
     return qp.dequantize(q, scale, zp, axis)
 
 
-def _rounded(op, quant: QuantConfig) -> tuple[np.ndarray, np.ndarray, str]:
-    """(float weight, the weight after quantization, the scheme's name) for one planned op."""
+def _rounded(op, quant: QuantConfig, memo: qp.WeightMemo | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(float weight, the weight after quantization, the scheme's name) for one planned op; with the
+    run's `memo`, a static int8 weight's codes are the ones the rewrite stored (GPTQ's, when chosen)."""
     node = op.node
     channel = "per-channel" if op.weight_axis is not None else "per-tensor"
     if quant.activations == "none" and node.op_type not in ("Conv", "ConvTranspose"):
@@ -42,6 +43,10 @@ def _rounded(op, quant: QuantConfig) -> tuple[np.ndarray, np.ndarray, str]:
         axis = 1 if quant.per_channel else None
         return w, _int8(w, axis), f"int8 {'per-channel' if axis is not None else 'per-tensor'}"
     w = const_array(node.inputs[op.weight_index])
+    tensor = node.inputs[op.weight_index].const_value
+    if memo is not None and tensor is not None:
+        q, scale, zp = memo.quantize(tensor, op.weight_axis)
+        return w, qp.dequantize(q, scale, zp, op.weight_axis), f"int8 {channel}"
     return w, _int8(w, op.weight_axis), f"int8 {channel}"
 
 
@@ -67,10 +72,11 @@ def sqnr_db(w: np.ndarray, deq: np.ndarray) -> float | None:
 
 
 def weight_errors(model: ir.Model, quant: QuantConfig, left_float: set[str],
-                  measured: dict[str, tuple] | None = None) -> list[dict]:
+                  measured: dict[str, tuple] | None = None, memo: qp.WeightMemo | None = None) -> list[dict]:
     """Worst first, for every weighted node the plan quantizes and that did not end up float.
     `measured`: node -> (scheme, blockwise.RoundingError) taken while the rewrite rounded it (the
-    weight is not read and rounded a second time); other nodes are rounded here."""
+    weight is not read and rounded a second time); other nodes are rounded here, static int8 ones
+    from the run's `memo` of stored codes when given."""
     rows: list[dict[str, Any]] = []
     for op in make_plan(model, quant).ops:
         name = op.node.name or ""
@@ -81,7 +87,7 @@ def weight_errors(model: ir.Model, quant: QuantConfig, left_float: set[str],
             rows.append({"node": name, "op_type": op.node.op_type, "scheme": scheme,
                          "weight_sqnr_db": db(err.signal, err.error), "weights": err.count})
             continue
-        w, deq, scheme = _rounded(op, quant)
+        w, deq, scheme = _rounded(op, quant, memo)
         rows.append({"node": name, "op_type": op.node.op_type, "scheme": scheme,
                      "weight_sqnr_db": sqnr_db(w, deq), "weights": int(np.size(w))})
     rows.sort(key=lambda r: math.inf if r["weight_sqnr_db"] is None else r["weight_sqnr_db"])
