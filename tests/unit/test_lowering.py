@@ -309,3 +309,24 @@ def test_model_bytes_counts_external_data_and_sees_a_file_written_again(tmp_path
         onnx.save(helper.make_model(g), str(path), save_as_external_data=True, location=f"w{n}.bin",
                   size_threshold=0)
         assert model_bytes(path) == path.stat().st_size + n * n * 4
+
+
+def test_a_weight_an_if_branch_reads_stays_inline():
+    """onnxruntime cannot put a handed weight in place where an If body reads it from the outer graph
+    (it failed to load the model): such weights are serialized as before, the others still handed."""
+    rng = np.random.default_rng(4)
+    w, w2 = (rng.normal(size=(64, 64)).astype(np.float32) for _ in range(2))
+    branch = helper.make_graph([helper.make_node("MatMul", ["h", "W_if"], ["o"])], "b", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, [4, 64])])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+                           helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="if")],
+                          "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64]),
+                                helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w2, "W_if")])
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    _, arrays = runtime._without_weights(model)
+    assert sorted(arrays) == ["W"]
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    got = runtime.session(model, workdir=None).run(["y"], {"x": x, "c": np.array(True)})[0]
+    np.testing.assert_allclose(got, (x @ w) @ w2, rtol=1e-4, atol=1e-3)
