@@ -153,12 +153,13 @@ def _without_weights(model: ir.Model) -> tuple[bytes, dict[str, ort.OrtValue]]:
     weights as OrtValues for SessionOptions.add_external_initializers, which puts them in place before
     onnxruntime optimizes the graph: the same session, without copying every weight through protobuf
     twice (90 MB of MiniLM: 0.31 s -> 0.11 s per session). The model is left as it was."""
-    # read by top-level nodes only: onnxruntime cannot replace an initializer an If/Loop body reads
+    # read, and by top-level nodes only: onnxruntime drops an initializer nothing reads before it puts the
+    # handed ones in place, and cannot replace one an If/Loop body reads (either fails the load)
     handed: list[tuple[ir.Value, ir.TensorProtocol]] = [
         (v, t) for v in model.graph.initializers.values()
         if (t := v.const_value) is not None and not isinstance(t, ir.ExternalTensor)
         and t.dtype in HANDED_TYPES and t.nbytes >= HANDED_MIN_BYTES
-        and all(u.node.graph is model.graph for u in v.uses())]
+        and (uses := list(v.uses())) and all(u.node.graph is model.graph for u in uses)]
     arrays: dict[str, ort.OrtValue] = {}
     try:
         for value, tensor in handed:

@@ -311,9 +311,10 @@ def test_model_bytes_counts_external_data_and_sees_a_file_written_again(tmp_path
         assert model_bytes(path) == path.stat().st_size + n * n * 4
 
 
-def test_a_weight_an_if_branch_reads_stays_inline():
-    """onnxruntime cannot put a handed weight in place where an If body reads it from the outer graph
-    (it failed to load the model): such weights are serialized as before, the others still handed."""
+def test_a_weight_an_if_branch_reads_or_nothing_reads_stays_inline():
+    """onnxruntime cannot put a handed weight in place where an If body reads it from the outer graph, nor
+    one nothing reads (it drops those first): either failed the load. Such weights are serialized as before,
+    the others still handed."""
     rng = np.random.default_rng(4)
     w, w2 = (rng.normal(size=(64, 64)).astype(np.float32) for _ in range(2))
     branch = helper.make_graph([helper.make_node("MatMul", ["h", "W_if"], ["o"])], "b", [],
@@ -323,7 +324,8 @@ def test_a_weight_an_if_branch_reads_stays_inline():
                           "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64]),
                                 helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])],
-                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w2, "W_if")])
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w2, "W_if"),
+                           numpy_helper.from_array(w2, "W_unread")])  # left over, as pruning can leave one
     model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     _, arrays = runtime._without_weights(model)
     assert sorted(arrays) == ["W"]
