@@ -1,0 +1,57 @@
+"""graph/segments.py on the graphs that stress its cuts: every segmented tensor equals the same tensor from
+one session of the whole model, bit for bit, and nothing is kept once the last segment ran."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from quantkit.graph.ir_edit import with_outputs
+from quantkit.graph.segments import Pipeline
+
+
+def _session(model: ir.Model):
+    return ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+
+
+def _model(nodes, outputs: list[str], inits, opset: int = 18) -> ir.Model:
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    return ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def _weight(rng: np.random.Generator, name: str):
+    return numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), name)
+
+
+def _check(model: ir.Model, asks: list[list[str]], rng: np.random.Generator) -> Pipeline:
+    """Two batches of different sizes through the segments, against one whole-model session per ask."""
+    pipe = Pipeline(model, _session)
+    for b, n in enumerate((3, 5)):
+        feed = {"x": rng.normal(size=(n, 8)).astype(np.float32)}
+        kept: dict = {}
+        for i, names in enumerate(asks):
+            if b == 0:
+                assert pipe.add(names, kept) == i
+            got = pipe.run(i, feed, kept)
+            want = _session(with_outputs(model, names)).run(names, feed)
+            for name, w in zip(names, want):
+                assert got[name].dtype == w.dtype
+                np.testing.assert_array_equal(got[name], w)
+        assert kept == {}
+    return pipe
+
+
+def test_a_graph_output_later_segments_read_is_passed_on():
+    """mm's output `a` is a graph output and Relu, Add, Mul and Sub (three later segments) read it."""
+    rng = np.random.default_rng(0)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+                    helper.make_node("Relu", ["a"], ["b"], name="relu"),
+                    helper.make_node("Add", ["a", "b"], ["c"], name="add"),
+                    helper.make_node("Mul", ["a", "c"], ["d"], name="mul"),
+                    helper.make_node("Sub", ["d", "a"], ["y"], name="sub")], ["a", "b", "y"], [_weight(rng, "w")])
+    pipe = _check(model, [["a"], ["b"], ["c"], ["d"], ["y"]], rng)
+    assert [s.inputs for s in pipe.segments] == [["x"], ["a"], ["a", "b"], ["a", "c"], ["a", "d"]]
