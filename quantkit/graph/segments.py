@@ -116,6 +116,7 @@ class Pipeline:
         cloned = list(copy.graph)
         keep = {id(cloned[index[id(n)]]) for n in nodes}
         values = ir.convenience.create_value_mapping(copy.graph)
+        copy.graph.outputs.clear()  # first: a kept tensor may be a graph output, whose uses cannot be replaced
         fed = []
         for name in boundary:
             a = kept[name]
@@ -123,7 +124,6 @@ class Pipeline:
                              shape=ir.Shape([None] * a.ndim))
             values[name].replace_all_uses_with(value)
             fed.append(value)
-        copy.graph.outputs.clear()
         copy.graph.outputs.extend(values[n] for n in outputs)
         copy.graph.remove([n for n in reversed(cloned) if id(n) not in keep], safe=True)
         used = {v.name for n in copy.graph for v in n.inputs if v is not None}
