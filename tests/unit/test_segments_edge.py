@@ -55,3 +55,18 @@ def test_a_graph_output_later_segments_read_is_passed_on():
                     helper.make_node("Sub", ["d", "a"], ["y"], name="sub")], ["a", "b", "y"], [_weight(rng, "w")])
     pipe = _check(model, [["a"], ["b"], ["c"], ["d"], ["y"]], rng)
     assert [s.inputs for s in pipe.segments] == [["x"], ["a"], ["a", "b"], ["a", "c"], ["a", "d"]]
+
+
+def test_a_sequence_later_segments_read_is_recomputed_from_the_inputs():
+    """SplitToSequence's output is read by SequenceAt nodes in two segments: onnxruntime returns a sequence
+    as a list, which cannot type a segment's input; the segment reading it again runs from the graph inputs."""
+    rng = np.random.default_rng(1)
+    index = [numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in (0, 1)]
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+                    helper.make_node("SplitToSequence", ["a"], ["seq"], axis=1, name="split"),
+                    helper.make_node("SequenceAt", ["seq", "i0"], ["s0"], name="at0"),
+                    helper.make_node("Relu", ["s0"], ["r"], name="relu"),
+                    helper.make_node("SequenceAt", ["seq", "i1"], ["s1"], name="at1"),
+                    helper.make_node("Add", ["s1", "r"], ["y"], name="add")], ["y"], [_weight(rng, "w"), *index])
+    pipe = _check(model, [["a"], ["r"], ["y"]], rng)
+    assert pipe.segments[2].inputs == ["x"]
