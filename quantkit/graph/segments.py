@@ -9,7 +9,7 @@ to come read), kept for the current batch only and dropped once nothing later re
 
 A segment is built while the first batch runs, so the arrays passed on to it say its inputs' types.
 Graphs with subgraphs (If/Loop bodies may read any outer tensor) and segments that would need a tensor
-no earlier segment kept are built the old way, from the graph inputs.
+no earlier segment kept (or kept as a sequence, a list) are built the old way, from the graph inputs.
 """
 
 from __future__ import annotations
@@ -80,13 +80,15 @@ class Pipeline:
     def _nodes(self, names: list[str], kept: Mapping[str, np.ndarray]) -> tuple[list[ir.Node], list[str]]:
         """The nodes a segment runs and the tensors it reads from earlier segments: the nodes the tensors
         need that no earlier segment computed; all they need, from the graph inputs, when the graph has
-        subgraphs or an earlier segment computed a tensor it did not keep."""
+        subgraphs, an earlier segment computed a tensor it did not keep, or kept it as a sequence."""
         nodes = self._ancestors(names, self.done if self.segmented else set())
         ids = {id(n) for n in nodes}
         boundary = sorted({v.name for n in nodes for v in n.inputs if v is not None and v.name in self.produced
                            and id(self.produced[v.name].producer()) not in ids})
         asked = [n for n in names if n in self.produced and id(self.produced[n].producer()) not in ids]
-        if self.segmented and all(b in kept for b in boundary) and all(n in kept for n in asked):
+        # a sequence (onnxruntime gives a list) cannot type a segment's input
+        if self.segmented and all(isinstance(kept.get(b), np.ndarray) for b in boundary) \
+                and all(n in kept for n in asked):
             return nodes, boundary
         return self._ancestors(names, set()), []
 
