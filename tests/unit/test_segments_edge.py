@@ -70,3 +70,30 @@ def test_a_sequence_later_segments_read_is_recomputed_from_the_inputs():
                     helper.make_node("Add", ["s1", "r"], ["y"], name="add")], ["y"], [_weight(rng, "w"), *index])
     pipe = _check(model, [["a"], ["r"], ["y"]], rng)
     assert pipe.segments[2].inputs == ["x"]
+
+
+def test_an_initializer_listed_as_a_graph_input_is_not_asked_of_the_feed():
+    """w1 is an initializer that is also a graph input (older exporters list them so): the probe's feeds do
+    not hold it and the sessions read the initializer, so the segments neither ask the feed for it nor
+    count it among the inputs a chunk can use (the sensitivity step used to fail with KeyError: 'w1')."""
+    rng = np.random.default_rng(2)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w0"], ["a"], name="mm0"),
+                           helper.make_node("Relu", ["a"], ["b"], name="relu"),
+                           helper.make_node("MatMul", ["b", "w1"], ["y"], name="mm1")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8]),
+                           helper.make_tensor_value_info("w1", TensorProto.FLOAT, [8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [_weight(rng, "w0"), _weight(rng, "w1")])
+    model = ir.serde.deserialize_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    pipe = Pipeline(model, _session)
+    assert pipe.graph_inputs == {"x"}
+    feed = {"x": rng.normal(size=(3, 8)).astype(np.float32)}
+    kept: dict = {}
+    for i, names in enumerate([["a"], ["b", "w1", "x"], ["y"]]):
+        pipe.add(names, kept)
+        got = pipe.run(i, feed, kept)
+        want = [n for n in names if n != "w1"]
+        assert sorted(got) == sorted(want)
+        for name, w in zip(want, _session(with_outputs(model, want)).run(want, feed)):
+            np.testing.assert_array_equal(got[name], w)
+    assert kept == {}
