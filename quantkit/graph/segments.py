@@ -43,7 +43,8 @@ class Pipeline:
         self.session = session
         self.nodes = list(model.graph)
         self.produced = {v.name: v for n in self.nodes for v in n.outputs if v.name}
-        self.graph_inputs = {v.name for v in model.graph.inputs if v.name}
+        # the inputs a feed gives: an initializer also listed as an input is read from the model
+        self.graph_inputs = {v.name for v in model.graph.inputs if v.name and v.const_value is None}
         self.segmented = not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                                  for n in model.graph.all_nodes() for a in n.attributes.values())
         self.done: set[int] = set()  # ids of the nodes earlier segments computed
