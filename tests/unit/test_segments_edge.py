@@ -97,3 +97,21 @@ def test_an_initializer_listed_as_a_graph_input_is_not_asked_of_the_feed():
         for name, w in zip(want, _session(with_outputs(model, want)).run(want, feed)):
             np.testing.assert_array_equal(got[name], w)
     assert kept == {}
+
+
+def test_segments_of_a_graph_with_subgraphs_expose_and_keep_only_what_is_asked():
+    """With an If node every segment runs from the graph inputs, so nothing a segment could pass on is ever
+    read: a segment's session gives the asked tensors only (as before the segments) and keeps nothing."""
+    rng = np.random.default_rng(3)
+    branch = helper.make_graph([helper.make_node("Identity", ["h"], ["o"])], "b", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    model = _model([helper.make_node("MatMul", ["x", "w0"], ["a"], name="mm0"),
+                    helper.make_node("Relu", ["a"], ["r"], name="relu"),
+                    helper.make_node("MatMul", ["r", "w1"], ["m"], name="mm1"),
+                    helper.make_node("Add", ["m", "r"], ["h"], name="skip"),
+                    helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
+                    helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="if")],
+                   ["y"], [_weight(rng, "w0"), _weight(rng, "w1")])
+    pipe = _check(model, [["m"], ["h"], ["y"]], rng)
+    assert not pipe.segmented
+    assert [s.outputs for s in pipe.segments] == [["m"], ["h"], ["y"]]
