@@ -57,7 +57,8 @@ class Pipeline:
         nodes, boundary = self._nodes(names, kept)
         ids = {id(n) for n in nodes}
         self.done |= ids
-        later = [v.name for n in nodes for v in n.outputs if v.name and not self._spent(v.name)]
+        later = [v.name for n in nodes for v in n.outputs if v.name and not self._spent(v.name)] \
+            if self.segmented else []  # with subgraphs every segment runs from the graph inputs: none is read
         computed = [n for n in names if n in self.produced and id(self.produced[n].producer()) in ids]
         outputs = list(dict.fromkeys([*computed, *later]))
         sess = self.session(self._cut(nodes, boundary, outputs, kept)) if outputs else None
