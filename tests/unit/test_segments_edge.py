@@ -115,3 +115,26 @@ def test_segments_of_a_graph_with_subgraphs_expose_and_keep_only_what_is_asked()
     pipe = _check(model, [["m"], ["h"], ["y"]], rng)
     assert not pipe.segmented
     assert [s.outputs for s in pipe.segments] == [["m"], ["h"], ["y"]]
+
+
+def _qdq(name: str) -> list:
+    return [helper.make_node("QuantizeLinear", [name, f"{name}_s", "zp"], [f"{name}_q"], name=f"{name}_Q"),
+            helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", "zp"], [f"{name}_dq"], name=f"{name}_DQ")]
+
+
+def test_a_weight_dequantized_once_for_matmuls_in_two_segments_is_dequantized_in_each():
+    """One DequantizeLinear of an int8 weight feeds MatMuls in two segments (a weight shared by two layers,
+    as the quantizer writes it). Passed on as a float tensor it would make the second MatMul a float one:
+    onnxruntime runs DQ -> MatMul of the whole model as an integer MatMul, so the segment must compute the
+    constant DequantizeLinear itself and the tensors stay those of the whole model, bit for bit."""
+    rng = np.random.default_rng(4)
+    q = rng.integers(-127, 128, size=(8, 8)).astype(np.int8)
+    inits = [numpy_helper.from_array(q, "w_q"), numpy_helper.from_array(np.float32(0.02), "w_s"),
+             numpy_helper.from_array(np.int8(0), "zp"), numpy_helper.from_array(np.float32(0.03), "x_s"),
+             numpy_helper.from_array(np.float32(0.05), "b_s")]
+    model = _model([*_qdq("x"), helper.make_node("DequantizeLinear", ["w_q", "w_s", "zp"], ["w_dq"], name="w_DQ"),
+                    helper.make_node("MatMul", ["x_dq", "w_dq"], ["a"], name="mm0"),
+                    helper.make_node("Relu", ["a"], ["b"], name="relu"), *_qdq("b"),
+                    helper.make_node("MatMul", ["b_dq", "w_dq"], ["y"], name="mm1")], ["y"], inits)
+    pipe = _check(model, [["a"], ["b"], ["y"]], rng)
+    assert "w_dq" not in pipe.segments[2].inputs
