@@ -10,6 +10,8 @@ to come read), kept for the current batch only and dropped once nothing later re
 A segment is built while the first batch runs, so the arrays passed on to it say its inputs' types.
 Graphs with subgraphs (If/Loop bodies may read any outer tensor) and segments that would need a tensor
 no earlier segment kept (or kept as a sequence, a list) are built the old way, from the graph inputs.
+Nodes computed from initializers only (a weight's DequantizeLinear, Constants) are recomputed by every
+segment that needs them, as in the whole model: passed on, onnxruntime could not fuse what reads them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.graph.ir_edit import drop_unused, with_outputs
+
+_RANDOM = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+                     "Multinomial"})  # computed once per run: the whole model's draws are passed on
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Pipeline:
         self.segmented = not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                                  for n in model.graph.all_nodes() for a in n.attributes.values())
         self.done: set[int] = set()  # ids of the nodes earlier segments computed
+        self.constant = self._constant_nodes()  # recomputed by every segment needing them, never passed on
         self.segments: list[Segment] = []
 
     def add(self, names: list[str], kept: Mapping[str, np.ndarray]) -> int:
@@ -57,7 +63,8 @@ class Pipeline:
         nodes, boundary = self._nodes(names, kept)
         ids = {id(n) for n in nodes}
         self.done |= ids
-        later = [v.name for n in nodes for v in n.outputs if v.name and not self._spent(v.name)] \
+        later = [v.name for n in nodes if id(n) not in self.constant
+                 for v in n.outputs if v.name and not self._spent(v.name)] \
             if self.segmented else []  # with subgraphs every segment runs from the graph inputs: none is read
         computed = [n for n in names if n in self.produced and id(self.produced[n].producer()) in ids]
         outputs = list(dict.fromkeys([*computed, *later]))
@@ -104,11 +111,23 @@ class Pipeline:
         stack = [p for n in names if n in self.produced and (p := self.produced[n].producer()) is not None]
         while stack:
             node = stack.pop()
-            if id(node) in want or id(node) in done:
+            if id(node) in want or (id(node) in done and id(node) not in self.constant):
                 continue
             want.add(id(node))
             stack.extend(p for v in node.inputs if v is not None and (p := v.producer()) is not None)
         return [n for n in self.nodes if id(n) in want]
+
+    def _constant_nodes(self) -> set[int]:
+        """Ids of the nodes computed from initializers only (a weight's DequantizeLinear, a Constant): fed
+        to a segment as a computed input, onnxruntime would no longer fold or fuse them (DQ -> MatMul is its
+        integer MatMul), and the segment's tensors would differ from the whole model's."""
+        constant: set[int] = set()
+        for node in self.nodes:
+            if node.op_type not in _RANDOM and all(v is None or id(v.producer()) in constant or (
+                    v.producer() is None and v.const_value is not None and not v.is_graph_input())
+                    for v in node.inputs):
+                constant.add(id(node))
+        return constant
 
     def _cut(self, nodes: list[ir.Node], boundary: list[str], outputs: list[str],
              kept: Mapping[str, np.ndarray]) -> ir.Model:
