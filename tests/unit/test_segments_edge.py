@@ -138,3 +138,39 @@ def test_a_weight_dequantized_once_for_matmuls_in_two_segments_is_dequantized_in
                     helper.make_node("MatMul", ["b_dq", "w_dq"], ["y"], name="mm1")], ["y"], inits)
     pipe = _check(model, [["a"], ["b"], ["y"]], rng)
     assert "w_dq" not in pipe.segments[2].inputs
+
+
+class _Recording:
+    def __init__(self) -> None:
+        self.models: list[ir.Model] = []
+
+    def __call__(self, model: ir.Model):
+        self.models.append(model)
+        return _session(model)
+
+
+def test_an_asked_tensor_an_earlier_segment_did_not_keep_is_recomputed_from_what_was_kept():
+    """As the quantized model has it: Relu's output b is read by its QuantizeLinear only, and the DQ'd b by
+    MatMuls in two segments. The second segment asks b again (an op's input) though no later node reads
+    it, so nothing kept it: the segment recomputes the Relu from its input a (kept for the residual Add),
+    not every node from the graph inputs."""
+    rng = np.random.default_rng(5)
+    inits = [_weight(rng, "w0"), _weight(rng, "w1"), _weight(rng, "w2"), numpy_helper.from_array(np.int8(0), "zp"),
+             numpy_helper.from_array(np.float32(0.05), "b_s")]
+    model = _model([helper.make_node("MatMul", ["x", "w0"], ["a"], name="mm0"),
+                    helper.make_node("Relu", ["a"], ["b"], name="relu"), *_qdq("b"),
+                    helper.make_node("MatMul", ["b_dq", "w1"], ["c"], name="mm1"),
+                    helper.make_node("MatMul", ["b_dq", "w2"], ["e"], name="mm2"),
+                    helper.make_node("Add", ["e", "a"], ["y"], name="residual")], ["c", "y"], inits)
+    sessions = _Recording()
+    pipe = Pipeline(model, sessions)
+    feed = {"x": rng.normal(size=(3, 8)).astype(np.float32)}
+    kept: dict = {}
+    for i, names in enumerate([["b", "c"], ["b", "e"], ["y"]]):
+        pipe.add(names, kept)
+        got = pipe.run(i, feed, kept)
+        for name, w in zip(names, _session(with_outputs(model, names)).run(names, feed)):
+            np.testing.assert_array_equal(got[name], w)
+    assert kept == {}
+    assert [n.name for n in sessions.models[1].graph] == ["relu", "mm2"]
+    assert sorted(v.name for v in sessions.models[1].graph.inputs) == ["a", "b_dq"]
