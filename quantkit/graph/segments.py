@@ -8,8 +8,9 @@ earlier segment computed: its inputs are the tensors earlier segments passed on 
 to come read), kept for the current batch only and dropped once nothing later reads them.
 
 A segment is built while the first batch runs, so the arrays passed on to it say its inputs' types.
-Graphs with subgraphs (If/Loop bodies may read any outer tensor) and segments that would need a tensor
-no earlier segment kept (or kept as a sequence, a list) are built the old way, from the graph inputs.
+A tensor an earlier segment computed but did not keep (or kept as a sequence, a list) is computed again
+from what was kept. Graphs with subgraphs (If/Loop bodies may read any outer tensor) keep nothing: their
+segments are built the old way, from the graph inputs.
 Nodes computed from initializers only (a weight's DequantizeLinear, Constants) are recomputed by every
 segment that needs them, as in the whole model: passed on, onnxruntime could not fuse what reads them.
 """
@@ -63,7 +64,7 @@ class Pipeline:
         nodes, boundary = self._nodes(names, kept)
         ids = {id(n) for n in nodes}
         self.done |= ids
-        later = [v.name for n in nodes if id(n) not in self.constant
+        later = [v.name for n in nodes if id(n) not in self.constant  # a constant's is recomputed where needed
                  for v in n.outputs if v.name and not self._spent(v.name)] \
             if self.segmented else []  # with subgraphs every segment runs from the graph inputs: none is read
         computed = [n for n in names if n in self.produced and id(self.produced[n].producer()) in ids]
@@ -87,35 +88,29 @@ class Pipeline:
         return asked
 
     def _nodes(self, names: list[str], kept: Mapping[str, np.ndarray]) -> tuple[list[ir.Node], list[str]]:
-        """The nodes a segment runs and the tensors it reads from earlier segments: the nodes the tensors
-        need that no earlier segment computed; all they need, from the graph inputs, when the graph has
-        subgraphs, an earlier segment computed a tensor it did not keep, or kept it as a sequence."""
-        nodes = self._ancestors(names, self.done if self.segmented else set())
-        ids = {id(n) for n in nodes}
-        boundary = sorted({v.name for n in nodes for v in n.inputs if v is not None and v.name in self.produced
-                           and id(self.produced[v.name].producer()) not in ids})
-        asked = [n for n in names if n in self.produced and id(self.produced[n].producer()) not in ids]
-        # a sequence (onnxruntime gives a list) cannot type a segment's input
-        if self.segmented and all(isinstance(kept.get(b), np.ndarray) for b in boundary) \
-                and all(n in kept for n in asked):
-            return nodes, boundary
-        return self._ancestors(names, set()), []
+        """The nodes a segment runs and the tensors it reads from earlier segments: every node the asked
+        tensors need, up to the tensors earlier segments kept of the current batch. A tensor an earlier
+        segment computed but did not keep (or kept as a sequence, a list: it cannot type an input) is
+        computed again from what was kept; with subgraphs nothing is kept, so all runs from the inputs."""
+        usable = {n for n, a in kept.items() if isinstance(a, np.ndarray)}
+        want: set[int] = set()
+        stack = [p for n in names if n not in kept and n in self.produced and
+                 (p := self.produced[n].producer()) is not None]
+        while stack:
+            node = stack.pop()
+            if id(node) in want:
+                continue
+            want.add(id(node))
+            stack.extend(p for v in node.inputs if v is not None and v.name not in usable
+                         and (p := v.producer()) is not None)
+        nodes = [n for n in self.nodes if id(n) in want]
+        boundary = sorted({v.name for n in nodes for v in n.inputs if v is not None and v.name in usable
+                           and id(self.produced[v.name].producer()) not in want})
+        return nodes, boundary
 
     def _spent(self, name: str) -> bool:
         """Whether every node reading the tensor has been computed."""
         return all(id(u.node) in self.done for u in self.produced[name].uses())
-
-    def _ancestors(self, names: list[str], done: set[int]) -> list[ir.Node]:
-        """The nodes the tensors need that `done` does not hold, in graph order."""
-        want: set[int] = set()
-        stack = [p for n in names if n in self.produced and (p := self.produced[n].producer()) is not None]
-        while stack:
-            node = stack.pop()
-            if id(node) in want or (id(node) in done and id(node) not in self.constant):
-                continue
-            want.add(id(node))
-            stack.extend(p for v in node.inputs if v is not None and (p := v.producer()) is not None)
-        return [n for n in self.nodes if id(n) in want]
 
     def _constant_nodes(self) -> set[int]:
         """Ids of the nodes computed from initializers only (a weight's DequantizeLinear, a Constant): fed

@@ -59,7 +59,8 @@ def test_a_graph_output_later_segments_read_is_passed_on():
 
 def test_a_sequence_later_segments_read_is_recomputed_from_the_inputs():
     """SplitToSequence's output is read by SequenceAt nodes in two segments: onnxruntime returns a sequence
-    as a list, which cannot type a segment's input; the segment reading it again runs from the graph inputs."""
+    as a list, which cannot type a segment's input; the segment reading it again computes it anew (from x)
+    and reads the kept Relu output."""
     rng = np.random.default_rng(1)
     index = [numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in (0, 1)]
     model = _model([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
@@ -69,7 +70,7 @@ def test_a_sequence_later_segments_read_is_recomputed_from_the_inputs():
                     helper.make_node("SequenceAt", ["seq", "i1"], ["s1"], name="at1"),
                     helper.make_node("Add", ["s1", "r"], ["y"], name="add")], ["y"], [_weight(rng, "w"), *index])
     pipe = _check(model, [["a"], ["r"], ["y"]], rng)
-    assert pipe.segments[2].inputs == ["x"]
+    assert pipe.segments[2].inputs == ["x", "r"]
 
 
 def test_an_initializer_listed_as_a_graph_input_is_not_asked_of_the_feed():
