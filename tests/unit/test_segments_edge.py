@@ -175,3 +175,22 @@ def test_an_asked_tensor_an_earlier_segment_did_not_keep_is_recomputed_from_what
     assert kept == {}
     assert [n.name for n in sessions.models[1].graph] == ["relu", "mm2"]
     assert sorted(v.name for v in sessions.models[1].graph.inputs) == ["a", "b_dq"]
+
+
+def test_an_activations_dequantizelinear_read_in_two_segments_is_dequantized_in_each():
+    """The quantizer writes one Q -> DQ per activation, and the DQ'd x feeds MatMuls with int8 weights in
+    two segments. Whole, onnxruntime runs each DQ -> MatMul <- DQ as an integer MatMul; passed on as a
+    float tensor, the DQ'd x would make the second one a float MatMul of other values. What is passed on
+    is the int8 x, and each segment dequantizes it."""
+    rng = np.random.default_rng(6)
+    inits = [numpy_helper.from_array(np.int8(0), "zp"), numpy_helper.from_array(np.float32(0.03), "x_s"),
+             numpy_helper.from_array(np.float32(0.02), "w_s")]
+    inits += [numpy_helper.from_array(rng.integers(-127, 128, size=(8, 8)).astype(np.int8), f"w{i}_q") for i in (0, 1)]
+    model = _model([*_qdq("x"), *[helper.make_node("DequantizeLinear", [f"w{i}_q", "w_s", "zp"], [f"w{i}_dq"])
+                                  for i in (0, 1)],
+                    helper.make_node("MatMul", ["x_dq", "w0_dq"], ["a"], name="mm0"),
+                    helper.make_node("Relu", ["a"], ["r"], name="relu"),
+                    helper.make_node("MatMul", ["x_dq", "w1_dq"], ["e"], name="mm1"),
+                    helper.make_node("Add", ["e", "r"], ["y"], name="add")], ["y"], inits)
+    pipe = _check(model, [["x", "r"], ["x", "e"], ["y"]], rng)
+    assert pipe.segments[1].inputs == ["x_q"]
