@@ -54,7 +54,9 @@ class Pipeline:
         self.segmented = not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                                  for n in model.graph.all_nodes() for a in n.attributes.values())
         self.done: set[int] = set()  # ids of the nodes earlier segments computed
-        self.constant = self._constant_nodes()  # recomputed by every segment needing them, never passed on
+        # recomputed by every segment needing them, never passed on: nodes of initializers only, and every
+        # DequantizeLinear (onnxruntime fuses it into what reads it; the int8 tensor it reads is passed on)
+        self.constant = self._constant_nodes() | {id(n) for n in self.nodes if n.op_type == "DequantizeLinear"}
         self.segments: list[Segment] = []
 
     def add(self, names: list[str], kept: Mapping[str, np.ndarray]) -> int:
@@ -109,8 +111,11 @@ class Pipeline:
         return nodes, boundary
 
     def _spent(self, name: str) -> bool:
-        """Whether every node reading the tensor has been computed."""
-        return all(id(u.node) in self.done for u in self.produced[name].uses())
+        """Whether every node reading the tensor has been computed (one that is recomputed where needed,
+        with every node reading its outputs)."""
+        return all(id(u.node) in self.done and (id(u.node) not in self.constant
+                                                or all(self._spent(o.name) for o in u.node.outputs if o.name))
+                   for u in self.produced[name].uses())
 
     def _constant_nodes(self) -> set[int]:
         """Ids of the nodes computed from initializers only (a weight's DequantizeLinear, a Constant): fed

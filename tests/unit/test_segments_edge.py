@@ -155,7 +155,7 @@ def test_an_asked_tensor_an_earlier_segment_did_not_keep_is_recomputed_from_what
     """As the quantized model has it: Relu's output b is read by its QuantizeLinear only, and the DQ'd b by
     MatMuls in two segments. The second segment asks b again (an op's input) though no later node reads
     it, so nothing kept it: the segment recomputes the Relu from its input a (kept for the residual Add),
-    not every node from the graph inputs."""
+    not every node from the graph inputs, and dequantizes the kept int8 b itself."""
     rng = np.random.default_rng(5)
     inits = [_weight(rng, "w0"), _weight(rng, "w1"), _weight(rng, "w2"), numpy_helper.from_array(np.int8(0), "zp"),
              numpy_helper.from_array(np.float32(0.05), "b_s")]
@@ -174,8 +174,8 @@ def test_an_asked_tensor_an_earlier_segment_did_not_keep_is_recomputed_from_what
         for name, w in zip(names, _session(with_outputs(model, names)).run(names, feed)):
             np.testing.assert_array_equal(got[name], w)
     assert kept == {}
-    assert [n.name for n in sessions.models[1].graph] == ["relu", "mm2"]
-    assert sorted(v.name for v in sessions.models[1].graph.inputs) == ["a", "b_dq"]
+    assert [n.name for n in sessions.models[1].graph] == ["relu", "b_DQ", "mm2"]
+    assert sorted(v.name for v in sessions.models[1].graph.inputs) == ["a", "b_q"]
 
 
 def test_an_activations_dequantizelinear_read_in_two_segments_is_dequantized_in_each():
