@@ -8,8 +8,11 @@ earlier segment computed: its inputs are the tensors earlier segments passed on 
 to come read), kept for the current batch only and dropped once nothing later reads them.
 
 A segment is built while the first batch runs, so the arrays passed on to it say its inputs' types.
-Graphs with subgraphs (If/Loop bodies may read any outer tensor) and segments that would need a tensor
-no earlier segment kept are built the old way, from the graph inputs.
+A tensor an earlier segment computed but did not keep (or kept as a sequence, a list) is computed again
+from what was kept. Graphs with subgraphs (If/Loop bodies may read any outer tensor) keep nothing: their
+segments are built the old way, from the graph inputs.
+Nodes computed from initializers only (a weight's DequantizeLinear, Constants) are recomputed by every
+segment that needs them, as in the whole model: passed on, onnxruntime could not fuse what reads them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import numpy as np
 import onnx_ir as ir
 
 from quantkit.graph.ir_edit import drop_unused, with_outputs
+
+_RANDOM = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli",
+                     "Multinomial"})  # computed once per run: the whole model's draws are passed on
 
 
 @dataclass
@@ -43,10 +49,14 @@ class Pipeline:
         self.session = session
         self.nodes = list(model.graph)
         self.produced = {v.name: v for n in self.nodes for v in n.outputs if v.name}
-        self.graph_inputs = {v.name for v in model.graph.inputs if v.name}
+        # the inputs a feed gives: an initializer also listed as an input is read from the model
+        self.graph_inputs = {v.name for v in model.graph.inputs if v.name and v.const_value is None}
         self.segmented = not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                                  for n in model.graph.all_nodes() for a in n.attributes.values())
         self.done: set[int] = set()  # ids of the nodes earlier segments computed
+        # recomputed by every segment needing them, never passed on: nodes of initializers only, and every
+        # DequantizeLinear (onnxruntime fuses it into what reads it; the int8 tensor it reads is passed on)
+        self.constant = self._constant_nodes() | {id(n) for n in self.nodes if n.op_type == "DequantizeLinear"}
         self.segments: list[Segment] = []
 
     def add(self, names: list[str], kept: Mapping[str, np.ndarray]) -> int:
@@ -56,7 +66,9 @@ class Pipeline:
         nodes, boundary = self._nodes(names, kept)
         ids = {id(n) for n in nodes}
         self.done |= ids
-        later = [v.name for n in nodes for v in n.outputs if v.name and not self._spent(v.name)]
+        later = [v.name for n in nodes if id(n) not in self.constant  # a constant's is recomputed where needed
+                 for v in n.outputs if v.name and not self._spent(v.name)] \
+            if self.segmented else []  # with subgraphs every segment runs from the graph inputs: none is read
         computed = [n for n in names if n in self.produced and id(self.produced[n].producer()) in ids]
         outputs = list(dict.fromkeys([*computed, *later]))
         sess = self.session(self._cut(nodes, boundary, outputs, kept)) if outputs else None
@@ -78,33 +90,44 @@ class Pipeline:
         return asked
 
     def _nodes(self, names: list[str], kept: Mapping[str, np.ndarray]) -> tuple[list[ir.Node], list[str]]:
-        """The nodes a segment runs and the tensors it reads from earlier segments: the nodes the tensors
-        need that no earlier segment computed; all they need, from the graph inputs, when the graph has
-        subgraphs or an earlier segment computed a tensor it did not keep."""
-        nodes = self._ancestors(names, self.done if self.segmented else set())
-        ids = {id(n) for n in nodes}
-        boundary = sorted({v.name for n in nodes for v in n.inputs if v is not None and v.name in self.produced
-                           and id(self.produced[v.name].producer()) not in ids})
-        asked = [n for n in names if n in self.produced and id(self.produced[n].producer()) not in ids]
-        if self.segmented and all(b in kept for b in boundary) and all(n in kept for n in asked):
-            return nodes, boundary
-        return self._ancestors(names, set()), []
-
-    def _spent(self, name: str) -> bool:
-        """Whether every node reading the tensor has been computed."""
-        return all(id(u.node) in self.done for u in self.produced[name].uses())
-
-    def _ancestors(self, names: list[str], done: set[int]) -> list[ir.Node]:
-        """The nodes the tensors need that `done` does not hold, in graph order."""
+        """The nodes a segment runs and the tensors it reads from earlier segments: every node the asked
+        tensors need, up to the tensors earlier segments kept of the current batch. A tensor an earlier
+        segment computed but did not keep (or kept as a sequence, a list: it cannot type an input) is
+        computed again from what was kept; with subgraphs nothing is kept, so all runs from the inputs."""
+        usable = {n for n, a in kept.items() if isinstance(a, np.ndarray)}
         want: set[int] = set()
-        stack = [p for n in names if n in self.produced and (p := self.produced[n].producer()) is not None]
+        stack = [p for n in names if n not in kept and n in self.produced and
+                 (p := self.produced[n].producer()) is not None]
         while stack:
             node = stack.pop()
-            if id(node) in want or id(node) in done:
+            if id(node) in want:
                 continue
             want.add(id(node))
-            stack.extend(p for v in node.inputs if v is not None and (p := v.producer()) is not None)
-        return [n for n in self.nodes if id(n) in want]
+            stack.extend(p for v in node.inputs if v is not None and v.name not in usable
+                         and (p := v.producer()) is not None)
+        nodes = [n for n in self.nodes if id(n) in want]
+        boundary = sorted({v.name for n in nodes for v in n.inputs if v is not None and v.name in usable
+                           and id(self.produced[v.name].producer()) not in want})
+        return nodes, boundary
+
+    def _spent(self, name: str) -> bool:
+        """Whether every node reading the tensor has been computed (one that is recomputed where needed,
+        with every node reading its outputs)."""
+        return all(id(u.node) in self.done and (id(u.node) not in self.constant
+                                                or all(self._spent(o.name) for o in u.node.outputs if o.name))
+                   for u in self.produced[name].uses())
+
+    def _constant_nodes(self) -> set[int]:
+        """Ids of the nodes computed from initializers only (a weight's DequantizeLinear, a Constant): fed
+        to a segment as a computed input, onnxruntime would no longer fold or fuse them (DQ -> MatMul is its
+        integer MatMul), and the segment's tensors would differ from the whole model's."""
+        constant: set[int] = set()
+        for node in self.nodes:
+            if node.op_type not in _RANDOM and all(v is None or id(v.producer()) in constant or (
+                    v.producer() is None and v.const_value is not None and not v.is_graph_input())
+                    for v in node.inputs):
+                constant.add(id(node))
+        return constant
 
     def _cut(self, nodes: list[ir.Node], boundary: list[str], outputs: list[str],
              kept: Mapping[str, np.ndarray]) -> ir.Model:
@@ -116,6 +139,7 @@ class Pipeline:
         cloned = list(copy.graph)
         keep = {id(cloned[index[id(n)]]) for n in nodes}
         values = ir.convenience.create_value_mapping(copy.graph)
+        copy.graph.outputs.clear()  # first: a kept tensor may be a graph output, whose uses cannot be replaced
         fed = []
         for name in boundary:
             a = kept[name]
@@ -123,7 +147,6 @@ class Pipeline:
                              shape=ir.Shape([None] * a.ndim))
             values[name].replace_all_uses_with(value)
             fed.append(value)
-        copy.graph.outputs.clear()
         copy.graph.outputs.extend(values[n] for n in outputs)
         copy.graph.remove([n for n in reversed(cloned) if id(n) not in keep], safe=True)
         used = {v.name for n in copy.graph for v in n.inputs if v is not None}

@@ -73,7 +73,7 @@ def test_segments_compute_each_node_once_and_give_the_whole_models_tensors():
 
 def test_a_tensor_an_earlier_segment_computed_but_did_not_keep_is_computed_again_from_the_inputs():
     """Asking for mm1's output after a segment that consumed it entirely: that segment did not keep it,
-    so the new segment runs from the graph inputs (the old way) and still gives the right tensor."""
+    so the new segment computes mm1 again from the graph input, and mm3 from the skip's kept output."""
     rng = np.random.default_rng(1)
     model = _residual(rng)
     sessions = _Sessions()
@@ -86,7 +86,8 @@ def test_a_tensor_an_earlier_segment_computed_but_did_not_keep_is_computed_again
     got = pipe.run(1, feed, kept)
     np.testing.assert_array_equal(got["h1"], _full(model, ["h1"], feed)["h1"])
     np.testing.assert_array_equal(got["y"], _full(model, ["y"], feed)["y"])
-    assert [v.name for v in sessions.models[1].graph.inputs] == ["x"]
+    assert [v.name for v in sessions.models[1].graph.inputs] == ["x", "s"]
+    assert [n.name for n in sessions.models[1].graph] == ["mm1", "mm3"]
 
 
 def test_a_graph_with_subgraphs_is_run_from_its_inputs_every_segment():
