@@ -47,6 +47,13 @@ class Settings:
 SETTINGS = Settings()  # module level so a benchmark can set it (as prune_sweep.py sets the ridge)
 
 
+def settings_for(steps: int | None) -> Settings:
+    """SETTINGS with --prune-train-steps (None: its own steps)."""
+    from dataclasses import replace
+
+    return SETTINGS if steps is None else replace(SETTINGS, steps=steps)
+
+
 def require_torch() -> None:
     """ConfigError up front (before any calibration pass) when torch is missing."""
     from importlib.util import find_spec
