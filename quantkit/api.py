@@ -105,7 +105,8 @@ def _check_options(cfg: RunConfig) -> None:
     check_finetune(cfg)
     check_destinations({"output": cfg.output, "--report": cfg.report, "--save-fp32": cfg.save_fp32,
                         "--plan": cfg.plan_out, "--html": cfg.html},
-                       [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache, cfg.plan_in],
+                       [*model_files(cfg.model), cfg.data.calib, cfg.data.eval, cfg.data.stats_cache, cfg.plan_in,
+                        cfg.prune.train_data],
                        cfg.force)
     if (cfg.plan_out is not None or cfg.plan_in is not None) and not cfg.quant.activations.static:
         raise ConfigError("--plan and --from-plan record per-node placements of static int8 (uint8/int8 "
@@ -383,14 +384,24 @@ def _prune(cfg: RunConfig, model: ir.Model, inputs: Inputs, workdir: Path, statu
     def batches():
         return complete_batches(inputs.calib, inputs.batch, cfg.data.calib_samples, inputs.fixed)
 
+    train_batches = None
+    if cfg.prune.train_data is not None:  # --prune-train-data: the block training's extra data
+        extra = open_data(cfg.prune.train_data, assign_batch_axes(input_specs(inputs.model), cfg.data.batch_axes),
+                          cfg.data.preprocess)
+
+        def train_batches():
+            return complete_batches(extra, inputs.batch, None, inputs.fixed)
+
     g = cfg.gates
     if g.min_cosine is None and g.min_sqnr is None and g.max_accuracy_drop is None:
         status(f"pruning {cfg.prune.ratio:.0%} ({cfg.prune.structure})")
-        return model, prune(model, cfg.prune, batches, inputs.feed, workdir, status=status)
+        return model, prune(model, cfg.prune, batches, inputs.feed, workdir, status=status,
+                            train_batches=train_batches)
     target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
     probe = budget.Probe.take(inputs.fp32, batches())
     return prune_to_target(model, cfg.prune, batches, inputs.feed, workdir, target,
-                           lambda m: probe.score(runtime.session(m, workdir, tag="pruned candidate")), status)
+                           lambda m: probe.score(runtime.session(m, workdir, tag="pruned candidate")), status,
+                           train_batches)
 
 
 def _sqnr(model: ir.Model, inputs: Inputs, workdir: Path) -> float:

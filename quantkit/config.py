@@ -227,6 +227,8 @@ class PruneConfig:
     method: PruneMethod | None = None  # unstructured / 2:4 only; default wanda
     allocation: PruneAllocation = PruneAllocation.UNIFORM  # channel only
     refit: PruneRefit = PruneRefit.ONE_SHOT  # channel only
+    train_steps: int | None = None  # --prune-refit train: Adam steps per block (None: blocktrain.Settings.steps)
+    train_data: Path | None = None  # --prune-refit train: more data for the block training only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "structure", PruneStructure.parse(self.structure, "--prune-structure"))
@@ -237,6 +239,14 @@ class PruneConfig:
         sparse = self.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI)
         if self.structure == PruneStructure.SEMI and self.ratio is None:
             object.__setattr__(self, "ratio", 0.5)
+        if self.refit != PruneRefit.TRAIN:
+            given = [flag for flag, v in (("--prune-train-steps", self.train_steps),
+                                          ("--prune-train-data", self.train_data)) if v is not None]
+            if given:
+                raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to "
+                                  f"--prune-refit train, not {self.refit}")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise ConfigError(f"--prune-train-steps must be at least 1, got {self.train_steps}")
         if self.ratio is None:
             if self.structure != PruneStructure.CHANNEL or self.method is not None:
                 raise ConfigError("--prune-structure and --prune-method need --prune RATIO (e.g. --prune 0.3)")

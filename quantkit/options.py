@@ -71,6 +71,8 @@ OPTIONS = {o.key: o for o in (
     Option("prune_method", "str"),
     Option("prune_allocation", "str", "uniform"),
     Option("prune_refit", "str", "one-shot"),
+    Option("prune_train_steps", "int"),
+    Option("prune_train_data", "path"),
     # --finetune (recovery training; the other three apply only with it)
     Option("finetune", "int"),
     Option("lr", "float"),
@@ -185,7 +187,8 @@ def run_config(options: dict):
         gates=Gates(max_accuracy_drop=o["max_accuracy_drop"], min_cosine=o["min_cosine"],
                     require_speedup=o["require_speedup"], min_sqnr=o["min_sqnr"]),
         prune=PruneConfig(ratio=o["prune"], structure=o["prune_structure"], method=o["prune_method"],
-                          allocation=o["prune_allocation"], refit=o["prune_refit"]),
+                          allocation=o["prune_allocation"], refit=o["prune_refit"],
+                          train_steps=o["prune_train_steps"], train_data=o["prune_train_data"]),
     )
 
 
@@ -229,6 +232,7 @@ def effective_config(cfg) -> dict:
         "prune": cfg.prune.ratio, "prune_structure": cfg.prune.structure.value,
         "prune_method": cfg.prune.method.value if cfg.prune.method is not None else None,
         "prune_allocation": cfg.prune.allocation.value, "prune_refit": cfg.prune.refit.value,
+        "prune_train_steps": cfg.prune.train_steps, "prune_train_data": cfg.prune.train_data,
     }
     if cfg.finetune is not None:
         ft, default = cfg.finetune, type(cfg.finetune)(steps=1)

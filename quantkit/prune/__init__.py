@@ -22,10 +22,12 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
     """Prune `model` in place as `cfg` says; returns the report section `pruning`. `cache` keeps
     what depends on the model only (statistics, sensitivity curves) across calls on copies of it.
     train_batches: extra data for `--prune-refit train`'s block training only (blocktrain.py)."""
+    settings = None
     if cfg.refit == PruneRefit.TRAIN:
-        from quantkit.prune.blocktrain import require_torch
+        from quantkit.prune.blocktrain import require_torch, settings_for
 
         require_torch()  # before any calibration pass
+        settings = settings_for(cfg.train_steps)
     before = cost(model, feed, workdir)
     fold_constant_shapes(model)
     if cfg.structure == PruneStructure.CHANNEL:
@@ -33,7 +35,8 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
 
         section = prune_channels(model, cfg.ratio, batches, workdir, allocation=cfg.allocation.value, feed=feed,
                                  cache=cache, status=status, sequential=cfg.refit != PruneRefit.ONE_SHOT,
-                                 train=cfg.refit == PruneRefit.TRAIN, train_batches=train_batches)
+                                 train=cfg.refit == PruneRefit.TRAIN, train_batches=train_batches,
+                                 train_settings=settings)
         for layer in section["layers"]:
             layer["detail"] = f"{layer['channels_before']} -> {layer['channels_after']} channels"
     elif cfg.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI):
@@ -64,7 +67,8 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
 
 
 def prune_to_target(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, np.ndarray], workdir: Path,
-                    target, score, status=lambda s: None) -> tuple[ir.Model, dict | None]:
+                    target, score, status=lambda s: None,
+                    train_batches: Batches | None = None) -> tuple[ir.Model, dict | None]:
     """Prune as much as `target` allows, up to cfg.ratio (prune/target.py). Returns the model to
     quantize (the original when no ratio meets half the target) and the report section."""
     from dataclasses import replace
@@ -75,7 +79,8 @@ def prune_to_target(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: d
 
     def prune_at(ratio: float):
         candidate = model.clone()
-        return candidate, prune(candidate, replace(cfg, ratio=ratio), batches, feed, workdir, cache, status)
+        return candidate, prune(candidate, replace(cfg, ratio=ratio), batches, feed, workdir, cache, status,
+                                train_batches)
 
     goal = half_budget(target)
     found = search(cfg.ratio, prune_at, score, goal, status)

@@ -119,12 +119,13 @@ def paired_pass(original: ir.Model, current: ir.Model, links: list[Link], batche
 
 
 def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], batches, workdir: Path,
-                     train: bool = False, train_batches=None) -> list[dict]:
+                     train: bool = False, train_batches=None, settings=None) -> list[dict]:
     """Prune the safe groups of `model` in place, in order, each on the statistics of the model
     pruned so far (groups with spatial consumers: the one-shot rule on those statistics; the rest
     refit towards the original model, and with `train` then trained towards it: blocktrain.py,
     on the calibration tokens plus, when given, those of `train_batches()`, which the refit and
-    the held-out check do not use). Returns the per-group records."""
+    the held-out check do not use; settings: blocktrain.Settings, default its SETTINGS). Returns the
+    per-group records."""
     from quantkit.prune import blocktrain
     from quantkit.prune.structured import Consumer, choose, prune_group
 
@@ -155,7 +156,7 @@ def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], ba
                                   targets={lk.node.name: lk.target for lk in links})
         layers.append(layer_record(g, keep, records))
         if train:
-            layers[-1]["training"] = blocktrain.train_block(model, g, rows) if rows is not None else \
+            layers[-1]["training"] = blocktrain.train_block(model, g, rows, settings) if rows is not None else \
                 {"trained": False, "reason": why}
     return layers
 

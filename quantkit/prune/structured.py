@@ -180,13 +180,13 @@ def requests(groups: list[Group]) -> dict[str, tuple[int, int]]:
 def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit: bool = True,
                    allocation: str = "uniform", feed: dict | None = None, cache: dict | None = None,
                    status=lambda s: None, sequential: bool = False, train: bool = False,
-                   train_batches=None) -> dict:
+                   train_batches=None, train_settings=None) -> dict:
     """Prune channels of every safe group in place (`batches()` yields the calibration batches;
     refit=False: plain removal, for comparison): `ratio` of each group's channels (uniform), or
     per group as the sensitivity curves allocate `ratio` of the groups' MACs (sensitivity.py).
     sequential: group after group on the pruned model's statistics, refit towards the original
     model (sequential.py); train: each block then trained towards it (blocktrain.py; train_batches:
-    extra tokens for that training only). `cache`
+    extra tokens for that training only; train_settings: blocktrain.Settings, default its SETTINGS). `cache`
     keeps the one-shot statistics and the curves of this model for later calls. Returns the records."""
     from quantkit.prune.sensitivity import curves, safe_groups, section
     from quantkit.prune.sequential import layer_record, prune_sequential
@@ -204,7 +204,7 @@ def prune_channels(model: ir.Model, ratio: float, batches, workdir: Path, refit:
         alloc = section(cache["curves"], ratios)
     skipped = [{"layer": g.name, "channels": g.channels, "reason": g.reason} for g in groups if g.reason is not None]
     if sequential:
-        layers = prune_sequential(model, safe, ratios, batches, workdir, train, train_batches)
+        layers = prune_sequential(model, safe, ratios, batches, workdir, train, train_batches, train_settings)
     else:
         layers = []
         for g, r in zip(safe, ratios):

@@ -270,3 +270,38 @@ def test_trained_refit_on_the_digits_transformer(samples, tmp_path, monkeypatch)
         assert t["held_out_mse_trained"] <= t["held_out_mse_refit"] if t["trained"] else t["reason"]
     onnx.checker.check_model(str(out), full_check=True)
     assert report["outputs"][0]["top1_agreement"] > 0.9
+
+
+def test_block_training_steps_and_extra_data_from_the_command_line(samples, tmp_path):
+    """--prune-train-steps caps every block's Adam steps; --prune-train-data adds its rows to the
+    training tokens and none to the held-out ones (those stay every 8th calibration batch)."""
+    pytest.importorskip("torch")
+    d = samples / "digits_transformer"
+    common = [d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "--prune", "0.3",
+              "--prune-refit", "train", "--prune-train-steps", "7", "--no-speed-guard"]
+    records = {}
+    for name, extra in (("calib", []), ("more", ["--prune-train-data", d / "eval.npz"])):
+        rep = tmp_path / f"{name}.json"
+        r = quantize(*common, *extra, "-o", tmp_path / f"{name}.onnx", "--report", rep)
+        assert r.exit_code == 0, r.output
+        report = json.loads(rep.read_text())
+        assert report["effective_config"]["prune_train_steps"] == 7
+        records[name] = [la["training"] for la in report["pruning"]["layers"]]
+    assert report["effective_config"]["prune_train_data"] == str(d / "eval.npz")
+    assert records["calib"] and all(t["trained"] for t in records["calib"]), records
+    samples_calib, samples_more = len(np.load(d / "calib.npz")["x"]), len(np.load(d / "eval.npz")["x"])
+    for a, b in zip(records["calib"], records["more"]):
+        assert a["steps"] == b["steps"] == 7  # the default is 800
+        rows_per_sample = (a["tokens"] + a["held_out_tokens"]) / samples_calib
+        assert b["held_out_tokens"] == a["held_out_tokens"]
+        assert b["tokens"] - a["tokens"] == samples_more * rows_per_sample
+
+
+def test_block_training_options_need_the_train_refit(samples, tmp_path):
+    d = samples / "digits_transformer"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--prune", "0.3", "--prune-refit", "sequential",
+                 "--prune-train-steps", "100", "-o", tmp_path / "s.onnx")
+    assert r.exit_code == 2 and "--prune-train-steps applies to --prune-refit train, not sequential" in r.output
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--prune", "0.3", "--prune-refit", "train",
+                 "--prune-train-steps", "0", "-o", tmp_path / "t.onnx")
+    assert r.exit_code == 2 and "--prune-train-steps must be at least 1" in r.output
