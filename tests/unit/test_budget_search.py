@@ -274,3 +274,20 @@ def test_the_correction_is_the_largest_underestimate_of_the_misses_since_a_mark(
     assert model.correction(since=3) == 1.0  # no miss: no correction, never below 1
     assert model.smallest(lambda k: {"a": FLOAT} if k == 1 else {"a": FLOAT, "b": FLOAT}, 2, 1.0, since=2) == 2
     assert model.smallest(lambda k: {"a": FLOAT} if k == 1 else {"a": FLOAT, "b": FLOAT}, 2, 1.0) == 1
+
+
+def test_a_miss_stopped_early_corrects_by_its_scored_samples_not_by_its_bound():
+    """A candidate stopped early carries the bound it passed (every later sample taken as perfect: just past
+    the target) and the figures of the samples it was scored on: the miss is recorded with the larger
+    error of the two, and it alone refits nothing."""
+    from quantkit.quantize.budget import NoiseModel
+
+    target = Target(min_cosine=0.99)
+    model = NoiseModel({"a": {"kind": "k", "own_noise": 1.0}}, ["a"], target)
+    bound = {"name": "y", "nonfinite": 0, "cosine": 0.9899, "sqnr_db": 30.0, "top1": None}
+    scored = {**bound, "cosine": 0.97}  # 3x the error allowed on the samples scored
+    model.observe({}, [{**bound, "samples_scored": 8, "scored_only": scored}])
+    assert model.misses == [({}, pytest.approx(3.0))]
+    assert model.observed == []  # stopped early: no refit
+    model.observe({"a": FLOAT}, [{**bound, "cosine": 0.995}])  # met: not a miss
+    assert len(model.misses) == 1
