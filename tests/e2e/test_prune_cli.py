@@ -19,13 +19,20 @@ def quantize(*args):
     return CliRunner().invoke(cli, ["quantize", *map(str, args)])
 
 
+def reported(d, out, *args):
+    """Quantize the sample model in folder `d` with its calibration and evaluation data, no speed guard, to
+    `out` with a report beside it: the run's result and its report (the run must succeed)."""
+    rep = out.with_suffix(".json")
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out, "--report", rep,
+                 *args, "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    return r, json.loads(rep.read_text())
+
+
 def test_channel_pruning_then_int8_on_the_digits_cnn(samples, tmp_path):
     d = samples / "digits_cnn"
-    out, rep = tmp_path / "cnn.onnx", tmp_path / "report.json"
-    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
-                 "--report", rep, "--prune", "0.3", "--no-speed-guard")
-    assert r.exit_code == 0, r.output
-    report = json.loads(rep.read_text())
+    out = tmp_path / "cnn.onnx"
+    r, report = reported(d, out, "--prune", "0.3")
     p = report["pruning"]
     assert p["structure"] == "channel" and p["ratio"] == 0.3
     assert p["params_after"] < 0.8 * p["params_before"]
@@ -50,11 +57,7 @@ def test_channel_pruning_then_int8_on_the_digits_cnn(samples, tmp_path):
 
 def test_sensitivity_allocation_on_the_digits_cnn(samples, tmp_path):
     d = samples / "digits_cnn"
-    out, rep = tmp_path / "cnn.onnx", tmp_path / "report.json"
-    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
-                 "--report", rep, "--prune", "0.3", "--prune-allocation", "sensitivity", "--no-speed-guard")
-    assert r.exit_code == 0, r.output
-    report = json.loads(rep.read_text())
+    r, report = reported(d, tmp_path / "cnn.onnx", "--prune", "0.3", "--prune-allocation", "sensitivity")
     p = report["pruning"]
     assert p["allocation"] == "sensitivity" and report["effective_config"]["prune_allocation"] == "sensitivity"
     curves = p["sensitivity"]["curves"]
@@ -117,11 +120,7 @@ def test_unstructured_half_then_int4_stores_the_zeros_almost_free(samples, tmp_p
 
 def test_two_four_then_int8_on_the_digits_cnn(samples, tmp_path):
     d = samples / "digits_cnn"
-    out, rep = tmp_path / "cnn24.onnx", tmp_path / "r.json"
-    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out, "--report", rep,
-                 "--prune-structure", "2:4", "--no-speed-guard")
-    assert r.exit_code == 0, r.output
-    report = json.loads(rep.read_text())
+    _, report = reported(d, tmp_path / "cnn24.onnx", "--prune-structure", "2:4")
     p = report["pruning"]
     assert p["ratio"] == 0.5 and p["method"] is None
     assert all(layer["ratio"] == 0.5 for layer in p["layers"])
@@ -156,11 +155,7 @@ def test_head_pruning_on_a_model_without_attention_says_so(samples, tmp_path):
 
 def test_with_a_target_the_ratio_is_searched_and_the_gate_holds(samples, tmp_path):
     d = samples / "digits_cnn"
-    out, rep = tmp_path / "t.onnx", tmp_path / "r.json"
-    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out, "--report", rep,
-                 "--prune", "0.6", "--min-cosine", "0.99", "--no-speed-guard")
-    assert r.exit_code == 0, r.output
-    report = json.loads(rep.read_text())
+    _, report = reported(d, tmp_path / "t.onnx", "--prune", "0.6", "--min-cosine", "0.99")
     search = report["pruning"]["search"]
     assert 0 < search["chosen_ratio"] < 0.6 and search["pruning_target"] == "mean cosine >= 0.995"
     assert not search["trials"][0]["met"] and any(t["met"] for t in search["trials"])
@@ -229,11 +224,8 @@ def test_sequential_refit_on_the_digits_cnn(samples, tmp_path):
     d = samples / "digits_cnn"
     sections = {}
     for refit in ("one-shot", "sequential"):
-        out, rep = tmp_path / f"{refit}.onnx", tmp_path / f"{refit}.json"
-        r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
-                     "--report", rep, "--prune", "0.3", "--prune-refit", refit, "--no-speed-guard")
-        assert r.exit_code == 0, r.output
-        report = json.loads(rep.read_text())
+        out = tmp_path / f"{refit}.onnx"
+        r, report = reported(d, out, "--prune", "0.3", "--prune-refit", refit)
         sections[refit] = report["pruning"]
         assert report["pruning"]["refit"] == refit
         assert report["effective_config"].get("prune_refit", "one-shot") == refit
@@ -257,11 +249,8 @@ def test_trained_refit_on_the_digits_transformer(samples, tmp_path, monkeypatch)
 
     monkeypatch.setattr(blocktrain, "SETTINGS", replace(blocktrain.SETTINGS, steps=150))  # a short test
     d = samples / "digits_transformer"
-    out, rep = tmp_path / "t.onnx", tmp_path / "t.json"
-    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", out,
-                 "--report", rep, "--prune", "0.3", "--prune-refit", "train", "--no-speed-guard")
-    assert r.exit_code == 0, r.output
-    report = json.loads(rep.read_text())
+    out = tmp_path / "t.onnx"
+    _, report = reported(d, out, "--prune", "0.3", "--prune-refit", "train")
     p = report["pruning"]
     assert p["refit"] == "train" and report["effective_config"]["prune_refit"] == "train"
     records = [la["training"] for la in p["layers"]]
@@ -277,14 +266,10 @@ def test_block_training_steps_and_extra_data_from_the_command_line(samples, tmp_
     training tokens and none to the held-out ones (those stay every 8th calibration batch)."""
     pytest.importorskip("torch")
     d = samples / "digits_transformer"
-    common = [d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "--prune", "0.3",
-              "--prune-refit", "train", "--prune-train-steps", "7", "--no-speed-guard"]
     records = {}
     for name, extra in (("calib", []), ("more", ["--prune-train-data", d / "eval.npz"])):
-        rep = tmp_path / f"{name}.json"
-        r = quantize(*common, *extra, "-o", tmp_path / f"{name}.onnx", "--report", rep)
-        assert r.exit_code == 0, r.output
-        report = json.loads(rep.read_text())
+        _, report = reported(d, tmp_path / f"{name}.onnx", "--prune", "0.3", "--prune-refit", "train",
+                             "--prune-train-steps", "7", *extra)
         assert report["effective_config"]["prune_train_steps"] == 7
         records[name] = [la["training"] for la in report["pruning"]["layers"]]
     assert report["effective_config"]["prune_train_data"] == str(d / "eval.npz")
