@@ -152,7 +152,7 @@ def _without_weights(model: ir.Model) -> tuple[bytes, dict[str, ort.OrtValue]]:
     """The model serialized with its larger in-memory weights left out (marked external), and those
     weights as OrtValues for SessionOptions.add_external_initializers, which puts them in place before
     onnxruntime optimizes the graph: the same session, without copying every weight through protobuf
-    twice (90 MB of MiniLM: 0.31 s -> 0.11 s per session). The model is left as it was."""
+    twice (MiniLM's 86 MB: 0.22 s -> 0.09 s per session, benchmarks/session_build.py). The model is left as it was."""
     # read, and by top-level nodes only: onnxruntime drops an initializer nothing reads before it puts the
     # handed ones in place, and cannot replace one an If/Loop body reads (either fails the load)
     handed: list[tuple[ir.Value, ir.TensorProtocol]] = [

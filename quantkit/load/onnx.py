@@ -181,7 +181,7 @@ def model_bytes(path: Path) -> int:
 @functools.lru_cache(maxsize=8)
 def _locations(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
     """The external data files a model file references, parsed once per version of the file (a run
-    asks for its input's size several times; parsing a 90 MB model takes a tenth of a second)."""
+    asks for its input's size several times; parsing MiniLM's 86 MB file takes 0.06 s: benchmarks/session_build.py)."""
     return tuple(_external_locations(onnx.load(path, load_external_data=False)))
 
 
