@@ -6,10 +6,10 @@
 Each repeat runs the default command (`quantkit quantize MODEL --calib CALIB --threads 1`, as
 benchmarks/real_models.py's "quantkit static") once per checkout, alternating, each in its own process
 with that checkout as its working directory and first on PYTHONPATH, and reads the report's
-`stage_seconds`, `seconds` and the placement candidates the search scored. Alternating makes machine load hit
-both versions alike; the table gives per stage the median over the repeats, whether the written files were
-byte-identical across repeats (the placement must not depend on timing) and whether they are the first
-checkout's.
+`stage_seconds`, `seconds`, the placement candidates the search scored and the ops it moved. Alternating
+makes machine load hit both versions alike; the table gives per stage the median over the repeats, whether
+the written files were byte-identical across repeats (the placement must not depend on timing) and whether
+they are the first checkout's.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def _run(code: Path, model: Path, calib: Path, out: Path) -> dict:
     r = json.loads(report.read_text())
     return {**r["stage_seconds"], "total (report)": r["seconds"], "process wall": m.seconds,
             "process CPU": m.cpu_seconds, "candidates scored": len((r.get("placement") or {}).get("trials", [])),
+            "ops moved off static int8": len((r.get("placement") or {}).get("moved", {})),
             "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
 
 
