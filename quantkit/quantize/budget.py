@@ -751,7 +751,10 @@ def _by_level(order: list[str], levels: Levels, model: NoiseModel, measure, resu
             continue
         # this level's order: by what moving each op removes, as the gains learnt so far weigh it
         ranking = model.ranked(order, functools.partial(levels.pick, level=level))
-        k = _guided(functools.partial(levels.at, level, ranking=ranking), len(order), False, model, measure, result)
+        # below the float level every op keeps int8 weights: a few more ops off static int8 cost speed only
+        resolution = len(order) // BISECT_WORTH if level < levels.count - 1 else 0
+        k = _guided(functools.partial(levels.at, level, ranking=ranking), len(order), False, model, measure, result,
+                    resolution)
         if k is None:
             continue
         if level:  # of those k, only the noisiest one level back need this level: the rest stay there
@@ -901,12 +904,13 @@ GUESSES = 3  # plain guesses at most, each after the model is corrected by the m
 
 
 def _guided(build: Callable[[int], dict[str, str]], n: int, n_meets: bool, model: NoiseModel, measure,
-            result: SearchResult) -> int | None:
+            result: SearchResult, resolution: int = 0) -> int | None:
     """The smallest k in 1..n whose placement meets the target, measuring the noise model's guesses
     first: a bolder one, then plain ones, each scaled by how far the model underestimated this
     family's misses so far (NoiseModel.correction), so a miss pushes the next guess out; when a
     guess meets, it is taken without bisecting below it. When the guesses miss (or stop moving),
-    all n moved is measured, and bisection runs above the last miss. None when not even n meets."""
+    all n moved is measured, and bisection runs above the last miss, to within `resolution` ops
+    (_smallest). None when not even n meets."""
     lo, since = 0, len(model.misses)
     for slack in (GUESS_SLACK, *[1.0] * GUESSES):
         guess = model.smallest(build, n, slack, since)
@@ -919,7 +923,7 @@ def _guided(build: Callable[[int], dict[str, str]], n: int, n_meets: bool, model
         lo = guess
     if not n_meets and not measure(build(n), f"all {n} op(s) moved"):
         return None
-    return _smallest(build, n, measure, result, lo)
+    return _smallest(build, n, measure, result, lo, resolution)
 
 
 CROWDED = 2  # a level whose placement moves more than 1/CROWDED of the ops: the next level is searched too
@@ -950,9 +954,16 @@ def _noise_at(row: Mapping[str, Any], choice: str | None) -> float:
     return 0.0 if db is None else 10 ** (-db / 10)
 
 
-def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: SearchResult, lo: int = 0) -> int:
+BISECT_WORTH = 8  # below the float level, bisection stops once at most 1/8 of the ops are undecided
+
+
+def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: SearchResult, lo: int = 0,
+              resolution: int = 0) -> int:
     """Bisection for the smallest k in lo+1..n whose placement meets the target (n is known to), over
-    the k that change the placement (an op with no choice at a level leaves it as it was)."""
+    the k that change the placement (an op with no choice at a level leaves it as it was). With a
+    `resolution`, it stops once the k between the last miss and the smallest k met are at most that
+    many ops apart (the k met is taken): on a level where every op keeps int8 weights, those few ops
+    in static int8 are worth less than the candidates that would find them (SPLIT_WORTH's reasoning)."""
     steps, prev = [], build(lo)
     for k in range(lo + 1, n + 1):
         cur = build(k)
@@ -962,7 +973,7 @@ def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: S
     if not steps:
         steps.append(n)
     a, b = -1, len(steps) - 1  # the last step places what n does (nothing changes after it): it meets
-    while b - a > 1:
+    while b - a > 1 and steps[b] - (steps[a] if a >= 0 else lo) > resolution:
         mid = (a + b) // 2
         if measure(build(steps[mid]), f"the {steps[mid]} most sensitive op(s) moved"):
             b = mid

@@ -291,3 +291,40 @@ def test_a_miss_stopped_early_corrects_by_its_scored_samples_not_by_its_bound():
     assert model.observed == []  # stopped early: no refit
     model.observe({"a": FLOAT}, [{**bound, "cosine": 0.995}])  # met: not a miss
     assert len(model.misses) == 1
+
+
+def _uniform_family(choice: list[str]):
+    """32 ops alike (1e-3 own noise static, 1e-6 on weight-only, none float) with no sensitivity rows, so
+    the search has no guess and bisects: 24.5 dB allows 3.55e-3, so the smallest k that meets is 29."""
+    names = [f"op{i:02d}" for i in range(32)]
+    probes: list = []
+
+    def evaluate(overrides):
+        probes.append(dict(overrides))
+        noise = 1e-9 + sum({FLOAT: 0.0, "weight_only": 1e-6}.get(overrides.get(n), 1e-3) for n in names)
+        return [{"name": "y", "nonfinite": 0, "cosine": 1 - noise / 2, "sqnr_db": -10 * math.log10(noise),
+                 "top1": None}]
+
+    found = search([{"node": n} for n in names], {n: choice for n in names}, Target(min_sqnr=24.5), evaluate,
+                   lambda s: None)
+    return found, probes
+
+
+def test_bisection_below_the_float_level_stops_within_an_eighth_of_the_ops(monkeypatch):
+    """On the weight-only level every op keeps its int8 weights: the bisection stops once at most 32 // 8 = 4
+    ops are undecided and takes the k that met, in fewer candidates than the exact bisection."""
+    from quantkit.quantize import budget
+
+    found, probes = _uniform_family(["weight_only", FLOAT])
+    assert found.met and set(found.overrides.values()) == {"weight_only"}
+    assert 29 <= len(found.overrides) <= 29 + 32 // 8
+    monkeypatch.setattr(budget, "BISECT_WORTH", 10 ** 6)  # resolution 0: the exact bisection
+    exact, exact_probes = _uniform_family(["weight_only", FLOAT])
+    assert exact.met and len(exact.overrides) == 29
+    assert len(probes) < len(exact_probes)
+
+
+def test_bisection_at_the_float_level_finds_the_fewest_ops():
+    """Going float costs each op its int8 weights: there the bisection runs to the smallest k that meets."""
+    found, _ = _uniform_family([FLOAT])
+    assert found.met and set(found.overrides.values()) == {FLOAT} and len(found.overrides) == 29
