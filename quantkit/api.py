@@ -506,10 +506,15 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
            plan_info: dict, progress: Progress):
     """The rewritten model, its plan and rewrite result: every planned op, or with the speed guard
     the fastest placement of op groups (or the groups a replayed plan names)."""
-    def build(drop):
-        return placement.build(model, set(drop), SPEED_GUARD_REASON)
+    for_speed = cfg.gates.require_speedup is not None
+    # ops on weight-only int8/int4 are compression, which timing never undoes unless --require-speedup asks:
+    # a dropped group leaves only its other ops float, and a group of weight-only ops alone is not timed
+    keep = not for_speed
 
-    kinds = placement.kinds(model)
+    def build(drop):
+        return placement.build(model, set(drop), SPEED_GUARD_REASON, keep_weight_only=keep)
+
+    kinds = placement.kinds(model, droppable=keep)
     if "speed_dropped" in plan_info:
         dropped = {OpKind(k) for k in plan_info["speed_dropped"]}
         built, report = build(dropped), GuardReport(dropped=sorted(k.label for k in dropped),
@@ -520,7 +525,6 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
 
         # weight-only quantization is compression: timing never undoes it unless --require-speedup asks
         compression = set(kinds) if cfg.quant.activations == Activations.NONE else set(COMPRESSION_ONLY)
-        for_speed = cfg.gates.require_speedup is not None
         progress.start("speed guard", len(timed_kinds(set(kinds), for_speed, compression)), unit="placements")
         # every group's trial session held at once for the shared first look, when they fit easily
         shared = model_bytes(inputs.source.onnx_path) * (len(kinds) + 2) <= SHARED_LOOK_BYTES

@@ -153,12 +153,16 @@ class Plan:
             kept.append(op)
         self.ops = kept
 
-    def drop(self, kinds: set[OpKind], reason: str) -> None:
-        """Leave every op of the given kinds float (the speed guard's decision)."""
+    def drop(self, kinds: set[OpKind], reason: str, keep_weight_only: bool = False) -> None:
+        """Leave every op of the given kinds float (the speed guard's decision); with `keep_weight_only`,
+        not the ops on weight-only int8/int4 (compression, which timing never undoes unless asked)."""
+        def dropped(op: QuantizedOp) -> bool:
+            return op.kind in kinds and not (keep_weight_only and op.scheme == SchemeName.WEIGHT_ONLY)
+
         for op in self.ops:
-            if op.kind in kinds:
+            if dropped(op):
                 self.skipped.append(Skipped(op.node.name or "", op.node.op_type, reason))
-        self.ops = [op for op in self.ops if op.kind not in kinds]
+        self.ops = [op for op in self.ops if not dropped(op)]
 
 
 def activation_tensors(ops: list[QuantizedOp]) -> list[ir.Value]:

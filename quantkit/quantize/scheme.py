@@ -156,8 +156,11 @@ class Placement:
                 plan.skip(op, f"the plan asks for {want}, which cannot rewrite this op")
         return kept
 
-    def kinds(self, model: ir.Model) -> set[OpKind]:
-        return {op.kind for op in self.plan(model.clone()).ops}
+    def kinds(self, model: ir.Model, droppable: bool = False) -> set[OpKind]:
+        """The op groups of the plan; `droppable`: only groups with an op off weight-only (what
+        `build(..., keep_weight_only=True)` can leave float)."""
+        return {op.kind for op in self.plan(model.clone()).ops
+                if not (droppable and op.scheme == SchemeName.WEIGHT_ONLY)}
 
     def prepare_model(self, model: ir.Model) -> ir.Model:
         for scheme in self.schemes:
@@ -203,12 +206,13 @@ class Placement:
             lower_mod.lower(model)
         return result
 
-    def build(self, model: ir.Model, drop: set[OpKind], reason: str,
-              lower: bool = True) -> tuple[ir.Model, Plan, RewriteResult]:
-        """A rewritten copy of `model` with the ops of the `drop` kinds left float."""
+    def build(self, model: ir.Model, drop: set[OpKind], reason: str, lower: bool = True,
+              keep_weight_only: bool = False) -> tuple[ir.Model, Plan, RewriteResult]:
+        """A rewritten copy of `model` with the ops of the `drop` kinds left float (with
+        `keep_weight_only`, not those on weight-only int8/int4)."""
         m = model.clone()
         plan = self.plan(m)
-        plan.drop(drop, reason)
+        plan.drop(drop, reason, keep_weight_only)
         return m, plan, self.rewrite(m, plan, lower)
 
     def report(self, rw: RewriteResult) -> tuple[dict | None, dict]:

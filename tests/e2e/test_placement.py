@@ -241,3 +241,56 @@ def test_the_sensitivity_measures_every_op_in_one_chunk_when_calibration_says_th
         monkeypatch.setattr(budget, "CHUNK_BYTES", 1)  # the chunk budget is then the pass's batch: half the need
     assert chunks[0] == 3 and chunks[1:][0] == 1 and sum(chunks[1:]) == 3
     assert reports[0] == reports[1]
+
+
+def _conv_weights(path) -> dict[str, str]:
+    """Per Conv node of the written model: "float" when its weight is a float initializer, "int8" when it is
+    decoded from an int8 initializer (weight-only or static), and whether its input is quantized."""
+    m = onnx.load(str(path))
+    producer = {o: n.op_type for n in m.graph.node for o in n.output}
+    floats = {i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in m.graph.initializer) or all(
+        n.input[1] in floats for n in m.graph.node if n.op_type == "Conv")
+    return {n.name: ("float" if n.input[1] in floats else "int8")
+            + (" static" if producer.get(n.input[0]) == "DequantizeLinear" else "")
+            for n in m.graph.node if n.op_type == "Conv"}
+
+
+def test_a_speed_dropped_group_keeps_its_weight_only_ops_compressed(tmp_path):
+    """A replayed plan with conv "a" on weight-only int8, "b" static, and the Conv group dropped by the speed
+    guard: only "b" goes float; "a" keeps its int8 weight (timing never undoes compression unless
+    --require-speedup asks), and with --require-speedup both go float."""
+    _biased_convs(tmp_path, None)
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    plan = tmp_path / "plan.json"
+    assert _run(model, "--calib", calib, "-o", tmp_path / "p.onnx", "--plan", plan).exit_code == 0
+    saved = json.loads(plan.read_text())
+    saved.update(nodes={"a": "weight_only", "b": "static"}, speed_dropped=["conv"])
+    plan.write_text(json.dumps(saved))
+    r = _run(model, "--calib", calib, "-o", tmp_path / "r.onnx", "--from-plan", plan)
+    assert r.exit_code == 0, r.stderr
+    assert _conv_weights(tmp_path / "r.onnx") == {"a": "int8", "b": "float"}  # "a": int8 weights, float input
+    r = _run(model, "--calib", calib, "-o", tmp_path / "s.onnx", "--from-plan", plan, "--require-speedup", "0.01")
+    assert r.exit_code == 0, r.stderr
+    assert _conv_weights(tmp_path / "s.onnx") == {"a": "float", "b": "float"}
+    plan.write_text(json.dumps({**saved, "speed_dropped": []}))  # no group dropped: "b" in static int8
+    assert _run(model, "--calib", calib, "-o", tmp_path / "t.onnx", "--from-plan", plan).exit_code == 0
+    assert _conv_weights(tmp_path / "t.onnx") == {"a": "int8", "b": "int8 static"}
+
+
+def test_a_group_of_weight_only_ops_alone_is_not_timed(tmp_path):
+    """With every convolution on weight-only int8 there is nothing the speed guard may drop: no group is timed."""
+    import onnx_ir as ir
+
+    from quantkit.config import QuantConfig
+    from quantkit.quantize.plan import OpKind
+    from quantkit.quantize.scheme import placement_for
+
+    _biased_convs(tmp_path, None)
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "m.onnx"))))
+    placement = placement_for(QuantConfig())
+    assert placement.kinds(model, droppable=True) == {OpKind.CONV}
+    placement.overrides = {"a": "weight_only"}
+    assert placement.kinds(model, droppable=True) == {OpKind.CONV}  # "b" is still static
+    placement.overrides = {"a": "weight_only", "b": "weight_only"}
+    assert placement.kinds(model, droppable=True) == set() and placement.kinds(model) == {OpKind.CONV}
