@@ -66,3 +66,21 @@ def test_left_alone_when_not_exactly_hardswish_or_an_intermediate_is_read(kw):
     m = ir.serde.deserialize_model(model(**kw))
     assert fuse_hardswish(m) == 0
     assert [n.op_type for n in m.graph] == ["Conv", "Add", "Clip", "Mul", "Div"]
+
+
+def test_clip_with_bounds_as_attributes_before_opset_11():
+    text = """<ir_version: 5, opset_import: ["" : 10]>
+    g (float[1, 2, 4, 4] x) => (float[1, 2, 4, 4] y) <float three = {3.0}, float six = {6.0}> {
+      a = Add(x, three)
+      k = Clip <min = 0.0, max = 6.0> (a)
+      m = Mul(x, k)
+      y = Div(m, six)
+    }"""
+    proto = onnx.parser.parse_model(text)
+    x = X * 3  # -7.5 .. 7.5: every piece of the function
+    (ref,) = run(proto, x)
+    m = ir.serde.deserialize_model(proto)
+    assert fuse_hardswish(m) == 1
+    assert [n.op_type for n in m.graph] == ["HardSigmoid", "Mul"]
+    np.testing.assert_allclose(run(ir.serde.serialize_model(m), x)[0], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref, x * np.clip(x + 3, 0, 6) / 6, rtol=1e-5, atol=1e-6)
