@@ -153,12 +153,12 @@ class Plan:
             kept.append(op)
         self.ops = kept
 
-    def drop(self, kinds: set[OpKind], reason: str) -> None:
-        """Leave every op of the given kinds float (the speed guard's decision)."""
-        for op in self.ops:
-            if op.kind in kinds:
-                self.skipped.append(Skipped(op.node.name or "", op.node.op_type, reason))
-        self.ops = [op for op in self.ops if op.kind not in kinds]
+    def drop(self, kinds: set[OpKind], reason: str, keep: frozenset[str] = frozenset()) -> None:
+        """Leave every op of the given kinds float (the speed guard's decision), except the ops named in
+        `keep` (by key)."""
+        gone = [op for op in self.ops if op.kind in kinds and op.key not in keep]
+        self.skipped += [Skipped(op.node.name or "", op.node.op_type, reason) for op in gone]
+        self.ops = [op for op in self.ops if op.kind not in kinds or op.key in keep]
 
 
 def activation_tensors(ops: list[QuantizedOp]) -> list[ir.Value]:
