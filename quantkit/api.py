@@ -508,14 +508,13 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
     """The rewritten model, its plan and rewrite result: every planned op, or with the speed guard
     the fastest placement of op groups (or the groups a replayed plan names)."""
     for_speed = cfg.gates.require_speedup is not None
-    # ops on weight-only int8/int4 are compression, which timing never undoes unless --require-speedup asks:
-    # a dropped group leaves only its other ops float, and a group of weight-only ops alone is not timed
-    keep = not for_speed
 
     def build(drop):
-        return placement.build(model, set(drop), SPEED_GUARD_REASON, keep_weight_only=keep)
+        return placement.build(model, set(drop), SPEED_GUARD_REASON)
 
-    kinds = placement.kinds(model, droppable=keep)
+    # the ops the accuracy budget put on weight-only int8 stay so whatever the guard drops (Placement.build):
+    # a group of them alone has nothing to drop and is not timed
+    kinds = placement.kinds(model, droppable=True)
     if "speed_dropped" in plan_info:
         dropped = {OpKind(k) for k in plan_info["speed_dropped"]}
         built, report = build(dropped), GuardReport(dropped=sorted(k.label for k in dropped),

@@ -54,7 +54,7 @@ def _scales_by_sixth(node: ir.Node | None, v: ir.Value) -> bool:
     c = _scalar(_other(node, v))
     if node.op_type == "Div":
         return node.inputs[0] is v and c == 6.0
-    return node.op_type == "Mul" and c is not None and np.isclose(c, SIXTH, rtol=1e-6)
+    return node.op_type == "Mul" and c is not None and bool(np.isclose(c, SIXTH, rtol=1e-6))
 
 
 def _sixth_node(v: ir.Value) -> ir.Node | None:

@@ -153,16 +153,12 @@ class Plan:
             kept.append(op)
         self.ops = kept
 
-    def drop(self, kinds: set[OpKind], reason: str, keep_weight_only: bool = False) -> None:
-        """Leave every op of the given kinds float (the speed guard's decision); with `keep_weight_only`,
-        not the ops on weight-only int8/int4 (compression, which timing never undoes unless asked)."""
-        def dropped(op: QuantizedOp) -> bool:
-            return op.kind in kinds and not (keep_weight_only and op.scheme == SchemeName.WEIGHT_ONLY)
-
-        for op in self.ops:
-            if dropped(op):
-                self.skipped.append(Skipped(op.node.name or "", op.node.op_type, reason))
-        self.ops = [op for op in self.ops if not dropped(op)]
+    def drop(self, kinds: set[OpKind], reason: str, keep: frozenset[str] = frozenset()) -> None:
+        """Leave every op of the given kinds float (the speed guard's decision), except the ops named in
+        `keep` (by key)."""
+        gone = [op for op in self.ops if op.kind in kinds and op.key not in keep]
+        self.skipped += [Skipped(op.node.name or "", op.node.op_type, reason) for op in gone]
+        self.ops = [op for op in self.ops if op.kind not in kinds or op.key in keep]
 
 
 def activation_tensors(ops: list[QuantizedOp]) -> list[ir.Value]:

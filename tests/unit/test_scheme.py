@@ -12,7 +12,7 @@ from quantkit.config import QuantConfig
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import canonicalize
 from quantkit.quantize.dynamic import DynamicScheme
-from quantkit.quantize.plan import SchemeName
+from quantkit.quantize.plan import OpKind, SchemeName
 from quantkit.quantize.qdq import StaticScheme
 from quantkit.quantize.scheme import Placement, placement_for
 from quantkit.quantize.weight_only import WeightOnlyScheme
@@ -140,3 +140,28 @@ def test_per_token_int8_gives_each_token_its_own_scale(opset):
     per_tensor, _ = sqnr(DynamicScheme(QuantConfig(activations="dynamic")))
     assert "MatMulInteger" in ops and "MatMul" not in ops
     assert per_token > 38 and per_token > per_tensor + 8
+
+
+def test_the_speed_guard_drops_int8_kernels_but_keeps_the_budgets_weight_only_ops(tmp_path):
+    """A group the speed guard leaves float loses its static int8 ops; an op of that group the accuracy budget
+    moved to weight-only int8 keeps its int8 weight (compression, which timing never undoes)."""
+    proto, model, x = _cnn()
+    placement = placement_for(QuantConfig())
+    placement.use(collect(model, placement.requests(model), ({"x": b} for b in np.array_split(x, 4)), tmp_path))
+    placement.overrides = {"conv1": SchemeName.WEIGHT_ONLY.value}
+    drop = {OpKind.CONV, OpKind.DEPTHWISE_CONV}
+    qmodel, plan, rw = placement.build(model, drop, "the model ran faster without")
+    assert {op.node.name: op.scheme for op in plan.ops} == {"conv1": SchemeName.WEIGHT_ONLY, "fc": SchemeName.STATIC}
+    assert [(s.node, s.reason) for s in plan.skipped] == [("dwconv", "the model ran faster without")]
+    ops = Counter(n.op_type for n in qmodel.graph)
+    assert ops["Conv"] == 2 and ops["QLinearConv"] == 0  # conv1 float compute on its int8 weight, dwconv float
+    # conv1's weight is stored int8 (decoded by Cast and Mul in front of the float Conv), dwconv's stays float
+    stored = {v.name: v.const_value.dtype for v in qmodel.graph.initializers.values()}
+    assert stored["w1_bnfolded_quantized"] == ir.DataType.INT8 and stored["wd"] == ir.DataType.FLOAT
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(ir.serde.serialize_model(qmodel), {"x": x})
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+    # without the budget's choice the same drop leaves both convolutions float
+    placement.overrides = {}
+    _, plan, _ = placement.build(model, drop, "the model ran faster without")
+    assert sorted(s.node for s in plan.skipped) == ["conv1", "dwconv"]
