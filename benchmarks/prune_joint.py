@@ -5,7 +5,12 @@ mask-aware mean-pooled, L2-normalized sentence vector (1 - cosine), plus `--toke
 token-level mean squared error of the last hidden state.
 
     python benchmarks/prune_joint.py PRUNED.onnx OUT.onnx [--steps 600] [--lr 1e-5] [--token 1.0]
-                                     [--params ffn|all] [--calib-sentences 2352] [--batch 32]
+                                     [--params ffn|all] [--layers 0 1 2 3 4 5] [--calib-sentences 2352]
+                                     [--batch 32]
+
+--layers: only these layers' parameters train (e.g. `--layers 5`: the last block alone, towards the
+pooled vector); --params all: every parameter of those layers (attention and LayerNorms too), not
+only the FFN's two MatMuls and biases.
 
 Training data: the N `training_calib` sentences (prune_sweep.py: the same sentences the pruning was
 calibrated on). Held-out check (every --every steps, the best state is kept): the cache's 128
@@ -100,8 +105,9 @@ def held_error(student, ids, mask, ref_pooled, torch) -> float:
 
 def train(student, teacher, data: dict, held: dict, args, torch) -> dict:
     """Adam on the chosen parameters with a cosine decay; keeps the best held-out state."""
-    params = [p for n, p in student.named_parameters() if args.params == "all" or "intermediate" in n
-              or ("output.dense" in n and "attention" not in n)]
+    layers = {f"encoder.layer.{i}." for i in args.layers}
+    params = [p for n, p in student.named_parameters() if any(n.startswith(x) for x in layers)
+              and (args.params == "all" or "intermediate" in n or ("output.dense" in n and "attention" not in n))]
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -165,6 +171,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--token", type=float, default=1.0, help="weight of the token-level MSE (0: pooled loss only)")
     ap.add_argument("--params", choices=["ffn", "all"], default="ffn")
+    ap.add_argument("--layers", type=int, nargs="+", default=list(range(6)), help="the layers trained (default all)")
     ap.add_argument("--calib-sentences", type=int, default=2352)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--every", type=int, default=50)
