@@ -90,7 +90,7 @@ def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
 
 def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
           pruned: list[Path] | None = None, calib: Path | None = None, prefix: str = "",
-          pruned_int8: str = "") -> dict:
+          pruned_int8: str = "", min_cosine: float | None = None) -> dict:
     d = cache / kind
     out = ROOT / "benchmarks" / ".cache" / "prune" / kind
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,10 @@ def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
     int8_args = next(args for name, args in runs_for(kind, d, calib).items() if name.startswith("int8" + pruned_int8))
     # an already pruned float model (e.g. benchmarks/prune_sweep.py's) quantized as int8 alone is: its
     # placement then holds the default budget against the pruned model instead of the unpruned one
-    rows.update({f"{p.stem} then int8{pruned_int8}": (p.resolve(), int8_args) for p in pruned or []})
+    target = ["--min-cosine", min_cosine] if min_cosine is not None else []
+    suffix = f", min-cosine {min_cosine:g}" if min_cosine is not None else ""
+    rows.update({f"{p.stem} then int8{pruned_int8}{suffix}": (p.resolve(), [*int8_args, *target])
+                 for p in pruned or []})
     for name, (source, args) in rows.items():
         if only and not name.startswith("int8") and not any(o in name for o in only) and source == d / "model.onnx":
             continue
@@ -169,6 +172,8 @@ def main() -> None:
     ap.add_argument("--prefix", default="", help="prefix of the files written under benchmarks/.cache/prune/<model>/")
     ap.add_argument("--pruned-int8", default="", choices=["static", "dynamic"], help="--pruned: quantized "
                     "as this int8 row is (default: the first int8 row: minilm dynamic, the others static)")
+    ap.add_argument("--min-cosine", type=float, help="--pruned: quantized with this placement target (quantize "
+                    "--min-cosine, measured against the pruned model it is given) instead of the default budget")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate every run on N training "
                     "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
     add_corpus_options(ap)
@@ -179,7 +184,7 @@ def main() -> None:
     if args.more_sentences:
         calib = training_calib(args.more_sentences, more=args.more_corpus)
     result = bench(args.model, args.cache, args.rounds, args.only, args.pruned, calib, args.prefix,
-                   f" ({args.pruned_int8})" if args.pruned_int8 else "")
+                   f" ({args.pruned_int8})" if args.pruned_int8 else "", args.min_cosine)
     name = "results.json" if not args.only else "results_" + "_".join(args.only).replace(" ", "-") + ".json"
     name = args.prefix + name
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / name
