@@ -507,8 +507,6 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
            plan_info: dict, progress: Progress):
     """The rewritten model, its plan and rewrite result: every planned op, or with the speed guard
     the fastest placement of op groups (or the groups a replayed plan names)."""
-    for_speed = cfg.gates.require_speedup is not None
-
     def build(drop):
         return placement.build(model, set(drop), SPEED_GUARD_REASON)
 
@@ -525,6 +523,7 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
 
         # weight-only quantization is compression: timing never undoes it unless --require-speedup asks
         compression = set(kinds) if cfg.quant.activations == Activations.NONE else set(COMPRESSION_ONLY)
+        for_speed = cfg.gates.require_speedup is not None
         progress.start("speed guard", len(timed_kinds(set(kinds), for_speed, compression)), unit="placements")
         # every group's trial session held at once for the shared first look, when they fit easily
         shared = model_bytes(inputs.source.onnx_path) * (len(kinds) + 2) <= SHARED_LOOK_BYTES

@@ -3,8 +3,8 @@ torch.onnx opsets), becomes x * HardSigmoid(x) with alpha 1/6 and beta 0.5 (the 
 
 Why: onnxruntime fuses a HardSigmoid into the float Conv before it and runs the Mul in the Conv's blocked
 (NCHWc) layout, where the four ops each made a pass over the tensor and forced a layout change before and
-after. On the PP-PicoDet layout detector (94 of them) the fp32 model runs 2.4x faster at one thread
-(benchmarks/layout_plans.py); the values differ from the four ops' by float rounding only."""
+after. On the PP-PicoDet layout detector (94 of them) the fp32 model runs 2.34x faster at one thread
+(benchmarks/canonical_speed.py); the values differ from the four ops' by float rounding only."""
 
 from __future__ import annotations
 
