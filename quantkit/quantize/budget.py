@@ -2,8 +2,9 @@
 target, found from measurements on calibration data, never from timings.
 
 1. Sensitivity. The fully quantized model runs on the probe's first 32 samples (fewer once every
-   op of a chunk has seen SENSITIVITY_VALUES values per output channel) with every quantized
-   op's inputs and output exposed; each op is then also run alone, in float, on the very inputs it
+   op of a chunk has seen SENSITIVITY_VALUES values per output channel, or its figures stopped
+   moving; each op stops being measured on its own) with every quantized op's inputs and output
+   exposed; each op is then also run alone, in float, on the very inputs it
    received. The difference is the noise the op adds itself (its input and weight rounding),
    apart from any error that arrived from upstream, weighed per output channel against that
    channel's own power: an op fed by outlier-heavy activations (the GELU output before an
@@ -70,6 +71,11 @@ SENSITIVITY_SAMPLES = 32  # of the probe's at most: each op's noise is a ratio o
 # ...and fewer when every op of a chunk has seen this many values per output channel already (a convolution's
 # feature maps give tens of thousands per sample): each further batch reruns the model up to the chunk
 SENSITIVITY_VALUES = 8192
+# ...or once its own-noise figures (its static int8's and each alternative's) have moved less than STEADY_DB
+# for STEADY_BATCHES batches in a row: an op with a few values per channel per sample (a squeeze-excite
+# convolution's 1x1 output, a detector's coarsest head) would otherwise keep every batch of the probe running,
+# its figure settled long before (PP-PicoDet layout: 4 squeeze-excite convolutions kept 32 pages running)
+STEADY_DB, STEADY_BATCHES = 0.25, 3
 FLOAT = "float"
 SIMULATED_ROWS = 1024  # rows (tokens) of each op's input its alternatives are emulated on: enough to rank them
 
@@ -297,7 +303,8 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     calibration pass; when it fits `chunk_bytes`, the first chunk takes every op (up to MAX_CHUNK)
     instead of FIRST_CHUNK ops measured only to size the next chunks. Each chunk's tensors come from a
     segment of each model that computes only what earlier chunks' segments did not (graph/segments.py),
-    batch by batch, every chunk in turn, until every chunk's ops have seen SENSITIVITY_VALUES values."""
+    batch by batch, every chunk in turn, until every chunk's ops have seen SENSITIVITY_VALUES values per
+    channel or their figures are steady (STEADY_DB); an op done is no longer measured while its chunk runs on."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
     small = lean_session or session  # many sessions alive at once: no arena kept per session
     ctx = _ChunkContext(segments.Pipeline(fp32, small), segments.Pipeline(quantized, small),
@@ -382,38 +389,65 @@ class _Chunk:
         alone_out = {o.name for o in self.alone.get_outputs()} if self.alone is not None else set()
         self.emulated = [k for k in self.measured if outs[k] + WEIGHT_ONLY_ALONE in alone_out]
         self.seen = dict.fromkeys(self.measured, 0)  # values per output channel each op's own noise was measured on
+        # the chunk's tensors each op reads or writes: their drift is accumulated while the op is measured
+        self.tensors = {op_key(op): [n for n in (*(v.name for v in op.inputs), outs[op_key(op)]) if n in self.drift]
+                        for op in ops}
+        self.steady = dict.fromkeys(self.measured, 0)  # batches in a row its own-noise figures moved < STEADY_DB
+        self.figures: dict[str, list[float]] = {}  # its own-noise figures (dB) after the last batch
 
     def satisfied(self) -> bool:
-        return bool(self.seen) and min(self.seen.values()) >= SENSITIVITY_VALUES
+        return bool(self.seen) and all(self._done(k) for k in self.measured)
+
+    def _settle(self, key: str) -> None:
+        """After a batch: whether the op's own-noise figures (static int8's, then each alternative's) moved
+        less than STEADY_DB from the last batch's."""
+        figures = [_noise_db(_channel_ratio(self.own[key]))]
+        figures += [_noise_db(_channel_ratio(self.own[f"{key}/{a}"])) for a in simulate.SIMULATED
+                    if f"{key}/{a}" in self.own]
+        last = self.figures.get(key)
+        still = last is not None and len(last) == len(figures) and all(
+            a == b or abs(a - b) < STEADY_DB for a, b in zip(last, figures))  # equal: both infinite (no noise)
+        self.steady[key] = self.steady[key] + 1 if still else 0
+        self.figures[key] = figures
 
     def step(self, ctx: _ChunkContext, feed: dict[str, np.ndarray], kept: tuple[dict, dict],
              measure: bool = True) -> int:
-        """Run the chunk's segments on a batch and (with `measure`) accumulate; returns the bytes the
-        chunk's tensors of the batch took (both models)."""
+        """Run the chunk's segments on a batch and (with `measure`) accumulate, for the ops still measuring
+        (their tensors' drift, their own noise); returns the bytes the chunk's tensors of the batch took
+        (both models)."""
         ref_out, got_out = runtime.run_all([functools.partial(ctx.ref.run, self.ref_segment, feed, kept[0]),
                                             functools.partial(ctx.q.run, self.q_segment, feed, kept[1])])
         if not measure:
             return 0
         ref = {n: ref_out[n] for n in self.wanted}
         got = {n: got_out[n] for n in self.q_wanted}
+        active = [k for k in self.measured if not self._done(k)]
+        # the first batch measures every tensor's drift (an op with no own-noise figure has only that), later
+        # ones the tensors of the ops still measuring
+        names = {n for k in active for n in self.tensors[k]} if any(self.seen.values()) else set(self.wanted)
         for n in self.wanted:
-            _accumulate_channels(self.drift[n], ref[n], got[n], -1)
-        if self.alone is not None:
-            self._own(ctx.originals, feed, got)
+            if n in names:
+                _accumulate_channels(self.drift[n], ref[n], got[n], -1)
+        if self.alone is not None and active:
+            self._own(ctx.originals, feed, got, active)
         return sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values())
 
-    def _own(self, originals: dict[str, ir.Node], feed: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
-        """Each op's own noise on the batch: its float recomputation on the quantized model's tensors."""
-        outs, measured = self.outs, self.measured
+    def _done(self, key: str) -> bool:
+        return self.seen[key] >= SENSITIVITY_VALUES or self.steady[key] >= STEADY_BATCHES
+
+    def _own(self, originals: dict[str, ir.Node], feed: dict[str, np.ndarray], got: dict[str, np.ndarray],
+             active: list[str]) -> None:
+        """Each active op's own noise on the batch: its float recomputation on the quantized model's tensors."""
+        outs = self.outs
         assert self.alone is not None
-        run = self.alone.run([outs[k] + ALONE for k in measured] + [outs[k] + WEIGHT_ONLY_ALONE for k in self.emulated],
+        emulated = [k for k in self.emulated if k in active]
+        run = self.alone.run([outs[k] + ALONE for k in active] + [outs[k] + WEIGHT_ONLY_ALONE for k in emulated],
                              {n: got[n] if n in got else feed[n] for n in self.alone_in})
-        exact = run[:len(measured)]
-        for key, y in zip(self.emulated, run[len(measured):]):  # a convolution's weight-only alternative
-            e = exact[measured.index(key)]
-            _accumulate_channels(self.own.setdefault(f"{key}/{SchemeName.WEIGHT_ONLY.value}", [0.0, 0.0]), e, y,
-                                 channel_axis(originals[key]))
-        for key, e in zip(measured, exact):
+        exact = dict(zip(active, run[:len(active)]))
+        for key, y in zip(emulated, run[len(active):]):  # a convolution's weight-only alternative
+            _accumulate_channels(self.own.setdefault(f"{key}/{SchemeName.WEIGHT_ONLY.value}", [0.0, 0.0]),
+                                 exact[key], y, channel_axis(originals[key]))
+        for key, e in exact.items():
             self.seen[key] += e.size // max(e.shape[channel_axis(originals[key]) % e.ndim], 1) if e.ndim else 1
             y = got[self.rounded[key]] if self.rounded.get(key) in got else got[outs[key]]
             _accumulate_channels(self.own[key], e, y, channel_axis(originals[key]))
@@ -421,6 +455,7 @@ class _Chunk:
             if key in self.sims and self.sims[key].rows < SIMULATED_ROWS:
                 for alt, y in self.sims[key].outputs(got[x] if x in got else feed[x]).items():
                     _accumulate_channels(self.own.setdefault(f"{key}/{alt}", [0.0, 0.0]), e, y, -1)
+            self._settle(key)
 
 
 def _rounded_output(op: QuantizedOp, consumed: set[str]) -> str | None:

@@ -214,6 +214,70 @@ def test_the_sensitivity_stops_a_chunk_once_its_ops_have_seen_enough_values(tmp_
     assert all(abs(r["own_sqnr_db"] - own[r["node"]]) < 3 for r in few["sensitivity"])
 
 
+def _squeeze_excite(tmp_path):
+    """x -> Conv a (8 channels of 8 x 8 values per sample) -> GlobalAveragePool -> Conv s (1 x 1: one value
+    per channel per sample) -> y, with 32 calibration samples run one per batch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32), "wa"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (8, 8, 1, 1)).astype(np.float32), "ws")]
+    nodes = [helper.make_node("Conv", ["x", "wa"], ["ya"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["ya"], ["ra"]),
+             helper.make_node("GlobalAveragePool", ["ra"], ["p"]),
+             helper.make_node("Conv", ["p", "ws"], ["y"], name="s")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 1, 1])],
+                              initializer=inits)
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    np.savez(calib, x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
+    return model, calib
+
+
+def _measured_batches(monkeypatch, tmp_path, model, calib, name: str) -> tuple[dict[str, int], list[dict]]:
+    """How many batches each op's own noise was measured on, and the sensitivity rows."""
+    import importlib
+
+    budget = importlib.import_module("quantkit.quantize.budget")
+    counts: dict[str, int] = {}
+    settle = budget._Chunk._settle
+
+    def counted(self, key):
+        counts[key] = counts.get(key, 0) + 1
+        settle(self, key)
+
+    monkeypatch.setattr(budget._Chunk, "_settle", counted)
+    rep = tmp_path / f"{name}.json"
+    assert _run(model, "--calib", calib, "--batch-size", 1, "-o", tmp_path / f"{name}.onnx", "--report",
+                rep).exit_code == 0
+    return counts, json.loads(rep.read_text())["sensitivity"]
+
+
+def test_an_op_with_few_values_per_channel_stops_once_its_figure_is_steady(tmp_path, monkeypatch):
+    """A squeeze-excite convolution's 1 x 1 output gives one value per channel per sample: it can never see
+    SENSITIVITY_VALUES per channel in the probe, and used to keep every one of its batches running. It
+    stops once its figures moved less than STEADY_DB for STEADY_BATCHES batches in a row: on fewer batches
+    than the probe's, with the ranking and figures of the whole probe. Each op stops on its own: the big
+    map's convolution, done after its first batches (SENSITIVITY_VALUES lowered to two batches' worth),
+    is not measured again while the other one is."""
+    import importlib
+
+    budget = importlib.import_module("quantkit.quantize.budget")
+    model, calib = _squeeze_excite(tmp_path)
+    monkeypatch.setattr(budget, "SENSITIVITY_VALUES", 128)  # a's 64 values per channel per sample: 2 batches
+    monkeypatch.setattr(budget, "STEADY_BATCHES", 10 ** 6)
+    every, full = _measured_batches(monkeypatch, tmp_path, model, calib, "every")
+    assert every["a"] == 2 and every["s"] == budget.SENSITIVITY_SAMPLES
+    monkeypatch.undo()
+    monkeypatch.setattr(budget, "SENSITIVITY_VALUES", 128)
+    steady, rows = _measured_batches(monkeypatch, tmp_path, model, calib, "steady")
+    assert steady["a"] == 2 and budget.STEADY_BATCHES < steady["s"] < budget.SENSITIVITY_SAMPLES
+    assert [r["node"] for r in rows] == [r["node"] for r in full]
+    own = {r["node"]: r["own_sqnr_db"] for r in full}
+    assert all(abs(r["own_sqnr_db"] - own[r["node"]]) < 1.0 for r in rows)
+
+
 def test_the_sensitivity_measures_every_op_in_one_chunk_when_calibration_says_they_fit(outlier, tmp_path,
                                                                                        monkeypatch):
     """The calibration pass exposed every op's tensors: when twice what it held (both models) fits a
