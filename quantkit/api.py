@@ -44,6 +44,9 @@ from quantkit.report.weight_error import weight_errors
 
 DEFAULT_BATCH = 8
 DEFAULT_LATENCY_RUNS = 20
+# ...or fewer (at least 5) once the timed runs took this long, when neither --latency-runs nor
+# --require-speedup is given (PP-PicoDet layout at 800 x 608: 20 pairs were 3.7 of a 28 s run)
+LATENCY_SECONDS = 2.0
 KNOWN_BYTES = 256 << 20  # the probe's fp32 outputs are kept for the evaluation up to this size (an LM's logits...)
 SHARED_LOOK_BYTES = 2 << 30  # the speed guard's candidates are timed together while their weights fit in this
 SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster without this group quantized"
@@ -558,8 +561,11 @@ def _latency(cfg: RunConfig, inputs: Inputs, timed_session, guard_report: GuardR
         latency = {"fp32_ms": fp32_ms, "quantized_ms": q_ms, "speedup": fp32_ms / q_ms if q_ms > 0 else None,
                    "runs": runs, "timed_by": "speed guard (its last timing of the written model)"}
     else:
+        # the figure only: fewer runs once LATENCY_SECONDS passed, unless asked for a number or a gate reads it
+        bounded = cfg.latency_runs is None and cfg.gates.require_speedup is None
         latency = compare_latency(inputs.fp32_timing, timed_session(), inputs.feed,
-                                  runs=cfg.latency_runs or DEFAULT_LATENCY_RUNS)
+                                  runs=cfg.latency_runs or DEFAULT_LATENCY_RUNS,
+                                  seconds=LATENCY_SECONDS if bounded else None)
     latency.update(batch_size=inputs.batch, threads=cfg.threads or "onnxruntime default")
     return latency
 

@@ -100,7 +100,7 @@ def cli() -> None:
 @click.option("--from-plan", type=click.Path(path_type=Path), help="Replay a placement written by --plan: no sensitivity search, no speed guard; the same inputs give the same model bytes.")
 @click.option("--require-speedup", type=float, metavar="X", help="Gate: exit 5 if the int8 model is not at least X times faster than fp32.")
 @click.option("--threads", type=int, help="onnxruntime threads for timing (speed guard and report) [default: onnxruntime's].")
-@click.option("--latency-runs", type=int, metavar="N", help="Timed runs of each model for the report's latency, after a warm-up [default: 20; large external-data models: each model's own evaluation batches, no extra runs].")
+@click.option("--latency-runs", type=int, metavar="N", help="Timed runs of each model for the report's latency, after a warm-up [default: 20, or fewer (at least 5) once they took 2 s, unless --require-speedup reads the figure; large external-data models: each model's own evaluation batches, no extra runs].")
 @click.option("--no-speed-guard", is_flag=True, help="Write every placement without timing candidates first.")
 @click.option("--model-class", metavar="PKG.MODULE:FACTORY", help="PyTorch checkpoint (state_dict .pt/.pth or .safetensors): the callable that builds the module.")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading a whole pickled torch module (this runs code from the file).")

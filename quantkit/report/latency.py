@@ -9,24 +9,38 @@ import time
 import numpy as np
 
 
-def interleaved_ms(sessions: list, feed: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> list[float]:
+def interleaved_ms(sessions: list, feed: dict[str, np.ndarray], runs: int = 20, warmup: int = 3,
+                   seconds: float | None = None, min_runs: int = 5) -> list[float]:
     """Median milliseconds per run of each session on `feed`, runs interleaved and rotated so
-    that none always goes first."""
+    that none always goes first. With `seconds`, fewer rounds (at least `min_runs`) once the timed
+    rounds took that long: a report's figure on a large model, not a decision."""
+    return [statistics.median(t) for t in _timed(sessions, feed, runs, warmup, seconds, min_runs)]
+
+
+def _timed(sessions: list, feed: dict[str, np.ndarray], runs: int, warmup: int, seconds: float | None,
+           min_runs: int) -> list[list[float]]:
     names = [[o.name for o in s.get_outputs()] for s in sessions]
     for _ in range(warmup):
         for s, n in zip(sessions, names):
             s.run(n, feed)
     times: list[list[float]] = [[] for _ in sessions]
     k = len(sessions)
+    start = time.perf_counter()
     for i in range(runs):
         for j in range(k):
             idx = (i + j) % k
             t = time.perf_counter()
             sessions[idx].run(names[idx], feed)
             times[idx].append((time.perf_counter() - t) * 1000.0)
-    return [statistics.median(t) for t in times]
+        if seconds is not None and i + 1 >= min_runs and time.perf_counter() - start >= seconds:
+            break
+    return times
 
 
-def compare_latency(ref_sess, q_sess, feed: dict[str, np.ndarray], runs: int = 20, warmup: int = 3) -> dict:
-    ref, q = interleaved_ms([ref_sess, q_sess], feed, runs, warmup)
-    return {"fp32_ms": ref, "quantized_ms": q, "speedup": ref / q if q > 0 else None, "runs": runs}
+def compare_latency(ref_sess, q_sess, feed: dict[str, np.ndarray], runs: int = 20, warmup: int = 3,
+                    seconds: float | None = None) -> dict:
+    """fp32 against quantized; `seconds`: see interleaved_ms (the report gives the runs made)."""
+    ref, q = _timed([ref_sess, q_sess], feed, runs, warmup, seconds, 5)
+    return {"fp32_ms": statistics.median(ref), "quantized_ms": statistics.median(q),
+            "speedup": statistics.median(ref) / statistics.median(q) if statistics.median(q) > 0 else None,
+            "runs": len(q)}
