@@ -113,6 +113,8 @@ def run_eval(kind: str, path: Path, data: dict[str, np.ndarray], batch: int = 8)
         ys = sess.run(None, {k: v[i:i + batch] for k, v in data.items()})
         if kind == "layout":
             outs.append(np.concatenate([y.reshape(len(y), -1) for y in ys], axis=1))
+        elif kind == "yolov8":  # one output [N, 4 + C, anchors], or boxes and scores split (yolo_plans.py)
+            outs.append(np.concatenate(ys, axis=1))
         else:
             outs.append(ys[0].argmax(-1).astype(np.int32) if kind == "ocr_rec" else ys[0])
     return np.concatenate(outs)

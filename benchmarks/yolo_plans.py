@@ -15,6 +15,10 @@ Rows (`--rows` picks some, in this order; `--list` prints them):
       --activations int8); the head's three per-level Concats (64 box-distribution logits + 18 class logits in one
       tensor) float; plus the class branch (cv3.*); the whole head (model.22) float; the SiLUs float;
       every op without weights float (the convolutions alone int8)
+  split output: quantkit default / --min-sqnr DB
+      the same searches on the model with its output split into boxes [N, 4, anchors] and scores [N, 18,
+      anchors] by one Split node at the end (the computation unchanged): quantkit's targets hold per output,
+      so the scores get their own; scored on the two outputs concatenated back
 Each row: detection F1 against fp32's (decoded as NudeNet does), top-100 anchor agreement, boxes per image,
 score and box SQNR (real_models.yolo_metrics), size ratio, and speed against fp32 (1 thread, batch 1, every
 model interleaved round by round, best of 3 medians, as real_models.py). Models, plans and reports go to --work
@@ -42,6 +46,11 @@ from layout_plans import ORT, quantize, row_stem, table  # noqa: E402
 
 TARGETS = {"quantkit default": [], "quantkit --min-sqnr 35": ["--min-sqnr", 35],
            "quantkit --min-sqnr 40": ["--min-sqnr", 40], "quantkit --min-cosine 0.9999": ["--min-cosine", 0.9999]}
+# the same searches on the model with its one output split into boxes and scores (split_output below), so that
+# quantkit's per-output targets hold for the scores on their own
+SPLIT = "split output: "
+SPLIT_TARGETS = {f"{SPLIT}quantkit default": [],
+                 **{f"{SPLIT}quantkit --min-sqnr {db}": ["--min-sqnr", db] for db in (20, 25, 30)}}
 HEAD = "/model.22/"
 HEAD_CONCATS = ("/model.22/Concat", "/model.22/Concat_1", "/model.22/Concat_2")
 NO_WEIGHTS = ("Sigmoid", "Mul", "Concat", "MaxPool", "Resize", "Add")
@@ -80,8 +89,29 @@ def fixed_plans(nodes: dict[str, str]) -> dict[str, dict[str, str]]:
             "plan: ops without weights float": floated(lambda k, t: t in NO_WEIGHTS)}
 
 
+def split_output(model: Path, dst: Path) -> Path:
+    """The model with its output [N, 4 + C, anchors] split (one Split node) into two graph outputs, boxes
+    [N, 4, anchors] and scores [N, C, anchors]: the same computation, two outputs quantkit scores apart."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(model))
+    out = m.graph.output[0]
+    dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    m.graph.initializer.append(numpy_helper.from_array(np.array([4, dims[1] - 4], np.int64), "split_sizes"))
+    m.graph.node.append(helper.make_node("Split", [out.name, "split_sizes"], ["boxes", "scores"], axis=1,
+                                         name="split_boxes_scores"))
+    del m.graph.output[:]
+    m.graph.output.extend([helper.make_tensor_value_info("boxes", onnx.TensorProto.FLOAT, [dims[0], 4, dims[2]]),
+                           helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT,
+                                                         [dims[0], dims[1] - 4, dims[2]])])
+    onnx.checker.check_model(m)
+    onnx.save(m, str(dst))
+    return dst
+
+
 def search_args(name: str, work: Path) -> list:
-    return [*TARGETS[name], "--plan", work / f"{row_stem(name)}.plan.json",
+    return [*{**TARGETS, **SPLIT_TARGETS}[name], "--plan", work / f"{row_stem(name)}.plan.json",
             "--report", work / f"{row_stem(name)}.report.json"]
 
 
@@ -102,6 +132,9 @@ def run_rows(rows: list[str], d: Path, work: Path, reuse: bool) -> dict[str, dic
             runs[name] = quantize(name, model, calib, work, ["ort_static.py"], reuse)
         elif name in TARGETS:
             runs[name] = quantize(name, model, calib, work, search_args(name, work), reuse)
+        elif name in SPLIT_TARGETS:
+            split = split_output(model, work / "model_split.onnx")
+            runs[name] = quantize(name, split, calib, work, search_args(name, work), reuse)
         elif name in plans:
             plan = work / f"{row_stem(name)}.plan.json"
             plan.write_text(json.dumps({"format": "quantkit-plan-1", "nodes": plans[name], "speed_dropped": [],
@@ -138,7 +171,7 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="print the row names and stop")
     args = ap.parse_args()
     d = CACHE / "yolov8"
-    rows = [ORT, *TARGETS, *PLAN_ROWS]
+    rows = [ORT, *TARGETS, *PLAN_ROWS, *SPLIT_TARGETS]
     if args.list:
         print("\n".join(rows))
         return
