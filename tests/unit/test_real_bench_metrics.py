@@ -177,3 +177,38 @@ def test_top_anchor_agreement_takes_each_anchors_best_class_over_all_levels():
     lifted = [[np.full((4, 2), 0.5), np.array([[0.5, 0.5], [0.5, 0.51]])]]  # anchor 5 now first
     assert rm.top_anchor_agreement(flat, flat, 2) == 1.0
     assert rm.top_anchor_agreement(flat, lifted, 2) == pytest.approx(1 / 2)
+
+
+def yolo_output(rows):
+    """A YOLOv8 output [4 + 2, anchors]: per anchor (cx, cy, w, h, score class 0, score class 1)."""
+    return np.asarray(rows, dtype=np.float32).T
+
+
+def test_yolo_decode_best_class_threshold_class_agnostic_nms_and_clipping():
+    out = yolo_output([(10, 10, 8, 8, 0.9, 0.1),     # box (6, 6, 14, 14), class 0
+                       (11, 10, 8, 8, 0.1, 0.8),     # IoU 56 / 72 with the first: suppressed, though class 1
+                       (100, 100, 8, 8, 0.25, 0.0),  # at the threshold, not above: dropped
+                       (318, 5, 10, 10, 0.3, 0.6)])  # (313, 0, 323, 10) clipped to the 320 input
+    boxes, scores, classes = rm.yolo_decode(out)
+    np.testing.assert_allclose(boxes, [[6, 6, 14, 14], [313, 0, 320, 10]], atol=1e-6)
+    np.testing.assert_allclose(scores, [0.9, 0.6], atol=1e-6)
+    np.testing.assert_array_equal(classes, [0, 1])
+    # further apart (IoU 16 / 112 at x + 6): both kept, best first
+    apart = rm.yolo_decode(yolo_output([(10, 10, 8, 8, 0.9, 0.1), (16, 10, 8, 8, 0.1, 0.8)]))
+    np.testing.assert_allclose(apart[1], [0.9, 0.8], atol=1e-6)
+    # nothing above the threshold: no boxes; decoded detections feed detection_f1 like PicoDet's
+    none = rm.yolo_decode(yolo_output([(10, 10, 8, 8, 0.2, 0.1)]))
+    assert len(none[0]) == 0
+    assert rm.detection_f1([apart], [apart]) == 1.0
+    assert rm.detection_f1([apart], [none]) == 0.0
+    assert rm.detection_f1([apart], [rm.yolo_decode(out)]) == pytest.approx(2 * 1 / (2 + 2))
+
+
+def test_yolo_top_anchor_agreement_uses_the_score_rows_only():
+    # 1 image, 3 anchors; box rows are large and must not count; k = 1
+    ref = yolo_output([(300, 300, 300, 300, 0.1, 0.9), (1, 1, 1, 1, 0.5, 0.0), (1, 1, 1, 1, 0.0, 0.2)])[None]
+    assert rm.yolo_top_anchor_agreement(ref, ref, 1) == 1.0
+    test = ref.copy()
+    test[0, 4, 1] = 0.95  # anchor 1's class 0 now beats anchor 0's best
+    assert rm.yolo_top_anchor_agreement(ref, test, 1) == 0.0
+    assert rm.yolo_top_anchor_agreement(ref, test, 2) == 1.0

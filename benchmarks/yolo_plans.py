@@ -1,0 +1,188 @@
+"""Placements of the YOLOv8n (nudenet 3.4.2's 320n.onnx, real_models.py's `yolov8`) against the issue's YOLOv8 row
+(>= 97% detection F1 against fp32 at >= 2.5x faster): quantkit's own searches (default budget, targets) and
+fixed placements replayed with --from-plan, each scored on the evaluation pictures and timed against fp32.
+
+    python benchmarks/yolo_plans.py [--work DIR] [--rows NAME ...] [--rounds 10] [--reuse] [--list]
+
+Rows (`--rows` picks some, in this order; `--list` prints them):
+  onnxruntime static   benchmarks/ort_static.py (quantize_static, QDQ, per-channel, MinMax), batch 1
+  quantkit default, quantkit --min-sqnr DB, quantkit --min-cosine X
+      `quantkit quantize MODEL --calib CALIB --threads 1` with that target (search + speed guard), writing
+      its --plan and --report next to its model
+  plan: ...   quantkit's --from-plan format over the nodes quantkit quantizes (64 Conv, 57 SiLU = Sigmoid and
+      Mul, 8 Concat, 3 MaxPool, 2 Resize; a node the plan does not name stays static int8): all float; all
+      static (also with --method mse/percentile/entropy, --weight-rounding gptq, --bias-correction,
+      --activations int8); the head's three per-level Concats (64 box-distribution logits + 18 class logits in one
+      tensor) float; plus the class branch (cv3.*); the whole head (model.22) float; the SiLUs float;
+      every op without weights float (the convolutions alone int8)
+  split output: quantkit default / --min-sqnr DB
+      the same searches on the model with its output split into boxes [N, 4, anchors] and scores [N, 18,
+      anchors] by one Split node at the end (the computation unchanged): quantkit's targets hold per output,
+      so the scores get their own; scored on the two outputs concatenated back
+Each row: detection F1 against fp32's (decoded as NudeNet does), top-100 anchor agreement, boxes per image,
+score and box SQNR (real_models.yolo_metrics), size ratio, and speed against fp32 (1 thread, batch 1, every
+model interleaved round by round, best of 3 medians, as real_models.py). Models, plans and reports go to --work
+(default: a temporary directory, removed at the end); with --reuse a row whose model is already there is not
+quantized again (its quantize time is the stored one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import real_models as rmod  # noqa: E402 - the benchmarks folder is put on the path just above
+from _real_data import CACHE  # noqa: E402
+from layout_plans import ORT, quantize, row_stem, table  # noqa: E402
+
+TARGETS = {"quantkit default": [], "quantkit --min-sqnr 35": ["--min-sqnr", 35],
+           "quantkit --min-sqnr 40": ["--min-sqnr", 40], "quantkit --min-cosine 0.9999": ["--min-cosine", 0.9999]}
+# the same searches on the model with its one output split into boxes and scores (split_output below), so that
+# quantkit's per-output targets hold for the scores on their own
+SPLIT = "split output: "
+SPLIT_TARGETS = {f"{SPLIT}quantkit default": [],
+                 **{f"{SPLIT}quantkit --min-sqnr {db}": ["--min-sqnr", db] for db in (20, 25, 30)}}
+HEAD = "/model.22/"
+HEAD_CONCATS = ("/model.22/Concat", "/model.22/Concat_1", "/model.22/Concat_2")
+NO_WEIGHTS = ("Sigmoid", "Mul", "Concat", "MaxPool", "Resize", "Add")
+# calibration choices replayed on the all-static plan: how far static int8's own noise comes down
+METHODS = {"plan: all static, --method mse": ["--method", "mse"],
+           "plan: all static, --method percentile": ["--method", "percentile"],
+           "plan: all static, --method entropy": ["--method", "entropy"],
+           "plan: all static, --weight-rounding gptq": ["--weight-rounding", "gptq"],
+           "plan: all static, --bias-correction": ["--bias-correction"],
+           "plan: all static, --activations int8": ["--activations", "int8"]}
+PLAN_ROWS = ("plan: all float", "plan: all static", *METHODS, "plan: head Concats float",
+             "plan: head Concats + class branch float", "plan: head float", "plan: SiLU float",
+             "plan: ops without weights float")
+
+
+def quantized_nodes(work: Path) -> dict[str, str] | None:
+    """The nodes quantkit quantizes (node -> op type), from the default row's report; None before it ran."""
+    rep = work / "quantkit_default.report.json"
+    if not rep.exists():
+        return None
+    return {r["node"]: r["op_type"] for r in json.loads(rep.read_text())["nodes"]["quantized"]}
+
+
+def fixed_plans(nodes: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Per-node overrides (node -> float); nodes left out stay static int8."""
+    def floated(pick) -> dict[str, str]:
+        return {k: "float" for k, t in nodes.items() if pick(k, t)}
+
+    return {"plan: all float": floated(lambda k, t: True),
+            "plan: all static": {},
+            **{name: {} for name in METHODS},
+            "plan: head Concats float": floated(lambda k, t: k in HEAD_CONCATS),
+            "plan: head Concats + class branch float": floated(lambda k, t: k in HEAD_CONCATS or "/cv3." in k),
+            "plan: head float": floated(lambda k, t: k.startswith(HEAD)),
+            "plan: SiLU float": floated(lambda k, t: "/act/" in k),
+            "plan: ops without weights float": floated(lambda k, t: t in NO_WEIGHTS)}
+
+
+def split_output(model: Path, dst: Path) -> Path:
+    """The model with its output [N, 4 + C, anchors] split (one Split node) into two graph outputs, boxes
+    [N, 4, anchors] and scores [N, C, anchors]: the same computation, two outputs quantkit scores apart."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(model))
+    out = m.graph.output[0]
+    dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    m.graph.initializer.append(numpy_helper.from_array(np.array([4, dims[1] - 4], np.int64), "split_sizes"))
+    m.graph.node.append(helper.make_node("Split", [out.name, "split_sizes"], ["boxes", "scores"], axis=1,
+                                         name="split_boxes_scores"))
+    del m.graph.output[:]
+    m.graph.output.extend([helper.make_tensor_value_info("boxes", onnx.TensorProto.FLOAT, [dims[0], 4, dims[2]]),
+                           helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT,
+                                                         [dims[0], dims[1] - 4, dims[2]])])
+    onnx.checker.check_model(m)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def search_args(name: str, work: Path) -> list:
+    return [*{**TARGETS, **SPLIT_TARGETS}[name], "--plan", work / f"{row_stem(name)}.plan.json",
+            "--report", work / f"{row_stem(name)}.report.json"]
+
+
+def run_rows(rows: list[str], d: Path, work: Path, reuse: bool) -> dict[str, dict]:
+    model, calib = d / "model.onnx", d / "calib.npz"
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    runs: dict[str, dict] = {}
+    if any(r in PLAN_ROWS for r in rows) and quantized_nodes(work) is None:
+        print("[yolov8] quantkit default (for the nodes it quantizes) ...", file=sys.stderr, flush=True)
+        runs["quantkit default"] = quantize("quantkit default", model, calib, work,
+                                            search_args("quantkit default", work), reuse)
+    plans = fixed_plans(quantized_nodes(work) or {})
+    for name in rows:
+        if name in runs:
+            continue
+        print(f"[yolov8] {name} ...", file=sys.stderr, flush=True)
+        if name == ORT:
+            runs[name] = quantize(name, model, calib, work, ["ort_static.py"], reuse)
+        elif name in TARGETS:
+            runs[name] = quantize(name, model, calib, work, search_args(name, work), reuse)
+        elif name in SPLIT_TARGETS:
+            split = split_output(model, work / "model_split.onnx")
+            runs[name] = quantize(name, split, calib, work, search_args(name, work), reuse)
+        elif name in plans:
+            plan = work / f"{row_stem(name)}.plan.json"
+            plan.write_text(json.dumps({"format": "quantkit-plan-1", "nodes": plans[name], "speed_dropped": [],
+                                        "model_sha256": sha, "target": ""}))
+            runs[name] = quantize(name, model, calib, work, ["--from-plan", plan, *METHODS.get(name, [])], reuse)
+        else:
+            raise SystemExit(f"unknown row {name!r}; see --list")
+    return runs
+
+
+def score(d: Path, runs: dict[str, dict], rounds: int) -> dict:
+    with np.load(d / "eval.npz") as z:
+        data = {"images": z["images"]}
+    paths = {"fp32": d / "model.onnx", **{k: Path(r["path"]) for k, r in runs.items() if r.get("path")}}
+    ref = rmod.run_eval("yolov8", paths["fp32"], data)
+    runs.setdefault("fp32", {})
+    for name, p in paths.items():
+        print(f"[yolov8] evaluating {name} ...", file=sys.stderr, flush=True)
+        q = ref if name == "fp32" else rmod.run_eval("yolov8", p, data)
+        runs[name].update(metrics=rmod.yolo_metrics(ref, q), size_ratio=paths["fp32"].stat().st_size / p.stat().st_size)
+    load_before = os.getloadavg()
+    ms = rmod.interleaved_best_ms(paths, {"images": data["images"][:1]}, rounds)
+    for name in paths:
+        runs[name].update(ms=ms[name], speedup=ms["fp32"] / ms[name])
+    return {"load_before": load_before[0], "load_after": os.getloadavg()[0], "rounds": rounds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, help="keep models, plans and reports here (default: a temporary dir)")
+    ap.add_argument("--rows", nargs="+", help="these rows only (names as --list prints them)")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved timing runs per repetition")
+    ap.add_argument("--reuse", action="store_true", help="do not quantize again a row whose model is in --work")
+    ap.add_argument("--list", action="store_true", help="print the row names and stop")
+    args = ap.parse_args()
+    d = CACHE / "yolov8"
+    rows = [ORT, *TARGETS, *PLAN_ROWS, *SPLIT_TARGETS]
+    if args.list:
+        print("\n".join(rows))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        runs = run_rows(args.rows or rows, d, work, args.reuse)
+        timing = score(d, runs, args.rounds)
+        (work / "results.json").write_text(json.dumps({"timing": timing, "runs": runs}, indent=1))
+        print(table(runs, timing))
+
+
+if __name__ == "__main__":
+    main()
