@@ -40,6 +40,7 @@ from quantkit.report.compare import OutputComparison
 from quantkit.report.gates import check_gates
 from quantkit.report.histograms import histograms
 from quantkit.report.latency import compare_latency
+from quantkit.report.parts import Parts, output_parts
 from quantkit.report.weight_error import weight_errors
 
 DEFAULT_BATCH = 8
@@ -165,6 +166,7 @@ class Inputs:
     fp32_timed: ort.InferenceSession | None = None  # with --threads: the session timings use
     # fp32 outputs already computed on calibration batches (the placement probe's), reused by the evaluation
     known: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = field(default_factory=list)
+    parts: Parts | None = None  # what the comparisons score: outputs, or parts of concatenated ones
 
     @property
     def scored(self) -> DataSource:
@@ -211,6 +213,9 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     inputs = _open(cfg, workdir, status, progress)
     laps.lap("load")
     model, notes = _canonicalize(inputs, workdir, status)
+    outputs = [o.name for o in inputs.fp32.get_outputs()]
+    inputs.parts = output_parts(model, outputs)
+    notes += _parts_notes(inputs.parts, outputs)
     laps.lap("canonicalize")
     model, pruning = _prune(cfg, model, inputs, workdir, status)
     laps.lap("prune")
@@ -294,7 +299,8 @@ def _finetune(cfg: RunConfig, inputs: Inputs, qmodel: ir.Model, workdir: Path, s
     def scores(m: ir.Model) -> list[dict]:
         sess = runtime.session(m, workdir, tag="before fine-tuning", threads=cfg.threads)
         comparisons, _, _ = _evaluate(inputs.fp32, sess, inputs.scored, inputs.batch, inputs.fixed,
-                                   None if inputs.evald else cfg.data.calib_samples, inputs.source.reference, progress)
+                                   None if inputs.evald else cfg.data.calib_samples, inputs.source.reference, progress,
+                                   parts=inputs.parts)
         return [c.result() for c in comparisons]
 
     return finetune(cfg, inputs, qmodel, workdir, status, progress, scores)[1]
@@ -444,7 +450,8 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     against_pruned = cfg.prune.enabled and target.default
     reference = runtime.session(model, workdir, tag="pruned reference") if against_pruned else inputs.fp32
     status("placement: measuring how much error each quantized op adds")
-    probe = budget.Probe.take(reference, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed))
+    probe = budget.Probe.take(reference, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed),
+                              parts=inputs.parts)
     if reference is inputs.fp32 and sum(a.nbytes for ref in probe.reference for a in ref) <= KNOWN_BYTES:
         inputs.known = list(zip(probe.feeds, probe.reference))
     split = next((s for s in placement.alternates if isinstance(s, SplitScheme)), None)
@@ -577,7 +584,7 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, latency: dict, guard_report:
     scored, batch = inputs.scored, inputs.batch
     comparisons, eval_samples, lm_figures = _evaluate(inputs.fp32, qsess, scored, batch, inputs.fixed,
                                           None if inputs.evald else cfg.data.calib_samples, inputs.source.reference,
-                                          progress, [] if inputs.evald else inputs.known)
+                                          progress, [] if inputs.evald else inputs.known, inputs.parts)
     if inputs.evald is None:
         notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
     if latency["speedup"] is not None and latency["speedup"] < 1:
@@ -633,6 +640,17 @@ def _report(o: Outcome) -> dict:
     return report
 
 
+def _parts_notes(parts: Parts, outputs: list[str]) -> list[str]:
+    """A note per output that is compared part by part."""
+    notes = []
+    for i in parts.split_outputs:
+        pieces = [p for p in parts.parts if p.output == i]
+        notes.append(f"output '{outputs[i]}' concatenates {len(pieces)} tensors along axis {pieces[0].axis} "
+                     f"({', '.join(p.label for p in pieces)}): each part is compared, budgeted and gated on its "
+                     "own, so that small values (class scores) are not drowned by large ones (boxes)")
+    return notes
+
+
 def _known(known: list[tuple[dict, list[np.ndarray]]] | None, i: int, feed: dict) -> list[np.ndarray] | None:
     """The i-th known reference outputs, when they were computed on exactly this feed."""
     if not known or i >= len(known):
@@ -645,13 +663,15 @@ def _known(known: list[tuple[dict, list[np.ndarray]]] | None, i: int, feed: dict
 
 def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, source: DataSource,
               batch: int, fixed: bool, limit: int | None, reference: Callable | None = None,
-              progress: Progress | None = None, known: list[tuple[dict, list[np.ndarray]]] | None = None):
+              progress: Progress | None = None, known: list[tuple[dict, list[np.ndarray]]] | None = None,
+              parts: Parts | None = None):
     """Compare the quantized model with the reference: the original ONNX model, or for PyTorch
     inputs the PyTorch model itself. `known`: ref_sess's outputs already computed on some batches
     (feed, outputs), used for a batch whose feed is identical instead of running it again."""
     names = [o.name for o in ref_sess.get_outputs()]
     feeds = {i.name for i in ref_sess.get_inputs()}
-    comparisons = [OutputComparison(n) for n in names]
+    parts = parts or Parts.whole(len(names), names)
+    comparisons = [OutputComparison(n) for n in parts.names]
     tracker = lm.Tracker(names)
     samples = 0
     progress = progress or Silent()
@@ -662,7 +682,7 @@ def _evaluate(ref_sess: ort.InferenceSession, q_sess: ort.InferenceSession, sour
             runtime.run(ref_sess, names, feed, f"the evaluation data {source.path}")
         q = q_sess.run(names, feed)
         labels = b.get(LABELS)
-        for i, (c, r, x) in enumerate(zip(comparisons, ref, q)):
+        for i, (c, r, x) in enumerate(zip(comparisons, parts.split(ref), parts.split(q))):
             c.update(r, x, labels if i == 0 else None, feed)
         tracker.update(ref, q, b)
         n = len(next(iter(b.values())))

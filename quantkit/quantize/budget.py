@@ -47,6 +47,7 @@ from quantkit.quantize import qparams as qp
 from quantkit.quantize import simulate
 from quantkit.quantize.plan import SPEED_ONLY_KINDS, OpKind, Plan, QuantizedOp, SchemeName
 from quantkit.report.compare import OutputComparison
+from quantkit.report.parts import Parts
 
 PLAN_FORMAT = "quantkit-plan-1"
 DEFAULT_MIN_COSINE = 0.998  # with no target: every float output keeps this mean cosine on the probe...
@@ -156,15 +157,21 @@ class Probe:
     samples and signal power a perfect candidate would add (for the bound in `score`)."""
 
     feeds: list[dict[str, np.ndarray]]
-    names: list[str]
+    names: list[str]  # the graph outputs each run fetches
     reference: list[list[np.ndarray]]
-    rest: list[list[tuple[int, float, int]]] = field(default_factory=list)  # [batch][output]: what comes after it
+    rest: list[list[tuple[int, float, int]]] = field(default_factory=list)  # [batch][part]: what comes after it
+    parts: Parts | None = None  # what is scored: each output, or each part of a concatenated one (report/parts.py)
+
+    @property
+    def scored(self) -> Parts:
+        return self.parts if self.parts is not None else Parts.whole(len(self.names), self.names)
 
     @classmethod
     def take(cls, fp32_session, batches, limit: int = PROBE_SAMPLES,
-             sequence_limit: int = SEQUENCE_PROBE_SAMPLES) -> Probe:
+             sequence_limit: int = SEQUENCE_PROBE_SAMPLES, parts: Parts | None = None) -> Probe:
         """The first `limit` samples of `batches`, or `sequence_limit` when an output is a CTC output
-        (judged on the first `limit`, as the report's comparison judges it)."""
+        (judged on the first `limit`, as the report's comparison judges it). `parts`: what is scored
+        (None: every output whole)."""
         feeds: list[dict[str, np.ndarray]] = []
         reference: list[list[np.ndarray]] = []
         n, want = 0, limit
@@ -174,33 +181,33 @@ class Probe:
             feeds.append({k: v for k, v in b.items() if k in inputs})
             reference.append(fp32_session.run(names, feeds[-1]))
             n += len(next(iter(b.values())))
-            if n >= want and want == limit and sequence_limit > limit and cls._sequences(names, feeds, reference):
+            if n >= want and want == limit and sequence_limit > limit and \
+                    cls(feeds, names, reference, parts=parts)._sequences():
                 want = sequence_limit
             if n >= want:
                 break
-        probe = cls(feeds, names, reference)
+        probe = cls(feeds, names, reference, parts=parts)
         probe.rest = probe._perfect_rest()
         return probe
 
-    @staticmethod
-    def _sequences(names: list[str], feeds: list[dict], reference: list[list[np.ndarray]]) -> bool:
+    def _sequences(self) -> bool:
         """Whether an output is scored as decoded CTC sequences."""
-        perfect = [OutputComparison(name) for name in names]
-        for ref, feed in zip(reference, feeds):
-            for c, r in zip(perfect, ref):
+        perfect = [OutputComparison(name) for name in self.scored.names]
+        for ref, feed in zip(self.reference, self.feeds):
+            for c, r in zip(perfect, self.scored.split(ref)):
                 c.update(r, r, feed=feed)
         return any(c.samples and c.ctc for c in perfect)
 
     def _perfect_rest(self) -> list[list[tuple[int, float, int]]]:
         """For each batch, per output: the samples, signal power and positions of the batches after it,
         as the report's comparison counts them (padding and non-finite reference values left out)."""
-        perfect = [OutputComparison(name) for name in self.names]
+        perfect = [OutputComparison(name) for name in self.scored.names]
         totals = []
         for ref, feed in zip(self.reference, self.feeds):
-            for c, r in zip(perfect, ref):
+            for c, r in zip(perfect, self.scored.split(ref)):
                 c.update(r, r, feed=feed)
             totals.append([(c.samples, c.signal, c.positions) for c in perfect])
-        end = totals[-1] if totals else [(0, 0.0, 0)] * len(self.names)
+        end = totals[-1] if totals else [(0, 0.0, 0)] * len(self.scored.names)
         return [[(e[0] - t[0], e[1] - t[1], e[2] - t[2]) for t, e in zip(ts, end)] for ts in totals]
 
     def score(self, session, target: Target | None = None, reorder: bool = False, parallel: int = 1) -> list[dict]:
@@ -215,13 +222,15 @@ class Probe:
         later candidates that fail show it after fewer batches. `parallel` batches run at a time
         (runtime.run_all), and are scored in order: the same figures, at most parallel - 1 batches
         run past an early stop."""
-        comparisons = [OutputComparison(name) for name in self.names]
+        scored = self.scored
+        comparisons = [OutputComparison(name) for name in scored.names]
         per_batch: list[list[OutputComparison]] = []
         for b, (ref, feed, outs) in enumerate(self._runs(session, parallel)):
+            ref, outs = scored.split(ref), scored.split(outs)
             for c, r, q in zip(comparisons, ref, outs):
                 c.update(r, q, feed=feed)
             if reorder:
-                per_batch.append([OutputComparison(name) for name in self.names])
+                per_batch.append([OutputComparison(name) for name in scored.names])
                 for c, r, q in zip(per_batch[-1], ref, outs):
                     c.update(r, q, feed=feed)
             last = b == len(self.feeds) - 1
@@ -251,8 +260,9 @@ class Probe:
             return c.samples - c.cos_sum, c.noise, float(c.samples - c.top1_agree) if c.scores else 0.0
 
         rows = [[parts(c) for c in batch] for batch in per_batch]
-        totals = [[sum(r[o][i] for r in rows) for i in range(3)] for o in range(len(self.names))]
-        share = [sum(r[o][i] / totals[o][i] for o in range(len(self.names)) for i in range(3) if totals[o][i] > 0)
+        n = len(self.scored.names)
+        totals = [[sum(r[o][i] for r in rows) for i in range(3)] for o in range(n)]
+        share = [sum(r[o][i] / totals[o][i] for o in range(n) for i in range(3) if totals[o][i] > 0)
                  for r in rows]
         order = sorted(range(len(rows)), key=lambda b: (-share[b], b))
         self.feeds = [self.feeds[b] for b in order]

@@ -359,3 +359,38 @@ def test_a_group_of_weight_only_ops_alone_is_not_timed(tmp_path):
     assert placement.kinds(model, droppable=True) == {OpKind.CONV}  # "b" is still static
     placement.overrides = {"a": "weight_only", "b": "weight_only"}
     assert placement.kinds(model, droppable=True) == set() and placement.kinds(model) == {OpKind.CONV}
+
+
+def test_boxes_and_scores_concatenated_are_budgeted_part_by_part(tmp_path):
+    """A detector head: boxes (hundreds) and sigmoid scores ([0, 1]) concatenated into one output. Judged
+    whole, the scores' error is drowned by the boxes' power (tests/unit/test_output_parts.py); judged part
+    by part, the placement's probe, the report and the gates list both parts, and the default budget holds
+    the scores' own cosine."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (4, 8, 1, 1)).astype(np.float32), "wb"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (3, 8, 1, 1)).astype(np.float32), "ws"),
+             numpy_helper.from_array(np.array(300.0, np.float32), "k")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["h0"], name="trunk", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h0"], ["h"]),
+             helper.make_node("Conv", ["h", "wb"], ["b0"], name="box"),
+             helper.make_node("Mul", ["b0", "k"], ["boxes"], name="scale"),
+             helper.make_node("Conv", ["h", "ws"], ["s0"], name="score"),
+             helper.make_node("Sigmoid", ["s0"], ["scores"], name="sigmoid"),
+             helper.make_node("Concat", ["boxes", "scores"], ["det"], name="cat", axis=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("det", TensorProto.FLOAT, ["N", 7, 8, 8])],
+                              initializer=inits)
+    model, calib, rep = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "r.json"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    np.savez(calib, x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
+    assert _run(model, "--calib", calib, "-o", tmp_path / "q.onnx", "--report", rep).exit_code == 0
+    report = json.loads(rep.read_text())
+    outputs = {o["name"]: o for o in report["outputs"]}
+    assert list(outputs) == ["det[:, 0:4]", "det[:, 4:7]"]
+    assert any("concatenates 2 tensors along axis 1" in n for n in report["notes"])
+    assert report["placement"]["met"] and outputs["det[:, 4:7]"]["cosine_mean"] >= 0.998
+    baseline = report["placement"]["trials"][0]["figures"]  # every op static int8, as scored by the probe
+    assert [f["name"] for f in baseline] == list(outputs)
