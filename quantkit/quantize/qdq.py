@@ -149,8 +149,9 @@ class StaticScheme(Scheme):
         symmetric = self.config.activations == Activations.INT8
         # activations first, so weights and biases can use their scales
         tensors = activation_tensors(ops)
+        ranges = _passed_through(ops, {v.name for v in tensors}, self.ranges)
         for value in tensors:
-            lo, hi = self.ranges[value.name]
+            lo, hi = ranges[value.name]
             scale, zp = qp.qparams(lo, hi, self.act_type, symmetric=symmetric)
             result.activations[value.name] = ActivationQParams(float(scale), int(zp), self.act_type.name, (lo, hi))
         for value in tensors:
@@ -206,6 +207,32 @@ class StaticScheme(Scheme):
         activations = {k: {**asdict(v), "method": self.chosen[k], "observed": list(self.observers[k].range()),
                            "nonfinite": self.observers[k].nonfinite} for k, v in rw.activations.items()}
         return calibration, activations
+
+
+# ops whose output values all lie in their input's range (max pooling picks input values; nearest and linear
+# resizing pick or average them): their output QDQ takes the input's scale and zero point, which adds no
+# rounding and lets onnxruntime drop the pair and run the op on the int8 tensor itself (its MaxPool/Resize QDQ
+# rule asks for equal parameters; a calibrated range of its own differs a little and kept the op float)
+PASS_THROUGH = ("MaxPool", "Resize")
+
+
+def _passed_through(ops: list[QuantizedOp], quantized: set[str],
+                    ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """`ranges` with each PASS_THROUGH op's output range replaced by its input's (through chains of them)."""
+    source: dict[str, str] = {}
+    for op in ops:
+        node = op.node
+        cubic = node.op_type == "Resize" and (m := node.attributes.get("mode")) is not None and m.as_string() == "cubic"
+        if (node.op_type in PASS_THROUGH and not cubic and op.output is not None and op.inputs
+                and op.output.name in quantized and op.inputs[0].name in quantized):
+            source[op.output.name] = op.inputs[0].name
+    out = dict(ranges)
+    for name in source:
+        root = name
+        while root in source:
+            root = source[root]
+        out[name] = ranges[root]
+    return out
 
 
 def rewrite(model: ir.Model, plan: Plan, ranges: dict[str, tuple[float, float]], config: QuantConfig,

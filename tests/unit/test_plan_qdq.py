@@ -295,3 +295,44 @@ def test_ops_between_int8_ops_join_the_int8_region_and_run_on_integer_kernels(tm
     (ref,) = run(proto, {"x": x})
     (got,) = run(quantized, {"x": x})
     assert _cos(ref, got) > 0.995
+
+
+def _conv_pool_conv(rng):
+    """x -> Conv (outputs of both signs) -> MaxPool 2x2 -> Conv -> y: pooling raises the minimum."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (4, 8, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["a"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_maxpool_output_takes_its_input_scale_so_onnxruntime_pools_the_int8_tensor(tmp_path):
+    """MaxPool picks input values: its output QDQ reuses the input's scale and zero point (no new rounding,
+    every output value already on the input's grid), and onnxruntime then drops the pair and pools the
+    uint8 tensor itself. With a calibrated range of its own (narrower: the pooled minimum is higher) the
+    parameters differed and onnxruntime kept MaxPool float between a DequantizeLinear and a QuantizeLinear."""
+    rng = np.random.default_rng(3)
+    proto = _conv_pool_conv(rng)
+    x = rng.normal(size=(4, 4, 8, 8)).astype(np.float32)
+    model, plan, result = _quantize(proto, {"x": x})
+    pool = next(op for op in plan.ops if op.node.op_type == "MaxPool")
+    assert pool.output is not None
+    before, after = result.activations[pool.inputs[0].name], result.activations[pool.output.name]
+    assert (after.scale, after.zero_point) == (before.scale, before.zero_point) and before.range[0] < 0
+    quantized = ir.serde.serialize_model(model)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(quantized.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    graph = onnx.load(so.optimized_model_filepath).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    pools = [n for n in graph.node if "MaxPool" in n.op_type]
+    assert pools and all(producers.get(n.input[0]) != "DequantizeLinear" for n in pools)
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(quantized, {"x": x})
+    assert _cos(ref, got) > 0.995
