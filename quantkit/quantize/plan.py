@@ -29,7 +29,8 @@ NO_INT8_KERNEL = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Softplus", "Gelu",
 # tensor itself). Taken into the int8 region only where every activation input already comes out
 # of it, so the op trades a DequantizeLinear -> float op -> QuantizeLinear for an integer kernel.
 INT8_REGION_OPS = ("Add", "Mul", "Concat", "Sigmoid", "LeakyRelu", "MaxPool", "AveragePool",
-                   "GlobalAveragePool", "Resize")
+                   "GlobalAveragePool", "Resize", "Split")
+MULTI_OUTPUT = ("Split",)  # every output gets a QDQ (on the input's grid: quantize/qdq.py PASS_THROUGH)
 
 
 class OpKind(str, Enum):
@@ -63,7 +64,7 @@ _LABELS = {
     OpKind.MATMUL: "MatMul",
     OpKind.CONV: "Conv",
     OpKind.EMBEDDING: "Gather (embedding table)",
-    OpKind.INT8_REGION: "Add/Mul/Concat/Sigmoid/pooling/Resize between int8 ops",
+    OpKind.INT8_REGION: "Add/Mul/Concat/Sigmoid/pooling/Resize/Split between int8 ops",
 }
 # Kinds with no weight to store: int8 can only buy them speed. An activation x activation MatMul quantizes both
 # inputs on every run; on all-MiniLM-L6-v2 the model with its 12 attention MatMuls float timed 0.5-5% faster than
@@ -93,6 +94,7 @@ class QuantizedOp:
     weight_index: int = 1  # 0 for an embedding Gather
     bias: bool = False  # input 2 is a constant bias that can become int32
     output: ir.Value | None = None  # tensor that gets output QDQ (after any fused Relu), None if kept float
+    more_outputs: tuple[ir.Value, ...] = ()  # a Split's other outputs, each with its own output QDQ
     scheme: SchemeName | None = None  # set when a scheme claims the op
     kind: OpKind = field(init=False)  # the speed guard's group, fixed when planned
     key: str = field(init=False)  # the planned node's name (its first output's when unnamed), kept after rewriting
@@ -150,6 +152,7 @@ class Plan:
                 continue
             if op.output is not None and op.output.name in tensors:
                 op.output = None
+            op.more_outputs = tuple(v for v in op.more_outputs if v.name not in tensors)
             kept.append(op)
         self.ops = kept
 
@@ -165,7 +168,7 @@ def activation_tensors(ops: list[QuantizedOp]) -> list[ir.Value]:
     """Each tensor the ops read or write through QDQ, once, in op order."""
     seen: dict[int, ir.Value] = {}
     for op in ops:
-        for v in (*op.inputs, op.output):
+        for v in (*op.inputs, op.output, *op.more_outputs):
             if v is not None:
                 seen.setdefault(id(v), v)
     return list(seen.values())
@@ -298,7 +301,7 @@ def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
 
 def _activation_inputs(node: ir.Node) -> list[ir.Value]:
     """The inputs computed at run time (constants and shape-like inputs of Resize excluded)."""
-    ins = node.inputs[:1] if node.op_type == "Resize" else node.inputs
+    ins = node.inputs[:1] if node.op_type in ("Resize", "Split") else node.inputs
     return [v for v in ins if v is not None and const_spec(v) is None]
 
 
@@ -313,12 +316,14 @@ def _int8_region(model: ir.Model, ops: list[QuantizedOp], config: QuantConfig) -
             continue
         acts = _activation_inputs(node)
         out = node.outputs[0]
+        more = tuple(node.outputs[1:]) if node.op_type in MULTI_OUTPUT else ()
         if (not acts or any(id(v) not in int8 or not _is_float32(v) for v in acts)
-                or len(acts) != len([v for v in node.inputs if v is not None]) and node.op_type != "Resize"
-                or out.is_graph_output() or not _is_float32(out)
-                or any(o.uses() or o.is_graph_output() for o in node.outputs[1:])):
+                or len(acts) != len([v for v in node.inputs if v is not None])
+                and node.op_type not in ("Resize", "Split")
+                or any(o.is_graph_output() or not _is_float32(o) for o in (out, *more))
+                or not more and any(o.uses() or o.is_graph_output() for o in node.outputs[1:])):
             continue
-        op = QuantizedOp(node, acts, weighted=False, output=out)
+        op = QuantizedOp(node, acts, weighted=False, output=out, more_outputs=more)
         taken.append(op)
-        int8.add(id(out))
+        int8.update(id(o) for o in (out, *more))
     return taken

@@ -213,7 +213,9 @@ class StaticScheme(Scheme):
 # resizing pick or average them): their output QDQ takes the input's scale and zero point, which adds no
 # rounding and lets onnxruntime drop the pair and run the op on the int8 tensor itself (its MaxPool/Resize QDQ
 # rule asks for equal parameters; a calibrated range of its own differs a little and kept the op float)
-PASS_THROUGH = ("MaxPool", "Resize")
+PASS_THROUGH = ("MaxPool", "Resize", "Split")  # a Split's parts: onnxruntime splits the int8 tensor only
+# when every part keeps the input's parameters (a part then uses the whole input's range, as onnxruntime's own
+# quantizer does; a YOLOv8 C2f block splits a convolution's output for its bottlenecks and its Concat)
 
 
 def _passed_through(ops: list[QuantizedOp], quantized: set[str],
@@ -223,9 +225,9 @@ def _passed_through(ops: list[QuantizedOp], quantized: set[str],
     for op in ops:
         node = op.node
         cubic = node.op_type == "Resize" and (m := node.attributes.get("mode")) is not None and m.as_string() == "cubic"
-        if (node.op_type in PASS_THROUGH and not cubic and op.output is not None and op.inputs
-                and op.output.name in quantized and op.inputs[0].name in quantized):
-            source[op.output.name] = op.inputs[0].name
+        if node.op_type in PASS_THROUGH and not cubic and op.inputs and op.inputs[0].name in quantized:
+            source.update({v.name: op.inputs[0].name for v in (op.output, *op.more_outputs)
+                           if v is not None and v.name in quantized})
     out = dict(ranges)
     for name in source:
         root = name
