@@ -219,3 +219,20 @@ def residual_cnn(rng: np.random.Generator) -> onnx.ModelProto:
         [_init(k, v) for k, v in w.items()] + [_init("one", np.float32(1.0))],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def split_block(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> Conv conv0 -> Split in two -> (Conv conv1, Conv conv2) -> Concat with the second part -> Relu -> y
+    (a YOLOv8 C2f block's shape)."""
+    w = [rng.normal(0, 0.5, shape).astype(np.float32) for shape in ((8, 4, 3, 3), (4, 4, 3, 3), (4, 4, 3, 3))]
+    inits = [_init("w0", w[0]), _init("w1", w[1]), _init("w2", w[2]), _init("sizes", np.array([4, 4], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", pads=[1, 1, 1, 1]),
+             helper.make_node("Split", ["a", "sizes"], ["s0", "s1"], name="split", axis=1),
+             helper.make_node("Conv", ["s0", "w1"], ["b0"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["s1", "w2"], ["b1"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Concat", ["b0", "b1", "s1"], ["c"], name="concat", axis=1),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12, 8, 8])],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -154,6 +154,23 @@ class Placement:
                 kept.append(op)
             else:
                 plan.skip(op, f"the plan asks for {want}, which cannot rewrite this op")
+        return self._region_follows(plan, kept) if self.overrides else kept
+
+    @staticmethod
+    def _region_follows(plan: Plan, ops: list[QuantizedOp]) -> list[QuantizedOp]:
+        """An int8-region op (Add, Concat, Split... without weights) stays only while every input still comes
+        out of an op static int8 writes (or of a region op kept before it): once the ops feeding it leave
+        static int8, it would only dequantize and requantize between float ops."""
+        int8 = {id(v) for op in ops if op.kind != OpKind.INT8_REGION and op.scheme == SchemeName.STATIC
+                for v in (op.output, *op.more_outputs) if v is not None}
+        kept = []
+        for op in ops:
+            if op.kind == OpKind.INT8_REGION:
+                if not all(id(v) in int8 for v in op.inputs):
+                    plan.skip(op, "its inputs left static int8 (accuracy budget)")
+                    continue
+                int8.update(id(v) for v in (op.output, *op.more_outputs) if v is not None)
+            kept.append(op)
         return kept
 
     def kinds(self, model: ir.Model, droppable: bool = False) -> set[OpKind]:

@@ -15,7 +15,7 @@ from quantkit.graph.canonicalize import canonicalize
 from quantkit.quantize.plan import OpKind, make_plan
 from quantkit.quantize.qdq import rewrite
 
-from models import conv_bn_relu_gemm, if_with_matmul, mlp_with_attention_matmul, residual_cnn, run
+from models import conv_bn_relu_gemm, if_with_matmul, mlp_with_attention_matmul, residual_cnn, run, split_block
 
 
 def _quantize(proto, feed, config=None):
@@ -342,23 +342,8 @@ def test_a_split_of_an_int8_tensor_joins_the_region_with_every_part_on_the_input
     """x -> Conv -> Split in two -> (Conv, Conv) -> Concat (a YOLOv8 C2f block's shape): the Split joins the
     int8 region with a QDQ on each part at the input's scale and zero point, onnxruntime splits the int8
     tensor, and the Concat after it (both inputs now int8) joins the region too."""
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(4)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32), "w0"),
-             numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.array([4, 4], np.int64), "sizes")]
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv0", pads=[1, 1, 1, 1]),
-             helper.make_node("Split", ["a", "sizes"], ["s0", "s1"], name="split", axis=1),
-             helper.make_node("Conv", ["s0", "w1"], ["b0"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["s1", "w2"], ["b1"], name="conv2", pads=[1, 1, 1, 1]),
-             helper.make_node("Concat", ["b0", "b1", "s1"], ["c"], name="concat", axis=1),
-             helper.make_node("Relu", ["c"], ["y"], name="relu")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12, 8, 8])],
-                              initializer=inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto = split_block(rng)
     x = rng.normal(size=(4, 4, 8, 8)).astype(np.float32)
     model, plan, result = _quantize(proto, {"x": x})
     region = {op.node.name: op for op in plan.ops if op.kind == OpKind.INT8_REGION}

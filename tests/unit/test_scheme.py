@@ -17,7 +17,7 @@ from quantkit.quantize.qdq import StaticScheme
 from quantkit.quantize.scheme import Placement, placement_for
 from quantkit.quantize.weight_only import WeightOnlyScheme
 
-from models import conv_bn_relu_gemm, run
+from models import conv_bn_relu_gemm, run, split_block
 
 
 def _cnn():
@@ -165,3 +165,28 @@ def test_the_speed_guard_drops_int8_kernels_but_keeps_the_budgets_weight_only_op
     placement.overrides = {}
     _, plan, _ = placement.build(model, drop, "the model ran faster without")
     assert sorted(s.node for s in plan.skipped) == ["conv1", "dwconv"]
+
+
+def test_region_ops_leave_static_int8_once_the_ops_feeding_them_do(tmp_path):
+    """The int8 region (Split, Concat... without weights) holds only where every input comes out of an op static
+    int8 writes: when the accuracy budget moves the convolution feeding a Split to weight-only int8, the Split and
+    the Concat reading one of its parts leave too, instead of quantizing float tensors for one integer kernel."""
+    rng = np.random.default_rng(4)
+    proto = split_block(rng)
+    model = ir.serde.deserialize_model(proto)
+    canonicalize(model)
+    shapes.infer(model)
+    x = rng.normal(size=(8, 4, 8, 8)).astype(np.float32)
+    placement = placement_for(QuantConfig())
+    placement.use(collect(model, placement.requests(model), ({"x": b} for b in np.array_split(x, 4)), tmp_path))
+    regions = {op.node.name for op in placement.plan(model.clone()).ops if op.kind == OpKind.INT8_REGION}
+    assert regions == {"split", "concat"}
+    placement.overrides = {"conv0": SchemeName.WEIGHT_ONLY.value}
+    qmodel, plan, _ = placement.build(model, set(), "")
+    assert {op.node.name: op.scheme for op in plan.ops} == {"conv0": SchemeName.WEIGHT_ONLY,
+                                                            "conv1": SchemeName.STATIC, "conv2": SchemeName.STATIC}
+    assert {s.node: s.reason for s in plan.skipped} == {n: "its inputs left static int8 (accuracy budget)"
+                                                        for n in ("split", "concat")}
+    (ref,) = run(proto, {"x": x})
+    (got,) = run(ir.serde.serialize_model(qmodel), {"x": x})
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
