@@ -8,8 +8,9 @@ therefore scored on its own, as if it were an output of its own: the placement's
 and the gates read every part.
 
 A graph output is split when the node producing it is a Concat of two or more tensors whose sizes
-along the concatenated axis are known from the graph (the parts are then fixed); any other output
-is one part, under its own name.
+along the concatenated axis are known from the graph (the parts are then fixed), and it has at least
+three axes: a [batch, classes] output is a classifier's, whose top-1 agreement and labelled accuracy
+need every class together. Any other output is one part, under its own name.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _concat_pieces(value: ir.Value | None) -> tuple[int, list[int]] | None:
         return None
     rank = len(value.shape) if value is not None and value.shape is not None else None
     attr = node.attributes.get("axis")
-    if rank is None or attr is None:
+    if rank is None or rank < 3 or attr is None:
         return None
     axis = attr.as_int() % rank
     sizes = []

@@ -59,3 +59,14 @@ def test_the_small_part_shows_the_error_the_whole_output_hides():
         c.update(r, x)
     assert whole.result()["cosine_mean"] > 0.9999
     assert split[0].result()["cosine_mean"] == 1.0 and split[1].result()["cosine_mean"] < 0.9
+
+
+def test_a_classifiers_concatenated_logits_stay_one_output():
+    """[batch, classes] made of two heads' logits: top-1 and labelled accuracy need every class together."""
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["a", "b"], ["logits"], axis=1)], "g",
+        [helper.make_tensor_value_info("a", f, ["N", 3]), helper.make_tensor_value_info("b", f, ["N", 3])],
+        [helper.make_tensor_value_info("logits", f, ["N", 6])])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert output_parts(model, ["logits"]).names == ["logits"]
