@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -123,7 +124,7 @@ def _cut_plan(teacher, feed: dict[str, np.ndarray]) -> list[str]:
 class Batch:
     inputs: list  # torch tensors, in the graph's input order
     teacher: list  # the original model's outputs (None where not float)
-    mask: object  # (batch, sequence) float 0/1 of real positions, or None
+    mask: Any  # (batch, sequence) float tensor, 1 at real positions, 0 at padding; or None
 
 
 def _batch(feed: dict[str, np.ndarray], names: list[str], teacher) -> Batch:
@@ -208,7 +209,7 @@ def _fit(g, params: list, train: list[Batch], held: list[Batch], s: Settings) ->
 
     opt = torch.optim.Adam(params, lr=s.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, s.steps) / s.steps)))
-    rng, order = np.random.default_rng(s.seed), []
+    rng, order = np.random.default_rng(s.seed), list[int]()
     start = best = held_out(g, held, s.pooled)
     best_state, best_step = [p.detach().clone() for p in params], 0
     for step in range(1, s.steps + 1):
@@ -274,18 +275,15 @@ def train_joint(model: ir.Model, original: ir.Model, layers: list[dict], batches
         if isinstance(data, str):
             return {"trained": False, "reason": data}
         train, held, trimmed = data
-        for p in g.learn.parameters():
-            p.requires_grad_(False)
+        g.learn.requires_grad_(False)
         names = [n for n in names if n in g.learn.floats]
-        params = [g.learn.plain(n) for n in names]
-        for p in params:
-            p.requires_grad_(True)
+        params = [g.learn.plain(n).requires_grad_(True) for n in names]
         record = _fit(g, params, train, held, s)
     finally:
         torch.set_num_threads(threads)
-    for n, p in zip(names, params):
+    for n, param in zip(names, params):
         old = const_array(model.graph.initializers[n])
-        set_const(model.graph.initializers[n], p.detach().numpy().astype(old.dtype).reshape(old.shape))
+        set_const(model.graph.initializers[n], param.detach().numpy().astype(old.dtype).reshape(old.shape))
     return {"trained": True, "loss": "pooled" if s.pooled else "outputs", "tensors": len(names),
             "parameters": int(sum(p.numel() for p in params)), "lr": s.lr, "trimmed": trimmed,
             "train_batches": len(train), "held_out_batches": len(held), **record,
