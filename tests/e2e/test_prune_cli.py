@@ -299,7 +299,7 @@ def test_the_joint_phase_from_the_command_line(samples, tmp_path):
     pytest.importorskip("torch")
     d = samples / "digits_transformer"
     out = tmp_path / "joint.onnx"
-    _, report = reported(d, out, "--prune", "0.3", "--prune-refit", "joint", "--prune-train-steps", "5",
+    r, report = reported(d, out, "--prune", "0.3", "--prune-refit", "joint", "--prune-train-steps", "5",
                          "--prune-joint-steps", "6", "--prune-joint-loss", "pooled")
     p, cfg = report["pruning"], report["effective_config"]
     assert p["refit"] == "joint" and (cfg["prune_refit"], cfg["prune_joint_steps"]) == ("joint", 6)
@@ -307,6 +307,7 @@ def test_the_joint_phase_from_the_command_line(samples, tmp_path):
     j = p["joint"]
     assert j["trained"] and j["steps"] == 6 and j["loss"] == "pooled", j
     assert j["tensors"] >= 2 and j["train_batches"] >= 1 and j["held_out_batches"] >= 1
+    assert f"joint phase: {j['tensors']} tensors trained together (pooled loss)" in r.output
     assert all(la["training"]["steps"] <= 5 for la in p["layers"] if la["training"]["trained"])
     onnx.checker.check_model(str(out), full_check=True)
 
