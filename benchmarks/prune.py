@@ -57,7 +57,6 @@ def runs_for(kind: str, d: Path, calib: Path | None = None) -> dict[str, list]:
                 # issue 14, stop 26: stop 24's S3 settings plus the joint phase, one command from the original model
                 "prune 30% FFN (sensitivity, joint) + static int8": [*joint],
                 "prune 30% FFN (sensitivity, joint pooled) + static int8": [*joint, "--prune-joint-loss", "pooled"],
-                "prune 30% FFN (sensitivity, joint 3000) + static int8": [*joint, "--prune-joint-steps", "3000"],
                 "prune 25% heads + int8": [*int8, "--prune", "0.25", "--prune-structure", "head"],
                 "int4 (block 128)": int4,
                 "unstructured 50% wanda + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured"],
