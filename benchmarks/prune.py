@@ -40,6 +40,8 @@ def runs_for(kind: str, d: Path, calib: Path | None = None) -> dict[str, list]:
         # meet its default accuracy budget; see BENCHMARKS.md, real models)
         int8 = ["--activations", "dynamic", "--calib", calib]
         int4 = ["--weights", "int4", "--block-size", "128", "--calib", calib]
+        joint = ["--calib", calib, "--prune", "0.3", "--prune-allocation", "sensitivity", "--prune-refit", "joint",
+                 "--prune-train-steps", "2000"]
         return {"int8 (dynamic)": int8,
                 "prune 10% FFN + int8": [*int8, "--prune", "0.1"],
                 "prune 30% FFN + int8": [*int8, "--prune", "0.3"],
@@ -52,6 +54,9 @@ def runs_for(kind: str, d: Path, calib: Path | None = None) -> dict[str, list]:
                 "prune 30% FFN (sequential, sensitivity) + static int8": [
                     "--calib", calib, "--prune", "0.3", "--prune-refit", "sequential",
                     "--prune-allocation", "sensitivity"],
+                # issue 14, stop 26: stop 24's S3 settings plus the joint phase, one command from the original model
+                "prune 30% FFN (sensitivity, joint) + static int8": [*joint],
+                "prune 30% FFN (sensitivity, joint pooled) + static int8": [*joint, "--prune-joint-loss", "pooled"],
                 "prune 25% heads + int8": [*int8, "--prune", "0.25", "--prune-structure", "head"],
                 "int4 (block 128)": int4,
                 "unstructured 50% wanda + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured"],
@@ -125,6 +130,8 @@ def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
             if p:
                 runs[name]["pruning"] = {k: p.get(k) for k in ("params_before", "params_after", "macs_before",
                                                                "macs_after", "nonzero_before", "nonzero_after")}
+                if p.get("joint"):  # --prune-refit joint's record
+                    runs[name]["joint"] = p["joint"]
     return evaluate(kind, d, runs, rounds)
 
 

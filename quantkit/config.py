@@ -216,6 +216,17 @@ class PruneRefit(Choice):
     ONE_SHOT = "one-shot"  # every group measured on the unpruned model, refit towards its own output
     SEQUENTIAL = "sequential"  # group after group on the pruned model, refit towards the original (prune/sequential.py)
     TRAIN = "train"  # sequential, then each block's kept parameters trained towards the original (prune/blocktrain.py)
+    JOINT = "joint"  # train, then every pruned block's kept parameters trained together on the outputs (prune/joint.py)
+
+    @property
+    def trains(self) -> bool:
+        """The blocks are trained (torch needed)."""
+        return self in (PruneRefit.TRAIN, PruneRefit.JOINT)
+
+
+class PruneJointLoss(Choice):
+    OUTPUTS = "outputs"  # per-sample cosine of the outputs over real positions + their squared error
+    POOLED = "pooled"  # outputs + 1 - cosine of the mask-aware mean-pooled (sentence) vector
 
 
 @dataclass(frozen=True)
@@ -229,6 +240,8 @@ class PruneConfig:
     refit: PruneRefit = PruneRefit.ONE_SHOT  # channel only
     train_steps: int | None = None  # --prune-refit train: Adam steps per block (None: blocktrain.Settings.steps)
     train_data: Path | None = None  # --prune-refit train: more data for the block training only
+    joint_steps: int | None = None  # --prune-refit joint: Adam steps of the joint phase (None: joint.Settings.steps)
+    joint_loss: PruneJointLoss | None = None  # --prune-refit joint: what it matches (None: outputs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "structure", PruneStructure.parse(self.structure, "--prune-structure"))
@@ -239,14 +252,9 @@ class PruneConfig:
         sparse = self.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI)
         if self.structure == PruneStructure.SEMI and self.ratio is None:
             object.__setattr__(self, "ratio", 0.5)
-        if self.refit != PruneRefit.TRAIN:
-            given = [flag for flag, v in (("--prune-train-steps", self.train_steps),
-                                          ("--prune-train-data", self.train_data)) if v is not None]
-            if given:
-                raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to "
-                                  f"--prune-refit train, not {self.refit}")
-        if self.train_steps is not None and self.train_steps < 1:
-            raise ConfigError(f"--prune-train-steps must be at least 1, got {self.train_steps}")
+        if self.joint_loss is not None:
+            object.__setattr__(self, "joint_loss", PruneJointLoss.parse(self.joint_loss, "--prune-joint-loss"))
+        self._check_training()
         if self.ratio is None:
             if self.structure != PruneStructure.CHANNEL or self.method is not None:
                 raise ConfigError("--prune-structure and --prune-method need --prune RATIO (e.g. --prune 0.3)")
@@ -264,6 +272,20 @@ class PruneConfig:
         if self.method is not None and not sparse:
             raise ConfigError(f"--prune-method applies to --prune-structure unstructured or 2:4; {self.structure} "
                               "ranks channels by calibration statistics")
+
+    def _check_training(self) -> None:
+        """The block-training and joint-phase options, each only with the --prune-refit that uses it."""
+        for refits, flags in (((PruneRefit.TRAIN, PruneRefit.JOINT), (("--prune-train-steps", self.train_steps),
+                                                                     ("--prune-train-data", self.train_data))),
+                              ((PruneRefit.JOINT,), (("--prune-joint-steps", self.joint_steps),
+                                                     ("--prune-joint-loss", self.joint_loss)))):
+            given = [flag for flag, v in flags if v is not None]
+            if given and self.refit not in refits:
+                raise ConfigError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to "
+                                  f"--prune-refit {' or '.join(r.value for r in refits)}, not {self.refit}")
+        for flag, steps in (("--prune-train-steps", self.train_steps), ("--prune-joint-steps", self.joint_steps)):
+            if steps is not None and steps < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {steps}")
 
     @property
     def enabled(self) -> bool:

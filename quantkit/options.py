@@ -73,6 +73,8 @@ OPTIONS = {o.key: o for o in (
     Option("prune_refit", "str", "one-shot"),
     Option("prune_train_steps", "int"),
     Option("prune_train_data", "path"),
+    Option("prune_joint_steps", "int"),
+    Option("prune_joint_loss", "str"),
     # --finetune (recovery training; the other three apply only with it)
     Option("finetune", "int"),
     Option("lr", "float"),
@@ -188,7 +190,8 @@ def run_config(options: dict):
                     require_speedup=o["require_speedup"], min_sqnr=o["min_sqnr"]),
         prune=PruneConfig(ratio=o["prune"], structure=o["prune_structure"], method=o["prune_method"],
                           allocation=o["prune_allocation"], refit=o["prune_refit"],
-                          train_steps=o["prune_train_steps"], train_data=o["prune_train_data"]),
+                          train_steps=o["prune_train_steps"], train_data=o["prune_train_data"],
+                          joint_steps=o["prune_joint_steps"], joint_loss=o["prune_joint_loss"]),
     )
 
 
@@ -233,6 +236,8 @@ def effective_config(cfg) -> dict:
         "prune_method": cfg.prune.method.value if cfg.prune.method is not None else None,
         "prune_allocation": cfg.prune.allocation.value, "prune_refit": cfg.prune.refit.value,
         "prune_train_steps": cfg.prune.train_steps, "prune_train_data": cfg.prune.train_data,
+        "prune_joint_steps": cfg.prune.joint_steps,
+        "prune_joint_loss": cfg.prune.joint_loss.value if cfg.prune.joint_loss is not None else None,
     }
     if cfg.finetune is not None:
         ft, default = cfg.finetune, type(cfg.finetune)(steps=1)

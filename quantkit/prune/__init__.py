@@ -23,22 +23,29 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
     what depends on the model only (statistics, sensitivity curves) across calls on copies of it.
     train_batches: extra data for `--prune-refit train`'s block training only (blocktrain.py)."""
     settings = None
-    if cfg.refit == PruneRefit.TRAIN:
+    if cfg.refit.trains:
         from quantkit.prune.blocktrain import require_torch, settings_for
 
-        require_torch()  # before any calibration pass
+        require_torch(cfg.refit.value)  # before any calibration pass
         settings = settings_for(cfg.train_steps)
     before = cost(model, feed, workdir)
     fold_constant_shapes(model)
+    original = model.clone() if cfg.refit == PruneRefit.JOINT else None
     if cfg.structure == PruneStructure.CHANNEL:
         from quantkit.prune.structured import prune_channels
 
         section = prune_channels(model, cfg.ratio, batches, workdir, allocation=cfg.allocation.value, feed=feed,
                                  cache=cache, status=status, sequential=cfg.refit != PruneRefit.ONE_SHOT,
-                                 train=cfg.refit == PruneRefit.TRAIN, train_batches=train_batches,
-                                 train_settings=settings)
+                                 train=cfg.refit.trains, train_batches=train_batches, train_settings=settings)
         for layer in section["layers"]:
             layer["detail"] = f"{layer['channels_before']} -> {layer['channels_after']} channels"
+        if original is not None:
+            from quantkit.prune.joint import settings_for as joint_settings
+            from quantkit.prune.joint import train_joint
+
+            status("training the pruned blocks together (--prune-refit joint)")
+            section["joint"] = train_joint(model, original, section["layers"], batches, workdir,
+                                           joint_settings(cfg.joint_steps, cfg.joint_loss and cfg.joint_loss.value))
     elif cfg.structure in (PruneStructure.UNSTRUCTURED, PruneStructure.SEMI):
         from quantkit.prune.sparse import prune_sparse
 
@@ -61,8 +68,8 @@ def prune(model: ir.Model, cfg: PruneConfig, batches: Batches, feed: dict[str, n
                                         "use --prune-structure channel")
     section = {"structure": cfg.structure.value, "ratio": cfg.ratio,
                "method": cfg.method.value if cfg.method is not None else None,
-               "allocation": cfg.allocation.value, "refit": cfg.refit.value,
-               **summary(before, cost(model, feed, workdir)), **section}
+               "allocation": cfg.allocation.value,
+               **summary(before, cost(model, feed, workdir)), **section, "refit": cfg.refit.value}
     return section
 
 

@@ -55,12 +55,12 @@ def settings_for(steps: int | None) -> Settings:
     return SETTINGS if steps is None else replace(SETTINGS, steps=steps)
 
 
-def require_torch() -> None:
+def require_torch(refit: str = "train") -> None:
     """ConfigError up front (before any calibration pass) when torch is missing."""
     from importlib.util import find_spec
 
     if find_spec("torch") is None:
-        raise ConfigError("--prune-refit train trains each pruned block in PyTorch, which is not installed: "
+        raise ConfigError(f"--prune-refit {refit} trains the pruned blocks in PyTorch, which is not installed: "
                           "pip install 'quantkit[torch]' (CPU torch) or use --prune-refit sequential")
 
 

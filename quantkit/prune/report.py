@@ -92,6 +92,12 @@ def render_lines(section: dict | None) -> list[str]:
         lines.append(f"            ratio {search['chosen_ratio']:.1%} of at most {search['max_ratio']:.0%}: "
                      f"the largest keeping {search['pruning_target']} ({len(search['trials'])} trials; "
                      f"quantization gets the rest of {search['target']})")
+    joint = section.get("joint")
+    if joint:
+        lines.append("            joint phase: " + (
+            f"{joint['tensors']} tensors trained together ({joint['loss']} loss), best at step {joint['best_step']} "
+            f"of {joint['steps']}; held-out cosine {joint['held_out_cosine_start']:.4f} -> "
+            f"{joint['held_out_cosine_best']:.4f}" if joint["trained"] else f"not run: {joint['reason']}"))
     st = section.get("storage")
     if st and st["tensors"]:
         lines.append(f"            stored sparse: {st['tensors']} tensor(s), {st['dense_bytes']:,} -> "

@@ -164,4 +164,5 @@ def prune_sequential(model: ir.Model, safe: list[Group], ratios: list[float], ba
 def layer_record(g: Group, keep: np.ndarray, records: list[dict]) -> dict:
     return {"layer": g.name, "producers": [p.name for p in g.producers],
             "consumers": records or [{"layer": c.name} for c in g.consumers],
+            "weights": [n.inputs[1].name for n in g.producers + g.consumers],  # the initializers (joint.py)
             "channels_before": g.channels, "channels_after": int(len(keep)), "ratio": 1 - len(keep) / g.channels}

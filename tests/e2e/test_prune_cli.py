@@ -286,7 +286,40 @@ def test_block_training_options_need_the_train_refit(samples, tmp_path):
     d = samples / "digits_transformer"
     r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--prune", "0.3", "--prune-refit", "sequential",
                  "--prune-train-steps", "100", "-o", tmp_path / "s.onnx")
-    assert r.exit_code == 2 and "--prune-train-steps applies to --prune-refit train, not sequential" in r.output
+    assert r.exit_code == 2
+    assert "--prune-train-steps applies to --prune-refit train or joint, not sequential" in r.output
     r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--prune", "0.3", "--prune-refit", "train",
                  "--prune-train-steps", "0", "-o", tmp_path / "t.onnx")
     assert r.exit_code == 2 and "--prune-train-steps must be at least 1" in r.output
+
+
+def test_the_joint_phase_from_the_command_line(samples, tmp_path):
+    """--prune-refit joint: block training, then every pruned block trained together on the model's
+    outputs (--prune-joint-steps at most); recorded in the report and replayable from it."""
+    pytest.importorskip("torch")
+    d = samples / "digits_transformer"
+    out = tmp_path / "joint.onnx"
+    r, report = reported(d, out, "--prune", "0.3", "--prune-refit", "joint", "--prune-train-steps", "5",
+                         "--prune-joint-steps", "6", "--prune-joint-loss", "pooled")
+    p, cfg = report["pruning"], report["effective_config"]
+    assert p["refit"] == "joint" and (cfg["prune_refit"], cfg["prune_joint_steps"]) == ("joint", 6)
+    assert cfg["prune_joint_loss"] == "pooled" and cfg["prune_train_steps"] == 5
+    j = p["joint"]
+    assert j["trained"] and j["steps"] == 6 and j["loss"] == "pooled", j
+    assert j["tensors"] >= 2 and j["train_batches"] >= 1 and j["held_out_batches"] >= 1
+    assert f"joint phase: {j['tensors']} tensors trained together (pooled loss)" in r.output
+    assert all(la["training"]["steps"] <= 5 for la in p["layers"] if la["training"]["trained"])
+    onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_joint_options_need_the_joint_refit(samples, tmp_path):
+    d = samples / "digits_transformer"
+    base = [d / "model.onnx", "--calib", d / "calib.npz", "--prune", "0.3", "-o", tmp_path / "j.onnx"]
+    r = quantize(*base, "--prune-refit", "train", "--prune-joint-steps", "10")
+    assert r.exit_code == 2 and "--prune-joint-steps applies to --prune-refit joint, not train" in r.output
+    r = quantize(*base, "--prune-joint-loss", "pooled")
+    assert r.exit_code == 2 and "--prune-joint-loss applies to --prune-refit joint, not one-shot" in r.output
+    r = quantize(*base, "--prune-refit", "joint", "--prune-joint-steps", "0")
+    assert r.exit_code == 2 and "--prune-joint-steps must be at least 1" in r.output
+    r = quantize(*base, "--prune-refit", "joint", "--prune-joint-loss", "mean")
+    assert r.exit_code == 2 and "'mean' is not one of 'outputs', 'pooled'" in r.output
