@@ -155,19 +155,23 @@ def run_rows(rows: list[str], d: Path, work: Path, reuse: bool) -> dict[str, dic
     return runs
 
 
-def score(d: Path, runs: dict[str, dict], rounds: int) -> dict:
+def score(d: Path, runs: dict[str, dict], rounds: int, kind: str = "layout", input_name: str = "image",
+          metrics=None) -> dict:
+    """Each row's metrics against fp32 on the evaluation set, its size ratio and its speed (interleaved, best
+    of `rounds`); `kind`, `input_name`, `metrics`: the model's (real_models.py), the layout detector's by default."""
+    metrics = metrics or rmod.layout_metrics
     with np.load(d / "eval.npz") as z:
-        data = {"image": z["image"]}
+        data = {input_name: z[input_name]}
     paths = {"fp32": d / "model.onnx", **{k: Path(r["path"]) for k, r in runs.items() if r.get("path")}}
-    ref = rmod.run_eval("layout", paths["fp32"], data)
+    ref = rmod.run_eval(kind, paths["fp32"], data)
     runs.setdefault("fp32", {})
     for name, p in paths.items():
-        print(f"[layout] evaluating {name} ...", file=sys.stderr, flush=True)
-        q = ref if name == "fp32" else rmod.run_eval("layout", p, data)
+        print(f"[{kind}] evaluating {name} ...", file=sys.stderr, flush=True)
+        q = ref if name == "fp32" else rmod.run_eval(kind, p, data)
         size = paths["fp32"].stat().st_size / p.stat().st_size
-        runs[name].update(metrics=rmod.layout_metrics(ref, q), size_ratio=size)
+        runs[name].update(metrics=metrics(ref, q), size_ratio=size)
     load_before = os.getloadavg()
-    ms = rmod.interleaved_best_ms(paths, {"image": data["image"][:1]}, rounds)
+    ms = rmod.interleaved_best_ms(paths, {input_name: data[input_name][:1]}, rounds)
     for name in paths:
         runs[name].update(ms=ms[name], speedup=ms["fp32"] / ms[name])
     return {"load_before": load_before[0], "load_after": os.getloadavg()[0], "rounds": rounds}

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -48,6 +47,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import layout_plans  # noqa: E402
 import real_models as rmod  # noqa: E402 - the benchmarks folder is put on the path just above
 from _real_data import CACHE  # noqa: E402
 from layout_plans import ORT, quantize, row_stem, table  # noqa: E402
@@ -164,20 +164,7 @@ def run_rows(rows: list[str], d: Path, work: Path, reuse: bool) -> dict[str, dic
 
 
 def score(d: Path, runs: dict[str, dict], rounds: int) -> dict:
-    with np.load(d / "eval.npz") as z:
-        data = {"images": z["images"]}
-    paths = {"fp32": d / "model.onnx", **{k: Path(r["path"]) for k, r in runs.items() if r.get("path")}}
-    ref = rmod.run_eval("yolov8", paths["fp32"], data)
-    runs.setdefault("fp32", {})
-    for name, p in paths.items():
-        print(f"[yolov8] evaluating {name} ...", file=sys.stderr, flush=True)
-        q = ref if name == "fp32" else rmod.run_eval("yolov8", p, data)
-        runs[name].update(metrics=rmod.yolo_metrics(ref, q), size_ratio=paths["fp32"].stat().st_size / p.stat().st_size)
-    load_before = os.getloadavg()
-    ms = rmod.interleaved_best_ms(paths, {"images": data["images"][:1]}, rounds)
-    for name in paths:
-        runs[name].update(ms=ms[name], speedup=ms["fp32"] / ms[name])
-    return {"load_before": load_before[0], "load_after": os.getloadavg()[0], "rounds": rounds}
+    return layout_plans.score(d, runs, rounds, "yolov8", "images", rmod.yolo_metrics)
 
 
 def pareto(runs: dict[str, dict]) -> dict:
