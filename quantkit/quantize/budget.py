@@ -692,10 +692,10 @@ class SearchResult:
     shortfall: str | None = None
 
 
-# Op kinds for which float is the cheapest alternative: no weight to store (plan.SPEED_ONLY_KINDS, and the int8
-# region's Add, Concat, Sigmoid, Split...: going float costs them speed only, and a level of weight-only
-# convolutions around a static one only dequantizes and requantizes)
-FREE_FLOAT_KINDS = tuple(k.value for k in (*SPEED_ONLY_KINDS, OpKind.INT8_REGION))
+# Op kinds for which float is the cheapest alternative: no weight to store (plan.SPEED_ONLY_KINDS: attention
+# MatMuls, and the int8 region's Add, Concat, Sigmoid, Split...: going float costs them speed only, and a level of
+# weight-only convolutions around a static one only dequantizes and requantizes)
+FREE_FLOAT_KINDS = tuple(k.value for k in SPEED_ONLY_KINDS)
 
 
 @dataclass

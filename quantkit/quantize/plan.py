@@ -69,8 +69,10 @@ _LABELS = {
 # Kinds with no weight to store: int8 can only buy them speed. An activation x activation MatMul quantizes both
 # inputs on every run; on all-MiniLM-L6-v2 the model with its 12 attention MatMuls float timed 0.5-5% faster than
 # with them int8 in every run. The accuracy search moves them to float from its first level (budget.py), and the
-# speed guard keeps them int8 only on a clear, repeated win (speed.py).
-SPEED_ONLY_KINDS = (OpKind.ATTENTION_MATMUL,)
+# speed guard keeps them int8 only on a clear, repeated win (speed.py). The int8 region's ops (Add, Concat, Split,
+# Sigmoid... between int8 ops) have no weight either: on nudenet's YOLOv8n the model ran 4.9-10.3% slower with
+# them than without, and with a keep-unless-clearly-slower rule the load decided which file was written.
+SPEED_ONLY_KINDS = (OpKind.ATTENTION_MATMUL, OpKind.INT8_REGION)
 _BY_OP_TYPE = {"Conv": OpKind.CONV, "ConvTranspose": OpKind.CONV_TRANSPOSE, "Gemm": OpKind.GEMM,
                "MatMul": OpKind.MATMUL, "Gather": OpKind.EMBEDDING}
 
