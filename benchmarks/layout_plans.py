@@ -200,14 +200,19 @@ def all_rows(d: Path, work: Path) -> list[str]:
     return [ORT, *TARGETS, *fixed_plans(convs, grouped, ranked)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str | None) -> argparse.Namespace:
+    """The options layout_plans.py and yolo_plans.py share."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     ap.add_argument("--work", type=Path, help="keep models, plans and reports here (default: a temporary dir)")
     ap.add_argument("--rows", nargs="+", help="these rows only (names as --list prints them)")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved timing runs per repetition")
     ap.add_argument("--reuse", action="store_true", help="do not quantize again a row whose model is in --work")
     ap.add_argument("--list", action="store_true", help="print the row names and stop")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__)
     d = CACHE / "layout"
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)

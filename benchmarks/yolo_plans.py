@@ -36,7 +36,6 @@ already there is not quantized again (its quantize time is the stored one).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -216,13 +215,7 @@ def summary(runs: dict[str, dict], work: Path) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, help="keep models, plans and reports here (default: a temporary dir)")
-    ap.add_argument("--rows", nargs="+", help="these rows only (names as --list prints them)")
-    ap.add_argument("--rounds", type=int, default=10, help="interleaved timing runs per repetition")
-    ap.add_argument("--reuse", action="store_true", help="do not quantize again a row whose model is in --work")
-    ap.add_argument("--list", action="store_true", help="print the row names and stop")
-    args = ap.parse_args()
+    args = layout_plans.arguments(__doc__)
     d = CACHE / "yolov8"
     rows = [ORT, *TARGETS, *PLAN_ROWS, *SPLIT_TARGETS]
     if args.list:
