@@ -161,10 +161,10 @@ class Probe:
     reference: list[list[np.ndarray]]
     rest: list[list[tuple[int, float, int]]] = field(default_factory=list)  # [batch][part]: what comes after it
     parts: Parts | None = None  # what is scored: each output, or each part of a concatenated one (report/parts.py)
+    scored: Parts = field(init=False)  # `parts`, or every output whole
 
-    @property
-    def scored(self) -> Parts:
-        return self.parts if self.parts is not None else Parts.whole(len(self.names), self.names)
+    def __post_init__(self) -> None:
+        self.scored = self.parts if self.parts is not None else Parts.whole(len(self.names), self.names)
 
     @classmethod
     def take(cls, fp32_session, batches, limit: int = PROBE_SAMPLES,

@@ -31,6 +31,7 @@ NO_INT8_KERNEL = ("HardSwish", "HardSigmoid", "Tanh", "Elu", "Softplus", "Gelu",
 INT8_REGION_OPS = ("Add", "Mul", "Concat", "Sigmoid", "LeakyRelu", "MaxPool", "AveragePool",
                    "GlobalAveragePool", "Resize", "Split")
 MULTI_OUTPUT = ("Split",)  # every output gets a QDQ (on the input's grid: quantize/qdq.py PASS_THROUGH)
+FIRST_INPUT_ONLY = ("Resize", "Split")  # their other inputs are shapes, scales or split sizes, never activations
 
 
 class OpKind(str, Enum):
@@ -105,6 +106,11 @@ class QuantizedOp:
         self.kind = _kind(self.node, self.weighted)
         self.key = self.node.name or self.node.outputs[0].name
 
+    @property
+    def qdq_outputs(self) -> tuple[ir.Value, ...]:
+        """The outputs that get an output QDQ: `output` (when not kept float) and a Split's other parts."""
+        return (*((self.output,) if self.output is not None else ()), *self.more_outputs)
+
 
 def _kind(node: ir.Node, weighted: bool) -> OpKind:
     if node.op_type in INT8_REGION_OPS:
@@ -170,9 +176,8 @@ def activation_tensors(ops: list[QuantizedOp]) -> list[ir.Value]:
     """Each tensor the ops read or write through QDQ, once, in op order."""
     seen: dict[int, ir.Value] = {}
     for op in ops:
-        for v in (*op.inputs, op.output, *op.more_outputs):
-            if v is not None:
-                seen.setdefault(id(v), v)
+        for v in (*op.inputs, *op.qdq_outputs):
+            seen.setdefault(id(v), v)
     return list(seen.values())
 
 
@@ -303,7 +308,7 @@ def make_plan(model: ir.Model, config: QuantConfig) -> Plan:
 
 def _activation_inputs(node: ir.Node) -> list[ir.Value]:
     """The inputs computed at run time (constants and shape-like inputs of Resize excluded)."""
-    ins = node.inputs[:1] if node.op_type in ("Resize", "Split") else node.inputs
+    ins = node.inputs[:1] if node.op_type in FIRST_INPUT_ONLY else node.inputs
     return [v for v in ins if v is not None and const_spec(v) is None]
 
 
@@ -311,7 +316,7 @@ def _int8_region(model: ir.Model, ops: list[QuantizedOp], config: QuantConfig) -
     """Ops of INT8_REGION_OPS whose every activation input is already int8 (an output QDQ of a
     planned op, or of an op taken here before it in graph order), all float32 and none a graph
     output: their output gets a QDQ so onnxruntime runs them on the integer tensors."""
-    int8 = {id(op.output) for op in ops if op.output is not None}
+    int8 = {id(v) for op in ops for v in op.qdq_outputs}
     taken = []
     for node in model.graph:
         if node.op_type not in INT8_REGION_OPS or node.domain != "" or _excluded(node, config.exclude):
@@ -321,11 +326,11 @@ def _int8_region(model: ir.Model, ops: list[QuantizedOp], config: QuantConfig) -
         more = tuple(node.outputs[1:]) if node.op_type in MULTI_OUTPUT else ()
         if (not acts or any(id(v) not in int8 or not _is_float32(v) for v in acts)
                 or len(acts) != len([v for v in node.inputs if v is not None])
-                and node.op_type not in ("Resize", "Split")
+                and node.op_type not in FIRST_INPUT_ONLY
                 or any(o.is_graph_output() or not _is_float32(o) for o in (out, *more))
                 or not more and any(o.uses() or o.is_graph_output() for o in node.outputs[1:])):
             continue
         op = QuantizedOp(node, acts, weighted=False, output=out, more_outputs=more)
         taken.append(op)
-        int8.update(id(o) for o in (out, *more))
+        int8.update(id(o) for o in op.qdq_outputs)
     return taken

@@ -226,8 +226,7 @@ def _passed_through(ops: list[QuantizedOp], quantized: set[str],
         node = op.node
         cubic = node.op_type == "Resize" and (m := node.attributes.get("mode")) is not None and m.as_string() == "cubic"
         if node.op_type in PASS_THROUGH and not cubic and op.inputs and op.inputs[0].name in quantized:
-            source.update({v.name: op.inputs[0].name for v in (op.output, *op.more_outputs)
-                           if v is not None and v.name in quantized})
+            source.update({v.name: op.inputs[0].name for v in op.qdq_outputs if v.name in quantized})
     out = dict(ranges)
     for name in source:
         root = name

@@ -162,14 +162,14 @@ class Placement:
         out of an op static int8 writes (or of a region op kept before it): once the ops feeding it leave
         static int8, it would only dequantize and requantize between float ops."""
         int8 = {id(v) for op in ops if op.kind != OpKind.INT8_REGION and op.scheme == SchemeName.STATIC
-                for v in (op.output, *op.more_outputs) if v is not None}
+                for v in op.qdq_outputs}
         kept = []
         for op in ops:
             if op.kind == OpKind.INT8_REGION:
                 if not all(id(v) in int8 for v in op.inputs):
                     plan.skip(op, "its inputs left static int8 (accuracy budget)")
                     continue
-                int8.update(id(v) for v in (op.output, *op.more_outputs) if v is not None)
+                int8.update(id(v) for v in op.qdq_outputs)
             kept.append(op)
         return kept
 

@@ -275,6 +275,20 @@ def test_embedding_rows_are_gathered_int8_then_scaled_exactly():
     assert not np.array_equal(got, rows)
 
 
+def _optimized(quantized, tmp_path):
+    """The graph onnxruntime runs (its optimized model, fused kernels and layout changes included)."""
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(quantized.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return onnx.load(so.optimized_model_filepath).graph
+
+
+def _read_without_dequantize(graph, nodes) -> bool:
+    """Whether each of `nodes` (of the optimized graph) reads an integer tensor, not a DequantizeLinear's output."""
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    return bool(nodes) and all(producers.get(n.input[0]) != "DequantizeLinear" for n in nodes)
+
+
 def test_ops_between_int8_ops_join_the_int8_region_and_run_on_integer_kernels(tmp_path):
     """Add, Mul, Sigmoid, MaxPool, AveragePool and Concat whose inputs all come out of int8 ops
     get a QDQ on their output; onnxruntime then runs them as QLinear* kernels. An Add reading a
@@ -286,10 +300,7 @@ def test_ops_between_int8_ops_join_the_int8_region_and_run_on_integer_kernels(tm
     region = [op.node.name for op in plan.ops if op.kind == OpKind.INT8_REGION]
     assert region == ["add", "maxpool", "sigmoid", "gate", "avgpool", "concat"]
     quantized = ir.serde.serialize_model(model)
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(quantized.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    fused = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    fused = Counter(n.op_type for n in _optimized(quantized, tmp_path).node)
     assert fused["QLinearAdd"] == 1 and fused["QLinearMul"] == 1 and fused["QLinearSigmoid"] == 1
     assert fused["QLinearConcat"] == 1 and fused["QLinearAveragePool"] == 1 and fused["Add"] == 1
     (ref,) = run(proto, {"x": x})
@@ -326,13 +337,8 @@ def test_maxpool_output_takes_its_input_scale_so_onnxruntime_pools_the_int8_tens
     before, after = result.activations[pool.inputs[0].name], result.activations[pool.output.name]
     assert (after.scale, after.zero_point) == (before.scale, before.zero_point) and before.range[0] < 0
     quantized = ir.serde.serialize_model(model)
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(quantized.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    graph = onnx.load(so.optimized_model_filepath).graph
-    producers = {o: n.op_type for n in graph.node for o in n.output}
-    pools = [n for n in graph.node if "MaxPool" in n.op_type]
-    assert pools and all(producers.get(n.input[0]) != "DequantizeLinear" for n in pools)
+    graph = _optimized(quantized, tmp_path)
+    assert _read_without_dequantize(graph, [n for n in graph.node if "MaxPool" in n.op_type])
     (ref,) = run(proto, {"x": x})
     (got,) = run(quantized, {"x": x})
     assert _cos(ref, got) > 0.995
@@ -354,14 +360,9 @@ def test_a_split_of_an_int8_tensor_joins_the_region_with_every_part_on_the_input
         assert part is not None and (result.activations[part.name].scale,
                                      result.activations[part.name].zero_point) == grid
     quantized = ir.serde.serialize_model(model)
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(quantized.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    graph_opt = onnx.load(so.optimized_model_filepath).graph
-    producers = {o: n.op_type for n in graph_opt.node for o in n.output}
-    splits = [n for n in graph_opt.node if n.op_type == "Split"]
-    assert splits and all(producers.get(n.input[0]) != "DequantizeLinear" for n in splits)
-    assert Counter(n.op_type for n in graph_opt.node)["QLinearConcat"] == 1
+    graph = _optimized(quantized, tmp_path)
+    assert _read_without_dequantize(graph, [n for n in graph.node if n.op_type == "Split"])
+    assert Counter(n.op_type for n in graph.node)["QLinearConcat"] == 1
     (ref,) = run(proto, {"x": x})
     (got,) = run(quantized, {"x": x})
     assert _cos(ref, got) > 0.995
