@@ -46,7 +46,7 @@ from quantkit.report.weight_error import weight_errors
 DEFAULT_BATCH = 8
 DEFAULT_LATENCY_RUNS = 20
 # ...or fewer (at least 5) once the timed runs took this long, when neither --latency-runs nor
-# --require-speedup is given (PP-PicoDet layout at 800 x 608: 20 pairs were 3.7 of a 28 s run)
+# --require-speedup is given (PP-PicoDet layout at 800 x 608: 20 pairs of 117 ms and 48 ms runs are ~3.3 s of 28)
 LATENCY_SECONDS = 2.0
 KNOWN_BYTES = 256 << 20  # the probe's fp32 outputs are kept for the evaluation up to this size (an LM's logits...)
 SHARED_LOOK_BYTES = 2 << 30  # the speed guard's candidates are timed together while their weights fit in this
