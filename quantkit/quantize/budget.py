@@ -77,6 +77,12 @@ SENSITIVITY_VALUES = 8192
 # convolution's 1x1 output, a detector's coarsest head) would otherwise keep every batch of the probe running,
 # its figure settled long before (PP-PicoDet layout: 4 squeeze-excite convolutions kept 32 pages running)
 STEADY_DB, STEADY_BATCHES = 0.25, 3
+# ...and after MAX_OP_BATCHES batches at most, its figure taken as it stands: an op still moving by then has few
+# values per channel per sample, and each further batch reruns both models up to its chunk for it (layout:
+# 2-3 squeeze-excite convolutions kept 12 more pages running, ~5 s of a 28 s run). Its figure may be a few dB
+# off the whole probe's (up to 6 dB there), which can only make the search's guesses less tight: every
+# placement the search chooses is measured on the probe, never inferred from these figures
+MAX_OP_BATCHES = 8
 FLOAT = "float"
 SIMULATED_ROWS = 1024  # rows (tokens) of each op's input its alternatives are emulated on: enough to rank them
 
@@ -314,7 +320,8 @@ def sensitivity(fp32: ir.Model, quantized: ir.Model, plan: Plan, probe: Probe, s
     instead of FIRST_CHUNK ops measured only to size the next chunks. Each chunk's tensors come from a
     segment of each model that computes only what earlier chunks' segments did not (graph/segments.py),
     batch by batch, every chunk in turn, until every chunk's ops have seen SENSITIVITY_VALUES values per
-    channel or their figures are steady (STEADY_DB); an op done is no longer measured while its chunk runs on."""
+    channel, their figures are steady (STEADY_DB) or they were measured on MAX_OP_BATCHES batches; an op done is
+    no longer measured while its chunk runs on."""
     outs = {op_key(op): op.node.outputs[0].name for op in plan.ops}
     small = lean_session or session  # many sessions alive at once: no arena kept per session
     ctx = _ChunkContext(segments.Pipeline(fp32, small), segments.Pipeline(quantized, small),
@@ -403,6 +410,7 @@ class _Chunk:
         self.tensors = {op_key(op): [n for n in (*(v.name for v in op.inputs), outs[op_key(op)]) if n in self.drift]
                         for op in ops}
         self.steady = dict.fromkeys(self.measured, 0)  # batches in a row its own-noise figures moved < STEADY_DB
+        self.batches = dict.fromkeys(self.measured, 0)  # batches its own noise was measured on
         self.figures: dict[str, list[float]] = {}  # its own-noise figures (dB) after the last batch
 
     def satisfied(self) -> bool:
@@ -418,6 +426,7 @@ class _Chunk:
         still = last is not None and len(last) == len(figures) and all(
             a == b or abs(a - b) < STEADY_DB for a, b in zip(last, figures))  # equal: both infinite (no noise)
         self.steady[key] = self.steady[key] + 1 if still else 0
+        self.batches[key] += 1
         self.figures[key] = figures
 
     def step(self, ctx: _ChunkContext, feed: dict[str, np.ndarray], kept: tuple[dict, dict],
@@ -443,7 +452,8 @@ class _Chunk:
         return sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values())
 
     def _done(self, key: str) -> bool:
-        return self.seen[key] >= SENSITIVITY_VALUES or self.steady[key] >= STEADY_BATCHES
+        return self.seen[key] >= SENSITIVITY_VALUES or self.steady[key] >= STEADY_BATCHES \
+            or self.batches[key] >= MAX_OP_BATCHES
 
     def _own(self, originals: dict[str, ir.Node], feed: dict[str, np.ndarray], got: dict[str, np.ndarray],
              active: list[str]) -> None:

@@ -267,15 +267,35 @@ def test_an_op_with_few_values_per_channel_stops_once_its_figure_is_steady(tmp_p
     model, calib = _squeeze_excite(tmp_path)
     monkeypatch.setattr(budget, "SENSITIVITY_VALUES", 128)  # a's 64 values per channel per sample: 2 batches
     monkeypatch.setattr(budget, "STEADY_BATCHES", 10 ** 6)
+    monkeypatch.setattr(budget, "MAX_OP_BATCHES", 10 ** 6)
     every, full = _measured_batches(monkeypatch, tmp_path, model, calib, "every")
     assert every["a"] == 2 and every["s"] == budget.SENSITIVITY_SAMPLES
     monkeypatch.undo()
     monkeypatch.setattr(budget, "SENSITIVITY_VALUES", 128)
+    monkeypatch.setattr(budget, "MAX_OP_BATCHES", 10 ** 6)
     steady, rows = _measured_batches(monkeypatch, tmp_path, model, calib, "steady")
     assert steady["a"] == 2 and budget.STEADY_BATCHES < steady["s"] < budget.SENSITIVITY_SAMPLES
     assert [r["node"] for r in rows] == [r["node"] for r in full]
     own = {r["node"]: r["own_sqnr_db"] for r in full}
     assert all(abs(r["own_sqnr_db"] - own[r["node"]]) < 1.0 for r in rows)
+
+
+def test_an_op_whose_figure_keeps_moving_is_measured_on_max_op_batches_batches_at_most(tmp_path, monkeypatch):
+    """An op that never sees SENSITIVITY_VALUES per channel and whose figure never settles (STEADY_BATCHES
+    out of reach here) is measured on MAX_OP_BATCHES batches, not on every batch of the probe, while the
+    other op stops as before; the run still writes a model that meets the default budget."""
+    import importlib
+
+    budget = importlib.import_module("quantkit.quantize.budget")
+    model, calib = _squeeze_excite(tmp_path)
+    monkeypatch.setattr(budget, "SENSITIVITY_VALUES", 128)
+    monkeypatch.setattr(budget, "STEADY_BATCHES", 10 ** 6)
+    assert budget.MAX_OP_BATCHES < budget.SENSITIVITY_SAMPLES
+    counts, rows = _measured_batches(monkeypatch, tmp_path, model, calib, "capped")
+    assert counts["a"] == 2 and counts["s"] == budget.MAX_OP_BATCHES and max(counts.values()) == counts["s"]
+    assert all(r["own_sqnr_db"] is not None for r in rows if r["node"] in ("a", "s"))
+    report = json.loads((tmp_path / "capped.json").read_text())
+    assert report["placement"]["met"] and report["gates"]["passed"]
 
 
 def test_the_sensitivity_measures_every_op_in_one_chunk_when_calibration_says_they_fit(outlier, tmp_path,
