@@ -42,6 +42,7 @@ from quantkit.quantize.speed import GuardReport
 from quantkit.quantize.weight_only import AUTO, WeightOnlyScheme
 from quantkit.report import lm
 from quantkit.report.compare import OutputComparison
+from quantkit.report.parts import Parts, output_parts
 
 # external-data models at least this large take this path
 MIN_BYTES = 256 << 20
@@ -148,9 +149,12 @@ class Reference:
                   for r, o in zip(self.first, out))
         return float(10 * np.log10(sig / max(err, 1e-30)))
 
-    def compare(self, qsess, progress, timing: Timing) -> tuple[list[dict], int, dict | None]:
-        """Each output's comparison, the samples seen, and the language-model figures."""
-        comparisons = [OutputComparison(n) for n in self.names]
+    def compare(self, qsess, progress, timing: Timing,
+                parts: Parts | None = None) -> tuple[list[dict], int, dict | None]:
+        """Each output's comparison (each part's, for an output that concatenates several tensors:
+        report/parts.py, as the in-memory path compares), the samples seen, and the language-model figures."""
+        parts = parts or Parts.whole(len(self.names), self.names)
+        comparisons = [OutputComparison(n) for n in parts.names]
         feeds = {x.name for x in qsess.get_inputs()}
         tracker = lm.Tracker(self.names)
         samples = 0
@@ -161,8 +165,8 @@ class Reference:
             timing.record(time.perf_counter() - t, len(next(iter(b.values()))))
             ref = [np.load(self.folder / f"{k}_{j}.npy", mmap_mode="r") for j in range(len(self.names))]
             labels = b.get(LABELS)
-            for j, (c, r, x) in enumerate(zip(comparisons, ref, q)):
-                c.update(np.asarray(r), x, labels if j == 0 else None, b)
+            for j, (c, r, x) in enumerate(zip(comparisons, parts.split([np.asarray(r) for r in ref]), parts.split(q))):
+                c.update(r, x, labels if j == 0 else None, b)
             tracker.update(ref, q, b)
             n = len(next(iter(b.values())))
             samples += n
@@ -180,6 +184,8 @@ def quantize(cfg, workdir: Path, status, progress, t_start: float) -> api.Result
     reference.take(status, progress)
     laps.lap("fp32_reference")
     model, notes = api._canonicalize(inputs, workdir, status)
+    inputs.parts = output_parts(model, reference.names)
+    notes += api._parts_notes(inputs.parts, reference.names)
     placement = placement_for(cfg.quant)
     model = placement.prepare_model(model)
     placement.float_tensors.update(mask_tensors(model))
@@ -224,7 +230,7 @@ def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdi
     except UnsupportedModelError as e:  # our own output failed to load: that is a bug
         raise RuntimeError(f"internal error: {e}") from e
     timing = Timing(cfg.latency_runs, inputs.batch)
-    outputs, samples, lm_figures = reference.compare(qsess, progress, timing)
+    outputs, samples, lm_figures = reference.compare(qsess, progress, timing, inputs.parts)
     q_ms, q_runs = timing.result(qsess, inputs.feed)
     del qsess
     latency = {"fp32_ms": reference.fp32_ms, "quantized_ms": q_ms,

@@ -381,11 +381,8 @@ def test_a_group_of_weight_only_ops_alone_is_not_timed(tmp_path):
     assert placement.kinds(model, droppable=True) == set() and placement.kinds(model) == {OpKind.CONV}
 
 
-def test_boxes_and_scores_concatenated_are_budgeted_part_by_part(tmp_path):
-    """A detector head: boxes (hundreds) and sigmoid scores ([0, 1]) concatenated into one output. Judged
-    whole, the scores' error is drowned by the boxes' power (tests/unit/test_output_parts.py); judged part
-    by part, the placement's probe, the report and the gates list both parts, and the default budget holds
-    the scores' own cosine."""
+def _detector_head(tmp_path):
+    """A detector head: boxes (hundreds) and sigmoid scores ([0, 1]) concatenated into one output "det"."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(2)
@@ -403,9 +400,18 @@ def test_boxes_and_scores_concatenated_are_budgeted_part_by_part(tmp_path):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
                               [helper.make_tensor_value_info("det", TensorProto.FLOAT, ["N", 7, 8, 8])],
                               initializer=inits)
-    model, calib, rep = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "r.json"
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
     np.savez(calib, x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
+    return model, calib
+
+
+def test_boxes_and_scores_concatenated_are_budgeted_part_by_part(tmp_path):
+    """Boxes and scores concatenated (_detector_head). Judged whole, the scores' error is drowned by the boxes'
+    power (tests/unit/test_output_parts.py); judged part by part, the placement's probe, the report and the
+    gates list both parts, and the default budget holds the scores' own cosine."""
+    model, calib = _detector_head(tmp_path)
+    rep = tmp_path / "r.json"
     assert _run(model, "--calib", calib, "-o", tmp_path / "q.onnx", "--report", rep).exit_code == 0
     report = json.loads(rep.read_text())
     outputs = {o["name"]: o for o in report["outputs"]}
@@ -414,3 +420,32 @@ def test_boxes_and_scores_concatenated_are_budgeted_part_by_part(tmp_path):
     assert report["placement"]["met"] and outputs["det[:, 4:7]"]["cosine_mean"] >= 0.998
     baseline = report["placement"]["trials"][0]["figures"]  # every op static int8, as scored by the probe
     assert [f["name"] for f in baseline] == list(outputs)
+
+
+def test_the_streamed_path_compares_and_gates_a_concatenated_output_part_by_part(tmp_path):
+    """Large models take the streamed path (quantize/streaming.py, forced here by its size limit): it compares
+    the same parts as the in-memory path, and a gate on the scores' part fails where the whole output's
+    cosine (the boxes' power) would pass it."""
+    import subprocess
+    import sys
+
+    model, calib = _detector_head(tmp_path)
+    model = tmp_path / "external.onnx"  # the streamed path takes models whose weights sit in a data file
+    onnx.save(onnx.load(str(tmp_path / "m.onnx")), str(model), save_as_external_data=True,
+              location="external.onnx.data", size_threshold=0)
+    code = ("import sys; from quantkit.quantize import streaming; streaming.MIN_BYTES = 0; "
+            "from quantkit.cli import main; sys.argv = ['quantkit'] + sys.argv[1:]; main()")
+    runs = {}
+    for name, gate in (("plain", []), ("gated", ["--min-sqnr", "60"])):
+        p = subprocess.run([sys.executable, "-c", code, "quantize", model, "--calib", calib, "-o",
+                            tmp_path / f"{name}.onnx", "--report", tmp_path / f"{name}.json", "-q", *gate],
+                           capture_output=True, text=True)
+        runs[name] = (p.returncode, json.loads((tmp_path / f"{name}.json").read_text()) if p.returncode in (0, 5)
+                      else p.stderr)
+    code_, report = runs["plain"]
+    assert code_ == 0, report
+    assert report["memory"]["streamed"]
+    assert [o["name"] for o in report["outputs"]] == ["det[:, 0:4]", "det[:, 4:7]"]
+    assert any("concatenates 2 tensors along axis 1" in n for n in report["notes"])
+    code_, report = runs["gated"]
+    assert code_ == 5 and any("det[:, 4:7]" in f for f in report["gates"]["failures"])
