@@ -4,6 +4,8 @@ size and single-thread speed of pruned + int8 models against int8 alone and fp32
     python benchmarks/prune.py --model minilm|ocr_rec|ocr_cls [--cache DIR] [--rounds N] [--prefix P]
                                [--calib-sentences N]  (minilm: calibrate on N training sentences)
                                [--more-sentences N]   (minilm: ... on N sentences of _real_data.more_sentences())
+                               [--only TEXT...] [--reuse]  (rows whose name holds TEXT; --reuse: models
+                               already written are scored and timed again, not quantized again)
 
 The models and data are the ones benchmarks/real_models.py prepares (benchmarks/_real_data.py)
 under DIR (default benchmarks/.cache/real; `QUANTKIT_REAL_CACHE` overrides). Every quantkit run is
@@ -42,6 +44,11 @@ def runs_for(kind: str, d: Path, calib: Path | None = None) -> dict[str, list]:
         int4 = ["--weights", "int4", "--block-size", "128", "--calib", calib]
         joint = ["--calib", calib, "--prune", "0.3", "--prune-allocation", "sensitivity", "--prune-refit", "joint",
                  "--prune-train-steps", "2000"]
+        # issue 14, stop 27: exactly 30% (--prune-fixed, no ratio search), the target steering int8 alone,
+        # measured against the pruned float model
+        fixed = {f"prune 30% FFN (sensitivity, joint 3000, fixed) + static int8 to --min-cosine {x}":
+                 [*joint, "--prune-joint-steps", "3000", "--prune-fixed", "--min-cosine", x]
+                 for x in ("0.9986", "0.9987", "0.9988")}
         return {"int8 (dynamic)": int8,
                 "prune 10% FFN + int8": [*int8, "--prune", "0.1"],
                 "prune 30% FFN + int8": [*int8, "--prune", "0.3"],
@@ -57,6 +64,7 @@ def runs_for(kind: str, d: Path, calib: Path | None = None) -> dict[str, list]:
                 # issue 14, stop 26: stop 24's S3 settings plus the joint phase, one command from the original model
                 "prune 30% FFN (sensitivity, joint) + static int8": [*joint],
                 "prune 30% FFN (sensitivity, joint pooled) + static int8": [*joint, "--prune-joint-loss", "pooled"],
+                **fixed,
                 "prune 25% heads + int8": [*int8, "--prune", "0.25", "--prune-structure", "head"],
                 "int4 (block 128)": int4,
                 "unstructured 50% wanda + int4": [*int4, "--prune", "0.5", "--prune-structure", "unstructured"],
@@ -95,7 +103,7 @@ def pruned_fp32(d: Path, ratio: float, out: Path) -> Path:
 
 def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
           pruned: list[Path] | None = None, calib: Path | None = None, prefix: str = "",
-          pruned_int8: str = "", min_cosine: float | None = None) -> dict:
+          pruned_int8: str = "", min_cosine: float | None = None, reuse: bool = False) -> dict:
     d = cache / kind
     out = ROOT / "benchmarks" / ".cache" / "prune" / kind
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +132,10 @@ def bench(kind: str, cache: Path, rounds: int, only: list[str] | None = None,
         scored = ["--eval", d / "eval.npz"] if calib is not None else []
         cmd = quantkit_cmd("quantize", source, *args, *scored, "-o", path, "--report", report,
                            "--threads", 1, "--force", "-q")
-        runs[name] = {**run_tool(cmd, path, env), "command": " ".join(map(str, cmd[2:]))}
+        if reuse and path.exists() and report.exists():  # scored and timed again, not quantized again
+            runs[name] = {"path": str(path), "reused": True, "command": " ".join(map(str, cmd[2:]))}
+        else:
+            runs[name] = {**run_tool(cmd, path, env), "command": " ".join(map(str, cmd[2:]))}
         if runs[name]["path"]:
             p = json.loads(report.read_text()).get("pruning")
             if p:
@@ -181,6 +192,8 @@ def main() -> None:
                     "as this int8 row is (default: the first int8 row: minilm dynamic, the others static)")
     ap.add_argument("--min-cosine", type=float, help="--pruned: quantized with this placement target (quantize "
                     "--min-cosine, measured against the pruned model it is given) instead of the default budget")
+    ap.add_argument("--reuse", action="store_true", help="a row whose model and report are already written (same "
+                    "--prefix) is scored and timed again without running quantkit again")
     ap.add_argument("--calib-sentences", type=int, metavar="N", help="minilm: calibrate every run on N training "
                     "sentences (benchmarks/prune_sweep.py:training_calib) instead of the cache's 128")
     add_corpus_options(ap)
@@ -191,7 +204,7 @@ def main() -> None:
     if args.more_sentences:
         calib = training_calib(args.more_sentences, more=args.more_corpus)
     result = bench(args.model, args.cache, args.rounds, args.only, args.pruned, calib, args.prefix,
-                   f" ({args.pruned_int8})" if args.pruned_int8 else "", args.min_cosine)
+                   f" ({args.pruned_int8})" if args.pruned_int8 else "", args.min_cosine, args.reuse)
     name = "results.json" if not args.only else "results_" + "_".join(args.only).replace(" ", "-") + ".json"
     name = args.prefix + name
     out = ROOT / "benchmarks" / ".cache" / "prune" / args.model / name

@@ -5,6 +5,7 @@ left, on the real models of benchmarks/real_models.py.
     python benchmarks/prune_sweep.py --model ocr_rec|ocr_cls|minilm [--ratios 0.1 0.2 0.3]
                                      [--allocation uniform sensitivity] [--refit one-shot sequential]
                                      [--refit ... train [--train steps=1500 lr=1e-4 ...] [--train-more N]]
+                                     [--refit joint [--train-steps N] [--joint-steps N]]
                                      [--calib FILE.npz | --calib-sentences N | --more-sentences N]
                                      [--more-corpus all|stdlib] [--cache DIR]
 
@@ -85,7 +86,8 @@ def load(d: Path, calib_file: Path | None = None):
 
 def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: Path,
           curves_file: Path | None = None, refits: tuple[str, ...] = ("one-shot",),
-          calib_file: Path | None = None, prefix: str = "", train_file: Path | None = None) -> list[dict]:
+          calib_file: Path | None = None, prefix: str = "", train_file: Path | None = None,
+          steps: dict | None = None) -> list[dict]:
     from dataclasses import asdict
 
     from quantkit import runtime
@@ -109,7 +111,8 @@ def sweep(kind: str, d: Path, ratios: list[float], allocations: list[str], out: 
             candidate = model.clone()
             t = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                section = prune(candidate, PruneConfig(ratio=ratio, allocation=allocation, refit=refit),
+                section = prune(candidate, PruneConfig(ratio=ratio, allocation=allocation, refit=refit,
+                                                       **(steps or {})),
                                 lambda: calib.batches(8), feed, Path(tmp), cache,
                                 train_batches=(lambda: extra.batches(8)) if extra is not None else None)
             seconds = time.perf_counter() - t
@@ -187,7 +190,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the prepared real models")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--allocation", nargs="+", default=["uniform", "sensitivity"], choices=["uniform", "sensitivity"])
-    ap.add_argument("--refit", nargs="+", default=["one-shot"], choices=["one-shot", "sequential", "train"])
+    ap.add_argument("--refit", nargs="+", default=["one-shot"], choices=["one-shot", "sequential", "train", "joint"])
+    ap.add_argument("--train-steps", type=int, help="--refit train/joint: as quantize --prune-train-steps")
+    ap.add_argument("--joint-steps", type=int, help="--refit joint: as quantize --prune-joint-steps")
     ap.add_argument("--train", nargs="+", metavar="KEY=VALUE", default=[], help="--refit train: override "
                     "quantkit.prune.blocktrain.SETTINGS fields (steps, batch, lr, every, patience, holdout)")
     ap.add_argument("--calib", type=Path, help="calibration .npz instead of the cache's calib.npz (e.g. "
@@ -232,8 +237,9 @@ def main() -> None:
                         tuple(args.refit), args.calib, args.prefix, train_file)
             rows += [{**r, "allocation": f"{r['allocation']}, ridge {fraction:g}"} for r in got[1:]]
     else:
+        steps = {k: v for k, v in (("train_steps", args.train_steps), ("joint_steps", args.joint_steps)) if v}
         rows = sweep(args.model, args.cache / args.model, args.ratios, args.allocation, out, args.curves,
-                     tuple(args.refit), args.calib, args.prefix, train_file)
+                     tuple(args.refit), args.calib, args.prefix, train_file, steps)
     name = args.prefix + ("sweep_tables.json" if args.unstructured_tables else "sweep.json")
     (out / name).write_text(json.dumps(rows, indent=1, default=str))
     print(table(args.model, rows))

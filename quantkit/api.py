@@ -10,7 +10,8 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -230,7 +231,8 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     laps.lap("calibrate")
     notes += placement.tune(model, lambda m: _sqnr(m, inputs, workdir), status)
     laps.lap("tune")
-    placed = _budget(cfg, model, placement, inputs, workdir, status, calibration.batch_bytes)
+    reference = _reference(cfg, model, inputs, workdir)
+    placed = _budget(cfg, model, placement, inputs, workdir, status, reference, calibration.batch_bytes)
     notes += placed.get("notes", [])
     laps.lap("placement")
     (qmodel, plan, rw), guard_report = _place(cfg, model, placement, inputs, workdir, status, placed, progress)
@@ -257,9 +259,12 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     guarded = finetuned is None and not inner and not (pruning is not None and cfg.prune.sparse)
     qsess, latency = _written(cfg, inputs, q_path, workdir, guard_report if guarded else GuardReport())
     outputs, evaluation = _measure(cfg, inputs, qsess, latency, guard_report, notes, status, progress)
+    vs_pruned = _measure_pruned(cfg, inputs, reference.session, qsess, notes, progress) if reference.fixed else None
     laps.lap("evaluate")
     report = _report(Outcome(cfg, inputs, placement, calibration, plan, rw, guard_report, outputs, latency,
                              evaluation, model_bytes(q_path), notes))
+    if vs_pruned is not None:
+        report["outputs_vs_pruned"] = vs_pruned
     failures = _complete(report, cfg, model, placement, placed, inner, t_start, rw)
     report["pruning"] = pruning
     if finetuned is not None:
@@ -284,8 +289,19 @@ def _complete(report: dict, cfg: RunConfig, model: ir.Model, placement: Placemen
     observers = {k: v for scheme in placement.schemes for k, v in getattr(scheme, "observers", {}).items()}
     report["histograms"] = histograms(observers, report["activations"])
     report["placement"] = {k: v for k, v in placed.items() if k not in ("sensitivity", "notes")} or None
-    failures = check_gates(report["outputs"], cfg.gates, report["latency"])
-    report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures}
+    # --prune-fixed: the accuracy targets were quantization's, so they are gated against the pruned float
+    # model too; the speedup is against the original fp32 model either way
+    vs_pruned = report.get("outputs_vs_pruned")
+    if vs_pruned is None:
+        failures = check_gates(report["outputs"], cfg.gates, report["latency"])
+    else:
+        failures = [f"against the pruned float model: {f}"
+                    for f in check_gates(vs_pruned, replace(cfg.gates, require_speedup=None))]
+        failures += check_gates([], replace(cfg.gates, max_accuracy_drop=None, min_cosine=None, min_sqnr=None),
+                                report["latency"])
+    report["gates"] = {**asdict(cfg.gates), "passed": not failures, "failures": failures,
+                       "accuracy_against": "the original model" if vs_pruned is None else
+                       "the pruned float model (--prune-fixed; outputs_vs_pruned)"}
     report["memory"] = memory.section(report["model"]["bytes_before"], streamed)
     report["seconds"] = time.perf_counter() - t_start
     return failures
@@ -385,7 +401,8 @@ def _canonicalize(inputs: Inputs, workdir: Path, status) -> tuple[ir.Model, list
 
 def _prune(cfg: RunConfig, model: ir.Model, inputs: Inputs, workdir: Path, status) -> tuple[ir.Model, dict | None]:
     """--prune: channels, heads or weights removed before quantization (quantkit/prune); with an
-    accuracy target, the largest ratio up to --prune that leaves quantization half the budget."""
+    accuracy target (and no --prune-fixed), the largest ratio up to --prune that leaves quantization
+    half the budget."""
     if not cfg.prune.enabled:
         return model, None
     from quantkit.prune import prune, prune_to_target
@@ -402,10 +419,12 @@ def _prune(cfg: RunConfig, model: ir.Model, inputs: Inputs, workdir: Path, statu
             return complete_batches(extra, inputs.batch, None, inputs.fixed)
 
     g = cfg.gates
-    if g.min_cosine is None and g.min_sqnr is None and g.max_accuracy_drop is None:
+    if cfg.prune.fixed or (g.min_cosine is None and g.min_sqnr is None and g.max_accuracy_drop is None):
         status(f"pruning {cfg.prune.ratio:.0%} ({cfg.prune.structure})")
-        return model, prune(model, cfg.prune, batches, inputs.feed, workdir, status=status,
-                            train_batches=train_batches)
+        section = prune(model, cfg.prune, batches, inputs.feed, workdir, status=status, train_batches=train_batches)
+        if cfg.prune.fixed:  # --prune-fixed: the ratio as given; any target is quantization's (_reference)
+            section["fixed"] = True
+        return model, section
     target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
     probe = budget.Probe.take(inputs.fp32, batches())
     return prune_to_target(model, cfg.prune, batches, inputs.feed, workdir, target,
@@ -422,8 +441,55 @@ def _sqnr(model: ir.Model, inputs: Inputs, workdir: Path) -> float:
     return float(10 * np.log10(sig / max(err, 1e-30)))
 
 
+@dataclass
+class Reference:
+    """What the accuracy targets are measured against: the original model, or the pruned float model."""
+
+    make: Callable[[], ort.InferenceSession]
+    pruned: bool  # the pruned float model
+    fixed: bool  # ... because of --prune-fixed (then the gates read it too)
+
+    @cached_property
+    def session(self) -> ort.InferenceSession:
+        return self.make()
+
+    @property
+    def describe(self) -> str:
+        return "the pruned float model" if self.pruned else "the original model"
+
+
+def _reference(cfg: RunConfig, model: ir.Model, inputs: Inputs, workdir: Path) -> Reference:
+    """The reference of the placement's budget (and with --prune-fixed of the accuracy gates).
+    After --prune with no target, the default budget keeps the quantized model faithful to the pruned
+    one: against the original, pruning alone may have spent it, and then no placement (float included)
+    meets it. With a target and no --prune-fixed, pruning took half of it and quantization is measured
+    against the original for the rest. With --prune-fixed the ratio was not searched: the target is
+    quantization's alone, against the pruned float model."""
+    g = cfg.gates
+    target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
+    fixed = cfg.prune.enabled and cfg.prune.fixed
+    if not (cfg.prune.enabled and (target.default or fixed)):
+        return Reference(lambda: inputs.fp32, False, False)
+    ref = Reference(lambda: runtime.session(model, workdir, tag="pruned reference"), True, fixed)
+    if fixed:  # made now, from the pruned float model as it is before the rewrite: the gates read it at the end
+        _ = ref.session
+    return ref
+
+
+def _measure_pruned(cfg: RunConfig, inputs: Inputs, pruned: ort.InferenceSession, qsess, notes: list[str],
+                    progress: Progress) -> list[dict]:
+    """--prune-fixed: the written model against the pruned float model on the evaluation data (what the
+    accuracy gates read); `outputs` stays the comparison with the original model."""
+    comparisons, _, _ = _evaluate(pruned, qsess, inputs.scored, inputs.batch, inputs.fixed,
+                                  None if inputs.evald else cfg.data.calib_samples, None, progress,
+                                  parts=inputs.parts)
+    notes.append("--prune-fixed: the accuracy targets and gates apply to quantization, measured against the "
+                 "pruned float model (outputs_vs_pruned); outputs compares with the original model")
+    return [c.result() for c in comparisons]
+
+
 def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs, workdir: Path, status,
-            calibration_bytes: int = 0) -> dict:
+            reference: Reference, calibration_bytes: int = 0) -> dict:
     """Per-node placement for static int8: replayed from --from-plan, or searched to meet the
     accuracy target (quantize/budget.py). Sets `placement.overrides`; returns the report section.
     `calibration_bytes`: the largest batch of tensors the calibration pass held; a sensitivity chunk may
@@ -444,15 +510,10 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
 
     g = cfg.gates
     target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
-    # after --prune with no target, the default budget keeps the quantized model faithful to the pruned one:
-    # against the original, pruning alone may have spent it, and then no placement (float included) meets it
-    # (with a target, pruning took half of it and quantization is measured against the original for the rest)
-    against_pruned = cfg.prune.enabled and target.default
-    reference = runtime.session(model, workdir, tag="pruned reference") if against_pruned else inputs.fp32
     status("placement: measuring how much error each quantized op adds")
-    probe = budget.Probe.take(reference, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed),
+    probe = budget.Probe.take(reference.session, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed),
                               parts=inputs.parts)
-    if reference is inputs.fp32 and sum(a.nbytes for ref in probe.reference for a in ref) <= KNOWN_BYTES:
+    if not reference.pruned and sum(a.nbytes for ref in probe.reference for a in ref) <= KNOWN_BYTES:
         inputs.known = list(zip(probe.feeds, probe.reference))
     split = next((s for s in placement.alternates if isinstance(s, SplitScheme)), None)
     ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
@@ -481,7 +542,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     notes = _budget_notes(found, len(choices), target)
     samples = sum(len(next(iter(f.values()))) for f in probe.feeds)
     return {"source": "search", "target": target.describe(), "searched_for": target.with_margin().describe(),
-            "reference": "the pruned float model" if against_pruned else "the original model",
+            "reference": reference.describe,
             "met": found.met, "moved": found.overrides,
             "probe_samples": samples, "figures": found.figures, "trials": found.trials, "sensitivity": ranked,
             "notes": notes}

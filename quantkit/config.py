@@ -242,6 +242,9 @@ class PruneConfig:
     train_data: Path | None = None  # --prune-refit train: more data for the block training only
     joint_steps: int | None = None  # --prune-refit joint: Adam steps of the joint phase (None: joint.Settings.steps)
     joint_loss: PruneJointLoss | None = None  # --prune-refit joint: what it matches (None: outputs)
+    # --prune-fixed: the ratio as given (no search); the accuracy targets steer quantization, measured
+    # (placement and gates) against the pruned float model
+    fixed: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "structure", PruneStructure.parse(self.structure, "--prune-structure"))
@@ -256,6 +259,9 @@ class PruneConfig:
             object.__setattr__(self, "joint_loss", PruneJointLoss.parse(self.joint_loss, "--prune-joint-loss"))
         self._check_training()
         if self.ratio is None:
+            if self.fixed:
+                raise ConfigError("--prune-fixed keeps the --prune ratio as given: it needs --prune RATIO "
+                                  "(e.g. --prune 0.3)")
             if self.structure != PruneStructure.CHANNEL or self.method is not None:
                 raise ConfigError("--prune-structure and --prune-method need --prune RATIO (e.g. --prune 0.3)")
             return

@@ -75,6 +75,7 @@ OPTIONS = {o.key: o for o in (
     Option("prune_train_data", "path"),
     Option("prune_joint_steps", "int"),
     Option("prune_joint_loss", "str"),
+    Option("prune_fixed", "bool", False),
     # --finetune (recovery training; the other three apply only with it)
     Option("finetune", "int"),
     Option("lr", "float"),
@@ -191,7 +192,8 @@ def run_config(options: dict):
         prune=PruneConfig(ratio=o["prune"], structure=o["prune_structure"], method=o["prune_method"],
                           allocation=o["prune_allocation"], refit=o["prune_refit"],
                           train_steps=o["prune_train_steps"], train_data=o["prune_train_data"],
-                          joint_steps=o["prune_joint_steps"], joint_loss=o["prune_joint_loss"]),
+                          joint_steps=o["prune_joint_steps"], joint_loss=o["prune_joint_loss"],
+                          fixed=o["prune_fixed"]),
     )
 
 
@@ -238,6 +240,7 @@ def effective_config(cfg) -> dict:
         "prune_train_steps": cfg.prune.train_steps, "prune_train_data": cfg.prune.train_data,
         "prune_joint_steps": cfg.prune.joint_steps,
         "prune_joint_loss": cfg.prune.joint_loss.value if cfg.prune.joint_loss is not None else None,
+        "prune_fixed": cfg.prune.fixed,
     }
     if cfg.finetune is not None:
         ft, default = cfg.finetune, type(cfg.finetune)(steps=1)

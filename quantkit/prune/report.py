@@ -88,6 +88,9 @@ def render_lines(section: dict | None) -> list[str]:
         whole = sum(1 for c in sens["curves"] if c["chosen"] == 0)
         lines.append(f"            per-layer ratios from each group's output noise pruned alone ({len(sens['curves'])} "
                      f"groups, {sens['probe_samples']} probe samples); {whole} group(s) left whole by the allocation")
+    if section.get("fixed"):
+        lines.append("            ratio as given (--prune-fixed): accuracy targets hold on quantization, against the "
+                     "pruned float model")
     if search:
         lines.append(f"            ratio {search['chosen_ratio']:.1%} of at most {search['max_ratio']:.0%}: "
                      f"the largest keeping {search['pruning_target']} ({len(search['trials'])} trials; "

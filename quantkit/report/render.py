@@ -59,7 +59,13 @@ def render_text(report: dict) -> str:
     where = "calibration data" if ev["on_calibration_data"] else ev["source"]
     lines.append(f"  eval      {ev['samples']} sample(s) from {where}")
     lines.append("")
+    vs_pruned = report.get("outputs_vs_pruned")
+    if vs_pruned is not None:
+        lines.append("  against the original model:")
     lines += output_table(report["outputs"], "acc fp32", "acc int8")
+    if vs_pruned is not None:
+        lines += ["", "  against the pruned float model (--prune-fixed: what the accuracy gates read):"]
+        lines += output_table(vs_pruned, "acc pruned", "acc int8")
     for o in report["outputs"]:
         if o.get("nonfinite"):
             lines.append(f"  NON-FINITE: output '{o['name']}' has {o['nonfinite']} NaN/Inf value(s) where fp32 "

@@ -81,6 +81,7 @@ def test_sensitivity_allocation_on_the_digits_cnn(samples, tmp_path):
     (["--prune", "0.3", "--prune-structure", "2:4"], "use --prune 0.5"),
     (["--prune", "0.3", "--prune-structure", "head", "--prune-allocation", "sensitivity"],
      "--prune-allocation sensitivity applies to --prune-structure channel"),
+    (["--prune-fixed", "--min-cosine", "0.99"], "--prune-fixed keeps the --prune ratio as given: it needs --prune"),
 ])
 def test_bad_prune_options_are_usage_errors(samples, tmp_path, args, message):
     d = samples / "digits_cnn"
@@ -161,6 +162,37 @@ def test_with_a_target_the_ratio_is_searched_and_the_gate_holds(samples, tmp_pat
     assert not search["trials"][0]["met"] and any(t["met"] for t in search["trials"])
     assert report["pruning"]["ratio"] == search["chosen_ratio"]
     assert report["outputs"][0]["cosine_mean"] >= 0.99 and report["gates"]["passed"]
+    # without --prune-fixed, quantization's part of the target is measured against the original model
+    assert report["placement"]["reference"] == "the original model" and "outputs_vs_pruned" not in report
+    assert report["gates"]["accuracy_against"] == "the original model"
+
+
+def test_fixed_ratio_and_the_target_against_the_pruned_model(samples, tmp_path):
+    """--prune-fixed: the ratio as given (the search above picks less than 0.6 for the same target) and
+    the target held by the placement and the gate against the pruned float model."""
+    d = samples / "digits_cnn"
+    r, report = reported(d, tmp_path / "f.onnx", "--prune", "0.6", "--prune-fixed", "--min-cosine", "0.99")
+    p = report["pruning"]
+    assert p["ratio"] == 0.6 and p["fixed"] and "search" not in p
+    assert all(0.55 <= layer["ratio"] <= 0.65 for layer in p["layers"]) and len(p["layers"]) >= 2
+    assert report["effective_config"]["prune_fixed"] is True
+    placement = report["placement"]
+    assert placement["reference"] == "the pruned float model" and placement["target"] == "mean cosine >= 0.99"
+    assert placement["met"] and all(f["cosine"] >= 0.99 for f in placement["figures"])
+    ((vs_original,), (vs_pruned,)) = report["outputs"], report["outputs_vs_pruned"]
+    # 60% of the channels without retraining is far from the original; int8 on top is close to the pruned model
+    assert vs_original["cosine_mean"] < 0.99 <= vs_pruned["cosine_mean"]
+    assert report["gates"]["passed"] and report["gates"]["accuracy_against"].startswith("the pruned float model")
+    assert "ratio as given (--prune-fixed)" in r.output and "against the pruned float model" in r.output
+
+    # the gate reads the pruned reference too, and says so when it fails (dynamic int8: no placement search)
+    rep = tmp_path / "g.json"
+    r = quantize(d / "model.onnx", "--calib", d / "calib.npz", "--eval", d / "eval.npz", "-o", tmp_path / "g.onnx",
+                 "--report", rep, "--prune", "0.6", "--prune-fixed", "--min-sqnr", "90", "--no-speed-guard",
+                 "--activations", "dynamic")
+    assert r.exit_code == 5, r.output
+    assert "against the pruned float model: output 'logits': SQNR" in r.output
+    assert json.loads(rep.read_text())["pruning"]["ratio"] == 0.6
 
 
 def _embedding_model(rng) -> tuple[onnx.ModelProto, np.ndarray]:

@@ -148,3 +148,19 @@ def test_smoothquant_is_on_by_default_for_static_int8_and_off_turns_it_off(given
     cfg = options.run_config(o)
     assert cfg.quant.smoothquant == expected
     assert options.effective_config(cfg).get("smoothquant") == written
+
+
+def test_prune_fixed_from_a_file_round_trips_and_needs_prune(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('model = "m.onnx"\ncalib = "c.npz"\nprune = 0.3\nprune_fixed = true\nmin_cosine = 0.9987\n')
+    cfg = options.run_config(options.read_toml(path))
+    assert cfg.prune.fixed and cfg.prune.ratio == 0.3
+    saved = options.effective_config(cfg)
+    assert saved["prune_fixed"] is True
+    replay = tmp_path / "replay.toml"
+    replay.write_text(options.to_toml(saved))
+    assert options.run_config(options.read_toml(replay)) == cfg
+    path.write_text('model = "m.onnx"\ncalib = "c.npz"\nprune_fixed = true\n')
+    r = CliRunner().invoke(cli, ["quantize", "--config", str(path)])
+    assert r.exit_code == 2 and "--prune-fixed keeps the --prune ratio as given" in r.output
+    assert r.output.count("\n") == 1
