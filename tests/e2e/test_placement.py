@@ -139,9 +139,23 @@ def test_a_plan_with_the_speed_guard_replays_its_dropped_groups(samples, tmp_pat
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
 
 
+def _write_conv_net(tmp_path, nodes, inits, output: str, out_shape: list, rng) -> tuple:
+    """Save a graph from x [N, 4, 8, 8] to `output` as m.onnx (opset 17), and 32 calibration samples of x drawn
+    from `rng` as c.npz; returns their paths."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, out_shape)],
+                              initializer=inits)
+    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    np.savez(calib, x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
+    return model, calib
+
+
 def _biased_convs(tmp_path, between: str | None):
     """x -> Conv a (one output channel biased to 500) [-> `between`] -> Conv b -> y, and calibration data."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     bias = np.zeros(8, np.float32)
@@ -152,12 +166,8 @@ def _biased_convs(tmp_path, between: str | None):
     nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["ya"], name="a", pads=[1, 1, 1, 1]),
              *([helper.make_node(between, ["ya"], ["t"], name="between")] if between else []),
              helper.make_node("Conv", ["t" if between else "ya", "wb"], ["y"], name="b", pads=[1, 1, 1, 1])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
-                              initializer=inits)
-    model, calib, rep = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "r.json"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
-    np.savez(calib, x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
+    model, calib = _write_conv_net(tmp_path, nodes, inits, "y", ["N", 4, 8, 8], rng)
+    rep = tmp_path / "r.json"
     assert _run(model, "--calib", calib, "-o", tmp_path / "q.onnx", "--report", rep).exit_code == 0
     return json.loads(rep.read_text())
 
@@ -217,7 +227,7 @@ def test_the_sensitivity_stops_a_chunk_once_its_ops_have_seen_enough_values(tmp_
 def _squeeze_excite(tmp_path):
     """x -> Conv a (8 channels of 8 x 8 values per sample) -> GlobalAveragePool -> Conv s (1 x 1: one value
     per channel per sample) -> y, with 32 calibration samples run one per batch."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(1)
     inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32), "wa"),
@@ -226,13 +236,7 @@ def _squeeze_excite(tmp_path):
              helper.make_node("Relu", ["ya"], ["ra"]),
              helper.make_node("GlobalAveragePool", ["ra"], ["p"]),
              helper.make_node("Conv", ["p", "ws"], ["y"], name="s")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 1, 1])],
-                              initializer=inits)
-    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
-    np.savez(calib, x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
-    return model, calib
+    return _write_conv_net(tmp_path, nodes, inits, "y", ["N", 8, 1, 1], rng)
 
 
 def _measured_batches(monkeypatch, tmp_path, model, calib, name: str) -> tuple[dict[str, int], list[dict]]:
@@ -383,7 +387,7 @@ def test_a_group_of_weight_only_ops_alone_is_not_timed(tmp_path):
 
 def _detector_head(tmp_path):
     """A detector head: boxes (hundreds) and sigmoid scores ([0, 1]) concatenated into one output "det"."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(2)
     inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32), "w0"),
@@ -397,13 +401,7 @@ def _detector_head(tmp_path):
              helper.make_node("Conv", ["h", "ws"], ["s0"], name="score"),
              helper.make_node("Sigmoid", ["s0"], ["scores"], name="sigmoid"),
              helper.make_node("Concat", ["boxes", "scores"], ["det"], name="cat", axis=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8, 8])],
-                              [helper.make_tensor_value_info("det", TensorProto.FLOAT, ["N", 7, 8, 8])],
-                              initializer=inits)
-    model, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
-    np.savez(calib, x=rng.normal(size=(32, 4, 8, 8)).astype(np.float32))
-    return model, calib
+    return _write_conv_net(tmp_path, nodes, inits, "det", ["N", 7, 8, 8], rng)
 
 
 def test_boxes_and_scores_concatenated_are_budgeted_part_by_part(tmp_path):
