@@ -173,6 +173,11 @@ class Inputs:
     def scored(self) -> DataSource:
         return self.evald or self.calib
 
+    def scored_limit(self, cfg: RunConfig) -> int | None:
+        """How many samples of `scored` are compared: the whole evaluation set, or the calibration
+        samples the run used (--calib-samples) when there is none."""
+        return None if self.evald else cfg.data.calib_samples
+
     @property
     def fp32_timing(self) -> ort.InferenceSession:
         return self.fp32_timed or self.fp32
@@ -315,7 +320,7 @@ def _finetune(cfg: RunConfig, inputs: Inputs, qmodel: ir.Model, workdir: Path, s
     def scores(m: ir.Model) -> list[dict]:
         sess = runtime.session(m, workdir, tag="before fine-tuning", threads=cfg.threads)
         comparisons, _, _ = _evaluate(inputs.fp32, sess, inputs.scored, inputs.batch, inputs.fixed,
-                                   None if inputs.evald else cfg.data.calib_samples, inputs.source.reference, progress,
+                                   inputs.scored_limit(cfg), inputs.source.reference, progress,
                                    parts=inputs.parts)
         return [c.result() for c in comparisons]
 
@@ -481,7 +486,7 @@ def _measure_pruned(cfg: RunConfig, inputs: Inputs, pruned: ort.InferenceSession
     """--prune-fixed: the written model against the pruned float model on the evaluation data (what the
     accuracy gates read); `outputs` stays the comparison with the original model."""
     comparisons, _, _ = _evaluate(pruned, qsess, inputs.scored, inputs.batch, inputs.fixed,
-                                  None if inputs.evald else cfg.data.calib_samples, None, progress,
+                                  inputs.scored_limit(cfg), None, progress,
                                   parts=inputs.parts)
     notes.append("--prune-fixed: the accuracy targets and gates apply to quantization, measured against the "
                  "pruned float model (outputs_vs_pruned); outputs compares with the original model")
@@ -644,7 +649,7 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, latency: dict, guard_report:
     status("evaluating fp32 against int8")
     scored, batch = inputs.scored, inputs.batch
     comparisons, eval_samples, lm_figures = _evaluate(inputs.fp32, qsess, scored, batch, inputs.fixed,
-                                          None if inputs.evald else cfg.data.calib_samples, inputs.source.reference,
+                                          inputs.scored_limit(cfg), inputs.source.reference,
                                           progress, [] if inputs.evald else inputs.known, inputs.parts)
     if inputs.evald is None:
         notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")

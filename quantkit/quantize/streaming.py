@@ -107,7 +107,7 @@ class Reference:
         self.inputs, self.cfg = inputs, cfg
         self.folder = workdir / "reference"
         self.folder.mkdir()
-        self.limit = None if inputs.evald else cfg.data.calib_samples
+        self.limit = inputs.scored_limit(cfg)
         self.names: list[str] = []
         self.first: list[np.ndarray] = []
         self.fp32_ms, self.fp32_runs = 0.0, 0
