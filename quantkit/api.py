@@ -162,12 +162,15 @@ class Inputs:
     batch: int
     fixed: bool  # the model has a fixed batch size
     fp32: ort.InferenceSession
-    feed: dict[str, np.ndarray]  # one calibration (or evaluation) batch, for timing and tuning
+    feed: dict[str, np.ndarray]  # one calibration (or evaluation) batch, for tuning
     notes: list[str] = field(default_factory=list)
     fp32_timed: ort.InferenceSession | None = None  # with --threads: the session timings use
     # fp32 outputs already computed on calibration batches (the placement probe's), reused by the evaluation
     known: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = field(default_factory=list)
     parts: Parts | None = None  # what the comparisons score: outputs, or parts of concatenated ones
+    # what the speed guard and the latency figure time: one sample of `feed` (see _timing_feed)
+    timing_feed: dict[str, np.ndarray] = field(default_factory=dict)
+    timed_batch: int = 1
 
     @property
     def scored(self) -> DataSource:
@@ -379,7 +382,22 @@ def _open(cfg: RunConfig, workdir: Path, status, progress: Progress, streamed: b
     if first_batch is None:
         raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")
     feed = {s.name: first_batch[s.name] for s in specs}
-    return Inputs(source, model, calib, evald, batch, fixed, fp32, feed, _input_notes(source, calib), timed)
+    timed_batch = batch if fixed or cfg.data.batch_size is not None else 1
+    return Inputs(source, model, calib, evald, batch, fixed, fp32, feed, _input_notes(source, calib), timed,
+                  timing_feed=_timing_feed(feed, specs, timed_batch), timed_batch=timed_batch)
+
+
+def _timing_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], samples: int) -> dict[str, np.ndarray]:
+    """The first `samples` samples of a batch: what the speed guard and the latency figure time. One sample
+    unless the model fixes its batch or --batch-size asked for one: a CPU or edge deployment runs a request
+    at a time (benchmarks/ time batch 1 too), and a timed run of one sample costs an eighth of one of eight
+    (ocr_det: 8.4 s of a 45 s run went to the guard's batches)."""
+    out = {}
+    for s in specs:
+        x = feed[s.name]
+        out[s.name] = x if s.batch_axis is None or x.shape[s.batch_axis] <= samples else \
+            np.ascontiguousarray(np.take(x, range(samples), axis=s.batch_axis))
+    return out
 
 
 def _input_notes(source: Source, calib: DataSource | None) -> list[str]:
@@ -603,7 +621,7 @@ def _place(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Inputs
         progress.start("speed guard", len(timed_kinds(set(kinds), for_speed, compression)), unit="placements")
         # every group's trial session held at once for the shared first look, when they fit easily
         shared = model_bytes(inputs.source.onnx_path) * (len(kinds) + 2) <= SHARED_LOOK_BYTES
-        built, report = guard(build, session, inputs.fp32_timing, inputs.feed, kinds, status=status,
+        built, report = guard(build, session, inputs.fp32_timing, inputs.timing_feed, kinds, status=status,
                               for_speed=for_speed, compression_only=compression, shared_look=shared,
                               advance=progress.advance)
         progress.finish()
@@ -636,10 +654,10 @@ def _latency(cfg: RunConfig, inputs: Inputs, timed_session, guard_report: GuardR
     else:
         # the figure only: fewer runs once LATENCY_SECONDS passed, unless asked for a number or a gate reads it
         bounded = cfg.latency_runs is None and cfg.gates.require_speedup is None
-        latency = compare_latency(inputs.fp32_timing, timed_session(), inputs.feed,
+        latency = compare_latency(inputs.fp32_timing, timed_session(), inputs.timing_feed,
                                   runs=cfg.latency_runs or DEFAULT_LATENCY_RUNS,
                                   seconds=LATENCY_SECONDS if bounded else None)
-    latency.update(batch_size=inputs.batch, threads=cfg.threads or "onnxruntime default")
+    latency.update(batch_size=inputs.timed_batch, threads=cfg.threads or "onnxruntime default")
     return latency
 
 

@@ -990,11 +990,14 @@ SPLIT_WORTH = 8  # the split is searched only when it can send back more than 1/
 def _split(build: Callable[[int], dict[str, str]], k: int, model: NoiseModel, measure, result: SearchResult) -> None:
     """The fewest of the k ops that must stay at the level (build(j): the j noisiest there, the rest one
     level back). The placement with all but k/SPLIT_WORTH of them there is measured first: when it misses,
-    the split could send back at most that many ops and is not worth its candidates (all k stay)."""
+    the split could send back at most that many ops and is not worth its candidates (all k stay). For the
+    same reason its bisection stops once at most k/SPLIT_WORTH ops are undecided (the k met is taken): the
+    last steps of a bisection are its dearest candidates, each missing the target by a hair only after most
+    of the probe (ocr_det: 3 such candidates, about 3 s, to send back one convolution)."""
     few = k - max(1, k // SPLIT_WORTH)
     if few >= 1 and build(few) != build(k) and not measure(build(few), f"{k - few} op(s) one level back"):
         return  # the level's own placement (all k there, measured) stays the result
-    _guided(build, max(few, 1), True, model, measure, result)
+    _guided(build, max(few, 1), True, model, measure, result, k // SPLIT_WORTH)
 
 
 def _noise_at(row: Mapping[str, Any], choice: str | None) -> float:
@@ -1045,16 +1048,26 @@ def _smallest(build: Callable[[int], dict[str, str]], n: int, measure, result: S
 
 def _restore(result: SearchResult, choices: Mapping[str, list[str]], order: list[str], level: int,
              max_restores: int, measure) -> None:
-    """Move the chosen ops, least sensitive first, one level back where the target still holds."""
+    """Move the chosen ops, least sensitive first, one level back where the target still holds: all of them
+    in one candidate first (when it meets the target, that is where moving them one by one would end, in one
+    candidate instead of `max_restores`, each scored on the whole probe), else one by one."""
     if level == 0:
         return
     moved = [n for n in reversed(order) if n in result.overrides][:max_restores]
+
+    def back(overrides: dict[str, str], ops: list[str]) -> dict[str, str]:
+        out = {k: v for k, v in overrides.items() if k not in ops}
+        for n in ops:
+            at = choices[n].index(overrides[n]) if overrides[n] in choices[n] else 0
+            if at > 0:
+                out[n] = choices[n][at - 1]
+        return out
+
+    if len(moved) > 1 and measure(back(result.overrides, moved), f"{len(moved)} op(s) back one level together"):
+        return
     for n in moved:
-        at = choices[n].index(result.overrides[n]) if result.overrides[n] in choices[n] else 0
-        back = {k: v for k, v in result.overrides.items() if k != n}
-        if at > 0:
-            back[n] = choices[n][at - 1]
-        measure(back, f"{n} back to {back.get(n, 'static int8')}")
+        one = back(result.overrides, [n])
+        measure(one, f"{n} back to {one.get(n, 'static int8')}")
 
 
 # ---------------------------------------------------------------- plan files

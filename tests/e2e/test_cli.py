@@ -194,6 +194,34 @@ def test_fixed_batch_model_uses_its_batch_and_rejects_another(tmp_path):
     assert r.exit_code == 2 and "fixed batch size 1" in r.stderr
 
 
+def test_timings_run_one_sample_unless_a_batch_size_is_asked_for(tmp_path):
+    """The speed guard and the latency figure time a request at a time; --batch-size times that batch."""
+    rng = np.random.default_rng(0)
+    onnx.save(conv_bn_relu_gemm(rng), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    for extra, timed, calibrated in (([], 1, 8), (["--batch-size", "4"], 4, 4)):
+        r = quantize(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / f"q{timed}.onnx", "--json",
+                     "-q", *extra)
+        assert r.exit_code == 0, r.output
+        report = json.loads(r.stdout)
+        assert report["latency"]["batch_size"] == timed and report["calibration"]["batch_size"] == calibrated
+
+
+def test_the_timing_feed_is_the_first_samples_along_each_inputs_batch_axis():
+    from quantkit.api import _timing_feed
+    from quantkit.calibrate.data import InputSpec
+
+    feed = {"x": np.arange(24, dtype=np.float32).reshape(4, 6), "t": np.arange(8).reshape(2, 4),
+            "w": np.ones((3, 3), np.float32)}
+    specs = [InputSpec("x", np.dtype(np.float32), None, 0), InputSpec("t", np.dtype(np.int64), None, 1),
+             InputSpec("w", np.dtype(np.float32), None, None)]
+    out = _timing_feed(feed, specs, 1)
+    np.testing.assert_array_equal(out["x"], feed["x"][:1])
+    np.testing.assert_array_equal(out["t"], feed["t"][:, :1])
+    assert out["w"] is feed["w"]  # no batch axis: fed whole
+    assert _timing_feed(feed, specs, 4)["x"] is feed["x"]
+
+
 @pytest.mark.parametrize("args,code", [
     (["quantize", "{tmp}/garbage.onnx", "--calib", "{tmp}/c.npy"], 3),
     (["quantize", "{tmp}/missing.onnx", "--calib", "{tmp}/c.npy"], 3),

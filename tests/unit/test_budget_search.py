@@ -191,9 +191,10 @@ def test_a_split_that_could_send_back_only_a_few_ops_costs_one_candidate():
     found = search(ranked, choices, Target(min_sqnr=31.0), evaluate, lambda s: None)  # allows ~8e-4: one op
     assert found.met and set(found.overrides.values()) == {FLOAT} and len(found.overrides) >= 15
     mixed = [p for p in probes if set(p.values()) == {FLOAT, "weight_only"}]
-    # the split's one probe (2 of the 16 back) and at most the restores' single-op moves
+    # the split's one probe (2 of the 16 back), and the restores: 4 ops back together, then one at a time
     assert sum(1 for p in mixed if list(p.values()).count("weight_only") == 2) == 1
-    assert all(list(p.values()).count("weight_only") <= 2 for p in mixed)
+    restores = [p for p in mixed if list(p.values()).count("weight_only") != 2]
+    assert [list(p.values()).count("weight_only") for p in restores] == [4, 1, 1, 1, 1]
 
 
 def test_a_level_met_only_with_most_ops_on_it_gives_way_to_a_few_ops_one_level_up():
@@ -328,3 +329,61 @@ def test_bisection_at_the_float_level_finds_the_fewest_ops():
     """Going float costs each op its int8 weights: there the bisection runs to the smallest k that meets."""
     found, _ = _uniform_family([FLOAT])
     assert found.met and set(found.overrides.values()) == {FLOAT} and len(found.overrides) == 29
+
+
+def test_the_split_bisection_stops_within_an_eighth_of_the_ops(monkeypatch):
+    """64 ops whose static int8 (1e-2) and whole weight-only level (64 x 1e-4) miss 26.9 dB (2.04e-3 allowed): all
+    go float, then the split sends back the ones weight-only can hold. 20 of them fit, so the exact split
+    leaves 44 float; the split's bisection stops once at most 64 // 8 ops are undecided, in fewer candidates."""
+    from quantkit.quantize import budget
+
+    def run():
+        names = [f"op{i:02d}" for i in range(64)]
+        probes: list = []
+
+        def evaluate(overrides):
+            probes.append(dict(overrides))
+            noise = 1e-9 + sum({FLOAT: 0.0, "weight_only": 1e-4}.get(overrides.get(n), 1e-2) for n in names)
+            return [{"name": "y", "nonfinite": 0, "cosine": 1 - noise / 2, "sqnr_db": -10 * math.log10(noise),
+                     "top1": None}]
+
+        found = search([{"node": n} for n in names], {n: ["weight_only", FLOAT] for n in names},
+                       Target(min_sqnr=26.9), evaluate, lambda s: None, max_restores=0)
+        return found, probes
+
+    found, probes = run()
+    floats = list(found.overrides.values()).count(FLOAT)
+    assert found.met and len(found.overrides) == 64 and 44 <= floats <= 44 + 64 // 8
+    monkeypatch.setattr(budget, "SPLIT_WORTH", 10 ** 6)  # the first probe sends back 1 op, then exact bisection
+    exact, exact_probes = run()
+    assert exact.met and list(exact.overrides.values()).count(FLOAT) == 44
+    assert len(probes) < len(exact_probes)
+
+
+@pytest.mark.parametrize("fails", [set(), {"c"}])
+def test_restores_are_tried_together_first_then_one_by_one(fails):
+    """The 4 least sensitive chosen ops go back one level in one candidate; only when it misses are they
+    tried one at a time, each from the placement the earlier restores left."""
+    from quantkit.quantize.budget import SearchResult, _restore
+
+    choices = {n: ["weight_only", FLOAT] for n in "abcde"}
+    result = SearchResult(overrides={"a": FLOAT, "b": FLOAT, "c": FLOAT, "d": "weight_only", "e": FLOAT})
+    asked: list[dict] = []
+
+    def measure(overrides, what):
+        asked.append(dict(overrides))
+        # an op in `fails` may not leave float; "d" back to static int8 is fine
+        ok = all(overrides.get(n) == FLOAT for n in fails)
+        if ok:
+            result.overrides = dict(overrides)
+        return ok
+
+    _restore(result, choices, list("abcde"), 1, 4, measure)
+    together = {"a": FLOAT, "b": "weight_only", "c": "weight_only", "e": "weight_only"}  # d: static int8
+    assert asked[0] == together
+    if not fails:
+        assert asked == [together] and result.overrides == together
+    else:
+        assert len(asked) == 5 and [set(a) ^ set(b) or {k for k in a if a[k] != b.get(k)} for a, b in
+                                    zip(asked[1:], asked[2:])]  # each later candidate differs by one op
+        assert result.overrides == {"a": FLOAT, "b": "weight_only", "c": FLOAT, "e": "weight_only"}
