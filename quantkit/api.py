@@ -534,10 +534,12 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
     g = cfg.gates
     target = budget.Target.from_gates(g.min_cosine, g.min_sqnr, g.max_accuracy_drop)
     status("placement: measuring how much error each quantized op adds")
+    laps = _Laps(time.perf_counter())  # where the placement's time goes (the report's placement.seconds)
     probe = budget.Probe.take(reference.session, complete_batches(inputs.calib, inputs.batch, None, inputs.fixed),
                               parts=inputs.parts)
     if not reference.pruned and sum(a.nbytes for ref in probe.reference for a in ref) <= KNOWN_BYTES:
         inputs.known = list(zip(probe.feeds, probe.reference))
+    laps.lap("probe (fp32 reference)")
     split = next((s for s in placement.alternates if isinstance(s, SplitScheme)), None)
     ranked = budget.sensitivity(model, full_model, full_plan, probe, session,
                                 lambda m: runtime.session(m, workdir, tag="single op", lean=True,
@@ -546,6 +548,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
                                 placement.schemes[0].memo,  # a convolution's weight-only int8: its GPTQ codes
                                 max(budget.CHUNK_BYTES, calibration_bytes),
                                 2 * calibration_bytes)  # the pass exposed every op's tensors, in fp32 only
+    laps.lap("sensitivity")
     refusals = {s.name.value: s.refuse for s in placement.alternates}
     rows = {r["node"]: r for r in ranked}
     choices = {budget.op_key(op): budget.ladder(budget.alternatives(op, refusals), rows.get(budget.op_key(op)))
@@ -561,6 +564,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
                            reorder=not overrides, parallel=runtime.PARALLEL_RUNS)
 
     found = budget.search(budget.by_gain(ranked, choices), choices, aim, evaluate, status)
+    laps.lap(f"search ({len(found.trials)} candidates)")
     placement.overrides = found.overrides
     notes = _budget_notes(found, len(choices), target)
     samples = sum(len(next(iter(f.values()))) for f in probe.feeds)
@@ -568,7 +572,7 @@ def _budget(cfg: RunConfig, model: ir.Model, placement: Placement, inputs: Input
             "reference": reference.describe,
             "met": found.met, "moved": found.overrides,
             "probe_samples": samples, "figures": found.figures, "trials": found.trials, "sensitivity": ranked,
-            "notes": notes}
+            "notes": notes, "seconds": laps.seconds}
 
 
 def _budget_notes(found: budget.SearchResult, ops: int, target: budget.Target) -> list[str]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -777,11 +778,13 @@ def search(ranked: list[dict], choices: dict[str, list[str]], target: Target,
                 result.figures = next(t["figures"] for t in result.trials if t["moved"] == overrides)
             return verdicts[key]
         status(f"placement: scoring {what}")
+        start = time.perf_counter()
         figures = evaluate(overrides)
+        seconds = round(time.perf_counter() - start, 3)
         model.observe(overrides, figures)
         why = target.shortfall(figures)
         result.trials.append({"moved": dict(overrides), "figures": figures, "meets_target": why is None,
-                              "shortfall": why})
+                              "shortfall": why, "seconds": seconds})  # built, its session made, scored
         if why is None or not result.figures:
             result.overrides, result.figures, result.shortfall = dict(overrides), figures, why
         verdicts[key] = why is None

@@ -52,6 +52,10 @@ def test_default_budget_moves_the_outlier_op_and_meets_it(outlier, tmp_path):
     report = json.loads(rep.read_text())
     placement = report["placement"]
     assert placement["met"] and "default budget" in placement["target"]
+    # where the placement's time went: its parts, and each candidate's
+    n = len(placement["trials"])
+    assert list(placement["seconds"]) == ["probe (fp32 reference)", "sensitivity", f"search ({n} candidates)"]
+    assert n > 1 and all(t["seconds"] > 0 for t in placement["trials"])
     # per-tensor int8 (static or dynamic) cannot hold b's outlier channel; the cheapest alternative that does
     # keeps b static int8 with that one channel in float (the outlier-channel split)
     assert placement["moved"].get("b") == "split"
