@@ -389,9 +389,9 @@ def _open(cfg: RunConfig, workdir: Path, status, progress: Progress, streamed: b
 
 def _timing_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], samples: int) -> dict[str, np.ndarray]:
     """The first `samples` samples of a batch: what the speed guard and the latency figure time. One sample
-    unless the model fixes its batch or --batch-size asked for one: a CPU or edge deployment runs a request
-    at a time (benchmarks/ time batch 1 too), and a timed run of one sample costs an eighth of one of eight
-    (ocr_det: 8.4 s of a 45 s run went to the guard's batches)."""
+    unless the model fixes its batch or --batch-size asked for one: a CPU or edge deployment typically runs a
+    request at a time, and a timed run of one sample costs an eighth of one of eight (ocr_det: 8.4 s of a
+    45 s run went to the guard's batches)."""
     out = {}
     for s in specs:
         x = feed[s.name]
