@@ -699,7 +699,7 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, latency: dict, guard_report:
                if guard_report.int8_cannot_win else
                "its layers are too small for integer kernels to pay for the quantize/dequantize steps")
         notes.append(f"the int8 model is {1 / latency['speedup']:.2f}x SLOWER than fp32 in onnxruntime on this "
-                     f"machine at batch {batch}: {why}")
+                     f"machine at batch {latency['batch_size']}: {why}")
     evaluation = {"source": str(scored.path), "on_calibration_data": inputs.evald is None, "samples": eval_samples}
     if lm_figures is not None:
         evaluation["language_model"] = lm_figures

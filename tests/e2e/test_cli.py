@@ -239,6 +239,22 @@ def test_timings_fall_back_to_the_batch_when_the_graph_bakes_its_size_in_and_nam
     assert json.loads(r.stdout)["latency"]["batch_size"] == 3
 
 
+def test_the_slower_than_fp32_note_names_the_batch_timed(tmp_path, monkeypatch):
+    """The note says the batch the latency figure timed (one sample), not the calibration batch of 8."""
+    import quantkit.api
+
+    monkeypatch.setattr(quantkit.api, "compare_latency",
+                        lambda *a, **k: {"fp32_ms": 1.0, "quantized_ms": 2.0, "speedup": 0.5, "runs": 1})
+    rng = np.random.default_rng(0)
+    onnx.save(conv_bn_relu_gemm(rng), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    r = quantize(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "q.onnx", "--json", "-q",
+                 "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    (slower,) = [n for n in json.loads(r.stdout)["notes"] if "SLOWER" in n]
+    assert "2.00x SLOWER" in slower and "at batch 1:" in slower
+
+
 def test_the_timing_feed_is_the_first_samples_along_each_inputs_batch_axis():
     from quantkit.api import _timing_feed
     from quantkit.calibrate.data import InputSpec
