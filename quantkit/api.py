@@ -405,7 +405,7 @@ def _timing(fp32: ort.InferenceSession | None, feed: dict[str, np.ndarray], spec
         except Exception as e:  # onnxruntime's Fail / InvalidArgument / RuntimeException
             why = first_line(e).split(" Status Message:")[0].split(" : ")[-1]  # onnxruntime's, without its source
             notes.append(f"the model does not run on {samples} sample(s) ({why}): the speed guard and the latency "
-                         f"figure time the first calibration batch of {held} instead")
+                         f"figure time the first batch of the data ({held} samples) instead")
             return feed, held
     return one, samples
 
