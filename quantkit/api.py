@@ -22,7 +22,7 @@ import onnxruntime as ort
 from quantkit import __version__, runtime
 from quantkit.calibrate.data import LABELS, DataSource, InputSpec, assign_batch_axes, complete_batches
 from quantkit.config import Activations, Algorithm, RunConfig
-from quantkit.errors import ConfigError, UnsupportedModelError
+from quantkit.errors import ConfigError, UnsupportedModelError, first_line
 from quantkit.graph import shapes
 from quantkit.graph.canonicalize import already_quantized, canonicalize
 from quantkit.graph.masks import mask_tensors
@@ -382,9 +382,32 @@ def _open(cfg: RunConfig, workdir: Path, status, progress: Progress, streamed: b
     if first_batch is None:
         raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")
     feed = {s.name: first_batch[s.name] for s in specs}
-    timed_batch = batch if fixed or cfg.data.batch_size is not None else 1
-    return Inputs(source, model, calib, evald, batch, fixed, fp32, feed, _input_notes(source, calib), timed,
-                  timing_feed=_timing_feed(feed, specs, timed_batch), timed_batch=timed_batch)
+    notes = _input_notes(source, calib)
+    timing_feed, timed_batch = _timing(fp32, feed, specs, batch if fixed or cfg.data.batch_size is not None else 1,
+                                       notes)
+    return Inputs(source, model, calib, evald, batch, fixed, fp32, feed, notes, timed,
+                  timing_feed=timing_feed, timed_batch=timed_batch)
+
+
+def _timing(fp32: ort.InferenceSession | None, feed: dict[str, np.ndarray], specs: list[InputSpec], samples: int,
+            notes: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """The timing feed (_timing_feed) and how many samples it holds: `samples`, or fewer when the first
+    batch has fewer (--batch-size 16 on 3 samples times 3, and says so). A model that declares a dynamic
+    batch but bakes its size into its graph (a Reshape to (8, -1)) cannot run one sample: one run of
+    `fp32` on it tells, and then the whole first batch is timed, as before timings took one sample."""
+    held = min((feed[s.name].shape[s.batch_axis] for s in specs if s.batch_axis is not None), default=samples)
+    if held <= samples:
+        return feed, held
+    one = _timing_feed(feed, specs, samples)
+    if fp32 is not None:
+        try:
+            fp32.run(None, one)
+        except Exception as e:  # onnxruntime's Fail / InvalidArgument / RuntimeException
+            why = first_line(e).split(" Status Message:")[0].split(" : ")[-1]  # onnxruntime's, without its source
+            notes.append(f"the model does not run on {samples} sample(s) ({why}): the speed guard and the latency "
+                         f"figure time the first batch of the data ({held} samples) instead")
+            return feed, held
+    return one, samples
 
 
 def _timing_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], samples: int) -> dict[str, np.ndarray]:
@@ -680,7 +703,7 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, latency: dict, guard_report:
                if guard_report.int8_cannot_win else
                "its layers are too small for integer kernels to pay for the quantize/dequantize steps")
         notes.append(f"the int8 model is {1 / latency['speedup']:.2f}x SLOWER than fp32 in onnxruntime on this "
-                     f"machine at batch {batch}: {why}")
+                     f"machine at batch {latency['batch_size']}: {why}")
     evaluation = {"source": str(scored.path), "on_calibration_data": inputs.evald is None, "samples": eval_samples}
     if lm_figures is not None:
         evaluation["language_model"] = lm_figures

@@ -124,7 +124,7 @@ def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[O
                 status) -> tuple[dict[OpKind, dict], dict[OpKind, Any]]:
     """Every group's trial against the full placement and fp32 in one short interleaved timing, twice
     (the second time only the groups that won the first: one slow median of the full placement must not
-    send every group to the long measurements); a group that does not win by MARGIN in a look is kept
+    send every group to the long measurements); a group that does not win by WEIGHTS_MARGIN in a look is kept
     (its trial row), the others are timed again one by one. A group of SPEED_ONLY_KINDS is the other way round: it
     is timed again only while int8 wins by MARGIN, and left float as soon as it does not. Returns the rows
     and each group's trial session."""
@@ -174,7 +174,7 @@ def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build
 
 def _compare(timer, fp32_sess, with_sess, without_sess, feed, runs,
              speed_only: bool = False) -> tuple[float, float, float, bool, int]:
-    """Median timings; `keep` unless the model without the group wins by MARGIN every time: in a
+    """Median timings; `keep` unless the model without the group wins by WEIGHTS_MARGIN every time: in a
     first short look (QUICK_RUNS each), which settles most groups, and then in each of REPEATS full
     measurements. `speed_only` (a group with no weights): left float unless the model *with* it wins
     by MARGIN every time."""
@@ -191,5 +191,5 @@ def _compare(timer, fp32_sess, with_sess, without_sess, feed, runs,
 
 def _settled(with_ms: float, without_ms: float, speed_only: bool) -> bool:
     """Whether one look settles a group in its default direction (kept int8; float for a group with no
-    weights): the other side did not win by MARGIN."""
+    weights): the other side did not win by its margin (WEIGHTS_MARGIN without the group, MARGIN with it)."""
     return with_ms > without_ms * (1 - MARGIN) if speed_only else without_ms >= with_ms * (1 - WEIGHTS_MARGIN)

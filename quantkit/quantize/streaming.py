@@ -77,19 +77,23 @@ def _check(cfg) -> None:
 
 class Timing:
     """Latency of one model: its evaluation batches' own times (the default), or with
-    --latency-runs N a warm-up and N timed runs on the first batch."""
+    --latency-runs N a warm-up and N timed runs on the first batch (`first`: its samples). `timed`: the
+    samples in each batch the result is the median of (fewer than the batch size on a short data set)."""
 
-    def __init__(self, runs: int | None, batch: int) -> None:
+    def __init__(self, runs: int | None, batch: int, first: int) -> None:
         self.runs, self.batch = runs, batch
         self.seen: list[tuple[int, float]] = []  # (samples, ms) of each evaluation batch
+        self.timed = min(batch, first) if runs is not None else batch
 
     def record(self, seconds: float, samples: int) -> None:
         self.seen.append((samples, seconds * 1000.0))
 
     def result(self, sess, feed: dict) -> tuple[float, int]:
-        """(median ms, runs it is the median of): of the full batches, or of all when none is full."""
+        """(median ms, runs it is the median of): of the largest batches (the full ones, unless the data
+        holds fewer samples than a batch)."""
         if self.runs is None:
-            full = [ms for n, ms in self.seen if n == self.batch] or [ms for _, ms in self.seen]
+            self.timed = max((n for n, _ in self.seen), default=self.batch)
+            full = [ms for n, ms in self.seen if n == self.timed]
             return (statistics.median(full), len(full)) if full else (0.0, 0)
         sess.run(None, feed)
         times = []
@@ -123,7 +127,7 @@ class Reference:
                                mapped=True)
         self.names = [o.name for o in sess.get_outputs()]
         feeds = {x.name for x in sess.get_inputs()}
-        timing = Timing(self.cfg.latency_runs, i.batch)
+        timing = Timing(self.cfg.latency_runs, i.batch, _first_samples(i))
         progress.start("fp32 reference", min(i.scored.samples, self.limit or i.scored.samples))
         for k, b in enumerate(self.batches()):
             t = time.perf_counter()
@@ -229,13 +233,13 @@ def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdi
         qsess = runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads)
     except UnsupportedModelError as e:  # our own output failed to load: that is a bug
         raise RuntimeError(f"internal error: {e}") from e
-    timing = Timing(cfg.latency_runs, inputs.batch)
+    timing = Timing(cfg.latency_runs, inputs.batch, _first_samples(inputs))
     outputs, samples, lm_figures = reference.compare(qsess, progress, timing, inputs.parts)
     q_ms, q_runs = timing.result(qsess, inputs.feed)
     del qsess
     latency = {"fp32_ms": reference.fp32_ms, "quantized_ms": q_ms,
                "speedup": reference.fp32_ms / q_ms if q_ms > 0 and reference.fp32_ms > 0 else None,
-               "runs": min(reference.fp32_runs, q_runs), "batch_size": inputs.batch,
+               "runs": min(reference.fp32_runs, q_runs), "batch_size": timing.timed,
                "threads": cfg.threads or "onnxruntime default", "interleaved": False,
                "timed": "evaluation batches" if cfg.latency_runs is None else "timed runs after a warm-up"}
     if cfg.latency_runs is None:
@@ -247,6 +251,12 @@ def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdi
     if inputs.evald is None:
         notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
     return outputs, latency, evaluation
+
+
+def _first_samples(inputs: api.Inputs) -> int:
+    """The samples in `inputs.feed`: the first batch of the calibration data (of the evaluation data without it)."""
+    first = inputs.calib or inputs.evald
+    return first.samples if first is not None else inputs.batch
 
 
 def _stage_report(out: Outputs, cfg, report: dict) -> None:

@@ -207,6 +207,54 @@ def test_timings_run_one_sample_unless_a_batch_size_is_asked_for(tmp_path):
         assert report["latency"]["batch_size"] == timed and report["calibration"]["batch_size"] == calibrated
 
 
+def test_timings_fall_back_to_the_batch_when_the_graph_bakes_its_size_in_and_name_the_samples_timed(tmp_path):
+    """A model that declares a dynamic batch but reshapes to a constant (8, 16) cannot run one sample: the
+    timings take the first batch of 8 (and say so) instead of failing the run; --batch-size 16 on 3 samples
+    times 3, and the report says 3, not 16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (16, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (16, 10)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([8, 16], np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["rr"], name="reshape"),
+             helper.make_node("MatMul", ["rr", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "baked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "baked.onnx"))
+    np.savez(tmp_path / "c16.npz", x=rng.normal(size=(16, 16)).astype(np.float32))
+    r = quantize(tmp_path / "baked.onnx", "--calib", tmp_path / "c16.npz", "-o", tmp_path / "b.onnx", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["latency"]["batch_size"] == 8
+    assert any("does not run on 1 sample(s)" in n and "Reshape" in n for n in report["notes"])
+
+    onnx.save(conv_bn_relu_gemm(rng), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c3.npz", x=rng.normal(size=(3, 3, 8, 8)).astype(np.float32))
+    r = quantize(tmp_path / "m.onnx", "--calib", tmp_path / "c3.npz", "-o", tmp_path / "q.onnx", "--json", "-q",
+                 "--batch-size", "16", "--no-speed-guard", "--latency-runs", "2")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["latency"]["batch_size"] == 3
+
+
+def test_the_slower_than_fp32_note_names_the_batch_timed(tmp_path, monkeypatch):
+    """The note says the batch the latency figure timed (one sample), not the calibration batch of 8."""
+    import quantkit.api
+
+    monkeypatch.setattr(quantkit.api, "compare_latency",
+                        lambda *a, **k: {"fp32_ms": 1.0, "quantized_ms": 2.0, "speedup": 0.5, "runs": 1})
+    rng = np.random.default_rng(0)
+    onnx.save(conv_bn_relu_gemm(rng), str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
+    r = quantize(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "q.onnx", "--json", "-q",
+                 "--no-speed-guard")
+    assert r.exit_code == 0, r.output
+    (slower,) = [n for n in json.loads(r.stdout)["notes"] if "SLOWER" in n]
+    assert "2.00x SLOWER" in slower and "at batch 1:" in slower
+
+
 def test_the_timing_feed_is_the_first_samples_along_each_inputs_batch_axis():
     from quantkit.api import _timing_feed
     from quantkit.calibrate.data import InputSpec

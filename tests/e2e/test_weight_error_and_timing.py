@@ -104,3 +104,11 @@ def test_streamed_latency_is_timed_on_the_evaluation_batches_unless_runs_are_ask
     r = CliRunner().invoke(cli, ["quantize", str(small / "model.onnx"), "--weights", "int4", "--eval",
                                  str(small / "data.npz"), "--latency-runs", "0", "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 2 and "--latency-runs must be at least 1" in r.output
+
+
+def test_streamed_latency_names_the_samples_timed_when_the_data_is_shorter_than_a_batch(small, tmp_path, monkeypatch):
+    """12 samples at --batch-size 16: both ways of timing run batches of 12, and the report says 12, not 16."""
+    monkeypatch.setattr(streaming, "MIN_BYTES", 0)
+    for runs in ([], ["--latency-runs", "2"]):
+        lat = _quantize(small, tmp_path, "--batch-size", "16", "--force", *runs)["latency"]
+        assert lat["batch_size"] == 12 and lat["runs"] == (2 if runs else 1)
