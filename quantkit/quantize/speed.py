@@ -3,13 +3,14 @@ before anything is written, and drop the groups of quantized ops that make the m
 
 Groups are op kinds (QuantizedOp.kind): Conv, depthwise Conv, Gemm, MatMul, attention
 (activation x activation) MatMul... A group is dropped only when the model without it runs at
-least WEIGHTS_MARGIN faster (10%; a group with no weights: MARGIN, 5%) in a first short look (which settles
-most groups) and then in each of REPEATS separate interleaved measurements on the timing feed (one
-calibration sample, api._timing_feed): one noisy comparison, or a burst of load, cannot change the written
-model. Timing never undoes pure compression (int8
-embedding tables cost no compute) unless --require-speedup asks for speed. When even the
-fastest placement is not faster than fp32, int8 cannot win on this model: the groups with weights
-come back (the smallest file; groups with none stay float) and the report says how much slower it is.
+least WEIGHTS_MARGIN faster (10%; MARGIN, 5%, with --require-speedup; a group with no weights stays
+int8 only while int8 wins by MARGIN) in a first short look (which settles most groups) and then in
+each of REPEATS separate interleaved measurements on the timing feed (one calibration sample,
+api._timing_feed): one noisy comparison, or a burst of load, cannot change the written model.
+Timing never undoes pure compression (int8 embedding tables cost no compute) unless
+--require-speedup asks for speed. When even the fastest placement is not faster than fp32, int8
+cannot win on this model: the groups with weights come back (the smallest file; groups with none
+stay float) and the report says how much slower it is.
 """
 
 from __future__ import annotations
@@ -123,10 +124,10 @@ def timed_kinds(kinds: set[OpKind], for_speed: bool = False,
 
 
 def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[OpKind], runs: int,
-                status, margin: float = WEIGHTS_MARGIN) -> tuple[dict[OpKind, dict], dict[OpKind, Any]]:
+                status, margin: float) -> tuple[dict[OpKind, dict], dict[OpKind, Any]]:
     """Every group's trial against the full placement and fp32 in one short interleaved timing, twice
     (the second time only the groups that won the first: one slow median of the full placement must not
-    send every group to the long measurements); a group that does not win by WEIGHTS_MARGIN in a look is kept
+    send every group to the long measurements); a group that does not win by `margin` in a look is kept
     (its trial row), the others are timed again one by one. A group of SPEED_ONLY_KINDS is the other way round: it
     is timed again only while int8 wins by MARGIN, and left float as soon as it does not. Returns the rows
     and each group's trial session."""
@@ -175,8 +176,8 @@ def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build
 
 
 def _compare(timer, fp32_sess, with_sess, without_sess, feed, runs,
-             speed_only: bool = False, margin: float = WEIGHTS_MARGIN) -> tuple[float, float, float, bool, int]:
-    """Median timings; `keep` unless the model without the group wins by WEIGHTS_MARGIN every time: in a
+             speed_only: bool, margin: float) -> tuple[float, float, float, bool, int]:
+    """Median timings; `keep` unless the model without the group wins by `margin` every time: in a
     first short look (QUICK_RUNS each), which settles most groups, and then in each of REPEATS full
     measurements. `speed_only` (a group with no weights): left float unless the model *with* it wins
     by MARGIN every time."""
@@ -191,7 +192,7 @@ def _compare(timer, fp32_sess, with_sess, without_sess, feed, runs,
     return fp32_ms, with_ms, without_ms, speed_only, runs
 
 
-def _settled(with_ms: float, without_ms: float, speed_only: bool, margin: float = WEIGHTS_MARGIN) -> bool:
+def _settled(with_ms: float, without_ms: float, speed_only: bool, margin: float) -> bool:
     """Whether one look settles a group in its default direction (kept int8; float for a group with no
-    weights): the other side did not win by its margin (WEIGHTS_MARGIN without the group, MARGIN with it)."""
+    weights): the other side did not win by its margin (`margin` without the group, MARGIN with it)."""
     return with_ms > without_ms * (1 - MARGIN) if speed_only else without_ms >= with_ms * (1 - margin)
