@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -35,9 +36,12 @@ def _run(code: Path, model: Path, calib: Path, out: Path) -> dict:
     if m.returncode != 0:
         raise SystemExit(f"{code}: quantkit failed: {m.stderr.strip().splitlines()[-1:]}")
     r = json.loads(report.read_text())
-    return {**r["stage_seconds"], "total (report)": r["seconds"], "process wall": m.seconds,
-            "process CPU": m.cpu_seconds, "candidates scored": len((r.get("placement") or {}).get("trials", [])),
-            "ops moved off static int8": len((r.get("placement") or {}).get("moved", {})),
+    # the placement's parts (the report's placement.seconds, since stop 28): "search (15 candidates)" -> "search"
+    placement = r.get("placement") or {}
+    parts = {f"  placement: {k.split(' (')[0]}": v for k, v in (placement.get("seconds") or {}).items()}
+    return {**r["stage_seconds"], **parts, "total (report)": r["seconds"], "process wall": m.seconds,
+            "process CPU": m.cpu_seconds, "candidates scored": len(placement.get("trials", [])),
+            "ops moved off static int8": len(placement.get("moved", {})),
             "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
 
 
@@ -55,13 +59,14 @@ def main() -> None:
             for j, code in enumerate(args.code):
                 rows[code].append(_run(code.resolve(), d / "model.onnx", d / "calib.npz", Path(tmp) / f"{j}_{i}.onnx"))
     load = os.getloadavg()[0]
-    stages = [k for k in rows[args.code[0]][0] if k != "sha256"]
+    stages = list(dict.fromkeys(k for c in args.code for k in rows[c][0] if k != "sha256"))
     print(f"### {args.model}: stage seconds, median of {args.repeats} alternating runs (load average {load:.1f} "
           "after)\n")
     print("| stage | " + " | ".join(str(c) for c in args.code) + " |")
     print("| --- |" + " ---: |" * len(args.code))
     for s in stages:
-        print(f"| {s} | " + " | ".join(f"{statistics.median(r[s] for r in rows[c]):.2f}" for c in args.code) + " |")
+        print(f"| {s} | " + " | ".join(f"{statistics.median(r.get(s, math.nan) for r in rows[c]):.2f}"
+                                      for c in args.code) + " |")
     same = ["yes" if len({r["sha256"] for r in rows[c]}) == 1 else "NO" for c in args.code]
     print("| same bytes every repeat | " + " | ".join(same) + " |")
     first = rows[args.code[0]][0]["sha256"]

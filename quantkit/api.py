@@ -30,6 +30,7 @@ from quantkit.load.onnx import file_sha256, input_specs, load_onnx, model_bytes,
 from quantkit.load.source import Source, load_source, open_data
 from quantkit.options import effective_config
 from quantkit.output import Outputs, check_destinations
+from quantkit.prune.report import node_macs
 from quantkit.quantize import budget, lower, subgraphs
 from quantkit.quantize.outlier_split import SplitScheme
 from quantkit.quantize.plan import OpKind, Plan, SchemeName
@@ -49,6 +50,11 @@ DEFAULT_LATENCY_RUNS = 20
 # ...or fewer (at least 5) once the timed runs took this long, when neither --latency-runs nor
 # --require-speedup is given (PP-PicoDet layout at 800 x 608: 20 pairs of 117 ms and 48 ms runs are ~3.3 s of 28)
 LATENCY_SECONDS = 2.0
+# the speed guard and the latency figure time one sample only when a sample costs at least this many
+# multiply-accumulates (a run of several ms here); below, they time the first batch: ocr_cls (16M a sample, runs
+# of 0.8 ms) timed one sample at a time wrote another file in 1 run of 10 beside two busy-looping processes
+# (a scheduler slice is several such runs), and 0 of 12 timed 8 at a time
+MIN_TIMED_MACS = 128_000_000
 KNOWN_BYTES = 256 << 20  # the probe's fp32 outputs are kept for the evaluation up to this size (an LM's logits...)
 SHARED_LOOK_BYTES = 2 << 30  # the speed guard's candidates are timed together while their weights fit in this
 SPEED_GUARD_REASON = "left float by the speed guard: the model ran faster without this group quantized"
@@ -171,6 +177,7 @@ class Inputs:
     # what the speed guard and the latency figure time: one sample of `feed` (see _timing_feed)
     timing_feed: dict[str, np.ndarray] = field(default_factory=dict)
     timed_batch: int = 1
+    feed_samples: int = 1  # the samples `feed` holds
 
     @property
     def scored(self) -> DataSource:
@@ -222,6 +229,7 @@ def _quantize(cfg: RunConfig, workdir: Path, status, progress: Progress, t_start
     inputs = _open(cfg, workdir, status, progress)
     laps.lap("load")
     model, notes = _canonicalize(inputs, workdir, status)
+    _cheap_samples_time_the_batch(inputs, model, workdir)
     outputs = [o.name for o in inputs.fp32.get_outputs()]
     inputs.parts = output_parts(model, outputs)
     notes += _parts_notes(inputs.parts, outputs)
@@ -383,21 +391,22 @@ def _open(cfg: RunConfig, workdir: Path, status, progress: Progress, streamed: b
         raise ConfigError(f"{first_source.path} holds fewer samples than the model's fixed batch size {batch}")
     feed = {s.name: first_batch[s.name] for s in specs}
     notes = _input_notes(source, calib)
-    timing_feed, timed_batch = _timing(fp32, feed, specs, batch if fixed or cfg.data.batch_size is not None else 1,
-                                       notes)
+    timing_feed, timed_batch, held = _timing(fp32, feed, specs,
+                                             batch if fixed or cfg.data.batch_size is not None else 1, notes)
     return Inputs(source, model, calib, evald, batch, fixed, fp32, feed, notes, timed,
-                  timing_feed=timing_feed, timed_batch=timed_batch)
+                  timing_feed=timing_feed, timed_batch=timed_batch, feed_samples=held)
 
 
 def _timing(fp32: ort.InferenceSession | None, feed: dict[str, np.ndarray], specs: list[InputSpec], samples: int,
-            notes: list[str]) -> tuple[dict[str, np.ndarray], int]:
-    """The timing feed (_timing_feed) and how many samples it holds: `samples`, or fewer when the first
-    batch has fewer (--batch-size 16 on 3 samples times 3, and says so). A model that declares a dynamic
-    batch but bakes its size into its graph (a Reshape to (8, -1)) cannot run one sample: one run of
-    `fp32` on it tells, and then the whole first batch is timed, as before timings took one sample."""
+            notes: list[str]) -> tuple[dict[str, np.ndarray], int, int]:
+    """The timing feed (_timing_feed), how many samples it holds (`samples`, or fewer when the first
+    batch has fewer: --batch-size 16 on 3 samples times 3, and says so) and how many `feed` holds. A
+    model that declares a dynamic batch but bakes its size into its graph (a Reshape to (8, -1)) cannot
+    run one sample: one run of `fp32` on it tells, and then the whole first batch is timed. A cheap model
+    times its first batch too (_cheap_samples_time_the_batch, once the model is canonical)."""
     held = min((feed[s.name].shape[s.batch_axis] for s in specs if s.batch_axis is not None), default=samples)
     if held <= samples:
-        return feed, held
+        return feed, held, held
     one = _timing_feed(feed, specs, samples)
     if fp32 is not None:
         try:
@@ -406,8 +415,20 @@ def _timing(fp32: ort.InferenceSession | None, feed: dict[str, np.ndarray], spec
             why = first_line(e).split(" Status Message:")[0].split(" : ")[-1]  # onnxruntime's, without its source
             notes.append(f"the model does not run on {samples} sample(s) ({why}): the speed guard and the latency "
                          f"figure time the first batch of the data ({held} samples) instead")
-            return feed, held
-    return one, samples
+            return feed, held, held
+    return one, samples, held
+
+
+def _cheap_samples_time_the_batch(inputs: Inputs, model: ir.Model, workdir: Path) -> None:
+    """A timing feed of fewer samples than the first batch holds is kept only when they cost at least
+    MIN_TIMED_MACS (counted on the canonical model, whose weights are initializers: a converter's Constant
+    nodes hide theirs): a cheap model's one-sample runs are too short to time on a loaded machine."""
+    if not inputs.timing_feed or inputs.timing_feed is inputs.feed:
+        return
+    per_node = node_macs(model, inputs.timing_feed, workdir, one_sample=True)
+    if per_node is not None and sum(per_node.values()) >= MIN_TIMED_MACS:
+        return
+    inputs.timing_feed, inputs.timed_batch = inputs.feed, inputs.feed_samples
 
 
 def _timing_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], samples: int) -> dict[str, np.ndarray]:

@@ -92,7 +92,7 @@ def cli() -> None:
 @click.option("--preprocess", metavar="STEPS", help="Image folders as data: e.g. resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=nchw (see README).")
 @click.option("--calib-samples", type=int, help="Use at most N calibration samples.")
 @click.option("--batch-axis", multiple=True, metavar="NAME=K", help="The axis of input NAME that samples are stacked on (default: its first dynamic axis); NAME=none feeds the array whole to every batch.")
-@click.option("--batch-size", type=int, help="Batch size for calibration, evaluation and timing [default: 8, or the model's fixed batch; without either, the speed guard and the latency figure time one sample].")
+@click.option("--batch-size", type=int, help="Batch size for calibration, evaluation and timing [default: 8, or the model's fixed batch; without either, the speed guard and the latency figure time one sample when it costs at least 128M multiply-accumulates].")
 @click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Target and gate: exit 5 if top-1 accuracy drops more than this (needs labels); the placement keeps top-1 agreement within it on calibration data.")
 @click.option("--min-cosine", type=float, help="Target and gate: every output's mean cosine to fp32 at least this (static int8 places ops to meet it; exit 5 if the result misses it). Default target without any: 0.998.")
 @click.option("--min-sqnr", type=float, metavar="DB", help="Target and gate: every output's SQNR against fp32 at least DB (static int8 moves the most sensitive ops out until it holds; exit 5 if the result misses it).")

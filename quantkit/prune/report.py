@@ -30,15 +30,17 @@ def _macs(model: ir.Model, feed: dict[str, np.ndarray], workdir: Path | None) ->
     return None if per_node is None else sum(per_node.values())
 
 
-def node_macs(model: ir.Model, feed: dict[str, np.ndarray], workdir: Path | None) -> dict[str, int] | None:
+def node_macs(model: ir.Model, feed: dict[str, np.ndarray], workdir: Path | None,
+              one_sample: bool = False) -> dict[str, int] | None:
     """Multiply-accumulates per sample of each Conv / MatMul / Gemm node with a constant weight
-    (None when the shapes cannot be measured)."""
+    (None when the shapes cannot be measured). `feed`: a batch stacked on axis 0, or with `one_sample`
+    one sample already (whatever its inputs' batch axes)."""
     nodes = [n for n in model.graph if n.op_type in WEIGHT_OPS and n.domain in ("", "ai.onnx")
              and n.inputs[1] is not None and n.inputs[1].const_value is not None]
     if not nodes:
         return {}
     names = list(dict.fromkeys(v.name for n in nodes for v in (n.inputs[0], n.outputs[0])))
-    one = {k: v[:1] for k, v in feed.items()}
+    one = feed if one_sample else {k: v[:1] for k, v in feed.items()}
     try:
         sess = runtime.session(with_outputs(model, names), workdir or Path("."), tag="cost")
         shapes = dict(zip(names, (o.shape for o in runtime.run(sess, names, one, "one sample"))))

@@ -3,14 +3,12 @@ before anything is written, and drop the groups of quantized ops that make the m
 
 Groups are op kinds (QuantizedOp.kind): Conv, depthwise Conv, Gemm, MatMul, attention
 (activation x activation) MatMul... A group is dropped only when the model without it runs at
-least WEIGHTS_MARGIN faster (10%; MARGIN, 5%, with --require-speedup; a group with no weights stays
-int8 only while int8 wins by MARGIN) in a first short look (which settles most groups) and then in
-each of REPEATS separate interleaved measurements on the timing feed (one calibration sample,
-api._timing_feed): one noisy comparison, or a burst of load, cannot change the written model.
-Timing never undoes pure compression (int8 embedding tables cost no compute) unless
---require-speedup asks for speed. When even the fastest placement is not faster than fp32, int8
-cannot win on this model: the groups with weights come back (the smallest file; groups with none
-stay float) and the report says how much slower it is.
+least MARGIN faster in a first short look (which settles most groups) and then in each of
+REPEATS separate interleaved measurements on the timing feed (api._timing_feed): one noisy comparison, or a
+burst of load, cannot change the written model. Timing never undoes pure compression (int8
+embedding tables cost no compute) unless --require-speedup asks for speed. When even the
+fastest placement is not faster than fp32, int8 cannot win on this model: the groups with weights
+come back (the smallest file; groups with none stay float) and the report says how much slower it is.
 """
 
 from __future__ import annotations
@@ -23,11 +21,7 @@ from typing import Any
 from quantkit.quantize.plan import SPEED_ONLY_KINDS, OpKind
 from quantkit.report.latency import interleaved_ms
 
-MARGIN = 0.05  # timing noise on a quiet machine is ~1-2%, a loaded one more: demand a clear win...
-# ...and twice that to drop a group with weights, which costs the file their int8 weights: timed on one sample,
-# ocr_cls's last int8 convolutions ran 4-6% slower than float ones, and at a 5% margin 2 runs of 7 dropped
-# them (a 1.57x smaller file became 1.07x: the same command, two files); 10% is a win nobody would call noise
-WEIGHTS_MARGIN = 0.10  # (with --require-speedup, which asks for speed over size, MARGIN)
+MARGIN = 0.05  # timing noise on a quiet machine is ~1-2%, a loaded one more: demand a clear win
 REPEATS = 3  # ...in every one of this many separate measurements (stopping at the first that fails)
 QUICK_RUNS = 5  # ...after a first short look that must show the same win (most groups stop there)
 SHARED_LOOKS = 2  # with every group timed together, a group must win this many shared looks to be timed alone
@@ -73,9 +67,7 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
     full = build(dropped)
     current, current_sess = full, session(full[0])
     order = timed_kinds(kinds, for_speed, compression_only)
-    # a group with weights needs a 10% win to go, unless --require-speedup asked for speed over size
-    margin = MARGIN if for_speed else WEIGHTS_MARGIN
-    first, looked = _first_look(build, session, timer, fp32_sess, current_sess, feed, order, runs, status, margin) \
+    first, looked = _first_look(build, session, timer, fp32_sess, current_sess, feed, order, runs, status) \
         if shared_look and len(order) > 1 else ({}, {})
     for kind in order:
         row = first.get(kind)
@@ -99,7 +91,7 @@ def guard(build: Callable[[set[OpKind]], tuple], session: Callable[[Any], Any], 
         trial_sess = session(trial[0])
         current_sess = current_sess or session(current[0])
         fp32_ms, with_ms, without_ms, keep, used = _compare(timer, fp32_sess, current_sess, trial_sess, feed, runs,
-                                                            kind in SPEED_ONLY_KINDS, margin)
+                                                            kind in SPEED_ONLY_KINDS)
         report.trials.append({"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": without_ms,
                               "runs": used, "decision": KEPT if keep else
                               (NOT_CLEARLY_FASTER if kind in SPEED_ONLY_KINDS else "left float (faster)")})
@@ -124,10 +116,10 @@ def timed_kinds(kinds: set[OpKind], for_speed: bool = False,
 
 
 def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[OpKind], runs: int,
-                status, margin: float) -> tuple[dict[OpKind, dict], dict[OpKind, Any]]:
+                status) -> tuple[dict[OpKind, dict], dict[OpKind, Any]]:
     """Every group's trial against the full placement and fp32 in one short interleaved timing, twice
     (the second time only the groups that won the first: one slow median of the full placement must not
-    send every group to the long measurements); a group that does not win by `margin` in a look is kept
+    send every group to the long measurements); a group that does not win by MARGIN in a look is kept
     (its trial row), the others are timed again one by one. A group of SPEED_ONLY_KINDS is the other way round: it
     is timed again only while int8 wins by MARGIN, and left float as soon as it does not. Returns the rows
     and each group's trial session."""
@@ -142,7 +134,7 @@ def _first_look(build, session, timer, fp32_sess, full_sess, feed, order: list[O
         fp32_ms, with_ms, *without = timer([fp32_sess, full_sess, *(sessions[k] for k in pending)], feed, quick)
         for kind, ms in zip(pending, without):
             speed_only = kind in SPEED_ONLY_KINDS
-            decision = (NOT_CLEARLY_FASTER if speed_only else KEPT) if _settled(with_ms, ms, speed_only, margin) \
+            decision = (NOT_CLEARLY_FASTER if speed_only else KEPT) if _settled(with_ms, ms, speed_only) \
                 else "timed again"
             rows[kind] = {"group": kind.label, "fp32_ms": fp32_ms, "with_ms": with_ms, "without_ms": ms,
                           "runs": quick, "decision": decision}
@@ -176,23 +168,23 @@ def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build
 
 
 def _compare(timer, fp32_sess, with_sess, without_sess, feed, runs,
-             speed_only: bool, margin: float) -> tuple[float, float, float, bool, int]:
-    """Median timings; `keep` unless the model without the group wins by `margin` every time: in a
+             speed_only: bool = False) -> tuple[float, float, float, bool, int]:
+    """Median timings; `keep` unless the model without the group wins by MARGIN every time: in a
     first short look (QUICK_RUNS each), which settles most groups, and then in each of REPEATS full
     measurements. `speed_only` (a group with no weights): left float unless the model *with* it wins
     by MARGIN every time."""
     quick = min(QUICK_RUNS, runs)
     fp32_ms, with_ms, without_ms = timer([fp32_sess, with_sess, without_sess], feed, quick)
-    if _settled(with_ms, without_ms, speed_only, margin):
+    if _settled(with_ms, without_ms, speed_only):
         return fp32_ms, with_ms, without_ms, not speed_only, quick
     for _ in range(REPEATS):
         fp32_ms, with_ms, without_ms = timer([fp32_sess, with_sess, without_sess], feed, runs)
-        if _settled(with_ms, without_ms, speed_only, margin):
+        if _settled(with_ms, without_ms, speed_only):
             return fp32_ms, with_ms, without_ms, not speed_only, runs
     return fp32_ms, with_ms, without_ms, speed_only, runs
 
 
-def _settled(with_ms: float, without_ms: float, speed_only: bool, margin: float) -> bool:
+def _settled(with_ms: float, without_ms: float, speed_only: bool) -> bool:
     """Whether one look settles a group in its default direction (kept int8; float for a group with no
-    weights): the other side did not win by its margin (`margin` without the group, MARGIN with it)."""
-    return with_ms > without_ms * (1 - MARGIN) if speed_only else without_ms >= with_ms * (1 - margin)
+    weights): the other side did not win by MARGIN."""
+    return with_ms > without_ms * (1 - MARGIN) if speed_only else without_ms >= with_ms * (1 - MARGIN)

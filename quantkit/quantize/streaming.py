@@ -127,7 +127,7 @@ class Reference:
                                mapped=True)
         self.names = [o.name for o in sess.get_outputs()]
         feeds = {x.name for x in sess.get_inputs()}
-        timing = Timing(self.cfg.latency_runs, i.batch, _first_samples(i))
+        timing = Timing(self.cfg.latency_runs, i.batch, i.feed_samples)
         progress.start("fp32 reference", min(i.scored.samples, self.limit or i.scored.samples))
         for k, b in enumerate(self.batches()):
             t = time.perf_counter()
@@ -233,7 +233,7 @@ def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdi
         qsess = runtime.session(q_path, workdir, tag="quantized", threads=cfg.threads)
     except UnsupportedModelError as e:  # our own output failed to load: that is a bug
         raise RuntimeError(f"internal error: {e}") from e
-    timing = Timing(cfg.latency_runs, inputs.batch, _first_samples(inputs))
+    timing = Timing(cfg.latency_runs, inputs.batch, inputs.feed_samples)
     outputs, samples, lm_figures = reference.compare(qsess, progress, timing, inputs.parts)
     q_ms, q_runs = timing.result(qsess, inputs.feed)
     del qsess
@@ -251,12 +251,6 @@ def _measure(cfg, inputs: api.Inputs, reference: Reference, q_path: Path, workdi
     if inputs.evald is None:
         notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
     return outputs, latency, evaluation
-
-
-def _first_samples(inputs: api.Inputs) -> int:
-    """The samples in `inputs.feed`: the first batch of the calibration data (of the evaluation data without it)."""
-    first = inputs.calib or inputs.evald
-    return first.samples if first is not None else inputs.batch
 
 
 def _stage_report(out: Outputs, cfg, report: dict) -> None:

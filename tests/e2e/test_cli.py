@@ -194,17 +194,28 @@ def test_fixed_batch_model_uses_its_batch_and_rejects_another(tmp_path):
     assert r.exit_code == 2 and "fixed batch size 1" in r.stderr
 
 
-def test_timings_run_one_sample_unless_a_batch_size_is_asked_for(tmp_path):
-    """The speed guard and the latency figure time a request at a time; --batch-size times that batch."""
+def test_timings_run_one_sample_unless_a_batch_size_is_asked_for_or_a_sample_is_cheap(tmp_path, monkeypatch):
+    """The speed guard and the latency figure time a request at a time when a sample costs MIN_TIMED_MACS or
+    more; a cheaper model times its first batch (one-sample runs too short to time under load); --batch-size
+    times that batch."""
+    from quantkit import api
+
     rng = np.random.default_rng(0)
     onnx.save(conv_bn_relu_gemm(rng), str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))
-    for extra, timed, calibrated in (([], 1, 8), (["--batch-size", "4"], 4, 4)):
-        r = quantize(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / f"q{timed}.onnx", "--json",
-                     "-q", *extra)
+
+    def timed(*extra):
+        r = quantize(tmp_path / "m.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "q.onnx", "--json", "-q",
+                     "--force", *extra)
         assert r.exit_code == 0, r.output
         report = json.loads(r.stdout)
-        assert report["latency"]["batch_size"] == timed and report["calibration"]["batch_size"] == calibrated
+        return report["latency"]["batch_size"], report["calibration"]["batch_size"]
+
+    assert timed() == (8, 8)  # a few thousand multiply-accumulates a sample
+    assert timed("--batch-size", "4") == (4, 4)
+    monkeypatch.setattr(api, "MIN_TIMED_MACS", 1)
+    assert timed() == (1, 8)
+    assert timed("--batch-size", "4") == (4, 4)
 
 
 def test_timings_fall_back_to_the_batch_when_the_graph_bakes_its_size_in_and_name_the_samples_timed(tmp_path):
@@ -245,6 +256,7 @@ def test_the_slower_than_fp32_note_names_the_batch_timed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(quantkit.api, "compare_latency",
                         lambda *a, **k: {"fp32_ms": 1.0, "quantized_ms": 2.0, "speedup": 0.5, "runs": 1})
+    monkeypatch.setattr(quantkit.api, "MIN_TIMED_MACS", 1)  # this tiny model times one sample
     rng = np.random.default_rng(0)
     onnx.save(conv_bn_relu_gemm(rng), str(tmp_path / "m.onnx"))
     np.savez(tmp_path / "c.npz", x=rng.normal(size=(16, 3, 8, 8)).astype(np.float32))

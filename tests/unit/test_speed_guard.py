@@ -49,30 +49,6 @@ def test_small_differences_within_the_noise_margin_keep_the_group():
     assert report.dropped == [] and model.dropped == frozenset()
 
 
-def test_a_group_with_weights_needs_a_ten_percent_win_to_be_dropped_a_group_without_five():
-    """Dropping Conv costs the file its int8 weights: 7% faster without it is not enough (WEIGHTS_MARGIN) unless
-    --require-speedup asks for speed;
-    the int8 region shrinks nothing, so int8 there must win by MARGIN (5%) or it goes float; 12% drops Conv."""
-    def costs(conv_gain):
-        def cost(d):
-            if d == {"fp32"}:
-                return 100.0
-            return 50.0 * (1 - (conv_gain if OpKind.CONV in d else 0.0)) * (0.93 if OpKind.INT8_REGION in d else 1)
-        return cost
-
-    build, session, timer, _ = make(costs(0.07))
-    _, report = guard(build, session, FP32, {}, {OpKind.CONV, OpKind.MATMUL, OpKind.INT8_REGION}, timer=timer)
-    assert report.dropped == [OpKind.INT8_REGION.label]
-    build, session, timer, _ = make(costs(0.12))
-    _, report = guard(build, session, FP32, {}, {OpKind.CONV, OpKind.MATMUL, OpKind.INT8_REGION}, timer=timer)
-    assert sorted(report.dropped) == sorted([OpKind.INT8_REGION.label, OpKind.CONV.label])
-    # --require-speedup asks for speed over size: there 7% is enough
-    build, session, timer, _ = make(costs(0.07))
-    _, report = guard(build, session, FP32, {}, {OpKind.CONV, OpKind.MATMUL, OpKind.INT8_REGION}, timer=timer,
-                      for_speed=True)
-    assert sorted(report.dropped) == sorted([OpKind.INT8_REGION.label, OpKind.CONV.label])
-
-
 def test_when_no_placement_beats_fp32_the_full_placement_is_written():
     def cost(d):  # every quantized group costs time; fp32 is fastest
         return 10.0 if d == {"fp32"} else 10.0 + 3.0 * (2 - len(d))
