@@ -433,9 +433,9 @@ def _cheap_samples_time_the_batch(inputs: Inputs, model: ir.Model, workdir: Path
 
 def _timing_feed(feed: dict[str, np.ndarray], specs: list[InputSpec], samples: int) -> dict[str, np.ndarray]:
     """The first `samples` samples of a batch: what the speed guard and the latency figure time. One sample
-    unless the model fixes its batch or --batch-size asked for one: a CPU or edge deployment typically runs a
-    request at a time, and a timed run of one sample costs an eighth of one of eight (ocr_det: 8.4 s of a
-    45 s run went to the guard's batches)."""
+    unless the model fixes its batch, --batch-size asked for one or a sample is cheap (MIN_TIMED_MACS): a CPU
+    or edge deployment typically runs a request at a time, and a timed run of one sample costs an eighth of
+    one of eight (ocr_det: 8.4 s of a 45 s run went to the guard's batches)."""
     out = {}
     for s in specs:
         x = feed[s.name]
