@@ -1,7 +1,7 @@
 """Where a `quantkit quantize` run spends its time, for two versions of quantkit side by side.
 
     python benchmarks/stage_times.py --model minilm --code /path/to/old/checkout /path/to/this/checkout
-                                     [--repeats 3] [--cache DIR]
+                                     [--repeats 3] [--cache DIR] [--load N]
 
 Each repeat runs the default command (`quantkit quantize MODEL --calib CALIB --threads 1`, as
 benchmarks/real_models.py's "quantkit static") once per checkout, alternating, each in its own process
@@ -9,7 +9,9 @@ with that checkout as its working directory and first on PYTHONPATH, and reads t
 `stage_seconds`, `seconds`, the placement candidates the search scored and the ops it moved. Alternating
 makes machine load hit both versions alike; the table gives per stage the median over the repeats, whether
 the written files were byte-identical across repeats (the placement must not depend on timing) and whether
-they are the first checkout's.
+they are the first checkout's. `--load N` runs N busy-looping processes beside the runs for their whole
+duration (each spins one core), so that "the same bytes whatever the load" is checked by a rerunnable command:
+the placement's figures and the speed guard's timings then come from a machine with more work than cores.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from _measure import ROOT, quantkit_cmd, run_measured
@@ -45,23 +51,38 @@ def _run(code: Path, model: Path, calib: Path, out: Path) -> dict:
             "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
 
 
+@contextmanager
+def busy(n: int) -> Iterator[None]:
+    """n processes spinning one core each while the block runs; stopped (and reaped) at its end."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--code", nargs=2, type=Path, required=True, help="two quantkit checkouts: before, after")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--load", type=int, default=0, help="busy-looping processes to run beside the runs")
     args = ap.parse_args()
     d = (args.cache or DEFAULT_CACHE) / args.model
     rows: dict[Path, list[dict]] = {c: [] for c in args.code}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, busy(args.load):
         for i in range(args.repeats):
             for j, code in enumerate(args.code):
                 rows[code].append(_run(code.resolve(), d / "model.onnx", d / "calib.npz", Path(tmp) / f"{j}_{i}.onnx"))
     load = os.getloadavg()[0]
     stages = list(dict.fromkeys(k for c in args.code for k in rows[c][0] if k != "sha256"))
-    print(f"### {args.model}: stage seconds, median of {args.repeats} alternating runs (load average {load:.1f} "
-          "after)\n")
+    beside = f", {args.load} busy-looping processes beside them" if args.load else ""
+    print(f"### {args.model}: stage seconds, median of {args.repeats} alternating runs{beside} (load average "
+          f"{load:.1f} after)\n")
     print("| stage | " + " | ".join(str(c) for c in args.code) + " |")
     print("| --- |" + " ---: |" * len(args.code))
     for s in stages:
