@@ -93,6 +93,9 @@ def main() -> None:
     first = rows[args.code[0]][0]["sha256"]
     print("| same bytes as the first checkout | " + " | ".join(
         "yes" if rows[c][0]["sha256"] == first else "no" for c in args.code) + " |")
+    # which run wrote what: with a NO above, the odd run out
+    print("| files (sha256, first 8 hex, per repeat) | " + " | ".join(
+        " ".join(r["sha256"][:8] for r in rows[c]) for c in args.code) + " |")
 
 
 if __name__ == "__main__":
