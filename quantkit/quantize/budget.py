@@ -445,19 +445,11 @@ class _Chunk:
         # the first batch measures every tensor's drift (an op with no own-noise figure has only that), later
         # ones the tensors of the ops still measuring
         names = {n for k in active for n in self.tensors[k]} if any(self.seen.values()) else set(self.wanted)
-
-        def drift() -> None:
-            for n in self.wanted:
-                if n in names:
-                    _accumulate_channels(self.drift[n], ref[n], got[n], -1)
-
+        for n in self.wanted:
+            if n in names:
+                _accumulate_channels(self.drift[n], ref[n], got[n], -1)
         if self.alone is not None and active:
-            # side by side: the drift's sums (numpy, which lets go of the GIL) and the ops' float recomputation
-            # (one onnxruntime thread) with its own sums; they write to different accumulators, each summed in
-            # the same order as one after the other would
-            runtime.run_all([drift, functools.partial(self._own, ctx.originals, feed, got, active)])
-        else:
-            drift()
+            self._own(ctx.originals, feed, got, active)
         return sum(a.nbytes for a in ref.values()) + sum(a.nbytes for a in got.values())
 
     def _done(self, key: str) -> bool:
