@@ -720,7 +720,7 @@ def _measure(cfg: RunConfig, inputs: Inputs, qsess, latency: dict, guard_report:
     if inputs.evald is None:
         notes.append("evaluated on the calibration data (no --eval given): figures are optimistic")
     if latency["speedup"] is not None and latency["speedup"] < 1:
-        why = ("int8 cannot win on this model: no placement beat fp32, so the smallest one was written"
+        why = ("int8 cannot win on this model: no placement clearly beat fp32, so the smallest one was written"
                if guard_report.int8_cannot_win else
                "its layers are too small for integer kernels to pay for the quantize/dequantize steps")
         notes.append(f"the int8 model is {1 / latency['speedup']:.2f}x SLOWER than fp32 in onnxruntime on this "

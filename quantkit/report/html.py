@@ -209,7 +209,8 @@ def _speed(r: dict) -> str:
              t.get("decision", "")] for t in trials]
     dropped = ", ".join(g.get("dropped") or []) or "none"
     out = [f"<h2>Speed guard</h2><p>Groups left float because the model ran faster without them: {escape(dropped)}."
-           + (" int8 cannot win on this model: no placement beat fp32." if g.get("int8_cannot_win") else "") + "</p>"]
+           + (" int8 cannot win on this model: no placement clearly beat fp32." if g.get("int8_cannot_win") else "")
+           + "</p>"]
     if trials:
         out.append(charts.speed_trials(trials))
         out.append(_table(["group", "fp32 ms", "with ms", "without ms", "decision"], rows, {1, 2, 3}))
