@@ -150,7 +150,7 @@ def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build
     if dropped:
         # the written model timed already (in the look that settled the last drop) and clearly faster than
         # fp32: that timing is the report's; otherwise, or when it is close, a full timing decides
-        if report.final_ms is None or report.final_ms[1] >= report.final_ms[0] * (1 - MARGIN):
+        if report.final_ms is None or not _beats(report.final_ms[1], report.final_ms[0]):
             report.final_ms = (*timer([fp32_sess, current_sess()], feed, runs), runs)
         fp32_ms, best_ms, _ = report.final_ms
         # quantizing nothing, or still losing to fp32: int8 cannot win, so write the smallest model: the
@@ -159,9 +159,8 @@ def _finish(report: GuardReport, dropped: set[OpKind], kinds: set[OpKind], build
         # with weights stay float only while the written model beats fp32 clearly in every look: one timing
         # near fp32 must not decide which file is written
         weighted = dropped - set(SPEED_ONLY_KINDS)
-        losing = best_ms >= fp32_ms if not weighted else \
-            not _clearly_faster(timer, fp32_sess, current_sess, feed, runs, fp32_ms, best_ms)
-        if dropped == kinds or losing:
+        if dropped == kinds or (not _clearly_faster(timer, fp32_sess, current_sess, feed, runs, fp32_ms, best_ms)
+                                if weighted else best_ms >= fp32_ms):
             report.int8_cannot_win = True
             still_float = {k for k in dropped if k in SPEED_ONLY_KINDS}
             report.trials.append({"group": RESTORED, "fp32_ms": fp32_ms, "with_ms": best_ms,
@@ -178,14 +177,18 @@ def _clearly_faster(timer, fp32_sess, current_sess: Callable[[], Any], feed, run
                     best_ms: float) -> bool:
     """Whether the written model beats fp32 by MARGIN in the timing already made (`fp32_ms`, `best_ms`) and
     then in each of REPEATS short looks (stopping at the first that does not show it)."""
-    if best_ms >= fp32_ms * (1 - MARGIN):
-        return False
     quick = min(QUICK_RUNS, runs)
-    for _ in range(REPEATS):
-        fp32_ms, best_ms = timer([fp32_sess, current_sess()], feed, quick)
-        if best_ms >= fp32_ms * (1 - MARGIN):
+    for look in range(REPEATS + 1):
+        if look:
+            fp32_ms, best_ms = timer([fp32_sess, current_sess()], feed, quick)
+        if not _beats(best_ms, fp32_ms):
             return False
     return True
+
+
+def _beats(ms: float, than_ms: float) -> bool:
+    """Whether a timing is clearly (by MARGIN) below another."""
+    return ms < than_ms * (1 - MARGIN)
 
 
 def _compare(timer, fp32_sess, with_sess, without_sess, feed, runs,
