@@ -57,10 +57,12 @@ def quantkit_cmd(*args) -> list[str]:
     return [python(), "-m", "quantkit", *map(str, args)]
 
 
-def _rss_kb(pid: int) -> int:
+def status_kb(pid: int, field: str = "VmRSS") -> int:
+    """A memory field of /proc/PID/status in KiB (VmRSS: resident now; VmHWM: its high-water mark); 0 once the
+    process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -76,7 +78,7 @@ def _wait(proc, timeout: float, rss_kb: int):
             return status, ru, stopped
         if not stopped and timeout and time.perf_counter() - t0 > timeout:
             stopped = f"stopped after {timeout:.0f} s"
-        if not stopped and rss_kb and _rss_kb(proc.pid) > rss_kb:
+        if not stopped and rss_kb and status_kb(proc.pid) > rss_kb:
             stopped = f"stopped at {rss_kb / 2**20:.1f} GiB resident"
         if stopped:
             proc.kill()

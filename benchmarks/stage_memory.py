@@ -19,19 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-from _measure import ROOT, quantkit_cmd
+from _measure import ROOT, quantkit_cmd, status_kb
 
 DEFAULT_CACHE = Path(os.environ.get("QUANTKIT_REAL_CACHE", ROOT / "benchmarks" / ".cache" / "real"))
-
-
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def main() -> None:
@@ -61,8 +51,8 @@ def main() -> None:
     high = 0
     try:
         while proc.poll() is None:
-            kb = _status_kb(proc.pid, "VmRSS")
-            high = max(high, _status_kb(proc.pid, "VmHWM"))
+            kb = status_kb(proc.pid)
+            high = max(high, status_kb(proc.pid, "VmHWM"))
             peaks[stage[0]] = max(peaks.get(stage[0], 0), kb)
             time.sleep(args.every)
     finally:
